@@ -1,0 +1,19 @@
+// CPU FP8 quantization kernels (see quant.cpp).
+#pragma once
+#include "common/common.h"
+
+namespace lk::cpu {
+
+// x viewed as [batch, rows, K] with strides (batch_stride, row_stride, 1) in elements.
+// Groups are block_rows x 128 (block_rows 1: per-token 1x128; 128: 128x128 weight blocks).
+// q: contiguous [batch, rows, K] e4m3 bytes; scale: contiguous [batch, ceil(rows/block_rows),
+// ceil(K/128)] fp32.
+void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64_t K,
+                  int64_t batch_stride, int64_t row_stride, int64_t block_rows, uint8_t* q,
+                  float* scale, bool ue8m0);
+
+// out[b, r, k] = e4m3(q[b, r, k]) * scale[b, r / block_rows, k / 128]; all contiguous.
+void dequantize_fp8(const uint8_t* q, const float* scale, int64_t batch, int64_t rows, int64_t K,
+                    int64_t block_rows, float* out);
+
+}  // namespace lk::cpu

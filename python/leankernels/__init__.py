@@ -1,0 +1,20 @@
+"""leankernels: DeepSeek-V3-style efficiency kernels as PyTorch ops.
+
+FP8 block-scaled quantization and GEMMs, MoE routing, and MLA over a paged latent cache,
+each as a C++ CPU kernel and CUDA kernels behind torch.library ops (eager, torch.compile,
+CUDA graphs). See README.md for the API and measured figures.
+"""
+__version__ = "0.1.0"
+
+from ._lib import build_info, cuda_available  # noqa: E402
+from .quant import dequantize_fp8, quantize_fp8  # noqa: E402
+from . import reference  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "build_info",
+    "cuda_available",
+    "quantize_fp8",
+    "dequantize_fp8",
+    "reference",
+]

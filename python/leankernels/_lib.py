@@ -1,0 +1,55 @@
+"""Loading of the compiled core (leankernels._C) and the small helpers every op wrapper uses."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _C  # noqa: F401  (the extension; import errors should surface here, loudly)
+
+# Mirrors lk::DType in csrc/common/common.h.
+_DTYPE_CODES = {
+    torch.float32: 0,
+    torch.bfloat16: 1,
+    torch.float16: 2,
+    torch.float8_e4m3fn: 3,
+    torch.int32: 4,
+    torch.int64: 5,
+}
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+GROUP = 128
+
+
+def C():
+    return _C
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPE_CODES[dtype]
+
+
+def device_args(t: torch.Tensor) -> tuple[int, int]:
+    """(device index, stream handle) for a launch: (-1, 0) on the CPU, else the current stream."""
+    if t.device.type == "cpu":
+        return -1, 0
+    if t.device.type == "cuda":
+        if not build_info()["cuda"]:
+            raise RuntimeError(
+                "leankernels was built without CUDA kernels, so it cannot run on CUDA tensors; "
+                "rebuild with nvcc on PATH (see README)"
+            )
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        return index, torch.cuda.current_stream(index).cuda_stream
+    raise ValueError(f"leankernels: unsupported device {t.device}")
+
+
+@functools.lru_cache(maxsize=None)
+def build_info() -> dict:
+    return dict(_C.build_info())
+
+
+def cuda_available() -> bool:
+    """True when the CUDA kernels were compiled in and a CUDA device is usable."""
+    return bool(build_info()["cuda"]) and torch.cuda.is_available() and _C.cuda_device_count() > 0

@@ -1,0 +1,85 @@
+"""FP8 (e4m3) block quantization: the public wrappers.
+
+See reference.quantize_fp8 for the exact semantics; the kernels match it bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks, _interop, _ops
+from ._lib import FP8, GROUP
+
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SCALE_FMTS = ("fp32", "ue8m0")
+
+
+def _block_rows(block) -> int:
+    try:
+        b = tuple(int(v) for v in block)
+    except TypeError:
+        raise TypeError(f"block must be a pair such as (1, 128) or (128, 128); got {block!r}") from None
+    if b == (1, GROUP):
+        return 1
+    if b == (GROUP, GROUP):
+        return GROUP
+    raise ValueError(f"block must be (1, 128) (per-token groups) or (128, 128) (weight blocks); got {block!r}")
+
+
+def quantize_fp8(x, block=(1, 128), scale_fmt: str = "fp32"):
+    """Quantize to float8_e4m3fn with one fp32 scale per block.
+
+    Args:
+        x: float32, bfloat16 or float16 tensor (or CuPy array). With block (1, 128): any shape
+            ``[..., K]``, one scale per 128 consecutive elements of the last dim (activations,
+            per token). With block (128, 128): ``[N, K]`` or ``[E, N, K]`` (weights, per expert).
+            Any strides; K and N need not be multiples of 128 (the last group is partial).
+        block: ``(1, 128)`` or ``(128, 128)``.
+        scale_fmt: ``"fp32"``: scale = max(amax, 1e-4) / 448. ``"ue8m0"``: that scale rounded
+            up to a power of two (DeepSeek-V3.1 / Blackwell UE8M0 scales), stored as fp32.
+
+    Returns:
+        ``(x_fp8, scale)``: x_fp8 has x's shape, dtype float8_e4m3fn, contiguous, and holds
+        round-to-nearest-even of x / scale clamped to +-448 (bit-identical to PyTorch's
+        ``(x.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)``). scale is fp32 of
+        shape ``[..., ceil(K/128)]`` or ``[(E,) ceil(N/128), ceil(K/128)]``.
+
+    NaN and Inf: a group containing NaN gets a NaN scale and all-NaN codes; a group containing
+    +-Inf gets an Inf scale, its finite values quantize to 0 and its infinities to NaN. Bad
+    values are never hidden. With CuPy input, x_fp8 comes back as a uint8 CuPy array.
+    """
+    src = x
+    x = _interop.to_torch(x)
+    _checks.tensor("x", x, _INPUT_DTYPES)
+    block_rows = _block_rows(block)
+    if scale_fmt not in _SCALE_FMTS:
+        raise ValueError(f"scale_fmt must be 'fp32' or 'ue8m0'; got {scale_fmt!r}")
+    if block_rows == 1 and x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension for block (1, 128); got a scalar")
+    if block_rows == GROUP and x.dim() not in (2, 3):
+        raise ValueError(f"x must be [N, K] or [E, N, K] for block (128, 128); got shape {tuple(x.shape)}")
+    q, scale = _ops.quantize_fp8(x, block_rows, scale_fmt == "ue8m0")
+    return _interop.like_input(q, src), _interop.like_input(scale, src)
+
+
+def dequantize_fp8(x_fp8, scale, block=(1, 128)):
+    """Inverse of quantize_fp8: ``x_fp8.float() * scale`` broadcast over each block, as fp32.
+
+    Args:
+        x_fp8: float8_e4m3fn tensor (or uint8 CuPy array) ``[..., K]`` for block (1, 128), or
+            ``[(E,) N, K]`` for block (128, 128).
+        scale: fp32, shape ``[..., ceil(K/128)]`` or ``[(E,) ceil(N/128), ceil(K/128)]``.
+        block: ``(1, 128)`` or ``(128, 128)``.
+    """
+    src = x_fp8
+    x_fp8 = _interop.to_torch(x_fp8, fp8=True)
+    scale = _interop.to_torch(scale)
+    _checks.tensor("x_fp8", x_fp8, (FP8,))
+    _checks.tensor("scale", scale, (torch.float32,))
+    _checks.same_device(x_fp8=x_fp8, scale=scale)
+    block_rows = _block_rows(block)
+    if block_rows == 1 and x_fp8.dim() < 1:
+        raise ValueError("x_fp8 must have at least 1 dimension for block (1, 128)")
+    if block_rows == GROUP and x_fp8.dim() not in (2, 3):
+        raise ValueError(f"x_fp8 must be [N, K] or [E, N, K] for block (128, 128); got shape {tuple(x_fp8.shape)}")
+    _checks.shape("scale", scale, _ops._quant_scale_shape(x_fp8.shape, block_rows))
+    return _interop.like_input(_ops.dequantize_fp8(x_fp8, scale, block_rows), src)

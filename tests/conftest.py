@@ -1,0 +1,63 @@
+"""Shared test fixtures and helpers.
+
+Conventions (DESIGN.md "Tests"): fresh seeded random inputs (never zeros), outputs poisoned
+before a kernel writes them, CUDA tests skip without a GPU, every kernel compared against
+leankernels.reference.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import leankernels
+
+HAS_CUDA = leankernels.cuda_available()
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of leankernels")
+
+# Devices every kernel test runs on: the CPU always, CUDA when present (else reported skipped).
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+def seeded(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def randn(*shape, seed: int = 0, dtype=torch.float32, device="cpu", scale: float = 1.0) -> torch.Tensor:
+    """Fresh standard-normal data from a per-test seed, made on the CPU then moved."""
+    x = torch.randn(*shape, generator=seeded(seed)) * scale
+    return x.to(dtype=dtype, device=device)
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill a tensor with a value no kernel writes (NaN for floats, -7 / 0x7f for others)."""
+    if t.dtype.is_floating_point:
+        if t.dtype == torch.float8_e4m3fn:
+            t.view(torch.uint8).fill_(0x7F)
+        else:
+            t.fill_(float("nan"))
+    else:
+        t.fill_(-7)
+    return t
+
+
+def gemm_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's accuracy metric: 1 - 2*sum(x*y) / sum(x^2 + y^2), in float64."""
+    x, y = x.double(), y.double()
+    denom = (x * x + y * y).sum()
+    if denom == 0:
+        return 0.0
+    return float(1 - 2 * (x * y).sum() / denom)
+
+
+
+
+def pytest_report_header(config):
+    info = leankernels.build_info()
+    return (f"leankernels {leankernels.__version__}: cuda build={info['cuda']} archs={info['cuda_archs']} "
+            f"cuda available={HAS_CUDA} torch={torch.__version__} threads={torch.get_num_threads()} "
+            f"LEANKERNELS_DEBUG={os.environ.get('LEANKERNELS_DEBUG', '0')}")
