@@ -61,3 +61,26 @@ def pytest_report_header(config):
     return (f"leankernels {leankernels.__version__}: cuda build={info['cuda']} archs={info['cuda_archs']} "
             f"cuda available={HAS_CUDA} torch={torch.__version__} threads={torch.get_num_threads()} "
             f"LEANKERNELS_DEBUG={os.environ.get('LEANKERNELS_DEBUG', '0')}")
+
+
+def opcheck(op, args, kwargs=None):
+    """torch.library.opcheck, working around its schema test on float8 inputs.
+
+    The schema test compares inputs before/after with torch.allclose, which PyTorch does not
+    implement for float8 on the CPU; for such ops we run the other opcheck tests and check
+    the no-mutation part of the schema ourselves, bit for bit.
+    """
+    kwargs = kwargs or {}
+    tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+    if not any(t.dtype == torch.float8_e4m3fn for t in tensors):
+        torch.library.opcheck(op, args, kwargs)
+        return
+    before = [t.clone() for t in tensors]
+    torch.library.opcheck(op, args, kwargs,
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    op(*args, **kwargs)
+    for b, t in zip(before, tensors):
+        if t.dtype.is_floating_point and t.dtype.itemsize == 1:
+            assert torch.equal(b.view(torch.uint8), t.view(torch.uint8)), "op mutated an input"
+        else:
+            assert torch.equal(b.nan_to_num(), t.nan_to_num()), "op mutated an input"

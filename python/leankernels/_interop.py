@@ -8,8 +8,18 @@ from __future__ import annotations
 import torch
 
 
+_DL_CUDA, _DL_CUDA_MANAGED = 2, 13  # DLPack device types
+
+
 def is_foreign(x) -> bool:
-    return not isinstance(x, torch.Tensor) and hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")
+    """A non-torch GPU array speaking DLPack (CuPy, or any CUDA producer). CPU arrays such as
+    NumPy's are not taken: pass torch.from_numpy(a) explicitly."""
+    if isinstance(x, torch.Tensor) or not hasattr(x, "__dlpack_device__"):
+        return False
+    try:
+        return x.__dlpack_device__()[0] in (_DL_CUDA, _DL_CUDA_MANAGED)
+    except Exception:
+        return False
 
 
 def to_torch(x, fp8: bool = False):

@@ -1,0 +1,103 @@
+"""Command line: python -m leankernels {info,demo,bench}."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+    except OSError:
+        return platform.processor() or "unknown"
+    keep = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile"]
+    return " ".join(k for k in keep if k in flags) or "none of avx2/avx512"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor() or "unknown"
+
+
+def _nvcc_on_path() -> str:
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return ""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        return out.strip().splitlines()[-1]
+    except (OSError, subprocess.SubprocessError):
+        return nvcc
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    import leankernels as lk
+
+    info = lk.build_info()
+    print(f"leankernels      {lk.__version__}  ({os.path.dirname(lk.__file__)})")
+    print(f"torch            {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    print(f"python           {platform.python_version()}")
+    print(f"CUDA kernels     {'built' if info['cuda'] else 'not built'}"
+          + (f" for {info['cuda_archs']} with nvcc {info['nvcc_version']}" if info["cuda"] else ""))
+    nvcc = _nvcc_on_path()
+    print(f"nvcc on PATH     {nvcc or 'none'}")
+    if lk.cuda_available():
+        p = torch.cuda.get_device_properties(0)
+        print(f"device           {p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+              f"{p.total_memory / 2**30:.0f} GiB)")
+    else:
+        why = "no CUDA build" if not info["cuda"] else "no usable CUDA device or driver"
+        print(f"device           none ({why}); ops run on the CPU kernels")
+    print(f"CPU              {_cpu_model()}; features: {_cpu_features()}; kernels tuned: {info['cpu_tune']}")
+    print(f"threads          OpenMP {info['omp_max_threads'] if info['openmp'] else 'off'}, "
+          f"torch {torch.get_num_threads()}, hardware {info['hardware_threads']}")
+    if args.check and nvcc and not info["cuda"]:
+        print("error: nvcc is on PATH but the CUDA kernels were not built", file=sys.stderr)
+        return 1
+    if args.check and info["cuda"] and "90a" not in info["cuda_archs"]:
+        print("error: CUDA kernels were built without sm_90a", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ._demo import main
+
+    return main(device=args.device, quick=args.quick)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m leankernels", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pi = sub.add_parser("info", help="build and device facts")
+    pi.add_argument("--check", action="store_true", help="exit 1 if nvcc exists but CUDA kernels were not built")
+    pd = sub.add_parser("demo", help="the main job on the best device present")
+    pd.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    pd.add_argument("--quick", action="store_true", help="smaller shapes")
+    try:
+        from ._bench import cli as bench_cli
+    except ImportError:
+        bench_cli = None
+    if bench_cli is not None:
+        pb = sub.add_parser("bench", help="benchmarks against baselines, with measured ceilings")
+        bench_cli.add_arguments(pb)
+    args = p.parse_args(argv)
+    if args.cmd == "info":
+        return cmd_info(args)
+    if args.cmd == "demo":
+        return cmd_demo(args)
+    return bench_cli.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

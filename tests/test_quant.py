@@ -1,0 +1,267 @@
+"""quantize_fp8 / dequantize_fp8: bit-exactness against the reference and PyTorch's own e4m3."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import leankernels as lk
+from leankernels import reference as ref
+
+from conftest import DEVICES, HAS_CUDA, opcheck, randn, requires_cuda
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BLOCKS = [(1, 128), (128, 128)]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+def assert_same_quant(got, want):
+    q, s = got
+    qr, sr = want
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+    assert q.shape == qr.shape and s.shape == sr.shape
+    assert torch.equal(bits(q.cpu()), bits(qr.cpu())), "fp8 codes differ from the reference"
+    torch.testing.assert_close(s.cpu(), sr.cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------ the codec
+def test_codec_matches_torch_on_every_float_pattern_class():
+    """The C++ codec equals torch's float8_e4m3fn conversion on a dense sweep of fp32 values,
+    including subnormals, ties (round half to even), the saturation edge and signed zeros."""
+    pos = torch.cat([
+        torch.linspace(0, 1, 20001),
+        torch.linspace(0, 448, 20001),
+        torch.logspace(-12, math.log10(448), 20001),
+        # exact midpoints between adjacent e4m3 values: ties must round to even
+        (lambda v: (v[1:] + v[:-1]) / 2)(torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()),
+        torch.tensor([0.0, 2.0**-9, 2.0**-10, 1.5 * 2.0**-10, 2.0**-6, 447.9, 448.0]),
+    ])
+    vals = torch.cat([pos, -pos]).reshape(1, -1)
+    # scale exactly 1: pad the row with a group amax of 448 so x / scale == x
+    K = vals.shape[1]
+    x = vals.clone()
+    x[0, ::128] = 448.0
+    q, s = lk.quantize_fp8(x)
+    assert torch.all(s == 1.0)
+    want = x.clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(bits(q), bits(want))
+    # decode: every byte pattern
+    allq = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(2, 128)
+    d = lk.dequantize_fp8(allq, torch.ones(2, 1))
+    torch.testing.assert_close(d, allq.float(), rtol=0, atol=0, equal_nan=True)
+    assert K > 0
+
+
+# ------------------------------------------------------------------------------ round trips
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
+def test_matches_reference(device, dtype, block, scale_fmt):
+    shape = (3, 200, 300) if block == (128, 128) else (5, 33, 300)  # K, N not multiples of 128
+    x = randn(*shape, seed=hash((str(dtype), block, scale_fmt)) % 1000, dtype=dtype, device=device, scale=3.0)
+    got = lk.quantize_fp8(x, block, scale_fmt)
+    want = ref.quantize_fp8(x.cpu(), block, scale_fmt)
+    assert_same_quant(got, want)
+    if scale_fmt == "ue8m0":
+        s = got[1]
+        assert torch.equal(s, torch.exp2(torch.log2(s).round())), "ue8m0 scales must be powers of two"
+    deq = lk.dequantize_fp8(*got, block)
+    assert deq.device.type == device
+    torch.testing.assert_close(deq.cpu(), ref.dequantize_fp8(*want, block), rtol=0, atol=0)
+    # the round trip is within half an e4m3 step of the original (relative 2^-4 of the group max)
+    err = (deq.cpu() - x.cpu().float()).abs()
+    bound = ref.expand_scale(want[1], x.shape, block) * 448 * 2.0**-4 + 1e-6
+    assert torch.all(err <= bound)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.lists(st.integers(0, 5), min_size=0, max_size=2),
+    K=st.integers(1, 700),
+    dtype=st.sampled_from(DTYPES),
+    scale=st.floats(1e-6, 1e4),
+    ue8m0=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_1x128_bit_exact(lead, K, dtype, scale, ue8m0, seed):
+    x = randn(*lead, K, seed=seed, dtype=dtype, scale=scale)
+    fmt = "ue8m0" if ue8m0 else "fp32"
+    assert_same_quant(lk.quantize_fp8(x, (1, 128), fmt), ref.quantize_fp8(x, (1, 128), fmt))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    E=st.integers(0, 3), N=st.integers(1, 300), K=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16), three_d=st.booleans(),
+)
+def test_hypothesis_128x128_bit_exact(E, N, K, dtype, seed, three_d):
+    shape = (E, N, K) if three_d else (N, K)
+    x = randn(*shape, seed=seed, dtype=dtype)
+    assert_same_quant(lk.quantize_fp8(x, (128, 128)), ref.quantize_fp8(x, (128, 128)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    base = randn(64, 1000, seed=3, device=device)
+    views = [
+        base[:, 100:900],          # row-strided
+        base[::2, :700],           # every other row
+        base.t()[:300, :40].t(),   # transposed (column stride != 1)
+        base.reshape(8, 8, 1000)[:, 1::2, 13:600],  # 3-D, leading dims that do not collapse
+    ]
+    for v in views:
+        assert_same_quant(lk.quantize_fp8(v), ref.quantize_fp8(v.cpu()))
+    w = randn(3, 300, 400, seed=4, device=device)[:, 10:290, 7:390]
+    assert_same_quant(lk.quantize_fp8(w, (128, 128)), ref.quantize_fp8(w.cpu(), (128, 128)))
+    wt = randn(260, 140, seed=5, device=device).t()
+    assert_same_quant(lk.quantize_fp8(wt, (128, 128)), ref.quantize_fp8(wt.cpu(), (128, 128)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,block", [((0, 256), (1, 128)), ((4, 0, 7168), (1, 128)), ((0, 130), (128, 128)),
+                                         ((2, 0, 64), (128, 128)), ((0, 5, 9), (128, 128))])
+def test_empty(device, shape, block):
+    x = torch.randn(shape, device=device)
+    q, s = lk.quantize_fp8(x, block)
+    qr, sr = ref.quantize_fp8(x.cpu(), block)
+    assert q.shape == qr.shape and s.shape == sr.shape
+    assert lk.dequantize_fp8(q, s, block).shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_fully_written(device):
+    """Outputs are fresh allocations; poisoning the caching allocator's memory first must not
+    leak through (every code and every scale is written)."""
+    x = randn(130, 300, seed=9, device=device)
+    junk = torch.full((130 * 300 * 4,), float("nan"), device=device)
+    del junk
+    q, s = lk.quantize_fp8(x)
+    assert not torch.isnan(q.float()).any() and not torch.isnan(s).any()
+
+
+# ------------------------------------------------------------------------------ NaN and Inf
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_nan_and_inf_semantics(device, block):
+    x = randn(256, 384, seed=11, device=device)
+    x[0, 5] = float("nan")        # group (row 0 / block 0, cols 0..127)
+    x[200, 300] = float("inf")    # group (row 200 / block 1, cols 256..383)
+    x[3, 200] = -float("inf")     # group (row 3 / block 0, cols 128..255)
+    q, s = lk.quantize_fp8(x, block)
+    assert_same_quant((q, s), ref.quantize_fp8(x.cpu(), block))
+    qf, s = q.float().cpu(), s.cpu()
+    if block == (1, 128):
+        assert torch.isnan(s[0, 0]) and torch.isnan(qf[0, :128]).all()
+        assert torch.isinf(s[200, 2]) and torch.isnan(qf[200, 300])
+        assert (qf[200, 256:384].nan_to_num(0) == 0).all()
+        assert torch.isinf(s[3, 1])
+        assert torch.isfinite(s[1]).all()   # other groups unaffected
+    else:
+        assert torch.isnan(s[0, 0]) and torch.isnan(qf[:128, :128]).all()
+        assert torch.isinf(s[1, 2]) and torch.isinf(s[0, 1])
+        assert torch.isfinite(s[1, :2]).all()
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(4, 256)
+    with pytest.raises(TypeError, match="x"):
+        lk.quantize_fp8(torch.randint(0, 5, (4, 256)))
+    with pytest.raises(TypeError, match="x"):
+        lk.quantize_fp8(x.numpy())
+    with pytest.raises(ValueError, match="block"):
+        lk.quantize_fp8(x, (1, 64))
+    with pytest.raises(TypeError, match="block"):
+        lk.quantize_fp8(x, 128)
+    with pytest.raises(ValueError, match="scale_fmt"):
+        lk.quantize_fp8(x, scale_fmt="e8m0")
+    with pytest.raises(ValueError, match="x"):
+        lk.quantize_fp8(torch.randn(2, 2, 2, 256), (128, 128))
+    with pytest.raises(ValueError, match="x"):
+        lk.quantize_fp8(torch.tensor(1.0))
+    q, s = lk.quantize_fp8(x)
+    with pytest.raises(TypeError, match="x_fp8"):
+        lk.dequantize_fp8(x, s)
+    with pytest.raises(TypeError, match="scale"):
+        lk.dequantize_fp8(q, s.double())
+    with pytest.raises(ValueError, match="scale"):
+        lk.dequantize_fp8(q, s[:, :1])
+    with pytest.raises(ValueError, match="scale"):
+        lk.dequantize_fp8(q, s, (128, 128))
+
+
+@requires_cuda
+def test_mixed_devices_rejected():
+    q, s = lk.quantize_fp8(torch.randn(4, 256))
+    with pytest.raises(ValueError, match="scale"):
+        lk.dequantize_fp8(q, s.cuda())
+
+
+# ------------------------------------------------------------------------------ torch integration
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = randn(3, 300, seed=21, device=device)
+    opcheck(torch.ops.leankernels.quantize_fp8.default, (x, 1, False))
+    w = randn(2, 130, 260, seed=22, device=device)
+    opcheck(torch.ops.leankernels.quantize_fp8.default, (w, 128, True))
+    q, s = lk.quantize_fp8(w, (128, 128))
+    opcheck(torch.ops.leankernels.dequantize_fp8.default, (q, s, 128))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    def f(x):
+        q, s = lk.quantize_fp8(x * 2)
+        return lk.dequantize_fp8(q, s) + 1
+
+    x = randn(16, 300, seed=23, device=device)
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(x)
+    torch.testing.assert_close(got, f(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ GPU only
+@requires_cuda
+def test_cuda_matches_cpu_kernel_large():
+    x = randn(4096, 7168, seed=31, dtype=torch.bfloat16, device="cuda")
+    assert_same_quant(lk.quantize_fp8(x), lk.quantize_fp8(x.cpu()))
+    w = randn(4096, 7168, seed=32, dtype=torch.bfloat16, device="cuda")
+    assert_same_quant(lk.quantize_fp8(w, (128, 128)), ref.quantize_fp8(w.cpu(), (128, 128)))
+
+
+@requires_cuda
+def test_cuda_unaligned_base_pointer():
+    x = randn(40, 1001, seed=33, dtype=torch.bfloat16, device="cuda")[:, 1:]  # 2-byte offset
+    assert_same_quant(lk.quantize_fp8(x), ref.quantize_fp8(x.cpu()))
+
+
+@requires_cuda
+def test_cuda_graph_capture():
+    x = randn(256, 7168, seed=34, dtype=torch.bfloat16, device="cuda")
+    lk.quantize_fp8(x)  # warm-up outside capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        q, s = lk.quantize_fp8(x)
+    x.copy_(randn(256, 7168, seed=35, dtype=torch.bfloat16, device="cuda"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert_same_quant((q, s), ref.quantize_fp8(x.cpu()))
+
+
+@requires_cuda
+def test_cupy_zero_copy():
+    cp = pytest.importorskip("cupy")
+    xc = cp.random.standard_normal((64, 300), dtype=cp.float32)
+    q, s = lk.quantize_fp8(xc)
+    assert isinstance(q, cp.ndarray) and q.dtype == cp.uint8 and isinstance(s, cp.ndarray)
+    want = ref.quantize_fp8(torch.from_dlpack(xc).cpu())
+    assert_same_quant((torch.from_dlpack(q).view(torch.float8_e4m3fn), torch.from_dlpack(s)), want)
+    d = lk.dequantize_fp8(q, s)
+    assert isinstance(d, cp.ndarray)
+    torch.testing.assert_close(torch.from_dlpack(d).cpu(), ref.dequantize_fp8(*want))
