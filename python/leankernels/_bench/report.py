@@ -177,7 +177,7 @@ def plot_roofline(results: dict, path: str) -> None:
     compute_rows = [r for r in rows if r.get("flops") and r.get("bytes") and r.get("ours_s")]
     memory_rows = [r for r in rows if not r.get("flops") and r.get("bytes") and r.get("ours_s")]
     panels = (1 if compute_rows else 0) + (1 if memory_rows else 0) or 1
-    fig, axes = plt.subplots(1, panels, figsize=(7.5 * panels, 5.5), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(8 * panels, 5.5), squeeze=False, layout="constrained")
     axes = list(axes[0])
     from .runner import device_label
     fig.suptitle(f"leankernels bench: {device_label(results.get('env', {}))}", fontsize=10)
@@ -194,9 +194,13 @@ def plot_roofline(results: dict, path: str) -> None:
         keys = list(dict.fromkeys(case_key(r) for r in compute_rows))
         color = {k: cmap(i % 10) for i, k in enumerate(keys)}
         ai = [r["intensity"] for r in compute_rows]
-        lo, hi = min(ai) / 4, max(ai) * 4
-        xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
         bw = ceil.get("copy", {}).get("value")
+        peaks = [c["value"] for c in ceil.values() if c["kind"] == "compute"]
+        lo, hi = min(ai) / 4, max(ai) * 4
+        if bw and peaks:  # show the ridge: where the copy line meets the best compute ceiling
+            ridge = max(peaks) * 1e3 / bw
+            lo, hi = min(lo, ridge / 8), max(hi, ridge * 4)
+        xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
         for name, c in ceil.items():
             if c["kind"] != "compute":
                 continue
@@ -217,7 +221,8 @@ def plot_roofline(results: dict, path: str) -> None:
                 ax.scatter(r["intensity"], r["baseline_tflops"], facecolors="none", edgecolors=color[k],
                            marker=bmarker[r["baseline"]], s=36, zorder=3)
         for b, m in bmarker.items():
-            ax.scatter([], [], facecolors="none", edgecolors="black", marker=m, label=f"baseline: {b}")
+            if any(r.get("baseline") == b for r in compute_rows):
+                ax.scatter([], [], facecolors="none", edgecolors="black", marker=m, label=f"baseline: {b}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("arithmetic intensity (FLOP / byte of minimal DRAM traffic)")
@@ -255,7 +260,6 @@ def plot_roofline(results: dict, path: str) -> None:
         ax.legend(fontsize=7, loc="lower right")
         ax.set_title("data-movement cases (0 FLOPs): bandwidth vs the copy ceiling", fontsize=9)
         ax.set_ylim(-0.7, len(keys) - 0.3)
-    fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
