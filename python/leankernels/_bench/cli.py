@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "rewritten after every case, so a run that is cut off leaves what it measured")
     parser.add_argument("--plot", metavar="FILE.png", help="draw a roofline chart (needs matplotlib)")
     parser.add_argument("--markdown", metavar="FILE", help="write the table as a markdown section")
+    parser.add_argument("--max-seconds", type=float, default=None, metavar="S",
+                        help="start no case after S seconds (the cases left are listed as not run)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -40,6 +42,8 @@ def _command(args) -> str:
         parts += ["--device", args.device]
     if args.quick:
         parts.append("--quick")
+    if getattr(args, "max_seconds", None):
+        parts += ["--max-seconds", f"{args.max_seconds:g}"]
     for flag in ("json", "plot", "markdown"):
         v = getattr(args, flag, None)
         if v:
@@ -82,7 +86,8 @@ def main(args) -> int:
             report.write_json(args.json, results)
 
     results = runner.run(domains, device, args.quick, progress=not getattr(args, "no_progress", False),
-                         on_ceilings=on_ceilings, on_update=on_update, command=_command(args))
+                         on_ceilings=on_ceilings, on_update=on_update, command=_command(args),
+                         max_seconds=getattr(args, "max_seconds", None))
     print()
     print(report.format_table(results))
     print("ratio = baseline time / our time (> 1: leankernels is faster); TFLOP/s, GB/s and % of ceiling "

@@ -91,6 +91,9 @@ def _domain_notes(results: dict) -> list[str]:
     for d, info in results.get("domains", {}).items():
         if info.get("status") != "ok":
             out.append(f"{d}: {info['status']}: {info.get('reason', '').splitlines()[0] if info.get('reason') else ''}")
+        if info.get("not_run"):
+            out.append(f"{d}: {len(info['not_run'])} case(s) not run (time limit --max-seconds): "
+                       + "; ".join(info["not_run"]))
     return out
 
 

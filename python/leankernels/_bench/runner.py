@@ -254,10 +254,14 @@ class Progress:
 
 def run(domains: Iterable[str], device: str, quick: bool, *, progress: bool = True,
         on_ceilings: Optional[Callable[[dict], None]] = None,
-        on_update: Optional[Callable[[dict], None]] = None, command: Optional[str] = None) -> dict:
+        on_update: Optional[Callable[[dict], None]] = None, command: Optional[str] = None,
+        max_seconds: Optional[float] = None) -> dict:
     """Measure ceilings, then run every case of ``domains``; returns the results dict (the
     --json payload). ``on_ceilings(results)`` fires once the ceilings are known, and
-    ``on_update(results)`` after every case (to print or save partial results)."""
+    ``on_update(results)`` after every case (to print or save partial results). With
+    ``max_seconds``, cases that would start after that many seconds are not run (and listed as
+    such), so a time-boxed suite ends with a complete table of what it did run."""
+    t_start = time.perf_counter()
     domains = list(domains)
     cuda = device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -297,6 +301,10 @@ def run(domains: Iterable[str], device: str, quick: bool, *, progress: bool = Tr
         status, reason, cases = load_cases(domain, device, quick)
         results["domains"][domain] = {"status": status, "reason": reason, "cases": len(cases)}
         for ci, case in enumerate(cases):
+            if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+                info = results["domains"][domain]
+                info["not_run"] = info.get("not_run", []) + [f"{case.name} {case.shape}"]
+                continue
             bar.update((di + ci / max(1, len(cases))) / n, f"{domain} {ci + 1}/{len(cases)}: {case.name} {case.shape}")
             results["rows"].extend(run_case(case, device, cfg, flusher, ceil))
             if on_update is not None:
