@@ -49,10 +49,10 @@ def _copy(device: str, quick: bool, cfg: TimingConfig, flusher) -> Ceiling:
 
 def _matmul(device: str, dtype: torch.dtype, sizes, cfg: TimingConfig, flusher) -> Optional[Ceiling]:
     best, best_n = 0.0, None
-    g = torch.Generator(device="cpu").manual_seed(0)
-    for n in sizes:
-        a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-        b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    for n in sizes:  # random data (zeros would flatter the rate: less switching power)
+        a = torch.randn(n, n, generator=g, device=device).to(dtype)
+        b = torch.randn(n, n, generator=g, device=device).to(dtype)
         m = time_one(lambda: torch.matmul(a, b), device, config=cfg, flusher=flusher)
         rate = 2.0 * n ** 3 / m.median / 1e12
         if rate > best:
@@ -71,11 +71,11 @@ def _fp8_matmul(device: str, sizes, cfg: TimingConfig, flusher) -> Optional[Ceil
     if torch.cuda.get_device_capability(torch.device(device)) < (8, 9):
         return None
     best, best_n = 0.0, None
-    g = torch.Generator(device="cpu").manual_seed(1)
+    g = torch.Generator(device=device).manual_seed(1)
     one = torch.ones((), dtype=torch.float32, device=device)
     for n in sizes:
-        a = torch.randn(n, n, generator=g).to(device=device).to(torch.float8_e4m3fn)
-        bt = torch.randn(n, n, generator=g).to(device=device).to(torch.float8_e4m3fn)
+        a = torch.randn(n, n, generator=g, device=device).to(torch.float8_e4m3fn)
+        bt = torch.randn(n, n, generator=g, device=device).to(torch.float8_e4m3fn)
         b = bt.t()  # column-major, as _scaled_mm requires
         fn = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
         try:

@@ -51,6 +51,20 @@ def _command(args) -> str:
     return " ".join(parts)
 
 
+def _invocation() -> str:
+    """How this process was really started (the module form, argv, PYTHONPATH if set)."""
+    argv0 = sys.argv[0].replace(os.sep, "/") if sys.argv else ""
+    rest = [shlex.quote(a) for a in sys.argv[1:]]
+    if argv0.endswith("leankernels/_bench/cli.py"):
+        cmd = ["python -m leankernels._bench.cli"] + rest
+    elif argv0.endswith("leankernels/__main__.py"):
+        cmd = ["python -m leankernels"] + rest
+    else:
+        cmd = [shlex.quote(a) for a in sys.argv] or ["python"]
+    pp = os.environ.get("PYTHONPATH")
+    return (f"PYTHONPATH={shlex.quote(pp)} " if pp else "") + " ".join(cmd)
+
+
 def main(args) -> int:
     device = args.device or runner.default_device()
     domains = list(runner.DOMAINS) if args.domain == "all" else [args.domain]
@@ -87,7 +101,7 @@ def main(args) -> int:
 
     results = runner.run(domains, device, args.quick, progress=not getattr(args, "no_progress", False),
                          on_ceilings=on_ceilings, on_update=on_update, command=_command(args),
-                         max_seconds=getattr(args, "max_seconds", None))
+                         max_seconds=getattr(args, "max_seconds", None), invocation=_invocation())
     print()
     print(report.format_table(results))
     print("ratio = baseline time / our time (> 1: leankernels is faster); TFLOP/s, GB/s and % of ceiling "

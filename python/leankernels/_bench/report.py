@@ -109,8 +109,12 @@ def markdown_table(results: dict, with_header: bool = True) -> str:
             f"(of {env.get('cpu_count')} logical CPUs)" if env.get("device_type") == "cpu" else
             f"- Host CPU: {env.get('cpu')}",
             f"- torch {env.get('torch')}, leankernels {env.get('leankernels')}, python {env.get('python')}",
-            f"- Date: {env.get('date_utc')}",
-            f"- Command: `{results.get('command')}`",
+            f"- Date: {env.get('date_utc')}"
+            + (f"; 1-minute load average at the start: {env['load_avg_1m']} "
+               f"(on {env.get('cpu_count')} logical CPUs)" if env.get("load_avg_1m") is not None else ""),
+            f"- Command: `{results.get('command')}`"
+            + (f" (run as `{results['invocation']}`)" if results.get("invocation")
+               and results["invocation"] != results.get("command") else ""),
             f"- Timing: {results.get('timing', {}).get('statistic', 'median')}; "
             f"{results.get('timing', {}).get('method', '')}",
             "",

@@ -255,7 +255,7 @@ class Progress:
 def run(domains: Iterable[str], device: str, quick: bool, *, progress: bool = True,
         on_ceilings: Optional[Callable[[dict], None]] = None,
         on_update: Optional[Callable[[dict], None]] = None, command: Optional[str] = None,
-        max_seconds: Optional[float] = None) -> dict:
+        max_seconds: Optional[float] = None, invocation: Optional[str] = None) -> dict:
     """Measure ceilings, then run every case of ``domains``; returns the results dict (the
     --json payload). ``on_ceilings(results)`` fires once the ceilings are known, and
     ``on_update(results)`` after every case (to print or save partial results). With
@@ -269,6 +269,7 @@ def run(domains: Iterable[str], device: str, quick: bool, *, progress: bool = Tr
     bar = Progress(progress)
     results = {
         "command": command or " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "invocation": invocation or " ".join([os.path.basename(sys.executable)] + sys.argv),
         "quick": quick,
         "device": device,
         "env": environment(device),
