@@ -16,34 +16,28 @@ import torch
 
 import leankernels
 
+from leankernels._bench.timing import synchronized
+
 HAS_CUDA = leankernels.cuda_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build"))]
-
-
-def synced(fn, device: str):
-    """fn followed by a device synchronisation on CUDA (so the wall clock sees the kernel)."""
-    if str(device).startswith("cuda"):
-        def run():
-            out = fn()
-            torch.cuda.synchronize()
-            return out
-        return run
-    return fn
 
 
 @pytest.fixture
 def bench_call(benchmark):
-    """bench_call(fn, device, flops=0, bytes=0, **extra) -> median seconds.
+    """bench_call(fn, device, flops=0, bytes=0, **extra) -> median seconds (None when
+    --benchmark-disable).
 
     Benchmarks fn with a synchronising wrapper on GPU and stores FLOPs, bytes, the achieved
     TFLOP/s and GB/s (from the median) and any extra keys in benchmark.extra_info."""
     def call(fn, device, flops: float = 0.0, bytes: float = 0.0, **extra):
-        run = synced(fn, device)
+        run = synchronized(fn, device)
         run()  # warm-up (compiles, allocator) outside the measurement
         benchmark(run)
-        med = benchmark.stats.stats.median
         info = benchmark.extra_info
         info.update({"device": str(device), "flops": flops, "bytes": bytes})
+        if benchmark.stats is None:  # --benchmark-disable: ran once as a plain test
+            info.update(extra)
+            return None
+        med = benchmark.stats.stats.median
         if flops:
             info["tflops"] = flops / med / 1e12
         if bytes:

@@ -118,6 +118,19 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def synchronized(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """fn followed by torch.cuda.synchronize() on CUDA, so a wall-clock timer (pytest-benchmark)
+    sees the asynchronous kernel; fn itself on the CPU."""
+    if not str(device).startswith("cuda"):
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run
+
+
 # ------------------------------------------------------------------------------ timing
 
 @dataclass
