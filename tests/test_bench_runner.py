@@ -219,3 +219,24 @@ def test_plot(tmp_path, quick_run):
         return
     report.plot_roofline(results, str(tmp_path / "r.png"))
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_domain_argument():
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert parser.parse_args([]).domain == "all"
+    assert parser.parse_args(["--domain", "quant,gemm,quant"]).domain == "quant,gemm"
+    assert parser.parse_args(["--domain", "mla,all"]).domain == "all"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--domain", "nope"])
+
+
+def test_gpu_suite_script_parses():
+    import pathlib
+    import shutil
+    import subprocess
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.sh"
+    assert script.exists()
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    subprocess.run(["bash", "-n", str(script)], check=True)

@@ -18,8 +18,9 @@ from . import report, runner
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--domain", default="all", choices=runner.DOMAINS + ("all",),
-                        help="which cases to run (default: all; domains not available yet are reported as skipped)")
+    parser.add_argument("--domain", default="all", type=_domains, metavar="{%s,all}" % ",".join(runner.DOMAINS),
+                        help="which cases to run, or a comma-separated list (default: all; domains "
+                             "whose module is not available are reported as skipped)")
     parser.add_argument("--device", default=None, choices=("cpu", "cuda"),
                         help="default: cuda when leankernels has CUDA kernels and a GPU is visible, else cpu")
     parser.add_argument("--quick", action="store_true",
@@ -32,6 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None, metavar="S",
                         help="start no case after S seconds (the cases left are listed as not run)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _domains(text: str) -> str:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in runner.DOMAINS + ("all",)]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"unknown domain {', '.join(bad) or text!r}; choose from "
+                                         f"{', '.join(runner.DOMAINS)} or all")
+    return "all" if "all" in names else ",".join(dict.fromkeys(names))
 
 
 def _command(args) -> str:
@@ -67,7 +77,7 @@ def _invocation() -> str:
 
 def main(args) -> int:
     device = args.device or runner.default_device()
-    domains = list(runner.DOMAINS) if args.domain == "all" else [args.domain]
+    domains = list(runner.DOMAINS) if args.domain == "all" else args.domain.split(",")
     if args.plot:
         try:
             report.require_matplotlib()
