@@ -149,7 +149,7 @@ def _pct(case: Case, tflops, gbs, ceil) -> Optional[float]:
 
 
 def make_rows(case: Case, ours: Optional[Measurement], base: dict, check, check_error, error,
-              ceilings: dict) -> list[dict]:
+              ceilings: dict, base_errors: Optional[dict] = None) -> list[dict]:
     ceil = _ceilings.ceiling_for(ceilings, case.bound, case.ceiling)
     ours_s = ours.median if ours is not None else None
     tflops = _rate(case.flops, ours_s, 1e12)
@@ -179,6 +179,8 @@ def make_rows(case: Case, ours: Optional[Measurement], base: dict, check, check_
             "baseline_tflops": b_tflops, "baseline_gbs": b_gbs,
             "baseline_pct_ceiling": _pct(case, b_tflops, b_gbs, ceil),
         })
+        if not row["error"] and base_errors and name in base_errors:
+            row["error"] = base_errors[name]
         rows.append(row)
     return rows
 
@@ -201,19 +203,28 @@ def run_case(case: Case, device: str, cfg: TimingConfig, flusher, ceilings: dict
         except Exception as e:  # noqa: BLE001
             check, check_error = False, f"{type(e).__name__}: {e}"
     fns = [case.ours] + list(case.baselines.values())
-    ours, base, error = None, {}, None
+    ours, base, error, base_errors = None, {}, None, {}
     try:
         ms = time_callables(fns, device, rotate=case.rotate, config=cfg, flusher=flusher)
         ours = ms[0]
         base = dict(zip(case.baselines, ms[1:]))
-    except Exception as e:  # noqa: BLE001 - one broken case must not sink the table
-        error = f"{type(e).__name__}: {e}"
-        # time ours alone so the row still says something, if ours is not what failed
-        try:
-            ours = time_callables([case.ours], device, rotate=case.rotate, config=cfg, flusher=flusher)[0]
-        except Exception:  # noqa: BLE001
-            ours = None
-    return make_rows(case, ours, base, check, check_error, error, ceilings)
+    except Exception:  # noqa: BLE001 - one broken callable must not sink the table
+        # find the culprit: time each callable on its own, keep what works
+        def alone(fn):
+            try:
+                return time_callables([fn], device, rotate=case.rotate, config=cfg, flusher=flusher)[0], None
+            except Exception as e:  # noqa: BLE001
+                return None, f"{type(e).__name__}: {e}"
+        ours, error = alone(case.ours)
+        if error is not None:
+            error = f"ours failed: {error}"
+        for name, fn in case.baselines.items():
+            m, err = alone(fn)
+            if m is not None:
+                base[name] = m
+            else:
+                base_errors[name] = f"baseline failed: {err}"
+    return make_rows(case, ours, base, check, check_error, error, ceilings, base_errors)
 
 
 # ------------------------------------------------------------------------------ progress
