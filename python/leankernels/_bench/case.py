@@ -7,7 +7,7 @@ baseline in the same process, with the same inputs, and reports ratios against t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 
 @dataclass
@@ -22,3 +22,33 @@ class Case:
     check: Optional[Callable[[], bool]] = None   # correctness check of ours vs reference
     bound: str = "memory"            # "memory" or "compute": which ceiling the % is against
     extra: dict = field(default_factory=dict)     # anything else worth printing / saving
+    # Optional fields (the runner works without them):
+    rotate: Optional[Callable[[], None]] = None   # switch ours/baselines to the next prepared
+    #   input set (see InputSets); the runner calls it outside the timed region before every
+    #   timed run, so inputs do not sit in cache between runs
+    ceiling: Optional[str] = None    # name of the measured ceiling the "% of ceiling" is taken
+    #   against ("copy", "bf16_matmul", "fp8_matmul", ...); default: "copy" when bound is
+    #   "memory", else the best matmul rate measured on the device
+
+
+class InputSets:
+    """Several prepared input sets for one case, for Case.rotate.
+
+    The case's callables read ``sets.current``; pass ``sets.advance`` as ``Case.rotate``::
+
+        sets = InputSets([make_inputs(seed) for seed in range(3)])
+        Case(..., ours=lambda: op(*sets.current), rotate=sets.advance)
+    """
+
+    def __init__(self, sets: Sequence):
+        if not sets:
+            raise ValueError("sets must hold at least one input set")
+        self.sets = list(sets)
+        self.index = 0
+
+    @property
+    def current(self):
+        return self.sets[self.index]
+
+    def advance(self) -> None:
+        self.index = (self.index + 1) % len(self.sets)

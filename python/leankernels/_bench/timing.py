@@ -1,0 +1,217 @@
+"""Timing primitives for the benchmark runner.
+
+GPU: CUDA events around each call, warm-up first, the L2 cache flushed (a buffer of twice
+the L2 size overwritten) and the inputs rotated before every timed call, median of many.
+CPU: wall clock (time.perf_counter) around each call, median of repeated runs.
+
+Several callables (ours and the baselines of one case) are timed *interleaved*: round after
+round, each callable runs a few times, so slow drifts of the machine (clock boost, other
+processes on a shared CPU) hit ours and the baselines alike instead of biasing the ratio.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class Measurement:
+    """Per-call times (seconds) of one callable; ``median`` is the figure reported."""
+
+    samples: list = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return median(self.samples)
+
+    @property
+    def reps(self) -> int:
+        return len(self.samples)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples) if self.samples else math.nan
+
+    @property
+    def max(self) -> float:
+        return max(self.samples) if self.samples else math.nan
+
+    def to_json(self) -> dict:
+        return {"median_s": self.median, "min_s": self.min, "max_s": self.max, "reps": self.reps}
+
+
+def median(xs: Sequence[float]) -> float:
+    """Median of a sequence (mean of the two middle values for an even count); NaN if empty."""
+    xs = [float(x) for x in xs]
+    if not xs:
+        return math.nan
+    return float(statistics.median(xs))
+
+
+# ------------------------------------------------------------------------------ formatting
+
+def fmt_time(seconds: Optional[float]) -> str:
+    """12.3 us / 4.56 ms / 1.23 s, three significant digits; '-' for None or NaN."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds < 0:
+        return "-" + fmt_time(-seconds)
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{_sig3(seconds / scale)} {unit}"
+    return f"{_sig3(seconds / 1e-9)} ns" if seconds > 0 else "0 s"
+
+
+def _sig3(v: float) -> str:
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def fmt_num(v: Optional[float], digits: int = 3) -> str:
+    """A rate or a ratio to about three significant digits; '-' for None, NaN or 0-work."""
+    if v is None or not math.isfinite(v):
+        return "-"
+    if v == 0:
+        return "0"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    if abs(v) >= 1:
+        return f"{v:.2f}"
+    return f"{v:.{digits}g}"
+
+
+def fmt_ratio(v: Optional[float]) -> str:
+    """Ratio baseline/ours with an 'x': '3.21x' means we are 3.21 times faster."""
+    s = fmt_num(v)
+    return s if s == "-" else s + "x"
+
+
+# ------------------------------------------------------------------------------ GPU helpers
+
+class L2Flusher:
+    """Evicts the device's L2 cache by overwriting a buffer of twice its size."""
+
+    def __init__(self, device: torch.device | str = "cuda"):
+        device = torch.device(device)
+        props = torch.cuda.get_device_properties(device)
+        l2 = int(getattr(props, "L2_cache_size", 0) or 0)
+        self.l2_bytes = l2
+        self.nbytes = max(2 * l2, 64 << 20)
+        self.buffer = torch.empty(self.nbytes // 4, dtype=torch.int32, device=device)
+
+    def flush(self) -> None:
+        self.buffer.zero_()
+
+
+def synchronize(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def synchronized(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """fn followed by torch.cuda.synchronize() on CUDA, so a wall-clock timer (pytest-benchmark)
+    sees the asynchronous kernel; fn itself on the CPU."""
+    if not str(device).startswith("cuda"):
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run
+
+
+# ------------------------------------------------------------------------------ timing
+
+@dataclass
+class TimingConfig:
+    warmup: int = 1                 # untimed calls of each callable first (compiles, caches)
+    min_reps: int = 3               # at least this many timed calls of each callable
+    max_reps: int = 100             # at most this many
+    budget_s: float = 1.0           # aim for about this much timed work per callable
+    max_per_round: int = 10         # fast callables run up to this many times per round
+
+    @classmethod
+    def for_device(cls, device: str, quick: bool) -> "TimingConfig":
+        if str(device).startswith("cuda"):
+            return cls(warmup=3, min_reps=10, max_reps=200, budget_s=0.05 if quick else 0.25, max_per_round=20)
+        return cls(warmup=1, min_reps=3, max_reps=50, budget_s=0.15 if quick else 1.0, max_per_round=10)
+
+
+def time_callables(fns: Sequence[Callable[[], object]], device: str, *,
+                   rotate: Optional[Callable[[], None]] = None,
+                   config: Optional[TimingConfig] = None,
+                   flusher: Optional[L2Flusher] = None) -> list[Measurement]:
+    """Time several callables interleaved; returns one Measurement per callable.
+
+    On CUDA each timed call is bracketed by CUDA events on the current stream, preceded (outside
+    the events) by an L2 flush and ``rotate()``. On the CPU each call is timed with
+    perf_counter, preceded by ``rotate()``.
+    """
+    cuda = str(device).startswith("cuda")
+    cfg = config or TimingConfig.for_device(device, quick=False)
+    if cuda and flusher is None:
+        flusher = L2Flusher(device)
+
+    for fn in fns:                       # warm-up: compiles, allocator, caches, clocks
+        for _ in range(max(0, cfg.warmup)):
+            if rotate is not None:
+                rotate()
+            fn()
+    synchronize(device)
+
+    out = [Measurement() for _ in fns]
+    # Round one: each callable once; its times size the remaining rounds.
+    _round(fns, [1] * len(fns), out, cuda, rotate, flusher)
+    est = [max(m.samples[0], 1e-7) for m in out]
+    slowest = max(est)
+    per_round = [max(1, min(cfg.max_per_round, int(slowest / e))) for e in est]
+    round_cost = sum(n * e for n, e in zip(per_round, est))
+    rounds = math.ceil(cfg.budget_s * len(fns) / max(round_cost, 1e-9))
+    rounds_min = max(math.ceil((cfg.min_reps - 1) / n) for n in per_round)   # min_reps wins
+    rounds_max = max(rounds_min, min((cfg.max_reps - 1) // n for n in per_round))
+    rounds = min(max(rounds, rounds_min), rounds_max)
+    for _ in range(rounds):
+        _round(fns, per_round, out, cuda, rotate, flusher)
+    return out
+
+
+def _round(fns, per_round, out, cuda, rotate, flusher) -> None:
+    if cuda:
+        pending = []
+        for i, fn in enumerate(fns):
+            for _ in range(per_round[i]):
+                if rotate is not None:
+                    rotate()
+                flusher.flush()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                pending.append((i, start, end))
+        torch.cuda.synchronize()
+        for i, start, end in pending:
+            out[i].samples.append(start.elapsed_time(end) * 1e-3)
+    else:
+        for i, fn in enumerate(fns):
+            for _ in range(per_round[i]):
+                if rotate is not None:
+                    rotate()
+                t0 = time.perf_counter()
+                fn()
+                out[i].samples.append(time.perf_counter() - t0)
+
+
+def time_one(fn: Callable[[], object], device: str, **kwargs) -> Measurement:
+    return time_callables([fn], device, **kwargs)[0]

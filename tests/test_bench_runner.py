@@ -1,0 +1,244 @@
+"""Tests of the benchmark runner itself (leankernels._bench): the --quick bench on the CPU for
+every domain present (each case must report a ratio and pass its correctness check), the
+timing helpers, and the JSON / markdown / plot outputs."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import types
+
+import pytest
+
+from leankernels._bench import cli, report, runner
+from leankernels._bench.case import Case, InputSets
+from leankernels._bench.timing import (Measurement, TimingConfig, fmt_num, fmt_ratio, fmt_time, median,
+                                       time_callables)
+
+
+# ------------------------------------------------------------------------------ the quick bench
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One in-process `python -m leankernels bench --quick --device cpu --json ... --markdown ...`."""
+    out = tmp_path_factory.mktemp("bench")
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--device", "cpu", "--no-progress",
+                              "--json", str(out / "r.json"), "--markdown", str(out / "r.md")])
+    t0 = time.perf_counter()
+    rc = cli.main(args)
+    elapsed = time.perf_counter() - t0
+    with open(out / "r.json") as f:
+        results = json.load(f)
+    return rc, results, (out / "r.md").read_text(), elapsed
+
+
+def test_quick_bench_every_case_has_ratio_and_passes(quick_run):
+    rc, results, _, elapsed = quick_run
+    assert rc == 0, results.get("failures")
+    assert results["domains"]["quant"]["status"] == "ok"
+    for domain, info in results["domains"].items():
+        # a domain is either run, or skipped because its module is not there; never an error
+        assert info["status"] in ("ok", "skipped"), (domain, info)
+        if info["status"] == "ok":
+            assert info["cases"] > 0, domain
+    ran = {d for d, i in results["domains"].items() if i["status"] == "ok"}
+    rows = results["rows"]
+    assert {r["domain"] for r in rows} == ran
+    for r in rows:
+        where = f"{r['case']} {r['shape']} vs {r['baseline']}"
+        assert r["error"] is None, where
+        assert r["check"] is True, where
+        assert r["baseline"], where
+        assert r["ratio"] is not None and r["ratio"] > 0, where
+        assert r["ours_s"] > 0 and r["baseline_s"] > 0, where
+        assert math.isclose(r["ratio"], r["baseline_s"] / r["ours_s"], rel_tol=1e-9)
+    print(f"quick bench took {elapsed:.1f}s")
+
+
+def test_quick_bench_json_is_complete(quick_run):
+    _, results, _, _ = quick_run
+    for key in ("command", "env", "ceilings", "timing", "domains", "rows", "quick", "failures"):
+        assert key in results
+    assert results["quick"] is True and results["failures"] == []
+    assert results["command"].startswith("python -m leankernels bench")
+    env = results["env"]
+    for key in ("device", "torch", "date_utc", "torch_threads", "omp_max_threads", "build"):
+        assert key in env
+    ceil = results["ceilings"]
+    assert ceil["copy"]["kind"] == "memory" and ceil["copy"]["value"] > 0
+    assert ceil["bf16_matmul"]["kind"] == "compute" and ceil["bf16_matmul"]["value"] > 0
+    quant = [r for r in results["rows"] if r["domain"] == "quant"]
+    assert {r["case"].split()[1] for r in quant} == {"1x128", "128x128"}
+    for r in quant:
+        assert r["ceiling"] == "copy" and r["gbs"] > 0 and r["pct_ceiling"] > 0
+        assert r["bytes"] > 0 and r["flops"] == 0
+
+
+def test_quick_bench_markdown(quick_run):
+    _, results, md, _ = quick_run
+    assert "| case | shape | ours | baseline | baseline time | ratio |" in md
+    assert "Command: `python -m leankernels bench" in md
+    n_rows = sum(1 for line in md.splitlines() if line.startswith("| quantize_fp8"))
+    assert n_rows == sum(1 for r in results["rows"] if r["domain"] == "quant")
+
+
+# ------------------------------------------------------------------------------ timing helpers
+
+def test_median():
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert median([5]) == 5.0
+    assert math.isnan(median([]))
+    m = Measurement([0.3, 0.1, 0.2])
+    assert m.median == 0.2 and m.reps == 3 and m.min == 0.1 and m.max == 0.3
+
+
+def test_formatting():
+    assert fmt_time(1.5) == "1.50 s"
+    assert fmt_time(0.0123) == "12.3 ms"
+    assert fmt_time(0.000456) == "456 us"
+    assert fmt_time(2.5e-6) == "2.50 us"
+    assert fmt_time(7e-9) == "7.00 ns"
+    assert fmt_time(None) == "-" and fmt_time(float("nan")) == "-"
+    assert fmt_num(1234.5) == "1234" and fmt_num(12.345) == "12.3" and fmt_num(0.0123) == "0.0123"
+    assert fmt_num(None) == "-"
+    assert fmt_ratio(3.214) == "3.21x" and fmt_ratio(None) == "-"
+
+
+def test_time_callables_interleaved_ratio_and_rotation():
+    calls = {"rotate": 0, "fast": 0, "slow": 0}
+
+    def rotate():
+        calls["rotate"] += 1
+
+    def fast():
+        calls["fast"] += 1
+        time.sleep(0.002)
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.008)
+
+    cfg = TimingConfig(warmup=1, min_reps=3, max_reps=40, budget_s=0.05, max_per_round=10)
+    mf, ms = time_callables([fast, slow], "cpu", rotate=rotate, config=cfg)
+    assert 3 <= mf.reps <= 40 and 3 <= ms.reps <= 40
+    assert mf.reps >= ms.reps            # the fast one runs more often per round
+    assert calls["fast"] == mf.reps + 1 and calls["slow"] == ms.reps + 1   # + the warm-up
+    assert calls["rotate"] == calls["fast"] + calls["slow"]                 # before every call
+    assert mf.median >= 0.002 and ms.median >= 0.008
+    assert 1.5 < ms.median / mf.median < 6
+
+
+def test_input_sets_rotate():
+    sets = InputSets(["a", "b", "c"])
+    seen = []
+    for _ in range(4):
+        seen.append(sets.current)
+        sets.advance()
+    assert seen == ["a", "b", "c", "a"]
+    with pytest.raises(ValueError):
+        InputSets([])
+
+
+# ------------------------------------------------------------------------------ runner behaviour
+
+def _case(**kw):
+    base = dict(domain="fake", name="noop", shape="1", ours=lambda: None,
+                baselines={"b": lambda: time.sleep(0.001)}, bytes=1e6, check=lambda: True)
+    base.update(kw)
+    return Case(**base)
+
+
+def _ceil():
+    from leankernels._bench.ceilings import Ceiling
+    return {"copy": Ceiling("copy", "memory", 10.0, "test"), "bf16_matmul": Ceiling("bf16_matmul", "compute", 1.0, "test")}
+
+
+def test_run_case_reports_failed_check_and_errors():
+    cfg = TimingConfig(warmup=1, min_reps=3, max_reps=5, budget_s=0.01)
+
+    def boom():
+        raise RuntimeError("baseline broke")
+
+    rows = runner.run_case(_case(check=lambda: False, baselines={"ok": lambda: None, "bad": boom}),
+                           "cpu", cfg, None, _ceil())
+    assert [r["baseline"] for r in rows] == ["ok", "bad"]
+    assert all(r["check"] is False for r in rows)
+    ok, bad = rows
+    assert ok["error"] is None and ok["ratio"] > 0          # the working baseline still timed
+    assert "baseline broke" in bad["error"] and bad["ratio"] is None
+    assert bad["ours_s"] is not None  # ours still timed
+    res = {"domains": {"fake": {"status": "ok"}}, "rows": rows}
+    problems = runner.failures(res)
+    assert any("correctness check failed" in p for p in problems)
+    assert any("baseline broke" in p for p in problems)
+    assert report.format_table(res).count("ERROR") == 1
+
+
+def test_rows_rates_and_ceiling():
+    cfg = TimingConfig(warmup=0, min_reps=3, max_reps=5, budget_s=0.01)
+    rows = runner.run_case(_case(flops=2e9, bound="compute"), "cpu", cfg, None, _ceil())
+    (r,) = rows
+    assert r["ceiling"] == "bf16_matmul" and r["check"] is True
+    assert math.isclose(r["tflops"], 2e9 / r["ours_s"] / 1e12)
+    assert math.isclose(r["pct_ceiling"], 100 * r["tflops"] / 1.0)
+    assert math.isclose(r["intensity"], 2e9 / 1e6)
+
+
+def test_missing_and_broken_domains(monkeypatch):
+    status, reason, cases = runner.load_cases("no_such_domain", "cpu", True)
+    assert status == "skipped" and cases == [] and "no_such_domain" in reason
+    broken = types.ModuleType("leankernels._bench.zz_broken")
+
+    def cases_fn(device, quick):
+        raise ValueError("cannot build")
+
+    broken.cases = cases_fn
+    monkeypatch.setitem(sys.modules, "leankernels._bench.zz_broken", broken)
+    status, reason, cases = runner.load_cases("zz_broken", "cpu", True)
+    assert status == "error" and "cannot build" in reason
+
+
+def test_write_json_is_strict(tmp_path):
+    p = tmp_path / "x.json"
+    report.write_json(str(p), {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}})
+    text = p.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": 2}}
+
+
+def test_plot(tmp_path, quick_run):
+    _, results, _, _ = quick_run
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="matplotlib"):
+            report.plot_roofline(results, str(tmp_path / "r.png"))
+        return
+    report.plot_roofline(results, str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_domain_argument():
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert parser.parse_args([]).domain == "all"
+    assert parser.parse_args(["--domain", "quant,gemm,quant"]).domain == "quant,gemm"
+    assert parser.parse_args(["--domain", "mla,all"]).domain == "all"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--domain", "nope"])
+
+
+def test_gpu_suite_script_parses():
+    import pathlib
+    import shutil
+    import subprocess
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.sh"
+    assert script.exists()
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    subprocess.run(["bash", "-n", str(script)], check=True)
