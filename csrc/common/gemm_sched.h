@@ -172,4 +172,13 @@ LK_HD TileCoord tile_coord(int t, const int* prefix, int num_groups, int num_n, 
   return c;
 }
 
+// Persistent grid: one CTA per SM, fewer when the problem has fewer tiles even at its
+// largest (the grouped layouts' real tile count is only known on the device).
+inline int sm90_grid(GemmLayoutKind layout, int64_t M, int64_t N, int64_t num_groups, Sm90GemmConfig c,
+                     int num_sms) {
+  int64_t bound = sm90_mblocks_bound(layout, M, num_groups, c.block_m) * cdiv64(N, c.block_n);
+  int64_t grid = bound < num_sms ? bound : num_sms;
+  return grid < 1 ? 1 : int(grid);
+}
+
 }  // namespace lk::sched

@@ -58,6 +58,10 @@ namespace lk::cuda::sm90 {
 namespace {
 
 using sched::GemmLayoutKind;
+static_assert(int(GemmLayout::dense) == int(GemmLayoutKind::dense) &&
+                  int(GemmLayout::contiguous) == int(GemmLayoutKind::contiguous) &&
+                  int(GemmLayout::masked) == int(GemmLayoutKind::masked),
+              "GemmLayout and sched::GemmLayoutKind must agree");
 
 constexpr int kBlockK = 128;        // one scale block along K = one pipeline stage
 constexpr int kMaxGroups = 512;     // experts per launch (shared-memory group table)
@@ -479,7 +483,6 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
     if (c.block_m == cfg.block_m && c.block_n == cfg.block_n) index = i;
   }
   const int64_t num_n = sched::cdiv64(N, cfg.block_n);
-  const int64_t tiles_bound = sched::sm90_mblocks_bound(kind, M, num_groups, cfg.block_m) * num_n;
 
   Problem pr;
   pr.layout = kind;
@@ -487,8 +490,7 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
   pr.b = b;
   pr.out = out;
   pr.K = K;
-  pr.grid = int(tiles_bound < info.num_sms ? tiles_bound : info.num_sms);
-  if (pr.grid < 1) pr.grid = 1;
+  pr.grid = sched::sm90_grid(kind, M, N, num_groups, cfg, info.num_sms);
   Params& p = pr.p;
   p.a_scale = a_scale;
   p.b_scale = b_scale;
