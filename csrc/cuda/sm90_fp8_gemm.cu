@@ -16,8 +16,8 @@
 // - Scales (DeepSeek's promotion): every K step is accumulated by 4 wgmma into a fresh fp32
 //   accumulator, which the CUDA cores add into the tile accumulator times a_scale[m, kb] *
 //   b_scale[nb, kb]; the two warpgroups interleave so the tensor cores stay busy during the
-//   other's promotion. Scales are read straight from global memory (L1/L2 hits), issued before
-//   the barrier wait so their latency hides behind it. A partial last K step is zero-filled by
+//   other's promotion. Scales are read straight from global memory (L1/L2 hits) one K step
+//   ahead into registers, so their latency hides behind the current step. A partial last K step is zero-filled by
 //   TMA, which contributes nothing to the product. A tile N-range spans at most two 128-wide
 //   weight-scale blocks (checked by static_assert on the compiled widths).
 // - Epilogue: accumulators -> bf16/fp32 into a swizzled staging buffer per warpgroup (32-column
@@ -42,6 +42,7 @@
 
 #include <cuda.h>  // CUtensorMap and driver enums: types only, libcuda is never linked
 #include <cudaTypedefs.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -251,9 +252,16 @@ __global__ void __launch_bounds__(128 * (NUM_MATH_WG + 1), 1)
 #pragma unroll
       for (int i = 0; i < C::kAccum; ++i) fin[i] = 0.f;
 
+      // Scales of K step kb + 1 are loaded while step kb runs (registers, one step ahead).
+      float na0 = __ldg(sa0), na1 = __ldg(sa1), nb_l = __ldg(sb_lo), nb_h = __ldg(sb_hi);
       for (int kb = 0; kb < KB; ++kb, ++it) {
-        const float a0 = __ldg(sa0 + kb), a1 = __ldg(sa1 + kb);
-        const float b_lo = __ldg(sb_lo + kb), b_hi = __ldg(sb_hi + kb);
+        const float a0 = na0, a1 = na1, b_lo = nb_l, b_hi = nb_h;
+        if (kb + 1 < KB) {
+          na0 = __ldg(sa0 + kb + 1);
+          na1 = __ldg(sa1 + kb + 1);
+          nb_l = __ldg(sb_lo + kb + 1);
+          nb_h = __ldg(sb_hi + kb + 1);
+        }
         const int s = it % S;
         mbar_wait(&full[s], (it / S) & 1);
 #pragma unroll
@@ -302,10 +310,11 @@ __global__ void __launch_bounds__(128 * (NUM_MATH_WG + 1), 1)
             *reinterpret_cast<float2*>(chunk + swizzled<C::kRowBytes>(row_a + 8, col * 4)) =
                 make_float2(fin[4 * j + 2], fin[4 * j + 3]);
           } else {
-            const uint32_t lo = uint32_t(f32_to_bf16(fin[4 * j + 0])) | (uint32_t(f32_to_bf16(fin[4 * j + 1])) << 16);
-            const uint32_t hi = uint32_t(f32_to_bf16(fin[4 * j + 2])) | (uint32_t(f32_to_bf16(fin[4 * j + 3])) << 16);
-            *reinterpret_cast<uint32_t*>(chunk + swizzled<C::kRowBytes>(row_a, col * 2)) = lo;
-            *reinterpret_cast<uint32_t*>(chunk + swizzled<C::kRowBytes>(row_a + 8, col * 2)) = hi;
+            // round-to-nearest-even, two values per cvt.rn.bf16x2.f32
+            *reinterpret_cast<__nv_bfloat162*>(chunk + swizzled<C::kRowBytes>(row_a, col * 2)) =
+                __floats2bfloat162_rn(fin[4 * j + 0], fin[4 * j + 1]);
+            *reinterpret_cast<__nv_bfloat162*>(chunk + swizzled<C::kRowBytes>(row_a + 8, col * 2)) =
+                __floats2bfloat162_rn(fin[4 * j + 2], fin[4 * j + 3]);
           }
         }
         fence_proxy_async_smem();  // st.shared above -> TMA store reads below
