@@ -81,12 +81,12 @@ def _inputs(rows_shape, N, K, E=None, seed=0):
     return a, a_s, b, b_s
 
 
-def _run(layout, a, a_s, b, b_s, out, M, N, K, G, info=None):
+def _run(layout, a, a_s, b, b_s, out, M, N, K, G, info=None, config=-1):
     assert C().sm90_fp8_gemm_supported(layout, M, N, K, out.dtype == torch.float32, a.data_ptr(), b.data_ptr(),
                                        out.data_ptr(), G)
     C().sm90_fp8_gemm(layout, a.data_ptr(), a_s.data_ptr(), b.data_ptr(), b_s.data_ptr(), out.data_ptr(),
                       out.dtype == torch.float32, M, N, K, G, 0 if info is None else info.data_ptr(),
-                      out.device.index, torch.cuda.current_stream().cuda_stream)
+                      out.device.index, torch.cuda.current_stream().cuda_stream, config)
 
 
 def _check(out, ref, out_dtype):
@@ -109,6 +109,44 @@ def test_dense(M, N, K, out_dtype):
     out = poison(torch.empty(M, N, dtype=out_dtype, device=DEV))
     _run("dense", a, a_s, b, b_s, out, M, N, K, 1)
     _check(out, _ref_dense(a, a_s, b, b_s), out_dtype)
+
+
+# Every compiled tile configuration (the heuristic reaches some only at large shapes), on odd
+# sizes with a partial K block, partial M and N tiles and an unaligned expert boundary.
+CONFIGS = list(range(len(C().sm90_configs())))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_dense(config, out_dtype):
+    M, N, K = 200, 392, 336
+    a, a_s, b, b_s = _inputs((M,), N, K, seed=config)
+    out = poison(torch.empty(M, N, dtype=out_dtype, device=DEV))
+    _run("dense", a, a_s, b, b_s, out, M, N, K, 1, config=config)
+    _check(out, _ref_dense(a, a_s, b, b_s), out_dtype)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_grouped(config):
+    N, K = 392, 336
+    offs_list = [0, 70, 70, 300]
+    a, a_s, b, b_s = _inputs((310,), N, K, E=4, seed=config)
+    offs = torch.tensor(offs_list, dtype=torch.int32, device=DEV)
+    out = poison(torch.empty(310, N, dtype=torch.bfloat16, device=DEV))
+    _run("contiguous", a, a_s, b, b_s, out, 310, N, K, 4, offs, config=config)
+    assert torch.isnan(out[300:]).all()
+    _check(out[:300], _ref_contiguous(a, a_s, b, b_s, offs)[:300], torch.bfloat16)
+
+    masked = [130, 0, 64, 1]
+    a, a_s, b, b_s = _inputs((4, 130), N, K, E=4, seed=config + 50)
+    masked_m = torch.tensor(masked, dtype=torch.int32, device=DEV)
+    out = poison(torch.empty(4, 130, N, dtype=torch.bfloat16, device=DEV))
+    _run("masked", a, a_s, b, b_s, out, 130, N, K, 4, masked_m, config=config)
+    ref = _ref_masked(a, a_s, b, b_s, masked_m)
+    for e, m in enumerate(masked):
+        assert torch.isnan(out[e, m:]).all()
+        if m:
+            _check(out[e, :m], ref[e, :m], torch.bfloat16)
 
 
 def test_dense_m0_is_a_noop():

@@ -103,7 +103,8 @@ void register_gemm_sched(py::module_& m) {
       py::arg("block_m"), py::arg("block_n"));
 
   // The raw Hopper kernel, for its own GPU tests (tests/test_gemm_sm90.py); the public GEMM ops
-  // reach it through the GEMM family's dispatch. Same arguments as lk::cuda::sm90::fp8_gemm.
+  // reach it through the GEMM family's dispatch. Same arguments as lk::cuda::sm90::fp8_gemm
+  // (config_index -1: heuristic; i: force sched::sm90_config(i)).
   m.def("sm90_available", [] {
 #ifdef LEANKERNELS_WITH_SM90
     return true;
@@ -128,19 +129,21 @@ void register_gemm_sched(py::module_& m) {
       "sm90_fp8_gemm",
       [](const std::string& layout, uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t b_scale, uintptr_t out,
          bool out_fp32, int64_t M, int64_t N, int64_t K, int64_t num_groups, uintptr_t group_info, int device,
-         uintptr_t stream) {
+         uintptr_t stream, int config_index) {
         const auto kind = parse_layout(layout);
 #ifdef LEANKERNELS_WITH_SM90
         cuda::sm90::fp8_gemm(cuda::sm90::GemmLayout(int(kind)), ptr<const uint8_t>(a), ptr<const float>(a_scale),
                              ptr<const uint8_t>(b), ptr<const float>(b_scale), ptr<void>(out), out_fp32, M, N, K,
-                             num_groups, ptr<const int32_t>(group_info), device, stream_ptr(stream));
+                             num_groups, ptr<const int32_t>(group_info), device, stream_ptr(stream), config_index);
 #else
         (void)kind, (void)a, (void)a_scale, (void)b, (void)b_scale, (void)out, (void)out_fp32, (void)M, (void)N;
-        (void)K, (void)num_groups, (void)group_info, (void)device, (void)stream;
+        (void)K, (void)num_groups, (void)group_info, (void)device, (void)stream, (void)config_index;
         no_cuda("sm90_fp8_gemm");
 #endif
       },
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("layout"), py::arg("a"), py::arg("a_scale"), py::arg("b"), py::arg("b_scale"), py::arg("out"),
+      py::arg("out_fp32"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("num_groups"), py::arg("group_info"),
+      py::arg("device"), py::arg("stream"), py::arg("config_index") = -1, py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace lk::bind

@@ -38,6 +38,10 @@
 //   bound by reading b once (N * K bytes at ~3 TB/s).
 // - Measured: not yet measured on a GPU (written without one; compiled for sm_90a and its SASS
 //   checked for QGMMA / UTMALDG by tests/test_sass.py).
+// - To do on a GPU, in order: tests/test_gemm_sm90.py (every config, all layouts), the
+//   compute-sanitizer recipe in its docstring, bench/bench_gemm_sm90.py; then tune the
+//   heuristic constants (gemm_sched.h), the band width, and consider TMA multicast over a
+//   2-CTA cluster, loading scales by TMA, and overlapping the promotion with the next wgmma.
 #include "cuda/sm90_fp8_gemm.cuh"
 
 #include <cuda.h>  // CUtensorMap and driver enums: types only, libcuda is never linked
@@ -474,7 +478,8 @@ bool fp8_gemm_supported(GemmLayout layout, int64_t M, int64_t N, int64_t K, bool
 
 void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const uint8_t* b, const float* b_scale,
               void* out, bool out_fp32, int64_t M, int64_t N, int64_t K, int64_t num_groups,
-              const int32_t* group_info, int device, void* stream) {
+              const int32_t* group_info, int device, void* stream, int config_index) {
+  LK_CHECK(config_index >= -1 && config_index < sched::kSm90NumConfigs, "sm90 fp8_gemm: bad config_index");
   LK_CHECK(fp8_gemm_supported(layout, M, N, K, out_fp32, a, b, out, num_groups),
            "sm90 fp8_gemm: unsupported problem (see fp8_gemm_supported)");
   LK_CHECK(layout == GemmLayout::dense || group_info != nullptr, "sm90 fp8_gemm: group_info is required");
@@ -485,12 +490,15 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
   if (!info.is_sm90) throw std::runtime_error("leankernels: the sm90 FP8 GEMM needs an sm_90 (Hopper) GPU");
 
   const auto kind = GemmLayoutKind(int(layout));
-  const sched::Sm90GemmConfig cfg = sched::sm90_pick_config(kind, M, N, K, num_groups, info.num_sms);
-  int index = 0;
-  for (int i = 0; i < sched::kSm90NumConfigs; ++i) {
-    const sched::Sm90GemmConfig c = sched::sm90_config(i);
-    if (c.block_m == cfg.block_m && c.block_n == cfg.block_n) index = i;
+  int index = config_index;
+  if (index < 0) {
+    const sched::Sm90GemmConfig pick = sched::sm90_pick_config(kind, M, N, K, num_groups, info.num_sms);
+    for (int i = 0; i < sched::kSm90NumConfigs; ++i) {
+      const sched::Sm90GemmConfig c = sched::sm90_config(i);
+      if (c.block_m == pick.block_m && c.block_n == pick.block_n) index = i;
+    }
   }
+  const sched::Sm90GemmConfig cfg = sched::sm90_config(index);
   const int64_t num_n = sched::cdiv64(N, cfg.block_n);
 
   Problem pr;

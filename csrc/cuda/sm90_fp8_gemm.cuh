@@ -23,8 +23,10 @@ bool fp8_gemm_supported(GemmLayout layout, int64_t M, int64_t N, int64_t K, bool
 // M: dense/contiguous rows of a; masked M_max. num_groups: 1 for dense, E otherwise.
 // group_info: device int32 [E]: contiguous cumulative END offsets, masked masked_m; nullptr
 // for dense. Rows outside every group are not written. Asynchronous on `stream`.
+// config_index: -1 picks the tile shape by the heuristic (common/gemm_sched.h); 0..7 forces
+// sched::sm90_config(i) (tests run every compiled configuration this way).
 void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const uint8_t* b, const float* b_scale,
               void* out, bool out_fp32, int64_t M, int64_t N, int64_t K, int64_t num_groups,
-              const int32_t* group_info, int device, void* stream);
+              const int32_t* group_info, int device, void* stream, int config_index = -1);
 
 }  // namespace lk::cuda::sm90
