@@ -9,6 +9,13 @@
 #pragma once
 #include "common/common.h"
 
+// Force inlining on the host too: these sit inside loops that must vectorise.
+#if defined(__CUDACC__)
+#define LK_HD_INLINE __host__ __device__ __forceinline__
+#else
+#define LK_HD_INLINE inline __attribute__((always_inline))
+#endif
+
 namespace lk {
 
 constexpr float kNegInf = -__builtin_huge_valf();
@@ -16,7 +23,7 @@ constexpr float kNegInf = -__builtin_huge_valf();
 // exp(x) for x in [-708, 708], written branch-free so CPU loops vectorise: x = n ln2 + r with
 // |r| <= ln2/2, a degree-13 Taylor polynomial for e^r (truncation < 3e-18 relative), and 2^n
 // built from the bits of the rounding constant (valid for |n| <= 1022).
-LK_HD double exp_f64(double x) {
+LK_HD_INLINE double exp_f64(double x) {
   const double kShift = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
   const double kLog2e = 1.4426950408889634;
   const double kLn2Hi = 6.93147180369123816490e-01;
@@ -38,25 +45,36 @@ LK_HD double exp_f64(double x) {
   p = p * r + 0.5;
   p = p * r + 1.0;
   p = p * r + 1.0;
-  uint64_t kb;
-  memcpy(&kb, &k, 8);
-  const uint64_t sb = (kb + 1023u) << 52;  // low bits of k hold n; the high bits shift out
-  double two_n;
-  memcpy(&two_n, &sb, 8);
+  // the low bits of k hold n; the high bits shift out
+#if defined(__CUDA_ARCH__)
+  const double two_n = __longlong_as_double((__double_as_longlong(k) + 1023) << 52);
+#else
+  const double two_n = __builtin_bit_cast(double, (__builtin_bit_cast(uint64_t, k) + 1023u) << 52);
+#endif
   return p * two_n;
 }
 
+// x when x is NaN, else s: an integer blend, so loops around it stay branch-free.
+LK_HD_INLINE float nan_or(float x, float s) {
+  const uint32_t u = f32_bits(x);
+  const uint32_t nan = uint32_t(0) - uint32_t((u & 0x7fffffffu) > 0x7f800000u);  // all ones for NaN
+  return f32_from_bits((u & nan) | (f32_bits(s) & ~nan));
+}
+
 // Correctly rounded fp32 sigmoid; NaN stays NaN, +-Inf give 1 and 0.
-LK_HD float sigmoid_score(float x) {
-  // |x| > 200 saturates: sigmoid(-200) ~ 1e-87 is 0 in fp32 and sigmoid(200) rounds to 1
-  double d = double(x);
-  d = d < -200.0 ? -200.0 : (d > 200.0 ? 200.0 : d);
-  const float s = float(1.0 / (1.0 + exp_f64(-d)));
-  return x == x ? s : x;
+LK_HD_INLINE float sigmoid_score(float x) {
+  // |x| > 200 saturates: sigmoid(-200) ~ 1e-87 is 0 in fp32 and sigmoid(200) rounds to 1.
+  // NOTES: clamp and NaN pass-through are integer selects, so GCC keeps the loop branch-free
+  // (with float compares it sinks the float64 math into a branch that -ftrapping-math will not
+  // if-convert, and the loop stays scalar: 8x slower).
+  const uint32_t u = f32_bits(x);
+  const bool big = (u & 0x7fffffffu) > 0x43480000u;  // |x| > 200, Inf or NaN
+  const float xc = big ? f32_from_bits((u & 0x80000000u) | 0x43480000u) : x;
+  return nan_or(x, float(1.0 / (1.0 + exp_f64(-double(xc)))));
 }
 
 // exp(x - max) in float64 for softmax; x - max <= 0 (NaN logits are handled by the caller).
-LK_HD double softmax_term(float x, double max) {
+LK_HD_INLINE double softmax_term(float x, double max) {
   double d = double(x) - max;
   d = d < -708.0 ? -708.0 : d;  // keeps 2^n in range; e^-708 / sum is 0 in fp32 anyway
   return exp_f64(d);

@@ -122,14 +122,11 @@ void scores_row(const float* x, int64_t E, bool sigmoid, float* s, double* tmp) 
     return;
   }
   const double md = m;
-  double sum = 0.0;
-  for (int64_t e = 0; e < E; ++e) {
-    const double t = softmax_term(x[e], md);
-    tmp[e] = t;
-    sum += x[e] == x[e] ? t : 0.0;
-  }
+  for (int64_t e = 0; e < E; ++e) tmp[e] = softmax_term(x[e], md);
+  double sum = 0.0;  // in index order: a fixed order keeps the result deterministic
+  for (int64_t e = 0; e < E; ++e) sum += x[e] == x[e] ? tmp[e] : 0.0;
   const double inv_sum = 1.0 / sum;
-  for (int64_t e = 0; e < E; ++e) s[e] = x[e] == x[e] ? float(tmp[e] * inv_sum) : x[e];
+  for (int64_t e = 0; e < E; ++e) s[e] = nan_or(x[e], float(tmp[e] * inv_sum));
 }
 
 }  // namespace
