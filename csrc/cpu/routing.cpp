@@ -27,6 +27,9 @@
 namespace lk::cpu {
 namespace {
 
+// Below about this many elements of work a parallel region costs more than it saves.
+constexpr int64_t kParallelWork = 1 << 15;
+
 int num_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -143,7 +146,7 @@ void route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t row_st
   LK_CHECK(n_group == 1 || bias == nullptr || G >= 2, "route: top-2 group scores need >= 2 experts per group");
   if (T == 0) return;
 
-#pragma omp parallel
+#pragma omp parallel if (T * E >= kParallelWork)
   {
     std::vector<float> x(E), s(E), sel(E);
     std::vector<double> tmp(sigmoid ? 0 : E);
@@ -206,11 +209,11 @@ void plan(const int32_t* ids, int64_t T, int64_t top_k, int64_t E, int64_t align
   LK_CHECK(E > 0 && align >= 1 && T >= 0 && top_k >= 0, "plan: bad sizes");
   const int64_t N = T * top_k;
   LK_CHECK(R >= N + std::min(E, N) * (align - 1), "plan: row_token too small for the bound");
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(num_threads(), N / 4096 + 1));
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(num_threads(), N / kParallelWork + 1));
   const int64_t chunk = ceil_div(std::max<int64_t>(N, 1), chunks);
   std::vector<int64_t> hist(chunks * E, 0);
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (chunks > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     int64_t* h = hist.data() + c * E;
     for (int64_t i = c * chunk, end = std::min(N, (c + 1) * chunk); i < end; ++i) {
@@ -233,9 +236,9 @@ void plan(const int32_t* ids, int64_t T, int64_t top_k, int64_t E, int64_t align
       run += h;
     }
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R >= kParallelWork)
   for (int64_t r = 0; r < R; ++r) row_token[r] = -1;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (chunks > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     int64_t* h = hist.data() + c * E;
     for (int64_t i = c * chunk, stop = std::min(N, (c + 1) * chunk); i < stop; ++i) {
@@ -256,7 +259,7 @@ void permute(const void* x, int64_t elem_size, int64_t T, int64_t H, int64_t row
   const char* src = static_cast<const char*>(x);
   char* dst = static_cast<char*>(out);
   const int64_t row_bytes = H * elem_size;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * row_bytes >= 16 * kParallelWork)
   for (int64_t r = 0; r < R; ++r) {
     const int32_t t = row_token[r];
     char* d = dst + r * row_bytes;
@@ -270,7 +273,7 @@ void permute(const void* x, int64_t elem_size, int64_t T, int64_t H, int64_t row
 void permute_fp8(const void* x, DType dtype, int64_t T, int64_t H, int64_t row_stride,
                  const int32_t* row_token, int64_t R, uint8_t* q, float* scale, bool ue8m0) {
   const int64_t groups = ceil_div(H, kQuantGroup);
-#pragma omp parallel
+#pragma omp parallel if (R * H >= 4 * kParallelWork)
   {
     std::vector<float> buf(H);
 #pragma omp for schedule(static)
@@ -301,7 +304,7 @@ void unpermute(const void* y, DType dtype, int64_t R, int64_t H, const int32_t* 
   // NOTES: H is processed in slices that stay in L1 (acc + one y slice), so the fp32
   // accumulator never goes to memory: y is read once and out written once.
   constexpr int64_t kSlice = 2048;
-#pragma omp parallel
+#pragma omp parallel if (T * top_k * H >= 4 * kParallelWork)
   {
     float acc[kSlice];
     float row[kSlice];
