@@ -27,8 +27,10 @@
 namespace lk::cpu {
 namespace {
 
-// Below about this many elements of work a parallel region costs more than it saves.
-constexpr int64_t kParallelWork = 1 << 15;
+// NOTES: a parallel region costs a thread wake-up, and on a loaded machine (CI, shared boxes)
+// a whole scheduler time slice (~10 ms measured here) when the other core is busy; so regions
+// fork only for work of a millisecond or more (~2^18 elements).
+constexpr int64_t kParallelWork = 1 << 18;
 
 int num_threads() {
 #ifdef _OPENMP
@@ -259,7 +261,7 @@ void permute(const void* x, int64_t elem_size, int64_t T, int64_t H, int64_t row
   const char* src = static_cast<const char*>(x);
   char* dst = static_cast<char*>(out);
   const int64_t row_bytes = H * elem_size;
-#pragma omp parallel for schedule(static) if (R * row_bytes >= 16 * kParallelWork)
+#pragma omp parallel for schedule(static) if (R * row_bytes >= 32 * kParallelWork)
   for (int64_t r = 0; r < R; ++r) {
     const int32_t t = row_token[r];
     char* d = dst + r * row_bytes;
