@@ -83,12 +83,18 @@ LK_HD_INLINE double softmax_term(float x, double max) {
 // Selection order as an unsigned integer: larger key = better expert. NaN keys rank as -Inf;
 // 0 is reserved for "not a candidate" (experts of discarded groups, already chosen experts),
 // which ranks below every real key (-Inf maps to 0x007fffff).
-LK_HD uint32_t order_key(float f) {
-  if (!(f == f)) f = kNegInf;
-  const uint32_t u = f32_bits(f);
-  const uint32_t v = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  // -0.0 and +0.0 compare equal as floats, so they must tie here too
-  return f == 0.0f ? 0x80000000u : v;
+LK_HD_INLINE uint32_t order_key(float f) {
+  uint32_t u = f32_bits(f);
+  const uint32_t a = u & 0x7fffffffu;
+  u = a > 0x7f800000u ? 0xff800000u : u;  // NaN ranks as -Inf
+  u = a == 0 ? 0u : u;                     // -0.0 ties with +0.0 (they compare equal)
+  const uint32_t neg = 0u - (u >> 31);     // negative: flip all bits; else set the sign bit
+  return u ^ (neg | 0x80000000u);
+}
+
+// Inverse of order_key for real keys (NaN was mapped to -Inf; -0.0 reads back as +0.0).
+LK_HD float key_value(uint32_t k) {
+  return f32_from_bits((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
 }  // namespace lk

@@ -114,6 +114,20 @@ inline void insert_ranked(Ranked* list, int64_t& n, int64_t cap, uint32_t key, i
   list[i] = {key, index};
 }
 
+// A lower bound on the L-th (so on the top_k-th, top_k <= L) largest key: the smallest of the
+// maxima of L strided subsets. L is a compile-time constant so the max loop vectorises.
+template <int L>
+uint32_t kth_bound(const uint32_t* key, int64_t E) {
+  uint32_t m[L] = {};
+  const int64_t full = E / L * L;
+  for (int64_t e = 0; e < full; e += L)
+    for (int l = 0; l < L; ++l) m[l] = std::max(m[l], key[e + l]);
+  for (int64_t e = full; e < E; ++e) m[e - full] = std::max(m[e - full], key[e]);
+  uint32_t b = m[0];
+  for (int l = 1; l < L; ++l) b = std::min(b, m[l]);
+  return b;
+}
+
 void scores_row(const float* x, int64_t E, bool sigmoid, float* s, double* tmp) {
   if (sigmoid) {
     for (int64_t e = 0; e < E; ++e) s[e] = sigmoid_score(x[e]);
@@ -148,51 +162,52 @@ void route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t row_st
   LK_CHECK(n_group == 1 || bias == nullptr || G >= 2, "route: top-2 group scores need >= 2 experts per group");
   if (T == 0) return;
 
+  // NOTES: the top_k search first takes a lower bound on the k-th best key: the smallest of
+  // the maxima of L >= top_k disjoint strided subsets (L distinct elements, all >= it), a
+  // vectorised max over L lanes; only keys >= the bound (typically 2-3 x top_k of them) go
+  // through the sorted insertion, so the E-long loop is one well-predicted compare each.
+  const int64_t L = top_k <= 8 ? 8 : (top_k <= 16 ? 16 : 32);
 #pragma omp parallel if (T * E >= kParallelWork)
   {
-    std::vector<float> x(E), s(E), sel(E);
+    std::vector<float> x(E), s(E);
     std::vector<double> tmp(sigmoid ? 0 : E);
-    std::vector<uint32_t> key(E);
+    std::vector<uint32_t> key(E, 0u);
     std::vector<Ranked> groups(topk_group), best(top_k);
     std::vector<uint8_t> keep(n_group);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
       widen(logits, dtype, t * row_stride, E, x.data());
       scores_row(x.data(), E, sigmoid, s.data(), tmp.data());
+      uint32_t* k32 = key.data();
       if (bias) {
-        for (int64_t e = 0; e < E; ++e) sel[e] = s[e] + bias[e];
+        for (int64_t e = 0; e < E; ++e) k32[e] = order_key(s[e] + bias[e]);
       } else {
-        std::copy(s.begin(), s.end(), sel.begin());
-      }
-      for (int64_t e = 0; e < E; ++e) {
-        sel[e] = sel[e] == sel[e] ? sel[e] : kNegInf;
-        key[e] = order_key(sel[e]);
+        for (int64_t e = 0; e < E; ++e) k32[e] = order_key(s[e]);
       }
       if (n_group > 1) {
         int64_t ng = 0;
         for (int64_t g = 0; g < n_group; ++g) {
-          const float* v = sel.data() + g * G;
-          float a1 = kNegInf, a2 = kNegInf;
+          const uint32_t* v = k32 + g * G;
+          uint32_t a1 = 0, a2 = 0;  // top-2 keys, branch-free (keys order like their values)
           for (int64_t i = 0; i < G; ++i) {
-            if (v[i] > a1) {
-              a2 = a1;
-              a1 = v[i];
-            } else if (v[i] > a2) {
-              a2 = v[i];
-            }
+            const uint32_t lo = std::min(a1, v[i]);
+            a1 = std::max(a1, v[i]);
+            a2 = std::max(a2, lo);
           }
-          const float gs = bias ? a1 + a2 : a1;
-          insert_ranked(groups.data(), ng, topk_group, order_key(gs), int32_t(g));
+          const uint32_t gk = bias ? order_key(key_value(a1) + key_value(a2)) : a1;
+          insert_ranked(groups.data(), ng, topk_group, gk, int32_t(g));
         }
         std::fill(keep.begin(), keep.end(), uint8_t(0));
         for (int64_t i = 0; i < ng; ++i) keep[groups[i].index] = 1;
+        for (int64_t g = 0; g < n_group; ++g)
+          if (!keep[g]) std::fill(k32 + g * G, k32 + (g + 1) * G, 0u);  // 0: not a candidate
       }
+      const uint32_t bound = std::max(1u, L == 8    ? kth_bound<8>(k32, E)
+                                          : L == 16 ? kth_bound<16>(k32, E)
+                                                    : kth_bound<32>(k32, E));
       int64_t nb = 0;
-      for (int64_t g = 0; g < n_group; ++g) {
-        if (n_group > 1 && !keep[g]) continue;
-        for (int64_t e = g * G; e < (g + 1) * G; ++e)
-          insert_ranked(best.data(), nb, top_k, key[e], int32_t(e));
-      }
+      for (int64_t e = 0; e < E; ++e)
+        if (k32[e] >= bound) insert_ranked(best.data(), nb, top_k, k32[e], int32_t(e));
       float* w = weights + t * top_k;
       int32_t* id = ids + t * top_k;
       float denom = 0.0f;

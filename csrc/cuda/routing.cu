@@ -49,11 +49,6 @@ __device__ __forceinline__ void from_f32(float v, f16_t* p) {
   p->v = __half_as_ushort(__float2half_rn(v));
 }
 
-// Inverse of order_key for real keys (NaN was already mapped to -Inf; -0 reads back as +0).
-__device__ __forceinline__ float key_value(uint32_t k) {
-  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
-}
-
 __device__ __forceinline__ uint64_t pack(uint32_t key, int index) {
   return (uint64_t(key) << 32) | uint32_t(~uint32_t(index));
 }
