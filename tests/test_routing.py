@@ -495,3 +495,5 @@ def test_bad_inputs_mixed_devices():
         leankernels.permute(randn(4, 128, seed=1), p)
     with pytest.raises(ValueError, match="logits"):
         leankernels.route(_logits(2, 20000, seed=1, device="cuda"), 4)
+    with pytest.raises(ValueError, match="num_experts"):
+        leankernels.plan(torch.zeros(4, 2, dtype=torch.int32, device="cuda"), 20000)

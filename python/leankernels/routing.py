@@ -140,7 +140,8 @@ def plan(ids, num_experts: int, align: int = 1) -> RoutePlan:
         RoutePlan(counts, offs, row_token, token_row), int32. Rows of one expert keep token
         order (stable, ordered by the flat (token, k) index). The row count
         R = T*top_k + min(E, T*top_k) * (align - 1) is a static bound, so nothing waits for the
-        device; rows past ``offs[-1]`` are padding (-1). Deterministic.
+        device; rows past ``offs[-1]`` are padding (-1). Deterministic. CUDA supports up to
+        12288 experts.
     """
     ids = _interop.to_torch(ids)
     _checks.tensor("ids", ids, _IDS, dim=2)
@@ -150,6 +151,8 @@ def plan(ids, num_experts: int, align: int = 1) -> RoutePlan:
     R = _ops.plan_rows(ids.shape[0], ids.shape[1], num_experts, align)
     if R >= 2**31 or num_experts >= 2**31:
         raise ValueError(f"ids routes {R} rows; plan indexes rows with int32 (< 2**31)")
+    if ids.device.type == "cuda" and num_experts > 12288:
+        raise ValueError(f"num_experts ({num_experts}) exceeds 12288, the CUDA plan kernel's limit")
     if ids.dtype != torch.int32:
         ids = ids.clamp(-1, num_experts).to(torch.int32)
     return RoutePlan(*_ops.plan(ids, num_experts, align))
