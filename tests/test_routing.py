@@ -1,8 +1,6 @@
 """Expert gating and token routing: kernels against leankernels.reference (routing section)."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ import leankernels
 from leankernels import reference as ref
 from leankernels.routing import RoutePlan
 
-from conftest import DEVICES, HAS_CUDA, gemm_diff, randn, requires_cuda, seeded
+from conftest import DEVICES, gemm_diff, randn, requires_cuda, seeded
 
 # (name, E, n_group, topk_group, top_k, score, bias, scale)
 CONFIGS = [
@@ -90,7 +88,7 @@ def test_route_deepseek_v3_weights_and_order(device):
     sel = ref.route_scores(logits.cpu(), "sigmoid") + bias.cpu()
     chosen = sel.gather(1, ids)
     assert (chosen[:, :-1] >= chosen[:, 1:]).all(), "ids must come sorted by descending selection score"
-    assert ((ids // 32).unique(dim=1).shape[1] <= 4) or all(len(set(r.tolist())) <= 4 for r in ids // 32)
+    assert all(len(set(r.tolist())) <= 4 for r in ids // 32), "experts must come from at most topk_group=4 groups"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -138,7 +136,6 @@ def test_route_nan_logits(device, score):
     """NaN logits rank as -inf; a token short of non-NaN candidates gets NaN weights."""
     E = 64
     logits = _logits(6, E, seed=19, device=device)
-    logits[0, 5] = float("nan")
     logits[0, 5] = float("nan")
     logits[1, ::2] = float("nan")      # half NaN: still 32 candidates
     logits[2, :] = float("nan")        # all NaN
