@@ -92,7 +92,7 @@ from typing import Optional  # noqa: E402  (op schemas read the annotation)
 def plan_rows(num_tokens: int, top_k: int, num_experts: int, align: int) -> int:
     """Static permuted-row count: T*top_k + min(E, T*top_k) * (align - 1) (see reference.plan_rows)."""
     n = num_tokens * top_k
-    return n + min(num_experts, n) * (align - 1)
+    return n + torch.sym_min(num_experts, n) * (align - 1)  # sym_min: T may be symbolic when traced
 
 
 @torch.library.custom_op("leankernels::route", mutates_args=())
