@@ -28,5 +28,6 @@ inline void* stream_ptr(uintptr_t s) { return reinterpret_cast<void*>(s); }
 void register_core(py::module_& m);
 void register_quant(py::module_& m);
 void register_gemm_sched(py::module_& m);
+void register_routing(py::module_& m);
 
 }  // namespace lk::bind

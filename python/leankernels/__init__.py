@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from ._lib import build_info, cuda_available  # noqa: E402
 from .quant import dequantize_fp8, quantize_fp8  # noqa: E402
+from .routing import RoutePlan, permute, plan, route, unpermute, update_bias  # noqa: E402
 from . import reference  # noqa: E402
 
 __all__ = [
@@ -16,5 +17,11 @@ __all__ = [
     "cuda_available",
     "quantize_fp8",
     "dequantize_fp8",
+    "route",
+    "plan",
+    "permute",
+    "unpermute",
+    "update_bias",
+    "RoutePlan",
     "reference",
 ]

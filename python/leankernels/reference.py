@@ -72,3 +72,169 @@ def expand_scale(scale: torch.Tensor, shape, block=(1, 128)) -> torch.Tensor:
 def dequantize_fp8(x_fp8: torch.Tensor, scale: torch.Tensor, block=(1, 128)) -> torch.Tensor:
     """x_fp8.float() * scale broadcast over its block, in fp32."""
     return x_fp8.float() * expand_scale(scale.float(), x_fp8.shape, block)
+
+
+# ---------------------------------------------------------------------------------- routing
+# Expert gating and token routing (DESIGN.md "Routing"). Conventions shared by every device:
+#  * scores are the fp32 values of sigmoid/softmax evaluated in float64 and rounded once, so
+#    they are the correctly rounded fp32 scores and every device produces the same bits
+#    (a plain fp32 torch.sigmoid may differ by 1 ulp, and differs between CPU and GPU);
+#  * a NaN logit gives a NaN score; in selection a NaN ranks as -inf (below every number), and
+#    softmax leaves NaN logits out of its normalising sum. A chosen NaN score (a token with
+#    fewer than top_k non-NaN candidates) makes that token's renormalised weights NaN;
+#  * ties go to the lower expert (or group) index; experts of discarded groups rank below all.
+def _ordered_desc(key: torch.Tensor) -> torch.Tensor:
+    """Indices sorting each row by descending key, ties to the lower index (stable sort)."""
+    return torch.sort(key, dim=-1, descending=True, stable=True).indices
+
+
+def _no_nan(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x)
+
+
+def route_scores(logits: torch.Tensor, score: str = "softmax") -> torch.Tensor:
+    """fp32 gate scores [T, E]: sigmoid or softmax of the logits, computed in float64."""
+    x = logits.double()
+    nan = torch.isnan(x)
+    if score == "sigmoid":
+        s = torch.sigmoid(x)
+    elif score == "softmax":
+        s = torch.softmax(x.masked_fill(nan, -math.inf), dim=-1)
+    else:
+        raise ValueError(f"score must be 'softmax' or 'sigmoid'; got {score!r}")
+    return s.float().masked_fill(nan, math.nan)
+
+
+def route(logits: torch.Tensor, top_k: int, score: str = "softmax", bias=None, n_group: int = 1,
+          topk_group: int = 1, renormalize: bool = True, scale: float = 1.0):
+    """DeepSeek-V3 / Mixtral gate: logits [T, E] -> (weights fp32 [T, top_k], ids int32 [T, top_k]).
+
+    The DeepSeek-V3 Gate (inference/model.py) step by step: selection key = scores + bias
+    (bias only chooses); with n_group > 1 each group scores the sum of its top-2 keys (bias
+    given) or its max key (no bias), the best topk_group groups survive, and top_k experts are
+    picked among them; weights are the unbiased scores of the chosen experts, renormalised to
+    sum 1 (fp32, summed k = 0, 1, ... in order) and multiplied by scale. ids are ordered by
+    descending key.
+    """
+    T, E = logits.shape
+    scores = route_scores(logits, score)
+    key = scores if bias is None else scores + bias.float()
+    key = _no_nan(key)
+    keep = torch.ones(T, E, dtype=torch.bool, device=logits.device)
+    if n_group > 1:
+        g = key.view(T, n_group, E // n_group)
+        if bias is None:
+            group_key = g.amax(dim=-1)
+        else:
+            top2 = g.topk(2, dim=-1).values
+            group_key = _no_nan(top2[..., 0] + top2[..., 1])
+        kept = _ordered_desc(group_key)[:, :topk_group]
+        group_keep = torch.zeros(T, n_group, dtype=torch.bool, device=logits.device)
+        group_keep.scatter_(1, kept, True)
+        keep = group_keep.repeat_interleave(E // n_group, dim=1)
+    order = _ordered_desc(key)
+    # experts of discarded groups go last; the stable sort keeps the key order otherwise
+    excluded = (~keep).gather(1, order).to(torch.uint8)
+    order = order.gather(1, torch.sort(excluded, dim=-1, stable=True).indices)
+    ids = order[:, :top_k]
+    w = scores.gather(1, ids)
+    if renormalize and top_k > 0:
+        denom = w[:, 0]
+        for k in range(1, top_k):
+            denom = denom + w[:, k]
+        w = w / denom[:, None]
+    w = w * torch.tensor(scale, dtype=torch.float32, device=w.device)
+    return w, ids.to(torch.int32)
+
+
+def deepseek_v3_gate(logits: torch.Tensor, top_k: int, bias=None, n_group: int = 1, topk_group: int = 1,
+                     scale: float = 1.0, score: str = "sigmoid"):
+    """The published DeepSeek-V3 Gate.forward (inference/model.py) after the linear layer, in
+    plain fp32 PyTorch, as a baseline: fast eager code whose fp32 sigmoid can differ from
+    route_scores by 1 ulp and whose torch.topk breaks ties arbitrarily."""
+    scores = logits.float().sigmoid() if score == "sigmoid" else logits.float().softmax(dim=-1)
+    original = scores
+    if bias is not None:
+        scores = scores + bias
+    if n_group > 1:
+        s = scores.view(logits.size(0), n_group, -1)
+        group_scores = s.amax(dim=-1) if bias is None else s.topk(2, dim=-1)[0].sum(dim=-1)
+        indices = group_scores.topk(topk_group, dim=-1)[1]
+        mask = s.new_ones(logits.size(0), n_group, dtype=torch.bool).scatter_(1, indices, False)
+        scores = s.masked_fill(mask.unsqueeze(-1), float("-inf")).flatten(1)
+    indices = torch.topk(scores, top_k, dim=-1)[1]
+    weights = original.gather(1, indices)
+    if score == "sigmoid":
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * scale, indices
+
+
+def plan_rows(num_tokens: int, top_k: int, num_experts: int, align: int = 1) -> int:
+    """Static row count R of a plan: T*top_k + min(E, T*top_k) * (align - 1).
+
+    Each non-empty expert pads at most align - 1 rows and at most min(E, T*top_k) experts are
+    non-empty, so R bounds offs[-1] for every routing without looking at the ids."""
+    n = num_tokens * top_k
+    return n + min(num_experts, n) * (align - 1)
+
+
+def plan(ids: torch.Tensor, num_experts: int, align: int = 1):
+    """ids [T, top_k] -> (counts [E], offs [E], row_token [R], token_row [T, top_k]), all int32.
+
+    ids outside [0, E) are dropped (token_row = -1). Expert e owns rows
+    [offs[e] - padded_e, offs[e] - padded_e + counts[e]) in flat (token, k) order, where
+    padded_e = counts[e] rounded up to align; padding rows and rows >= offs[-1] hold -1.
+    """
+    T, K = ids.shape
+    dev = ids.device
+    flat = ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < num_experts)
+    counts = torch.bincount(flat[valid], minlength=num_experts)[:num_experts]
+    padded = (counts + align - 1) // align * align
+    offs = torch.cumsum(padded, 0)
+    starts = offs - padded
+    R = plan_rows(T, K, num_experts, align)
+    row_token = torch.full((R,), -1, dtype=torch.int64, device=dev)
+    token_row = torch.full((T * K,), -1, dtype=torch.int64, device=dev)
+    # stable: sort (expert, flat position) pairs; position within an expert = rank in that order
+    pos = torch.arange(T * K, device=dev)
+    sel = pos[valid]
+    order = torch.sort(flat[sel], stable=True).indices
+    sel = sel[order]
+    e = flat[sel]
+    first = torch.cumsum(counts, 0) - counts  # unpadded start of each expert in the sorted list
+    rank = torch.arange(sel.numel(), device=dev) - first[e]
+    rows = starts[e] + rank
+    token_row[sel] = rows
+    row_token[rows] = sel // K
+    i32 = torch.int32
+    return counts.to(i32), offs.to(i32), row_token.to(i32), token_row.view(T, K).to(i32)
+
+
+def permute(x: torch.Tensor, row_token: torch.Tensor) -> torch.Tensor:
+    """Rows of x [T, H] gathered into expert order [R, H]; padding rows (-1) are zeros."""
+    valid = row_token >= 0
+    out = x.index_select(0, row_token.clamp_min(0).long())
+    return torch.where(valid[:, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def unpermute(y: torch.Tensor, token_row: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k weights[t, k] * y[token_row[t, k]] over k = 0, 1, ... (dropped k skipped),
+    accumulated in fp32 and cast to y's dtype."""
+    T, K = token_row.shape
+    acc = torch.zeros(T, y.shape[1], dtype=torch.float32, device=y.device)
+    for k in range(K):
+        r = token_row[:, k]
+        valid = (r >= 0)[:, None]
+        rows = y.index_select(0, r.clamp_min(0).long()).float()
+        acc = torch.where(valid, acc + weights[:, k, None].float() * rows, acc)
+    return acc.to(y.dtype)
+
+
+def update_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float = 1e-3) -> torch.Tensor:
+    """DeepSeek aux-loss-free balancing: bias_e + rate * sign(mean(counts) - counts_e), in fp32.
+
+    The sign is taken exactly in integers: sign(sum(counts) - E * counts_e)."""
+    E = counts.numel()
+    s = torch.sign(counts.long().sum() - counts.long() * E).float()
+    return bias.float() + torch.tensor(rate, dtype=torch.float32, device=bias.device) * s

@@ -1,0 +1,129 @@
+// Bindings for expert gating and token routing (python: leankernels.routing via _ops.py).
+#include "bindings/bindings.h"
+#include "cpu/routing.h"
+#ifdef LEANKERNELS_WITH_CUDA
+#include "cuda/routing.cuh"
+#endif
+
+namespace lk::bind {
+
+void register_routing(py::module_& m) {
+  m.def(
+      "route",
+      [](uintptr_t logits, int dtype, int64_t T, int64_t E, int64_t row_stride, uintptr_t bias,
+         bool sigmoid, int64_t top_k, int64_t n_group, int64_t topk_group, bool renormalize,
+         float scale, uintptr_t weights, uintptr_t ids, int device, uintptr_t stream) {
+        if (device < 0) {
+          cpu::route(ptr<const void>(logits), DType(dtype), T, E, row_stride, ptr<const float>(bias),
+                     sigmoid, top_k, n_group, topk_group, renormalize, scale, ptr<float>(weights),
+                     ptr<int32_t>(ids));
+          return;
+        }
+#ifdef LEANKERNELS_WITH_CUDA
+        cuda::route(ptr<const void>(logits), DType(dtype), T, E, row_stride, ptr<const float>(bias),
+                    sigmoid, top_k, n_group, topk_group, renormalize, scale, ptr<float>(weights),
+                    ptr<int32_t>(ids), device, stream_ptr(stream));
+#else
+        no_cuda("route");
+#endif
+      },
+      py::call_guard<py::gil_scoped_release>());
+  // Size in int32 elements of the CUDA plan's workspace (0 on the CPU).
+  m.def("plan_workspace_size", [](int64_t T, int64_t top_k, int64_t E) -> int64_t {
+#ifdef LEANKERNELS_WITH_CUDA
+    return cuda::plan_workspace_size(T, top_k, E);
+#else
+    return 0;
+#endif
+  });
+  m.def(
+      "plan",
+      [](uintptr_t ids, int64_t T, int64_t top_k, int64_t E, int64_t align, int64_t R,
+         uintptr_t counts, uintptr_t offs, uintptr_t row_token, uintptr_t token_row,
+         uintptr_t workspace, int64_t workspace_size, int device, uintptr_t stream) {
+        if (device < 0) {
+          cpu::plan(ptr<const int32_t>(ids), T, top_k, E, align, R, ptr<int32_t>(counts),
+                    ptr<int32_t>(offs), ptr<int32_t>(row_token), ptr<int32_t>(token_row));
+          return;
+        }
+#ifdef LEANKERNELS_WITH_CUDA
+        cuda::plan(ptr<const int32_t>(ids), T, top_k, E, align, R, ptr<int32_t>(counts),
+                   ptr<int32_t>(offs), ptr<int32_t>(row_token), ptr<int32_t>(token_row),
+                   ptr<int32_t>(workspace), workspace_size, device, stream_ptr(stream));
+#else
+        no_cuda("plan");
+#endif
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "permute",
+      [](uintptr_t x, int64_t elem_size, int64_t T, int64_t H, int64_t row_stride,
+         uintptr_t row_token, int64_t R, uintptr_t out, int device, uintptr_t stream) {
+        if (device < 0) {
+          cpu::permute(ptr<const void>(x), elem_size, T, H, row_stride, ptr<const int32_t>(row_token),
+                       R, ptr<void>(out));
+          return;
+        }
+#ifdef LEANKERNELS_WITH_CUDA
+        cuda::permute(ptr<const void>(x), elem_size, T, H, row_stride, ptr<const int32_t>(row_token),
+                      R, ptr<void>(out), device, stream_ptr(stream));
+#else
+        no_cuda("permute");
+#endif
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "permute_fp8",
+      [](uintptr_t x, int dtype, int64_t T, int64_t H, int64_t row_stride, uintptr_t row_token,
+         int64_t R, uintptr_t q, uintptr_t scale, bool ue8m0, int device, uintptr_t stream) {
+        if (device < 0) {
+          cpu::permute_fp8(ptr<const void>(x), DType(dtype), T, H, row_stride,
+                           ptr<const int32_t>(row_token), R, ptr<uint8_t>(q), ptr<float>(scale), ue8m0);
+          return;
+        }
+#ifdef LEANKERNELS_WITH_CUDA
+        cuda::permute_fp8(ptr<const void>(x), DType(dtype), T, H, row_stride,
+                          ptr<const int32_t>(row_token), R, ptr<uint8_t>(q), ptr<float>(scale), ue8m0,
+                          device, stream_ptr(stream));
+#else
+        no_cuda("permute_fp8");
+#endif
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "unpermute",
+      [](uintptr_t y, int dtype, int64_t R, int64_t H, uintptr_t token_row, uintptr_t weights,
+         int64_t T, int64_t top_k, uintptr_t out, int device, uintptr_t stream) {
+        if (device < 0) {
+          cpu::unpermute(ptr<const void>(y), DType(dtype), R, H, ptr<const int32_t>(token_row),
+                         ptr<const float>(weights), T, top_k, ptr<void>(out));
+          return;
+        }
+#ifdef LEANKERNELS_WITH_CUDA
+        cuda::unpermute(ptr<const void>(y), DType(dtype), R, H, ptr<const int32_t>(token_row),
+                        ptr<const float>(weights), T, top_k, ptr<void>(out), device, stream_ptr(stream));
+#else
+        no_cuda("unpermute");
+#endif
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "update_bias",
+      [](uintptr_t bias, uintptr_t counts, int counts_dtype, int64_t E, float rate, uintptr_t out,
+         int device, uintptr_t stream) {
+        if (device < 0) {
+          cpu::update_bias(ptr<const float>(bias), ptr<const void>(counts), DType(counts_dtype), E,
+                           rate, ptr<float>(out));
+          return;
+        }
+#ifdef LEANKERNELS_WITH_CUDA
+        cuda::update_bias(ptr<const float>(bias), ptr<const void>(counts), DType(counts_dtype), E,
+                          rate, ptr<float>(out), device, stream_ptr(stream));
+#else
+        no_cuda("update_bias");
+#endif
+      },
+      py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace lk::bind

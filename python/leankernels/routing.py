@@ -1,0 +1,256 @@
+"""Expert gating and token routing for Mixture-of-Experts layers: the public wrappers.
+
+A MoE layer with these ops::
+
+    weights, ids = route(logits, top_k=8, score="sigmoid", bias=bias, n_group=8, topk_group=4,
+                         scale=2.5)                      # DeepSeek-V3 gate, one kernel
+    p = plan(ids, num_experts=256)                       # expert-sorted layout, on the device
+    a, a_scale = permute(x, p, quantize=True)            # gather + 1x128 FP8 quantization
+    y = fp8_grouped_gemm(a, a_scale, w, w_scale, p.offs) # expert GEMMs
+    out = unpermute(y, p, weights)                       # weighted combine, token order
+
+No op synchronises with the host (plan's row count is a static bound), so the whole layer is
+CUDA-graph capturable; every op is deterministic. reference.py holds the specification.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _checks, _interop, _ops
+from ._lib import build_info
+
+_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+_IDS = (torch.int32, torch.int64)
+_SCORES = ("softmax", "sigmoid")
+MAX_TOP_K = 32
+
+
+class RoutePlan(NamedTuple):
+    """Where each (token, k) pair goes in expert-sorted order. All int32 tensors on the device.
+
+    counts: ``[E]`` tokens routed to each expert (unpadded).
+    offs: ``[E]`` cumulative END row of each expert's segment, each segment padded to ``align``
+        rows (the ``offs`` of fp8_grouped_gemm / F.grouped_mm).
+    row_token: ``[R]`` source token of each permuted row; -1 for padding rows and rows past
+        ``offs[-1]``. R = T*top_k + min(E, T*top_k) * (align - 1), a static bound.
+    token_row: ``[T, top_k]`` permuted row of each (token, k); -1 where the id was dropped.
+    """
+    counts: torch.Tensor
+    offs: torch.Tensor
+    row_token: torch.Tensor
+    token_row: torch.Tensor
+
+
+def _int(name: str, v, lo: int = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int; got {type(v).__name__}")
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be >= {lo}; got {v}")
+    return v
+
+
+def _cuda_checked(name: str, t: torch.Tensor) -> None:
+    if t.device.type == "cuda" and not build_info()["cuda"]:
+        raise ValueError(f"{name} is on {t.device} but this leankernels build has no CUDA kernels")
+
+
+def route(logits, top_k: int, score: str = "softmax", bias=None, n_group: int = 1, topk_group: int = 1,
+          renormalize: bool = True, scale: float = 1.0):
+    """Pick top_k experts per token and their gate weights, in one pass over the logits.
+
+    Args:
+        logits: ``[T, E]`` float32, bfloat16 or float16 router logits (any row stride).
+        top_k: experts per token, 1 <= top_k <= min(E, 32).
+        score: ``"softmax"`` (Mixtral, Qwen) or ``"sigmoid"`` (DeepSeek-V3).
+        bias: optional ``[E]`` float tensor added to the scores for selection only
+            (DeepSeek-V3's e_score_correction_bias; see update_bias).
+        n_group, topk_group: group-limited routing: the E experts form n_group equal groups
+            (any size; n_group must divide E), each group scores the sum of its top-2
+            selection scores (bias given) or its best score (no bias), and only experts of the
+            topk_group best groups are eligible.
+        renormalize: divide the chosen weights by their sum (fp32, summed in k order).
+        scale: multiplies the weights after renormalisation (DeepSeek-V3: 2.5).
+
+    Returns:
+        ``(weights, ids)``: float32 ``[T, top_k]`` and int32 ``[T, top_k]``; ids ordered by
+        descending selection score, ties to the lower expert index (and the lower group
+        index). Weights are the unbiased scores of the chosen experts.
+
+    Scores are sigmoid/softmax evaluated in float64 and rounded once to fp32 (correctly
+    rounded, identical on every device). NaN logits: the score is NaN and ranks as -inf in
+    selection (a NaN expert is chosen only when fewer than top_k others are eligible, and then
+    that token's renormalised weights are NaN); softmax leaves NaN logits out of its sum, and a
+    row without a finite maximum logit (all -inf, or a +inf) has all-NaN softmax scores, as in
+    PyTorch. CUDA supports up to 12288 experts; the CPU any number.
+    """
+    src = logits
+    logits = _interop.to_torch(logits)
+    _checks.tensor("logits", logits, _FLOAT, dim=2)
+    _cuda_checked("logits", logits)
+    T, E = logits.shape
+    top_k = _int("top_k", top_k, 1)
+    n_group = _int("n_group", n_group, 1)
+    topk_group = _int("topk_group", topk_group, 1)
+    if E < 1:
+        raise ValueError("logits must have at least one expert (shape [T, E] with E >= 1)")
+    if score not in _SCORES:
+        raise ValueError(f"score must be 'softmax' or 'sigmoid'; got {score!r}")
+    if top_k > E:
+        raise ValueError(f"top_k ({top_k}) exceeds the number of experts ({E})")
+    if top_k > MAX_TOP_K:
+        raise ValueError(f"top_k must be <= {MAX_TOP_K}; got {top_k}")
+    if E % n_group:
+        raise ValueError(f"n_group ({n_group}) must divide the number of experts ({E})")
+    if topk_group > n_group:
+        raise ValueError(f"topk_group ({topk_group}) exceeds n_group ({n_group})")
+    G = E // n_group
+    if n_group > 1 and top_k > topk_group * G:
+        raise ValueError(f"top_k ({top_k}) exceeds the {topk_group * G} experts of the topk_group={topk_group} kept groups")
+    if logits.device.type == "cuda" and E > 12288:
+        raise ValueError(f"logits has {E} experts; the CUDA route kernel supports up to 12288")
+    if bias is not None:
+        bias = _interop.to_torch(bias)
+        _checks.tensor("bias", bias, _FLOAT, dim=1)
+        _checks.shape("bias", bias, (E,))
+        _checks.same_device(logits=logits, bias=bias)
+        if n_group > 1 and G < 2:
+            raise ValueError("bias with n_group > 1 needs at least 2 experts per group (groups score their top-2)")
+        bias = bias.float().contiguous()
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool; got {type(renormalize).__name__}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float; got {type(scale).__name__}")
+    w, ids = _ops.route(logits, top_k, score == "sigmoid", bias, n_group, topk_group, renormalize, float(scale))
+    return _interop.like_input(w, src), _interop.like_input(ids, src)
+
+
+def plan(ids, num_experts: int, align: int = 1) -> RoutePlan:
+    """Lay the routed (token, k) pairs out by expert, entirely on the device.
+
+    Args:
+        ids: ``[T, top_k]`` int32 (or int64) expert ids, e.g. from route. Ids outside
+            ``[0, num_experts)`` mean "not routed here" (expert parallelism: experts owned by
+            another rank) and are dropped.
+        num_experts: E, the number of (local) experts.
+        align: pad each expert's segment to a multiple of align rows (e.g. a GEMM tile).
+
+    Returns:
+        RoutePlan(counts, offs, row_token, token_row), int32. Rows of one expert keep token
+        order (stable, ordered by the flat (token, k) index). The row count
+        R = T*top_k + min(E, T*top_k) * (align - 1) is a static bound, so nothing waits for the
+        device; rows past ``offs[-1]`` are padding (-1). Deterministic. CUDA supports up to
+        12288 experts.
+    """
+    ids = _interop.to_torch(ids)
+    _checks.tensor("ids", ids, _IDS, dim=2)
+    _cuda_checked("ids", ids)
+    num_experts = _int("num_experts", num_experts, 1)
+    align = _int("align", align, 1)
+    R = _ops.plan_rows(ids.shape[0], ids.shape[1], num_experts, align)
+    if R >= 2**31 or num_experts >= 2**31:
+        raise ValueError(f"ids routes {R} rows; plan indexes rows with int32 (< 2**31)")
+    if ids.device.type == "cuda" and num_experts > 12288:
+        raise ValueError(f"num_experts ({num_experts}) exceeds 12288, the CUDA plan kernel's limit")
+    if ids.dtype != torch.int32:
+        ids = ids.clamp(-1, num_experts).to(torch.int32)
+    return RoutePlan(*_ops.plan(ids, num_experts, align))
+
+
+def _check_plan(plan) -> RoutePlan:
+    if not isinstance(plan, tuple) or len(plan) != 4:
+        raise TypeError(f"plan must be the RoutePlan returned by leankernels.plan; got {type(plan).__name__}")
+    plan = RoutePlan(*plan)
+    for name in RoutePlan._fields:
+        _checks.tensor(f"plan.{name}", getattr(plan, name), (torch.int32,))
+    if plan.row_token.dim() != 1 or plan.token_row.dim() != 2:
+        raise ValueError("plan has the wrong shapes; pass the RoutePlan returned by leankernels.plan")
+    return plan
+
+
+def permute(x, plan: RoutePlan, quantize: bool = False, scale_fmt: str = "fp32"):
+    """Gather token rows into expert-sorted order (optionally quantized to FP8 in the same pass).
+
+    Args:
+        x: ``[T, H]`` float32, bfloat16 or float16 activations (unit column stride).
+        plan: the RoutePlan of these T tokens.
+        quantize: also quantize each gathered row to float8_e4m3fn with one fp32 scale per
+            128 columns (1x128 groups, the fp8_grouped_gemm activation format).
+        scale_fmt: ``"fp32"`` or ``"ue8m0"`` scales (as quantize_fp8), with quantize=True.
+
+    Returns:
+        ``[R, H]`` rows in x's dtype, padding rows zero; or with quantize=True
+        ``(x_fp8 [R, H], scale [R, ceil(H/128)])``, byte-identical to
+        ``quantize_fp8(permute(x, plan))`` (padding rows: zeros with scale 1e-4/448).
+    """
+    src = x
+    x = _interop.to_torch(x)
+    _checks.tensor("x", x, _FLOAT, dim=2)
+    plan = _check_plan(plan)
+    _checks.same_device(x=x, row_token=plan.row_token)
+    _cuda_checked("x", x)
+    if x.shape[0] != plan.token_row.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} tokens but plan was made for {plan.token_row.shape[0]}")
+    if not isinstance(quantize, bool):
+        raise TypeError(f"quantize must be a bool; got {type(quantize).__name__}")
+    if scale_fmt not in ("fp32", "ue8m0"):
+        raise ValueError(f"scale_fmt must be 'fp32' or 'ue8m0'; got {scale_fmt!r}")
+    if quantize:
+        q, s = _ops.permute_fp8(x, plan.row_token, scale_fmt == "ue8m0")
+        return _interop.like_input(q, src), _interop.like_input(s, src)
+    return _interop.like_input(_ops.permute(x, plan.row_token), src)
+
+
+def unpermute(y, plan: RoutePlan, weights):
+    """Weighted combine of the expert outputs back into token order.
+
+    Args:
+        y: ``[R, H]`` float32, bfloat16 or float16 expert outputs in the plan's row order.
+        plan: the RoutePlan that laid the rows out.
+        weights: ``[T, top_k]`` gate weights (float32; other float dtypes are widened).
+
+    Returns:
+        ``[T, H]`` in y's dtype: out[t] = sum over k of weights[t, k] * y[token_row[t, k]],
+        accumulated in fp32 in k order; dropped (t, k) pairs contribute nothing, so a token
+        routed nowhere gets zeros.
+    """
+    src = y
+    y = _interop.to_torch(y)
+    weights = _interop.to_torch(weights)
+    _checks.tensor("y", y, _FLOAT, dim=2)
+    plan = _check_plan(plan)
+    _checks.tensor("weights", weights, _FLOAT, dim=2)
+    _checks.same_device(y=y, token_row=plan.token_row, weights=weights)
+    _cuda_checked("y", y)
+    if y.shape[0] != plan.row_token.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} rows but plan has {plan.row_token.shape[0]}")
+    _checks.shape("weights", weights, tuple(plan.token_row.shape))
+    return _interop.like_input(_ops.unpermute(y, plan.token_row, weights.float()), src)
+
+
+def update_bias(bias, counts, rate: float = 1e-3):
+    """DeepSeek-V3 auxiliary-loss-free load balancing step.
+
+    Args:
+        bias: ``[E]`` float32 selection bias (route's ``bias``).
+        counts: ``[E]`` int32 or int64 tokens per expert (``plan(...).counts``, possibly summed
+            over steps or ranks).
+        rate: the bias update speed gamma.
+
+    Returns:
+        A new float32 ``[E]`` tensor: bias_e + rate * sign(mean(counts) - counts_e); the sign is
+        exact (computed in integers as sign(sum(counts) - E * counts_e)), so overloaded experts
+        go down and underloaded ones up.
+    """
+    src = bias
+    bias = _interop.to_torch(bias)
+    counts = _interop.to_torch(counts)
+    _checks.tensor("bias", bias, (torch.float32,), dim=1)
+    _checks.tensor("counts", counts, _IDS, dim=1)
+    _checks.same_device(bias=bias, counts=counts)
+    _cuda_checked("bias", bias)
+    _checks.shape("counts", counts, tuple(bias.shape))
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool):
+        raise TypeError(f"rate must be a float; got {type(rate).__name__}")
+    return _interop.like_input(_ops.update_bias(bias, counts, float(rate)), src)
