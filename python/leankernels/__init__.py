@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from ._lib import build_info, cuda_available  # noqa: E402
 from .quant import dequantize_fp8, quantize_fp8  # noqa: E402
+from .mla import LatentCache, PagedLatentCache, mla_append, mla_decode  # noqa: E402
 from . import reference  # noqa: E402
 
 __all__ = [
@@ -17,4 +18,8 @@ __all__ = [
     "quantize_fp8",
     "dequantize_fp8",
     "reference",
+    "LatentCache",
+    "PagedLatentCache",
+    "mla_append",
+    "mla_decode",
 ]
