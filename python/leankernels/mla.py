@@ -183,8 +183,14 @@ def mla_append(cache, kv_c, k_pe, slot_mapping, norm_weight=None, eps: float = 1
     _ops.mla_append(cache, kv_c, k_pe, slot_mapping, norm_weight, float(eps), cos, sin, positions)
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+@torch.compiler.assume_constant_result
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@torch.compiler.assume_constant_result
+def _cpu_threads() -> int:
+    return max(1, int(build_info()["omp_max_threads"]))
 
 
 def mla_num_splits(batch: int, rows: int, max_seqlen: int, device: torch.device) -> int:
@@ -195,9 +201,10 @@ def mla_num_splits(batch: int, rows: int, max_seqlen: int, device: torch.device)
     """
     groups = math.ceil(rows / 16)
     if device.type == "cuda":
-        slots, min_keys, cap = 2 * _num_sms(device), 256, 64
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        slots, min_keys, cap = 2 * _num_sms(index), 256, 64
     else:
-        slots, min_keys, cap = 2 * torch.get_num_threads(), 512, 16
+        slots, min_keys, cap = 2 * _cpu_threads(), 512, 16
     want = math.ceil(slots / max(batch * groups, 1))
     return max(1, min(want, cap, math.ceil(max_seqlen / min_keys)))
 
