@@ -51,15 +51,6 @@ uint8_t* token_ptr(const MlaCache& c, int64_t block, int64_t offset) {
   return static_cast<uint8_t*>(c.data) + block * c.block_stride + offset * c.token_bytes();
 }
 
-// FlashMLA's cache scale: 2^ceil(log2(max(amax / 448, 1e-4))), exact on the bits.
-float mla_fp8_scale(float amax) {
-  if (!(amax == amax)) return amax;
-  float s = amax / kFp8Max;
-  s = s > kScaleFloor ? s : kScaleFloor;
-  uint32_t b = f32_bits(s);
-  if ((b & 0x7f800000u) != 0x7f800000u && (b & 0x007fffffu) != 0) b = (b & 0xff800000u) + 0x00800000u;
-  return f32_from_bits(b);
-}
 
 
 // NOTES: GCC/Clang vector extensions: 16 fp32 lanes become one zmm with AVX-512, two ymm
@@ -372,41 +363,7 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
 
 void mla_schedule(const int32_t* seqlens, int64_t B, int64_t num_parts, int32_t* metadata,
                   int32_t* num_splits) {
-  constexpr int64_t kBlockN = 64, kOverhead = 5;
-  std::vector<int64_t> nblocks(B);
-  int64_t total = 0;
-  for (int64_t i = 0; i < B; ++i) {
-    nblocks[i] = ceil_div(std::max<int64_t>(seqlens[i], 0), kBlockN);
-    total += nblocks[i] + kOverhead;
-  }
-  const int64_t payload = ceil_div(total, std::max<int64_t>(num_parts, 1)) + kOverhead;
-  int64_t idx = 0, blk = 0, split = 0, cum = 0;
-  num_splits[0] = 0;
-  for (int64_t p = 0; p < num_parts; ++p) {
-    int32_t* md = metadata + p * 8;
-    md[0] = int32_t(idx);
-    md[1] = int32_t(blk * kBlockN);
-    md[4] = int32_t(split);
-    md[5] = md[6] = md[7] = 0;
-    int64_t budget = payload;
-    while (idx < B) {
-      const int64_t left = nblocks[idx] - blk;
-      if (budget >= left + kOverhead) {  // the rest of this sequence fits in this part
-        cum += split + 1;
-        num_splits[idx + 1] = int32_t(cum);
-        budget -= left + kOverhead;
-        ++idx, blk = 0, split = 0;
-      } else {  // cut the sequence here; the next part continues it as a new split
-        if (budget - kOverhead > 0) {
-          blk += budget - kOverhead;
-          ++split;
-        }
-        break;
-      }
-    }
-    md[2] = int32_t(blk > 0 ? idx : idx - 1);
-    md[3] = int32_t(blk > 0 ? blk * kBlockN : (idx > 0 ? seqlens[idx - 1] : 0));
-  }
+  mla_schedule_serial(seqlens, B, num_parts, metadata, num_splits);
 }
 
 }  // namespace lk::cpu

@@ -1,32 +1,6 @@
 // CPU kernels for MLA over a paged latent cache (see mla.cpp).
 #pragma once
-#include "common/common.h"
-
-namespace lk {
-
-// DeepSeek-V3 MLA geometry: a 512-value latent (also the value) plus 64 RoPE values.
-constexpr int kMlaLatent = 512;
-constexpr int kMlaRope = 64;
-constexpr int kMlaDim = kMlaLatent + kMlaRope;       // 576 bf16 per token (bf16 cache)
-constexpr int kMlaFp8Bytes = kMlaLatent + 16 + 128;  // 656 bytes per token (FlashMLA FP8 cache)
-constexpr int kMlaSplitAlign = 32;                   // split-KV chunks are multiples of 32 tokens
-
-// The paged cache: num_blocks blocks of block_size tokens; a token is 576 bf16 or 656 bytes;
-// blocks start block_stride bytes apart (tokens inside a block are dense).
-struct MlaCache {
-  void* data;
-  bool fp8;
-  int64_t num_blocks, block_size, block_stride;
-  int64_t token_bytes() const { return fp8 ? kMlaFp8Bytes : 2 * kMlaDim; }
-};
-
-// Tokens [s*chunk, (s+1)*chunk) of a length-L sequence go to split s of num_splits.
-LK_HD int64_t mla_split_chunk(int64_t L, int64_t num_splits) {
-  const int64_t per = (L + num_splits - 1) / num_splits;
-  return (per + kMlaSplitAlign - 1) / kMlaSplitAlign * kMlaSplitAlign;
-}
-
-}  // namespace lk
+#include "common/mla.h"
 
 namespace lk::cpu {
 
@@ -49,10 +23,7 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
                 const int32_t* seqlens, float softmax_scale, bool causal, int64_t num_splits,
                 float* o_part, float* lse_part, uint16_t* out, float* lse);
 
-// FlashMLA's tile-scheduler metadata for its first-release API: num_parts rows of 8 int32
-// [begin_batch, begin_token, end_batch, end_token, begin_split, 0, 0, 0] and num_splits
-// int32 [B + 1] (prefix counts of the splits of each sequence). Greedy: each part gets an
-// equal share of 64-token blocks, each sequence costing 5 extra blocks of overhead.
+// FlashMLA's tile-scheduler metadata (see common/mla.h).
 void mla_schedule(const int32_t* seqlens, int64_t B, int64_t num_parts, int32_t* metadata,
                   int32_t* num_splits);
 

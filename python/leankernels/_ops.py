@@ -102,13 +102,14 @@ def _mla_error_flag(t: torch.Tensor, debug: bool):
     return None
 
 
-def _mla_raise_flag(flag, what: str) -> None:
+def _mla_raise_flag(flag) -> None:
+    """Raise for the first bad index a CUDA kernel reported: flag = {kind, i, j, value}."""
     if flag is None:
         return
-    code = flag.tolist()  # syncs: debug mode only
-    if code[0] != 0:
-        raise ValueError(f"leankernels: {what}[{code[1]}{', ' + str(code[2]) if code[0] == 2 else ''}] = {code[3]} "
-                         "is out of range (LEANKERNELS_DEBUG=1)")
+    kind, i, j, value = flag.tolist()  # syncs: debug mode only
+    if kind != 0:
+        where = {1: f"slot_mapping[{i}]", 2: f"block_table[{i}, {j}]", 3: f"positions[{i}]"}[kind]
+        raise ValueError(f"leankernels: {where} = {value} is out of range (LEANKERNELS_DEBUG=1)")
 
 
 def _mla_cache_geometry(cache: torch.Tensor):
@@ -134,7 +135,7 @@ def mla_append(cache: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, slot
         eps, cos.data_ptr() if cos is not None else 0, sin.data_ptr() if sin is not None else 0,
         positions.data_ptr() if positions is not None else 0, cos.shape[0] if cos is not None else 0,
         cache.data_ptr(), fp8, nb, bs, bstride, debug, flag.data_ptr() if flag is not None else 0, device, stream)
-    _mla_raise_flag(flag, "slot_mapping")
+    _mla_raise_flag(flag)
 
 
 @mla_append.register_fake
@@ -166,7 +167,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
         block_table.shape[1], block_table.stride(0), seqlens.data_ptr(), softmax_scale, causal, num_splits,
         o_part.data_ptr() if o_part is not None else 0, lse_part.data_ptr() if lse_part is not None else 0,
         out.data_ptr(), lse.data_ptr(), flag.data_ptr() if flag is not None else 0, device, stream)
-    _mla_raise_flag(flag, "block_table")
+    _mla_raise_flag(flag)
     return out, lse
 
 
