@@ -1,0 +1,1 @@
+"""Demo sections, one module per domain: run(device, quick) -> list of table rows."""
