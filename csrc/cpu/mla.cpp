@@ -5,28 +5,42 @@
 // FP8 row, write to its slot.
 //
 // Decode: the work unit is (sequence, group of up to 16 query rows, KV split), rows being the
-// s_q * H (query, head) pairs of a sequence, which all attend to the same keys. A unit walks its
-// keys in tiles of 32 tokens: it widens each tile once to fp32 (bf16 shift, or e4m3 table times
-// the tile scale), so each cache token is read once per row group, then runs the scores
-// (4 tokens at a time so each q load feeds 4 FMAs), an online softmax in the log2 domain, and the
-// P.V accumulation into 16 x 512 fp32 accumulators (L1/L2 resident). Partials of several splits
-// are merged by their lse (the combine step); one split writes the output directly.
+// s_q * H (query, head) pairs of a sequence, which all attend to the same keys, so each cache
+// token is read once per row group. A unit walks its keys in tiles of 32 tokens: scores in 4 x 4
+// (row, key) register blocks, an online softmax in the log2 domain (vectorised exp2), then P.V
+// into 16 x 512 fp32 accumulators held 4 rows x 64 columns at a time in registers. Partials of
+// several splits are merged by their lse (the combine step); one split writes the output.
+// Two tile engines: with AVX512-BF16 (Zen 4, Sapphire Rapids) the bf16 cache rows are used in
+// place by vdpbf16ps (32 products per instruction, fp32 sums; FP8 rows are dequantized to bf16
+// exactly first; P is rounded to bf16 for P.V, as GPU flash attention does), the 4 x 4 score
+// blocks are summed by one shuffle tree. Elsewhere the tile is widened to fp32 and the same
+// blocking runs on 16-lane vector-extension FMAs (AVX-512, AVX2, NEON alike).
 // Per token and row group: 1152 B (bf16) or 656 B (FP8) read, 2 * 16 * 1088 FLOPs.
 #include "cpu/mla.h"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "common/fp8.h"
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define LK_MLA_DPBF16 1
+// NOTES: GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own undefined-vector
+// idiom (_mm512_undefined_ps) when inlined; the warning is about the header, not this code.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace lk::cpu {
 namespace {
 
-constexpr int kTile = 32;        // keys per tile
-constexpr int kRowsPerUnit = 16;  // query rows sharing one widened tile
+constexpr int kTile = 32;         // keys per tile
+constexpr int kRowsPerUnit = 16;  // query rows sharing one tile
+static_assert(kTile % 4 == 0 && kRowsPerUnit % 4 == 0, "4 x 4 blocks may run past n and nr");
 
 float widen(const void* p, DType dtype, int64_t i) {
   switch (dtype) {
@@ -51,12 +65,11 @@ uint8_t* token_ptr(const MlaCache& c, int64_t block, int64_t offset) {
   return static_cast<uint8_t*>(c.data) + block * c.block_stride + offset * c.token_bytes();
 }
 
-
-
 // NOTES: GCC/Clang vector extensions: 16 fp32 lanes become one zmm with AVX-512, two ymm
 // with AVX2, four xmm otherwise, so one source serves every x86 and ARM build.
 typedef float vf __attribute__((vector_size(64)));
 typedef float vfu __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
 
 inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
@@ -67,73 +80,198 @@ inline float hsum(vf v) {
   for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
 }
-
-// s[r * kTile + t] = dot(q[r], k[t]) over the 576 values; rows/keys in 4 x 4 register blocks so
-// 8 loads feed 16 FMAs.
-void scores(const float* q, int64_t nr, const float* k, int64_t n, float* s) {
-  int64_t r = 0;
-  for (; r + 4 <= nr; r += 4) {
-    const float* q0 = q + r * kMlaDim;
-    int64_t t = 0;
-    for (; t + 4 <= n; t += 4) {
-      const float* k0 = k + t * kMlaDim;
-      vf a[4][4] = {};
-      for (int d = 0; d < kMlaDim; d += kLanes) {
-        vf kv[4], qv[4];
-        for (int j = 0; j < 4; ++j) kv[j] = load(k0 + j * kMlaDim + d);
-        for (int i = 0; i < 4; ++i) qv[i] = load(q0 + i * kMlaDim + d);
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) a[i][j] += qv[i] * kv[j];
-      }
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) s[(r + i) * kTile + t + j] = hsum(a[i][j]);
-    }
-    for (; t < n; ++t) {
-      const float* k0 = k + t * kMlaDim;
-      vf a[4] = {};
-      for (int d = 0; d < kMlaDim; d += kLanes) {
-        const vf kv = load(k0 + d);
-        for (int i = 0; i < 4; ++i) a[i] += load(q0 + i * kMlaDim + d) * kv;
-      }
-      for (int i = 0; i < 4; ++i) s[(r + i) * kTile + t] = hsum(a[i]);
-    }
-  }
-  for (; r < nr; ++r) {
-    for (int64_t t = 0; t < n; ++t) {
-      vf a = {};
-      for (int d = 0; d < kMlaDim; d += kLanes) a += load(q + r * kMlaDim + d) * load(k + t * kMlaDim + d);
-      s[r * kTile + t] = hsum(a);
-    }
-  }
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
 }
 
-// acc[r] += sum_t p[r * kTile + t] * v[t] over the 512 latent values; 4 rows x 64 values of
-// accumulators stay in registers across the tile's keys.
-void accumulate_pv(const float* p, int64_t nr, const float* v, int64_t n, float* acc) {
-  int64_t r = 0;
-  for (; r + 4 <= nr; r += 4) {
-    for (int d = 0; d < kMlaLatent; d += 4 * kLanes) {
-      vf a[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) a[i][j] = load(acc + (r + i) * kMlaLatent + d + j * kLanes);
-      for (int64_t t = 0; t < n; ++t) {
-        vf vv[4];
-        for (int j = 0; j < 4; ++j) vv[j] = load(v + t * kMlaDim + d + j * kLanes);
-        for (int i = 0; i < 4; ++i) {
-          const vf pi = splat(p[(r + i) * kTile + t]);
-          for (int j = 0; j < 4; ++j) a[i][j] += pi * vv[j];
+// 2^x for x <= 0, vectorised: x = n + f with n = round(x), |f| <= 1/2, 2^f by its degree-6
+// Taylor polynomial (relative error < 2e-7), 2^n through the exponent bits. x < -126
+// (-inf included) gives 0.
+inline vf exp2_neg(vf x) {
+  const vf xc = x < -126.0f ? splat(-126.0f) : (x > 0.0f ? splat(0.0f) : x);
+  const vi n = __builtin_convertvector(xc - 0.5f, vi);  // truncation toward 0 = round for x <= 0
+  const vf f = (xc - __builtin_convertvector(n, vf)) * 0.6931471805599453f;
+  vf p = splat(1.0f / 720);
+  p = p * f + 1.0f / 120;
+  p = p * f + 1.0f / 24;
+  p = p * f + 1.0f / 6;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  vf two_n;
+  const vi bits = (n + 127) << 23;
+  memcpy(&two_n, &bits, sizeof(two_n));
+  return x < -126.0f ? splat(0.0f) : p * two_n;
+}
+
+#if LK_MLA_DPBF16
+// ---- AVX512-BF16 engine: bf16 rows in place, vdpbf16ps.
+inline __m512bh ld_bh(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+// Sums each of 16 vectors: out[4 j + i] = sum of a[4 i + j] (a shuffle tree, 30 instructions).
+inline __m512 reduce16(const __m512* a) {
+  __m512 x[8], y[4];
+  for (int i = 0; i < 8; ++i)
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xDD));
+  const __m512 z0 = _mm512_add_ps(_mm512_unpacklo_ps(y[0], y[1]), _mm512_unpackhi_ps(y[0], y[1]));
+  const __m512 z1 = _mm512_add_ps(_mm512_unpacklo_ps(y[2], y[3]), _mm512_unpackhi_ps(y[2], y[3]));
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(z0), _mm512_castps_pd(z1))),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(z0), _mm512_castps_pd(z1))));
+}
+
+struct TileEngine {
+  const uint16_t* qrow[kRowsPerUnit];
+  const uint16_t* krow[kTile];
+  alignas(64) uint16_t kbuf[kTile][kMlaDim];              // FP8 rows dequantized to bf16
+  alignas(64) uint16_t vpair[kTile / 2][2 * kMlaLatent];  // V of keys 2p, 2p+1 interleaved
+  alignas(64) uint32_t ppair[kRowsPerUnit][kTile / 2];    // P of keys 2p, 2p+1 as bf16 pairs
+  alignas(64) uint16_t zero_row[kMlaDim] = {};
+
+  void set_q(const uint16_t* q, int64_t nr) {
+    for (int r = 0; r < kRowsPerUnit; ++r) qrow[r] = q + (r < nr ? r : 0) * kMlaDim;
+  }
+  // bf16 cache: rows are used where they are. FP8: e4m3 * power-of-two scale is exact in bf16.
+  void set_key(int t, const uint8_t* src, bool fp8, const float* f8) {
+    if (!fp8) {
+      krow[t] = reinterpret_cast<const uint16_t*>(src);
+      return;
+    }
+    float scales[4];
+    memcpy(scales, src + kMlaLatent, sizeof(scales));
+    for (int g = 0; g < 4; ++g)
+      for (int k = 0; k < kQuantGroup; ++k)
+        kbuf[t][g * kQuantGroup + k] = f32_to_bf16(f8[src[g * kQuantGroup + k]] * scales[g]);
+    memcpy(&kbuf[t][kMlaLatent], src + kMlaLatent + 16, 2 * kMlaRope);
+    krow[t] = kbuf[t];
+  }
+  void finish_tile(int64_t n) {
+    for (int64_t t = n; t < kTile; ++t) krow[t] = zero_row;
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
+                                        38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int64_t p = 0; p < (n + 1) / 2; ++p)
+      for (int d = 0; d < kMlaLatent; d += 32) {
+        const __m512i a = _mm512_loadu_si512(krow[2 * p] + d), b = _mm512_loadu_si512(krow[2 * p + 1] + d);
+        _mm512_store_si512(&vpair[p][2 * d], _mm512_permutex2var_epi16(a, lo, b));
+        _mm512_store_si512(&vpair[p][2 * d + 32], _mm512_permutex2var_epi16(a, hi, b));
+      }
+  }
+  // s[r * kTile + t] = q[r] . k[t] (unscaled), for r < nr and t < n rounded up to 4.
+  void scores(int64_t nr, int64_t n, float* s) const {
+    for (int64_t r = 0; r < nr; r += 4)
+      for (int64_t t = 0; t < n; t += 4) {
+        __m512 acc[16];
+        for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+        for (int d = 0; d < kMlaDim; d += 32) {
+          __m512bh kv[4], qv[4];
+          for (int j = 0; j < 4; ++j) kv[j] = ld_bh(krow[t + j] + d);
+          for (int i = 0; i < 4; ++i) qv[i] = ld_bh(qrow[r + i] + d);
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) acc[4 * i + j] = _mm512_dpbf16_ps(acc[4 * i + j], qv[i], kv[j]);
         }
+        alignas(64) float out[16];
+        _mm512_store_ps(out, reduce16(acc));
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) s[(r + i) * kTile + t + j] = out[4 * j + i];
       }
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) store(acc + (r + i) * kMlaLatent + d + j * kLanes, a[i][j]);
-    }
   }
-  for (; r < nr; ++r)
-    for (int64_t t = 0; t < n; ++t) {
-      const float pr = p[r * kTile + t];
-      for (int k = 0; k < kMlaLatent; ++k) acc[r * kMlaLatent + k] += pr * v[t * kMlaDim + k];
+  // acc[r] += sum_t p[r * kTile + t] v[t], P rounded to bf16.
+  void accumulate(const float* p, int64_t nr, int64_t n, float* acc) {
+    const int64_t np = (n + 1) / 2;
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t q = 0; q < np; ++q) {
+        const float p1 = 2 * q + 1 < n ? p[r * kTile + 2 * q + 1] : 0.0f;
+        ppair[r][q] = uint32_t(f32_to_bf16(p[r * kTile + 2 * q])) | (uint32_t(f32_to_bf16(p1)) << 16);
+      }
+    for (int64_t r = 0; r < nr; r += 4)
+      for (int d = 0; d < kMlaLatent; d += 64) {
+        __m512 a[4][4];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) a[i][j] = _mm512_loadu_ps(acc + (r + i) * kMlaLatent + d + 16 * j);
+        for (int64_t q = 0; q < np; ++q) {
+          __m512bh v[4];
+          for (int j = 0; j < 4; ++j) v[j] = (__m512bh)_mm512_load_si512(&vpair[q][2 * (d + 16 * j)]);
+          for (int i = 0; i < 4; ++i) {
+            const __m512bh pb = (__m512bh)_mm512_set1_epi32(int(ppair[r + i][q]));
+            for (int j = 0; j < 4; ++j) a[i][j] = _mm512_dpbf16_ps(a[i][j], pb, v[j]);
+          }
+        }
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc + (r + i) * kMlaLatent + d + 16 * j, a[i][j]);
+      }
+  }
+};
+#else
+// ---- Portable engine: the tile widened to fp32, 16-lane vector-extension FMAs.
+struct TileEngine {
+  alignas(64) float qf[kRowsPerUnit][kMlaDim];
+  alignas(64) float kt[kTile][kMlaDim];
+
+  void set_q(const uint16_t* q, int64_t nr) {
+    for (int r = 0; r < kRowsPerUnit; ++r)
+      for (int k = 0; k < kMlaDim; ++k) qf[r][k] = r < nr ? bf16_to_f32(q[r * kMlaDim + k]) : 0.0f;
+  }
+  void set_key(int t, const uint8_t* src, bool fp8, const float* f8) {
+    float* dst = kt[t];
+    if (!fp8) {
+      const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
+      for (int k = 0; k < kMlaDim; ++k) dst[k] = bf16_to_f32(s16[k]);
+      return;
     }
-}
+    float scales[4];
+    memcpy(scales, src + kMlaLatent, sizeof(scales));
+    for (int g = 0; g < 4; ++g)
+      for (int k = 0; k < kQuantGroup; ++k) dst[g * kQuantGroup + k] = f8[src[g * kQuantGroup + k]] * scales[g];
+    uint16_t rope[kMlaRope];
+    memcpy(rope, src + kMlaLatent + 16, sizeof(rope));
+    for (int k = 0; k < kMlaRope; ++k) dst[kMlaLatent + k] = bf16_to_f32(rope[k]);
+  }
+  void finish_tile(int64_t n) {
+    for (int64_t t = n; t < kTile; ++t) std::fill(kt[t], kt[t] + kMlaDim, 0.0f);
+  }
+  // s[r * kTile + t] = q[r] . k[t]; 4 x 4 register blocks, 8 loads feed 16 FMAs.
+  void scores(int64_t nr, int64_t n, float* s) const {
+    for (int64_t r = 0; r < nr; r += 4)
+      for (int64_t t = 0; t < n; t += 4) {
+        vf a[4][4] = {};
+        for (int d = 0; d < kMlaDim; d += kLanes) {
+          vf kv[4], qv[4];
+          for (int j = 0; j < 4; ++j) kv[j] = load(kt[t + j] + d);
+          for (int i = 0; i < 4; ++i) qv[i] = load(qf[r + i] + d);
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) a[i][j] += qv[i] * kv[j];
+        }
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) s[(r + i) * kTile + t + j] = hsum(a[i][j]);
+      }
+  }
+  // acc[r] += sum_t p[r * kTile + t] v[t]; 4 rows x 64 columns of accumulators in registers.
+  void accumulate(const float* p, int64_t nr, int64_t n, float* acc) {
+    for (int64_t r = 0; r < nr; r += 4)
+      for (int d = 0; d < kMlaLatent; d += 4 * kLanes) {
+        vf a[4][4];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) a[i][j] = load(acc + (r + i) * kMlaLatent + d + j * kLanes);
+        for (int64_t t = 0; t < n; ++t) {
+          vf vv[4];
+          for (int j = 0; j < 4; ++j) vv[j] = load(kt[t] + d + j * kLanes);
+          for (int i = 0; i < 4; ++i) {
+            const vf pi = splat(p[(r + i) * kTile + t]);
+            for (int j = 0; j < 4; ++j) a[i][j] += pi * vv[j];
+          }
+        }
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) store(acc + (r + i) * kMlaLatent + d + j * kLanes, a[i][j]);
+      }
+  }
+};
+#endif
 
 }  // namespace
 
@@ -238,8 +376,10 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
 
 #pragma omp parallel
   {
-    std::vector<float> qf(kRowsPerUnit * kMlaDim), kt(kTile * kMlaDim), acc(kRowsPerUnit * kMlaLatent);
-    float sc[kRowsPerUnit][kTile];
+    std::unique_ptr<TileEngine> eng(new TileEngine());
+    std::vector<float> accbuf(kRowsPerUnit * kMlaLatent);
+    float* acc = accbuf.data();
+    alignas(64) float sc[kRowsPerUnit * kTile];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < units; ++u) {
       const int64_t split = u % num_splits, g = (u / num_splits) % groups, b = u / (num_splits * groups);
@@ -258,63 +398,45 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
         m[r] = neg_inf;
         l[r] = 0.0f;
       }
-      const uint16_t* qb = q + (b * rows + r0) * kMlaDim;
-      for (int64_t k = 0; k < nr * kMlaDim; ++k) qf[k] = bf16_to_f32(qb[k]) * scale_log2;
-      std::fill(acc.begin(), acc.begin() + nr * kMlaLatent, 0.0f);
+      eng->set_q(q + (b * rows + r0) * kMlaDim, nr);
+      std::fill(accbuf.begin(), accbuf.end(), 0.0f);
 
       for (int64_t a = t0; a < t_end; a += kTile) {
         const int64_t n = std::min<int64_t>(kTile, t_end - a);
         for (int64_t t = 0; t < n; ++t) {
           const int64_t tok = a + t;
           const int64_t blk = block_table[b * bt_stride + tok / cache.block_size];
-          const uint8_t* src = token_ptr(cache, blk, tok % cache.block_size);
-          float* dst = kt.data() + t * kMlaDim;
-          if (!cache.fp8) {
-            const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
-            for (int k = 0; k < kMlaDim; ++k) dst[k] = bf16_to_f32(s16[k]);
-          } else {
-            float scales[4];
-            memcpy(scales, src + kMlaLatent, sizeof(scales));
-            for (int gq = 0; gq < 4; ++gq)
-              for (int k = 0; k < kQuantGroup; ++k)
-                dst[gq * kQuantGroup + k] = f8[src[gq * kQuantGroup + k]] * scales[gq];
-            uint16_t rope[kMlaRope];
-            memcpy(rope, src + kMlaLatent + 16, sizeof(rope));
-            for (int k = 0; k < kMlaRope; ++k) dst[kMlaLatent + k] = bf16_to_f32(rope[k]);
-          }
+          eng->set_key(int(t), token_ptr(cache, blk, tok % cache.block_size), cache.fp8, f8);
         }
-        // Scores of every row against every key of the tile (4 x 4 register blocks), then the
-        // rows' own causal limits mask the tail.
-        float* sp = &sc[0][0];
-        scores(qf.data(), nr, kt.data(), n, sp);
+        eng->finish_tile(n);
+        eng->scores(nr, n, sc);
+        // Online softmax: keys past a row's causal limit (or the tile) get p = 0.
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t nv = std::max<int64_t>(0, std::min<int64_t>(n, limit[r] - a));
-          float* sr = sp + r * kTile;
-          float mx = m[r];
-          for (int64_t t = 0; t < nv; ++t) mx = std::max(mx, sr[t]);
+          float* sr = sc + r * kTile;
+          for (int64_t t = 0; t < kTile; ++t) sr[t] = t < nv ? sr[t] * scale_log2 : neg_inf;
+          const float mx = std::max(m[r], std::max(hmax(load(sr)), hmax(load(sr + kLanes))));
           if (mx == neg_inf) {  // nothing visible yet: p = 0 (acc and l stay 0)
-            for (int64_t t = 0; t < n; ++t) sr[t] = 0.0f;
+            std::fill(sr, sr + kTile, 0.0f);
             continue;
           }
-          const float alpha = std::exp2(m[r] - mx);  // 0 when m was -inf
-          float sum = 0.0f;
-          for (int64_t t = 0; t < n; ++t) {
-            const float p = t < nv ? std::exp2(sr[t] - mx) : 0.0f;
-            sr[t] = p;
-            sum += p;
-          }
+          const float alpha = m[r] == neg_inf ? 0.0f : std::exp2(m[r] - mx);
+          const vf p0 = exp2_neg(load(sr) - mx), p1 = exp2_neg(load(sr + kLanes) - mx);
+          store(sr, p0);
+          store(sr + kLanes, p1);
           if (alpha != 1.0f) {
-            float* ar = acc.data() + r * kMlaLatent;
+            float* ar = acc + r * kMlaLatent;
             for (int k = 0; k < kMlaLatent; ++k) ar[k] *= alpha;
           }
-          l[r] = l[r] * alpha + sum;
+          l[r] = l[r] * alpha + hsum(p0 + p1);
           m[r] = mx;
         }
-        accumulate_pv(sp, nr, kt.data(), n, acc.data());
+        for (int64_t r = nr; r < ceil_div(nr, 4) * 4; ++r) std::fill(sc + r * kTile, sc + (r + 1) * kTile, 0.0f);
+        eng->accumulate(sc, nr, n, acc);
       }
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t row = r0 + r, i = row / H, h = row % H;
-        const float* ar = acc.data() + r * kMlaLatent;
+        const float* ar = acc + r * kMlaLatent;
         const bool empty = l[r] == 0.0f;
         const float inv = empty ? 0.0f : 1.0f / l[r];
         const float part_lse = empty ? neg_inf : (m[r] + std::log2(l[r])) * ln2;
