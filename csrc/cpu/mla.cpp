@@ -65,12 +65,21 @@ uint8_t* token_ptr(const MlaCache& c, int64_t block, int64_t offset) {
   return static_cast<uint8_t*>(c.data) + block * c.block_stride + offset * c.token_bytes();
 }
 
-// NOTES: GCC/Clang vector extensions: 16 fp32 lanes become one zmm with AVX-512, two ymm
-// with AVX2, four xmm otherwise, so one source serves every x86 and ARM build.
-typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(64)));
-constexpr int kLanes = 16;
+// NOTES: GCC/Clang vector extensions at the target's native width (zmm, ymm, or xmm/NEON), so
+// one source serves every x86 and ARM build; kRB rows per register block keep the score and
+// P.V accumulators (kRB x 4 vectors) within the register file (32 zmm; 16 ymm/xmm).
+#pragma GCC diagnostic ignored "-Wpsabi"
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kRB = 4;
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kRB = 2;
+#else
+constexpr int kLanes = 4, kRB = 2;
+#endif
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef float vfu __attribute__((vector_size(4 * kLanes), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+static_assert(kTile % kLanes == 0 && kRowsPerUnit % kRB == 0, "tiles hold whole vectors and row blocks");
 
 inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
@@ -235,38 +244,38 @@ struct TileEngine {
   void finish_tile(int64_t n) {
     for (int64_t t = n; t < kTile; ++t) std::fill(kt[t], kt[t] + kMlaDim, 0.0f);
   }
-  // s[r * kTile + t] = q[r] . k[t]; 4 x 4 register blocks, 8 loads feed 16 FMAs.
+  // s[r * kTile + t] = q[r] . k[t]; kRB x 4 register blocks.
   void scores(int64_t nr, int64_t n, float* s) const {
-    for (int64_t r = 0; r < nr; r += 4)
+    for (int64_t r = 0; r < nr; r += kRB)
       for (int64_t t = 0; t < n; t += 4) {
-        vf a[4][4] = {};
+        vf a[kRB][4] = {};
         for (int d = 0; d < kMlaDim; d += kLanes) {
-          vf kv[4], qv[4];
+          vf kv[4], qv[kRB];
           for (int j = 0; j < 4; ++j) kv[j] = load(kt[t + j] + d);
-          for (int i = 0; i < 4; ++i) qv[i] = load(qf[r + i] + d);
-          for (int i = 0; i < 4; ++i)
+          for (int i = 0; i < kRB; ++i) qv[i] = load(qf[r + i] + d);
+          for (int i = 0; i < kRB; ++i)
             for (int j = 0; j < 4; ++j) a[i][j] += qv[i] * kv[j];
         }
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < kRB; ++i)
           for (int j = 0; j < 4; ++j) s[(r + i) * kTile + t + j] = hsum(a[i][j]);
       }
   }
-  // acc[r] += sum_t p[r * kTile + t] v[t]; 4 rows x 64 columns of accumulators in registers.
+  // acc[r] += sum_t p[r * kTile + t] v[t]; kRB rows x 4 vectors of accumulators in registers.
   void accumulate(const float* p, int64_t nr, int64_t n, float* acc) {
-    for (int64_t r = 0; r < nr; r += 4)
+    for (int64_t r = 0; r < nr; r += kRB)
       for (int d = 0; d < kMlaLatent; d += 4 * kLanes) {
-        vf a[4][4];
-        for (int i = 0; i < 4; ++i)
+        vf a[kRB][4];
+        for (int i = 0; i < kRB; ++i)
           for (int j = 0; j < 4; ++j) a[i][j] = load(acc + (r + i) * kMlaLatent + d + j * kLanes);
         for (int64_t t = 0; t < n; ++t) {
           vf vv[4];
           for (int j = 0; j < 4; ++j) vv[j] = load(kt[t] + d + j * kLanes);
-          for (int i = 0; i < 4; ++i) {
+          for (int i = 0; i < kRB; ++i) {
             const vf pi = splat(p[(r + i) * kTile + t]);
             for (int j = 0; j < 4; ++j) a[i][j] += pi * vv[j];
           }
         }
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < kRB; ++i)
           for (int j = 0; j < 4; ++j) store(acc + (r + i) * kMlaLatent + d + j * kLanes, a[i][j]);
       }
   }
@@ -415,23 +424,27 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
           const int64_t nv = std::max<int64_t>(0, std::min<int64_t>(n, limit[r] - a));
           float* sr = sc + r * kTile;
           for (int64_t t = 0; t < kTile; ++t) sr[t] = t < nv ? sr[t] * scale_log2 : neg_inf;
-          const float mx = std::max(m[r], std::max(hmax(load(sr)), hmax(load(sr + kLanes))));
+          float mx = m[r];
+          for (int v = 0; v < kTile; v += kLanes) mx = std::max(mx, hmax(load(sr + v)));
           if (mx == neg_inf) {  // nothing visible yet: p = 0 (acc and l stay 0)
             std::fill(sr, sr + kTile, 0.0f);
             continue;
           }
           const float alpha = m[r] == neg_inf ? 0.0f : std::exp2(m[r] - mx);
-          const vf p0 = exp2_neg(load(sr) - mx), p1 = exp2_neg(load(sr + kLanes) - mx);
-          store(sr, p0);
-          store(sr + kLanes, p1);
+          vf psum = {};
+          for (int v = 0; v < kTile; v += kLanes) {
+            const vf pv = exp2_neg(load(sr + v) - mx);
+            store(sr + v, pv);
+            psum += pv;
+          }
           if (alpha != 1.0f) {
             float* ar = acc + r * kMlaLatent;
             for (int k = 0; k < kMlaLatent; ++k) ar[k] *= alpha;
           }
-          l[r] = l[r] * alpha + hsum(p0 + p1);
+          l[r] = l[r] * alpha + hsum(psum);
           m[r] = mx;
         }
-        for (int64_t r = nr; r < ceil_div(nr, 4) * 4; ++r) std::fill(sc + r * kTile, sc + (r + 1) * kTile, 0.0f);
+        for (int64_t r = nr; r < ceil_div(nr, 4) * 4; ++r) std::fill(sc + r * kTile, sc + (r + 1) * kTile, 0.0f);  // padded rows
         eng->accumulate(sc, nr, n, acc);
       }
       for (int64_t r = 0; r < nr; ++r) {
