@@ -5,7 +5,8 @@ tables padded with -1, zero-length sequences, lengths not multiples of the block
 s_q in {1, 2, 4}, heads in {16, 32, 64, 128}, block sizes {1, 16, 64, 128}; out and lse
 against an fp32 reference (cosine-style diff < 1e-5, FlashMLA's bar).
 FP8 cache bound (stated): against the fp32 reference on the same (dequantized) cache bytes the
-bar is the same 1e-5; against the unquantized bf16 cache the diff of out is below 2e-3.
+bar is the same 1e-5; against the unquantized bf16 cache the diff of out is below 2e-3
+(measured ~9e-4 on N(0, 1) rows) and of lse below 1e-4 (measured ~2e-6).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from leankernels.mla import LatentCache, mla_append, mla_decode
 
 from conftest import DEVICES, HAS_CUDA, gemm_diff, poison, randn, requires_cuda, seeded
 
-FP8_VS_BF16_BOUND = 2e-3
+FP8_VS_BF16_BOUND = 2e-3       # measured ~9e-4 on N(0, 1) cache rows (e4m3: 3 mantissa bits)
+FP8_VS_BF16_LSE_BOUND = 1e-4   # measured ~2e-6
 
 
 def cos_diff(x, y) -> float:
@@ -91,10 +93,11 @@ def test_decode_matches_reference(device, fp8, block_size, s_q, H):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 40])
 @pytest.mark.parametrize("causal", [True, False])
-def test_decode_splits_and_causal(device, num_splits, causal):
+@pytest.mark.parametrize("s_q,H", [(4, 16), (3, 5)], ids=["rows64", "rows15"])
+def test_decode_splits_and_causal(device, num_splits, causal, s_q, H):
     seqlens = [1, 200, 0, 65, 2]
     cache, table, sl, _ = make_paged(seqlens, 16, False, 11, device)
-    q = randn(5, 4, 16, 576, seed=12, dtype=torch.bfloat16, device=device)
+    q = randn(5, s_q, H, 576, seed=12, dtype=torch.bfloat16, device=device)
     out, lse = mla_decode(q, cache, table, sl, 0.07, causal=causal, num_splits=num_splits)
     r_out, r_lse = ref.mla_decode(q.float(), cache, table, sl, 0.07, causal=causal)
     check_decode(out, lse, r_out, r_lse)
@@ -132,7 +135,7 @@ def test_decode_fp8_against_unquantized(device):
     out, lse = mla_decode(q, cache, table, sl, 192 ** -0.5)
     r_out, r_lse = ref.mla_decode(q.float(), bf16_cache, table, sl, 192 ** -0.5)
     assert cos_diff(out.float(), r_out) < FP8_VS_BF16_BOUND
-    assert cos_diff(lse, r_lse) < FP8_VS_BF16_BOUND
+    assert cos_diff(lse, r_lse) < FP8_VS_BF16_LSE_BOUND
 
 
 @pytest.mark.parametrize("device", DEVICES)

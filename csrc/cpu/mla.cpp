@@ -193,7 +193,7 @@ struct TileEngine {
   // acc[r] += sum_t p[r * kTile + t] v[t], P rounded to bf16.
   void accumulate(const float* p, int64_t nr, int64_t n, float* acc) {
     const int64_t np = (n + 1) / 2;
-    for (int64_t r = 0; r < nr; ++r)
+    for (int64_t r = 0; r < ceil_div(nr, 4) * 4; ++r)  // padded rows carry p = 0
       for (int64_t q = 0; q < np; ++q) {
         const float p1 = 2 * q + 1 < n ? p[r * kTile + 2 * q + 1] : 0.0f;
         ppair[r][q] = uint32_t(f32_to_bf16(p[r * kTile + 2 * q])) | (uint32_t(f32_to_bf16(p1)) << 16);

@@ -196,8 +196,8 @@ def _cpu_threads() -> int:
 def mla_num_splits(batch: int, rows: int, max_seqlen: int, device: torch.device) -> int:
     """KV splits per sequence, from shapes known on the host only (no sync, graph-safe).
 
-    Enough (sequence, row group, split) work units to fill the machine twice over, each split
-    at least 256 keys (CUDA: 16 rows per unit, 2 units per SM; CPU: 16 rows, 2 per thread).
+    As many (sequence, row group, split) work units as fit in one wave of 2 per SM (CUDA) or
+    2 per thread (CPU), each split at least 256 (CUDA) or 512 (CPU) keys; units hold 16 rows.
     """
     groups = math.ceil(rows / 16)
     if device.type == "cuda":
@@ -205,7 +205,7 @@ def mla_num_splits(batch: int, rows: int, max_seqlen: int, device: torch.device)
         slots, min_keys, cap = 2 * _num_sms(index), 256, 64
     else:
         slots, min_keys, cap = 2 * _cpu_threads(), 512, 16
-    want = math.ceil(slots / max(batch * groups, 1))
+    want = slots // max(batch * groups, 1)  # floor: all units in one wave, no half-empty tail
     return max(1, min(want, cap, math.ceil(max_seqlen / min_keys)))
 
 
