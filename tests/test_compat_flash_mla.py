@@ -121,3 +121,23 @@ def test_flash_mla_bad_inputs():
         flash_mla_with_kvcache(q, k, bt, sl, 512, md[:, :4], ns)
     with pytest.raises(TypeError, match="cache_seqlens"):
         get_mla_metadata(sl.long(), 16, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_mla_with_fp8_rows(device):
+    """An extension over the first release: FlashMLA's 656-byte FP8 rows as k_cache."""
+    from leankernels import reference as ref
+
+    g = seeded(77)
+    b, s_q, h_q, bs = 2, 2, 16, 64
+    sl = torch.tensor([90, 33], dtype=torch.int32)
+    rows = torch.randn(4, bs, 576, generator=g).to(torch.bfloat16)
+    k = ref.mla_cache_quantize(rows).view(torch.float8_e4m3fn).unsqueeze(2)   # [4, 64, 1, 656]
+    bt = torch.tensor([[2, 0], [3, 1]], dtype=torch.int32)
+    q = torch.randn(b, s_q, h_q, 576, generator=g).to(torch.bfloat16)
+    md, ns = get_mla_metadata(sl.to(device), s_q * h_q, 1)
+    out, lse = flash_mla_with_kvcache(q.to(device), k.to(device), bt.to(device), sl.to(device), 512, md, ns,
+                                      causal=True)
+    r_out, r_lse = ref.mla_decode(q.float(), k[:, :, 0].view(torch.uint8), bt, sl, 576 ** -0.5, causal=True)
+    assert gemm_diff(out.cpu().float(), r_out) < 1e-5
+    assert gemm_diff(lse.cpu(), r_lse) < 1e-5

@@ -382,3 +382,39 @@ def test_cuda_graph_capture():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(go, eo) and torch.equal(gl, el)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_decode_padded_block_stride(device, fp8):
+    """FlashMLA allocates FP8 caches as [nb, bs + 1, 656][:, :bs]: blocks need not be dense."""
+    cache, table, sl, _ = make_paged([50, 17], 16, fp8, 21, device)
+    nb, bs, width = cache.shape
+    padded = torch.full((nb, bs + 1, width), 0xFF if fp8 else float("nan"), dtype=cache.dtype, device=device)
+    padded[:, :bs] = cache
+    view = padded[:, :bs]
+    assert not view.is_contiguous()
+    q = randn(2, 2, 16, 576, seed=22, dtype=torch.bfloat16, device=device)
+    out, lse = mla_decode(q, view, table, sl, 0.1)
+    r_out, r_lse = ref.mla_decode(q.float(), cache, table, sl, 0.1)
+    check_decode(out, lse, r_out, r_lse)
+    kv_c, k_pe, w, cos, sin = _append_inputs(3, 23, device)
+    slots = torch.tensor([0, 17, 40], device=device)
+    want = cache.clone()
+    ref.mla_append(want, kv_c, k_pe, slots, norm_weight=w)
+    mla_append(view, kv_c, k_pe, slots, norm_weight=w)
+    _assert_cache_equal(view.contiguous(), want, fp8)
+    pad_bytes = padded[:, bs].cpu().view(torch.uint8)
+    assert (pad_bytes == 0xFF).all() if fp8 else torch.isnan(padded[:, bs]).all()
+
+
+@requires_cuda
+def test_cuda_debug_block_table(monkeypatch):
+    q, cache, table, sl = _good("cuda")
+    bad = table.clone()
+    bad[1, 0] = cache.shape[0] + 5
+    out, lse = mla_decode(q, cache, bad, sl, 0.1)  # skipped, no error without debug
+    assert not torch.isnan(out).any()
+    monkeypatch.setenv("LEANKERNELS_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\]"):
+        mla_decode(q, cache, bad, sl, 0.1)
