@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "common/fp8.h"
 #include "common/mla.h"
@@ -523,17 +524,20 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
                  cache.block_stride, block_table, max_blocks, bt_stride, seqlens,
                  softmax_scale * 1.4426950408889634f, causal, num_splits, o_part, lse_part, out, lse, error_flag};
   const dim3 grid{unsigned(num_splits), unsigned(groups), unsigned(B)};
-  if (cache.fp8) {
-    constexpr int smem = decode_smem_bytes<true>();
-    check(cudaFuncSetAttribute(mla_decode_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-          "mla_decode smem");
-    mla_decode_kernel<true><<<grid, kThreads, smem, s>>>(p);
-  } else {
-    constexpr int smem = decode_smem_bytes<false>();
-    check(cudaFuncSetAttribute(mla_decode_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-          "mla_decode smem");
-    mla_decode_kernel<false><<<grid, kThreads, smem, s>>>(p);
+  // NOTES: the >48 KB shared-memory opt-in is set once per device (first, eager call), so a
+  // later CUDA-graph capture only records launches.
+  static std::atomic<uint32_t> opted_in[64];
+  if (device < 0 || device >= 64 || !opted_in[device].load(std::memory_order_acquire)) {
+    check(cudaFuncSetAttribute(mla_decode_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               decode_smem_bytes<true>()), "mla_decode smem");
+    check(cudaFuncSetAttribute(mla_decode_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               decode_smem_bytes<false>()), "mla_decode smem");
+    if (device >= 0 && device < 64) opted_in[device].store(1u, std::memory_order_release);
   }
+  if (cache.fp8)
+    mla_decode_kernel<true><<<grid, kThreads, decode_smem_bytes<true>(), s>>>(p);
+  else
+    mla_decode_kernel<false><<<grid, kThreads, decode_smem_bytes<false>(), s>>>(p);
   LK_CUDA_LAUNCH_CHECK("mla_decode");
   if (num_splits > 1) {
     mla_combine_kernel<<<unsigned(B * rows), 128, 0, s>>>(o_part, lse_part, num_splits, rows, H, s_q, out, lse);
