@@ -219,6 +219,8 @@ def test_append_matches_reference(device, fp8, block_size, mode):
 def test_append_input_dtypes(device, dtype):
     cache = torch.zeros(4, 16, 576, dtype=torch.bfloat16, device=device)
     kv_c, k_pe, w, cos, sin = _append_inputs(20, 3, device, dtype)
+    kv_c = torch.cat([kv_c, kv_c[:, :40]], dim=1)[:, :512]  # row stride 552: not contiguous
+    assert not kv_c.is_contiguous()
     slots = torch.arange(20, device=device) * 3
     want = cache.clone()
     ref.mla_append(want, kv_c, k_pe, slots, norm_weight=w, cos=cos, sin=sin)
@@ -418,3 +420,20 @@ def test_cuda_debug_block_table(monkeypatch):
     monkeypatch.setenv("LEANKERNELS_DEBUG", "1")
     with pytest.raises(ValueError, match=r"block_table\[1, 0\]"):
         mla_decode(q, cache, bad, sl, 0.1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_every_code_decodes_exactly(device):
+    """One key holding all 254 finite e4m3 codes (subnormals included) with scales 1 and 2^-3:
+    with q = 0 the output is that key's value, which must equal the dequantized bytes exactly."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    row = torch.zeros(1, 1, 656, dtype=torch.uint8)
+    row[0, 0, : codes.numel()] = codes
+    row[0, 0, 512:528] = torch.tensor([1.0, 2.0 ** -3, 1.0, 1.0]).view(torch.uint8)
+    q = torch.zeros(1, 1, 16, 576, dtype=torch.bfloat16, device=device)
+    out, lse = mla_decode(q, row.to(device), torch.zeros(1, 1, dtype=torch.int32, device=device),
+                          torch.ones(1, dtype=torch.int32, device=device), 1.0)
+    want = ref.mla_cache_dequantize(row)[0, 0, :512]
+    assert torch.equal(out[0, 0].cpu().float(), want.expand(16, 512))
+    assert torch.allclose(lse.cpu(), torch.zeros(1, 16, 1))

@@ -151,11 +151,29 @@ struct TileEngine {
       krow[t] = reinterpret_cast<const uint16_t*>(src);
       return;
     }
-    float scales[4];
-    memcpy(scales, src + kMlaLatent, sizeof(scales));
-    for (int g = 0; g < 4; ++g)
-      for (int k = 0; k < kQuantGroup; ++k)
-        kbuf[t][g * kQuantGroup + k] = f32_to_bf16(f8[src[g * kQuantGroup + k]] * scales[g]);
+    // 16 codes at a time: the 7 magnitude bits at fp32's exponent/mantissa top give
+    // 2^(e-127) (1 + m/8); times 2^120 that is the e4m3 magnitude exactly. Subnormal codes
+    // (e = 0) are m * 2^-9, computed apart so a flush-to-zero/DAZ mode cannot zero them; 0x7f
+    // is NaN. Times the tile scale, rounded to bf16 (exact for FlashMLA's power-of-two scales).
+    const __m512 two120 = _mm512_set1_ps(0x1p120f);
+    const __m512 nan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
+    for (int g = 0; g < 4; ++g) {
+      float sc;
+      memcpy(&sc, src + kMlaLatent + 4 * g, 4);
+      const __m512 scale = _mm512_set1_ps(sc);
+      for (int k = 0; k < kQuantGroup; k += 16) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + g * kQuantGroup + k)));
+        const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi32(0x7f));
+        __m512 f = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(mag, 20)), two120);
+        const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(0x1p-9f));
+        f = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8)), f, sub);
+        f = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f)), f, nan);
+        const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x80)), 24);
+        f = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(f), sign)), scale);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&kbuf[t][g * kQuantGroup + k]), (__m256i)_mm512_cvtneps_pbh(f));
+      }
+    }
+    (void)f8;
     memcpy(&kbuf[t][kMlaLatent], src + kMlaLatent + 16, 2 * kMlaRope);
     krow[t] = kbuf[t];
   }
