@@ -86,6 +86,8 @@ def _(q, scale, block_rows):
 
 
 # -------------------------------------------------------------------------------------- mla
+from typing import Optional  # noqa: E402  (Python 3.9: torch evaluates op annotations)
+
 MLA_LATENT, MLA_DIM, MLA_FP8_BYTES = 512, 576, 656
 
 
@@ -120,8 +122,8 @@ def _mla_cache_geometry(cache: torch.Tensor):
 
 @torch.library.custom_op("leankernels::mla_append", mutates_args=("cache",))
 def mla_append(cache: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor,
-               norm_weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
-               positions: torch.Tensor | None) -> None:
+               norm_weight: Optional[torch.Tensor], eps: float, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+               positions: Optional[torch.Tensor]) -> None:
     T = kv_c.shape[0]
     if T == 0 or cache.numel() == 0:
         return
