@@ -11,4 +11,8 @@ cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLEANKERNELS_CUD
   -Dpybind11_DIR="$(python -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
   -DPython_EXECUTABLE="$(command -v python)" >/dev/null
 cmake --build "$BUILD_DIR" -j "${JOBS:-2}"
-cp "$BUILD_DIR"/_C*.so python/leankernels/
+# Replace atomically: overwriting a loaded .so in place crashes the processes using it.
+for so in "$BUILD_DIR"/_C*.so; do
+  cp "$so" "python/leankernels/.$(basename "$so").tmp"
+  mv -f "python/leankernels/.$(basename "$so").tmp" "python/leankernels/$(basename "$so")"
+done

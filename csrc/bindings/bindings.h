@@ -29,5 +29,6 @@ void register_core(py::module_& m);
 void register_quant(py::module_& m);
 void register_gemm_sched(py::module_& m);
 void register_routing(py::module_& m);
+void register_mla(py::module_& m);
 
 }  // namespace lk::bind

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from ._lib import build_info, cuda_available  # noqa: E402
 from .quant import dequantize_fp8, quantize_fp8  # noqa: E402
 from .routing import RoutePlan, permute, plan, route, unpermute, update_bias  # noqa: E402
+from .mla import LatentCache, PagedLatentCache, mla_append, mla_decode  # noqa: E402
 from . import reference  # noqa: E402
 
 __all__ = [
@@ -24,4 +25,8 @@ __all__ = [
     "update_bias",
     "RoutePlan",
     "reference",
+    "LatentCache",
+    "PagedLatentCache",
+    "mla_append",
+    "mla_decode",
 ]

@@ -228,3 +228,112 @@ def update_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.
 @update_bias.register_fake
 def _(bias, counts, rate):
     return torch.empty_like(bias, memory_format=torch.contiguous_format)
+# -------------------------------------------------------------------------------------- mla
+from typing import Optional  # noqa: E402  (Python 3.9: torch evaluates op annotations)
+
+MLA_LATENT, MLA_DIM, MLA_FP8_BYTES = 512, 576, 656
+
+
+def _mla_debug() -> bool:
+    import os
+
+    return os.environ.get("LEANKERNELS_DEBUG", "0") not in ("", "0")
+
+
+def _mla_error_flag(t: torch.Tensor, debug: bool):
+    """A device int32 the CUDA kernels set on a bad index; only allocated under debug."""
+    if debug and t.device.type == "cuda":
+        return torch.zeros(4, dtype=torch.int32, device=t.device)
+    return None
+
+
+def _mla_raise_flag(flag) -> None:
+    """Raise for the first bad index a CUDA kernel reported: flag = {kind, i, j, value}."""
+    if flag is None:
+        return
+    kind, i, j, value = flag.tolist()  # syncs: debug mode only
+    if kind != 0:
+        where = {1: f"slot_mapping[{i}]", 2: f"block_table[{i}, {j}]", 3: f"positions[{i}]"}[kind]
+        raise ValueError(f"leankernels: {where} = {value} is out of range (LEANKERNELS_DEBUG=1)")
+
+
+def _mla_cache_geometry(cache: torch.Tensor):
+    """(fp8, num_blocks, block_size, block stride in bytes) of a [nb, bs, 576|656] cache."""
+    fp8 = cache.dtype != torch.bfloat16
+    return fp8, cache.shape[0], cache.shape[1], cache.stride(0) * cache.element_size()
+
+
+@torch.library.custom_op("leankernels::mla_append", mutates_args=("cache",))
+def mla_append(cache: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor,
+               norm_weight: Optional[torch.Tensor], eps: float, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+               positions: Optional[torch.Tensor]) -> None:
+    T = kv_c.shape[0]
+    if T == 0 or cache.numel() == 0:
+        return
+    debug = _mla_debug()
+    flag = _mla_error_flag(cache, debug)
+    fp8, nb, bs, bstride = _mla_cache_geometry(cache)
+    device, stream = device_args(cache)
+    C().mla_append(
+        kv_c.data_ptr(), dtype_code(kv_c.dtype), kv_c.stride(0), k_pe.data_ptr(), dtype_code(k_pe.dtype),
+        k_pe.stride(0), slot_mapping.data_ptr(), T, norm_weight.data_ptr() if norm_weight is not None else 0,
+        eps, cos.data_ptr() if cos is not None else 0, sin.data_ptr() if sin is not None else 0,
+        positions.data_ptr() if positions is not None else 0, cos.shape[0] if cos is not None else 0,
+        cache.data_ptr(), fp8, nb, bs, bstride, debug, flag.data_ptr() if flag is not None else 0, device, stream)
+    _mla_raise_flag(flag)
+
+
+@mla_append.register_fake
+def _(cache, kv_c, k_pe, slot_mapping, norm_weight, eps, cos, sin, positions):
+    return None
+
+
+@torch.library.custom_op("leankernels::mla_decode", mutates_args=())
+def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seqlens: torch.Tensor,
+               softmax_scale: float, causal: bool, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, s_q, H, _ = q.shape
+    out = torch.empty(B, s_q, H, MLA_LATENT, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, s_q, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    q = q.contiguous()
+    rows = s_q * H
+    if num_splits > 1:
+        o_part = torch.empty(B, num_splits, rows, MLA_LATENT, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(B, num_splits, rows, dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = None
+    debug = _mla_debug()
+    flag = _mla_error_flag(q, debug)
+    fp8, nb, bs, bstride = _mla_cache_geometry(cache)
+    device, stream = device_args(q)
+    C().mla_decode(
+        q.data_ptr(), B, s_q, H, cache.data_ptr(), fp8, nb, bs, bstride, block_table.data_ptr(),
+        block_table.shape[1], block_table.stride(0), seqlens.data_ptr(), softmax_scale, causal, num_splits,
+        o_part.data_ptr() if o_part is not None else 0, lse_part.data_ptr() if lse_part is not None else 0,
+        out.data_ptr(), lse.data_ptr(), flag.data_ptr() if flag is not None else 0, device, stream)
+    _mla_raise_flag(flag)
+    return out, lse
+
+
+@mla_decode.register_fake
+def _(q, cache, block_table, seqlens, softmax_scale, causal, num_splits):
+    B, s_q, H, _ = q.shape
+    return q.new_empty(B, s_q, H, MLA_LATENT), q.new_empty(B, H, s_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("leankernels::mla_schedule", mutates_args=())
+def mla_schedule(seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B = seqlens.shape[0]
+    metadata = torch.empty(num_parts, 8, dtype=torch.int32, device=seqlens.device)
+    num_splits = torch.empty(B + 1, dtype=torch.int32, device=seqlens.device)
+    seqlens = seqlens.contiguous()
+    device, stream = device_args(seqlens)
+    C().mla_schedule(seqlens.data_ptr(), B, num_parts, metadata.data_ptr(), num_splits.data_ptr(), device, stream)
+    return metadata, num_splits
+
+
+@mla_schedule.register_fake
+def _(seqlens, num_parts):
+    B = seqlens.shape[0]
+    return (seqlens.new_empty(num_parts, 8, dtype=torch.int32), seqlens.new_empty(B + 1, dtype=torch.int32))
