@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from leankernels._bench.mla import decode_case, shapes
+from leankernels._bench.timing import synchronized
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["ours", "eager reference", "SDPA over MHA cache"]
@@ -28,15 +29,7 @@ def _case(shape, fp8):
 
 
 def _timed(fn):
-    if DEVICE != "cuda":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
+    return synchronized(fn, DEVICE)
 
 
 def _params():

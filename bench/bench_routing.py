@@ -19,20 +19,10 @@ import torch
 
 import leankernels
 from leankernels._bench import routing
+from leankernels._bench.timing import synchronized
 
 QUICK = os.environ.get("LEANKERNELS_BENCH_QUICK", "0") == "1"
 DEVICES = ["cpu"] + (["cuda"] if leankernels.cuda_available() else [])
-
-
-def _synced(fn, device):
-    if device == "cpu":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-    return run
 
 
 def _median(fn, rounds: int) -> float:
@@ -67,7 +57,7 @@ def _ids():
 def test_routing(benchmark, device, index):
     case = _cases(device)[index]
     benchmark.group = f"{case.name} {case.shape}"
-    ours = _synced(case.ours, device)
+    ours = synchronized(case.ours, device)
     if case.check is not None:
         assert case.check(), f"{case.name} {case.shape}: ours disagrees with the reference"
     ours()
@@ -81,6 +71,6 @@ def test_routing(benchmark, device, index):
         info["gbps"] = case.bytes / med / 1e9
     rounds = 5 if device == "cpu" else 50
     for name, fn in case.baselines.items():
-        t = _median(_synced(fn, device), rounds)
+        t = _median(synchronized(fn, device), rounds)
         info[f"time[{name}]"] = t
         info[f"ratio[{name}]"] = t / med

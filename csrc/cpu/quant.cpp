@@ -13,31 +13,10 @@
 #include <vector>
 
 #include "common/fp8.h"
+#include "cpu/widen.h"
 
 namespace lk::cpu {
 namespace {
-
-void widen_row(const void* x, DType dtype, int64_t offset, int64_t K, float* out) {
-  switch (dtype) {
-    case DType::f32: {
-      const float* p = static_cast<const float*>(x) + offset;
-      std::copy(p, p + K, out);
-      break;
-    }
-    case DType::bf16: {
-      const uint16_t* p = static_cast<const uint16_t*>(x) + offset;
-      for (int64_t k = 0; k < K; ++k) out[k] = bf16_to_f32(p[k]);
-      break;
-    }
-    case DType::f16: {
-      const uint16_t* p = static_cast<const uint16_t*>(x) + offset;
-      for (int64_t k = 0; k < K; ++k) out[k] = f16_to_f32(p[k]);
-      break;
-    }
-    default:
-      throw ArgError("leankernels: quantize_fp8 input must be float32, bfloat16 or float16");
-  }
-}
 
 // Running NaN-propagating |x| max of each 128-wide group of one row, on raw bits.
 void group_amax_bits(const float* row, int64_t K, uint32_t* amax) {

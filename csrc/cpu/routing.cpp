@@ -12,6 +12,7 @@
 // both memory bound; permute_fp8 quantizes each gathered row from an fp32 scratch row with the
 // common/fp8.h codec, so its bytes equal quantize_fp8 of the gathered rows.
 #include "cpu/routing.h"
+#include "cpu/widen.h"
 
 #include <algorithm>
 #include <cmath>
@@ -38,28 +39,6 @@ int num_threads() {
 #else
   return 1;
 #endif
-}
-
-void widen(const void* x, DType dtype, int64_t offset, int64_t n, float* out) {
-  switch (dtype) {
-    case DType::f32: {
-      const float* p = static_cast<const float*>(x) + offset;
-      std::copy(p, p + n, out);
-      break;
-    }
-    case DType::bf16: {
-      const uint16_t* p = static_cast<const uint16_t*>(x) + offset;
-      for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(p[i]);
-      break;
-    }
-    case DType::f16: {
-      const uint16_t* p = static_cast<const uint16_t*>(x) + offset;
-      for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(p[i]);
-      break;
-    }
-    default:
-      throw ArgError("leankernels: routing input must be float32, bfloat16 or float16");
-  }
 }
 
 // fp32 -> IEEE half, round to nearest even, NaN stays NaN (PyTorch's conversion).
@@ -176,7 +155,7 @@ void route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t row_st
     std::vector<uint8_t> keep(n_group);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
-      widen(logits, dtype, t * row_stride, E, x.data());
+      widen_row(logits, dtype, t * row_stride, E, x.data());
       scores_row(x.data(), E, sigmoid, s.data(), tmp.data());
       uint32_t* k32 = key.data();
       if (bias) {
@@ -297,7 +276,7 @@ void permute_fp8(const void* x, DType dtype, int64_t T, int64_t H, int64_t row_s
     for (int64_t r = 0; r < R; ++r) {
       const int32_t t = row_token[r];
       if (t >= 0 && t < T)
-        widen(x, dtype, t * row_stride, H, buf.data());
+        widen_row(x, dtype, t * row_stride, H, buf.data());
       else
         std::fill(buf.begin(), buf.end(), 0.0f);
       uint8_t* qrow = q + r * H;
@@ -334,7 +313,7 @@ void unpermute(const void* y, DType dtype, int64_t R, int64_t H, const int32_t* 
           const int32_t r = token_row[t * top_k + k];
           if (r < 0 || r >= R) continue;
           const float w = weights[t * top_k + k];
-          widen(y, dtype, r * H + h0, n, row);
+          widen_row(y, dtype, r * H + h0, n, row);
           for (int64_t i = 0; i < n; ++i) acc[i] += w * row[i];
         }
         narrow(acc, dtype, n, static_cast<char*>(out) + (t * H + h0) * es);

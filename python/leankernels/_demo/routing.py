@@ -1,28 +1,19 @@
 """Demo section: a DeepSeek-V3 MoE routing step (gate, plan, permute, unpermute) for a batch."""
 from __future__ import annotations
 
-import time
-
 import torch
 
 import leankernels as lk
 from leankernels import reference as ref
+
+from .timer import median_time
 
 E, N_GROUP, TOPK_GROUP, TOP_K, SCALE, HIDDEN = 256, 8, 4, 8, 2.5, 7168
 
 
 def _time(fn, device: str, reps: int) -> float:
     """Best of reps wall-clock runs: on a shared 2-core CPU the median mostly measures neighbours."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return median_time(fn, device, reps, stat=min)
 
 
 def run(device: str, quick: bool) -> list[dict]:

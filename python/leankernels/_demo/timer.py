@@ -7,8 +7,8 @@ import time
 import torch
 
 
-def median_time(fn, device: str, reps: int = 5, warmup: int = 1) -> float:
-    """Median seconds of fn() over reps runs, synchronising the GPU around each run."""
+def median_time(fn, device: str, reps: int = 5, warmup: int = 1, stat=statistics.median) -> float:
+    """Median (or `stat`) seconds of fn() over reps runs, synchronising the GPU around each run."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -19,4 +19,4 @@ def median_time(fn, device: str, reps: int = 5, warmup: int = 1) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return stat(times)
