@@ -27,5 +27,6 @@ inline void* stream_ptr(uintptr_t s) { return reinterpret_cast<void*>(s); }
 // One register_<domain>() per domain; module.cpp calls them all.
 void register_core(py::module_& m);
 void register_quant(py::module_& m);
+void register_gemm(py::module_& m);
 
 }  // namespace lk::bind

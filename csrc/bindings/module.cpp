@@ -6,4 +6,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "leankernels C++/CUDA kernels (framework-free; called by leankernels._ops)";
   lk::bind::register_core(m);
   lk::bind::register_quant(m);
+  lk::bind::register_gemm(m);
 }

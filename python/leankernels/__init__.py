@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from ._lib import build_info, cuda_available  # noqa: E402
 from .quant import dequantize_fp8, quantize_fp8  # noqa: E402
+from .gemm import fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_masked  # noqa: E402
 from . import reference  # noqa: E402
 
 __all__ = [
@@ -16,5 +17,8 @@ __all__ = [
     "cuda_available",
     "quantize_fp8",
     "dequantize_fp8",
+    "fp8_gemm",
+    "fp8_grouped_gemm",
+    "fp8_grouped_gemm_masked",
     "reference",
 ]
