@@ -1,0 +1,1 @@
+"""Demo sections, one module per domain, each exposing run(device, quick) -> list[dict]."""
