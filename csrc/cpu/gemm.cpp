@@ -70,50 +70,44 @@ std::vector<Segment> segments(GemmLayout layout, const int32_t* groups, int64_t 
 }
 
 #ifdef LK_GEMM_AVX512BF16
-using Elem = uint16_t;  // bf16 bits
-
-constexpr int kNV = 3;              // 16-column vectors per micro-kernel row
-constexpr int64_t kNTile = 16 * kNV;  // columns per item
-constexpr int kMR = 8;              // rows per micro-kernel call (8 x 3 accumulators)
-constexpr int64_t kMTile = 32;      // rows per item
-constexpr int kPairs = kQuantGroup / 2;
+// Vectorised over rows: a zmm holds one output column for 16 rows. Per k-pair the micro-kernel
+// loads a's 16 rows (a "transposed" tile, [k-pair][16 rows] bf16 pairs, built once per call)
+// and broadcasts one bf16 pair of each of 24 weight rows, which stay K-major as stored: the
+// weights need no transpose, only a byte-table decode.
+constexpr int kTileRows = 16;           // rows per zmm (fp32 lanes)
+constexpr int64_t kNTile = 24;          // weight columns per item = accumulators per tile
+constexpr int64_t kTilesPerItem = 4;    // 64 rows per item share one decoded weight panel
+constexpr int kSlots = kQuantGroup / 2; // bf16 pairs per 128-wide K block
 constexpr int64_t kPrefetchBlocks = 4;  // how far ahead weight rows are prefetched
 
-// 32 e4m3 bytes -> 32 bf16, exact, branch-free: normals rebias the exponent (+120) and keep the
-// 3 mantissa bits; subnormals (exponent 0) come from an 8-entry table; S.1111.111 -> NaN.
+// e4m3 -> bf16 as two 128-entry byte tables (low and high byte of the bf16 of each magnitude,
+// subnormals and NaN included): `vpermt2b` looks up 64 bytes at once, the sign bit is ignored
+// by the lookup and ORed back into the high byte.
 struct Decoder {
-  __m512i sub_table;
+  __m512i lo[2], hi[2];
   Decoder() {
-    alignas(64) uint16_t t[32] = {};
-    for (int i = 0; i < 8; ++i) t[i] = f32_to_bf16(fp8e4m3_to_f32(uint8_t(i)));
-    sub_table = _mm512_load_si512(t);
+    alignas(64) uint8_t tl[128], th[128];
+    for (int i = 0; i < 128; ++i) {
+      const uint16_t v = f32_to_bf16(fp8e4m3_to_f32(uint8_t(i)));
+      tl[i] = uint8_t(v & 0xff);
+      th[i] = uint8_t(v >> 8);
+    }
+    lo[0] = _mm512_load_si512(tl);
+    lo[1] = _mm512_load_si512(tl + 64);
+    hi[0] = _mm512_load_si512(th);
+    hi[1] = _mm512_load_si512(th + 64);
   }
-  __m512i operator()(__m256i bytes) const {
-    const __m512i w = _mm512_cvtepu8_epi16(bytes);
-    const __m512i mag = _mm512_and_si512(w, _mm512_set1_epi16(0x7f));
-    const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x80)), 8);
-    __m512i v = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
-    v = _mm512_mask_blend_epi16(_mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), v,
-                                _mm512_permutexvar_epi16(mag, sub_table));
-    v = _mm512_mask_blend_epi16(_mm512_cmpeq_epi16_mask(mag, _mm512_set1_epi16(0x7f)), v,
-                                _mm512_set1_epi16(0x7fc0));
-    return _mm512_or_si512(v, sign);
+  // 64 bytes -> 32 bf16 pairs (dwords) in "slot" order: w0 holds pairs 8*(j/4) + j%4, w1 the
+  // same + 4 (the in-lane order of unpacklo/hi_epi8). a and b use the same order, and a dot
+  // product does not care about it.
+  void operator()(__m512i x, __m512i* w0, __m512i* w1) const {
+    const __m512i l = _mm512_permutex2var_epi8(lo[0], x, lo[1]);
+    __m512i h = _mm512_permutex2var_epi8(hi[0], x, hi[1]);
+    h = _mm512_ternarylogic_epi32(h, x, _mm512_set1_epi8(char(0x80)), 0xf8);  // h | (x & 0x80)
+    *w0 = _mm512_unpacklo_epi8(l, h);
+    *w1 = _mm512_unpackhi_epi8(l, h);
   }
 };
-
-// One row of K e4m3 bytes -> Kp decoded elements, zero padded past K.
-void decode_row(const Decoder& dec, const uint8_t* src, int64_t K, int64_t Kp, Elem* dst) {
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32)
-    _mm512_storeu_si512(dst + k, dec(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))));
-  if (k < K) {
-    alignas(32) uint8_t tail[32] = {};
-    std::copy(src + k, src + K, tail);
-    _mm512_storeu_si512(dst + k, dec(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail))));
-    k += 32;
-  }
-  for (; k < Kp; k += 32) _mm512_storeu_si512(dst + k, _mm512_setzero_si512());
-}
 
 // 16x16 transpose of 32-bit elements: rows[i] lane j -> rows[j] lane i.
 inline void transpose16(__m512i (&r)[16]) {
@@ -141,113 +135,53 @@ inline void transpose16(__m512i (&r)[16]) {
   }
 }
 
-// e4m3 -> bf16 as two 128-entry byte tables (low and high byte of the bf16 of each magnitude,
-// subnormals and NaN included): `vpermt2b` looks up 64 bytes at once, the sign bit is ignored
-// by the lookup and ORed back into the high byte.
-struct PanelDecoder {
-  __m512i lo[2], hi[2];
-  PanelDecoder() {
-    alignas(64) uint8_t tl[128], th[128];
-    for (int i = 0; i < 128; ++i) {
-      const uint16_t v = f32_to_bf16(fp8e4m3_to_f32(uint8_t(i)));
-      tl[i] = uint8_t(v & 0xff);
-      th[i] = uint8_t(v >> 8);
-    }
-    lo[0] = _mm512_load_si512(tl);
-    lo[1] = _mm512_load_si512(tl + 64);
-    hi[0] = _mm512_load_si512(th);
-    hi[1] = _mm512_load_si512(th + 64);
-  }
-  // 64 bytes -> bf16 pairs: w0 dword j = elements (k, k+1) with k/2 = 8*(j/4) + j%4, w1 the
-  // same + 4 (the in-lane order of unpacklo/hi_epi8).
-  void operator()(__m512i x, __m512i* w0, __m512i* w1) const {
-    const __m512i l = _mm512_permutex2var_epi8(lo[0], x, lo[1]);
-    __m512i h = _mm512_permutex2var_epi8(hi[0], x, hi[1]);
-    h = _mm512_ternarylogic_epi32(h, x, _mm512_set1_epi8(char(0x80)), 0xf8);  // h | (x & 0x80)
-    *w0 = _mm512_unpacklo_epi8(l, h);
-    *w1 = _mm512_unpackhi_epi8(l, h);
-  }
-};
-
-// Weight rows n0..n0+47 of one group (zero past N and past K), K block kb -> panel[kp][48]
-// dwords, each the bf16 pair (b[n][2kp], b[n][2kp+1]) of the block.
-void decode_panel(const PanelDecoder& dec, const uint8_t* bg, int64_t n0, int64_t N, int64_t K,
-                  int64_t kb, uint32_t* panel) {
-  const int64_t k0 = kb * kQuantGroup;
-  const int64_t kv = std::min<int64_t>(kQuantGroup, K - k0);
+// 128 e4m3 bytes of K block kb at `src` (zero past K or when !valid) -> 64 slots of bf16 pairs.
+inline void decode_block(const Decoder& dec, const uint8_t* src, int64_t kv, bool valid, __m512i (&w)[4]) {
   for (int half = 0; half < 2; ++half) {
-    const int64_t valid = std::min<int64_t>(64, std::max<int64_t>(0, kv - 64 * half));
-    const __mmask64 kmask = valid >= 64 ? ~__mmask64(0) : ((__mmask64(1) << valid) - 1);
-    for (int grp = 0; grp < kNV; ++grp) {
-      __m512i r0[16], r1[16];
-      for (int i = 0; i < 16; ++i) {
-        const int64_t n = n0 + grp * 16 + i;
-        // Masked-off bytes (past K, or rows past N) read as zero and never fault.
-        const __m512i x = _mm512_maskz_loadu_epi8(n < N ? kmask : 0, bg + n * K + k0 + 64 * half);
-        dec(x, &r0[i], &r1[i]);
-      }
-      transpose16(r0);
-      transpose16(r1);
-      for (int j = 0; j < 16; ++j) {
-        const int kp = 32 * half + 8 * (j / 4) + j % 4;
-        _mm512_storeu_si512(panel + kp * kNTile + grp * 16, r0[j]);
-        _mm512_storeu_si512(panel + (kp + 4) * kNTile + grp * 16, r1[j]);
-      }
-    }
+    const int64_t n = std::min<int64_t>(64, std::max<int64_t>(0, kv - 64 * half));
+    const __mmask64 m = !valid ? 0 : (n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1));
+    // Masked-off bytes read as zero and never fault.
+    dec(_mm512_maskz_loadu_epi8(m, src + 64 * half), &w[2 * half], &w[2 * half + 1]);
   }
 }
 
-// MR rows x 48 columns, one K block: totals[r][n] += (a_blk . panel) * scale[r][n / 16].
-// a[r] points at row r's decoded block (128 bf16).
-template <int MR>
-void micro_kernel(const Elem* const* a, const uint32_t* panel, const float* scale, float* totals) {
-  __m512 acc[MR][kNV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 3
-    for (int j = 0; j < kNV; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int kp = 0; kp < kPairs; ++kp) {
-    __m512bh bv[kNV];
-#pragma GCC unroll 3
-    for (int j = 0; j < kNV; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(panel + kp * kNTile + 16 * j);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a[r] + 2 * kp, 4);
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-#pragma GCC unroll 3
-      for (int j = 0; j < kNV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
+// One 16-row tile of a: a_t[kb][slot][16 rows] (bf16 pairs, zero rows past `rows`) and
+// sa_t[kb][16] (0 past `rows`).
+void pack_a_tile(const Decoder& dec, const uint8_t* a, const float* a_scale, int64_t r0, int64_t rows,
+                 int64_t K, int64_t KB, uint32_t* a_t, float* sa_t) {
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const int64_t kv = std::min<int64_t>(kQuantGroup, K - kb * kQuantGroup);
+    __m512i w[4][kTileRows];
+    for (int i = 0; i < kTileRows; ++i) {
+      __m512i blk[4];
+      decode_block(dec, a + (r0 + i) * K + kb * kQuantGroup, kv, i < rows, blk);
+      for (int q = 0; q < 4; ++q) w[q][i] = blk[q];
     }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 3
-    for (int j = 0; j < kNV; ++j) {
-      float* t = totals + r * kNTile + 16 * j;
-      _mm512_storeu_ps(t, _mm512_fmadd_ps(acc[r][j], _mm512_set1_ps(scale[r * kNV + j]), _mm512_loadu_ps(t)));
+    for (int q = 0; q < 4; ++q) {
+      transpose16(w[q]);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(a_t + (kb * kSlots + 16 * q + j) * kTileRows, w[q][j]);
     }
-}
-
-using MicroKernel = void (*)(const Elem* const*, const uint32_t*, const float*, float*);
-
-MicroKernel pick(int mr) {
-  switch (mr) {
-    case 1: return micro_kernel<1>;
-    case 2: return micro_kernel<2>;
-    case 3: return micro_kernel<3>;
-    case 4: return micro_kernel<4>;
-    case 5: return micro_kernel<5>;
-    case 6: return micro_kernel<6>;
-    case 7: return micro_kernel<7>;
-    default: return micro_kernel<8>;
+    for (int i = 0; i < kTileRows; ++i) sa_t[kb * kTileRows + i] = i < rows ? a_scale[(r0 + i) * KB + kb] : 0.0f;
   }
 }
 
-struct Scratch {
-  std::vector<uint32_t> panel = std::vector<uint32_t>(kPairs * kNTile);
-  std::vector<float> totals = std::vector<float>(kMTile * kNTile);
-  std::vector<float> scale = std::vector<float>(kMTile * kNV);
-};
+// totals[c][16 rows] += (a_blk . b_blk[c]) * scale[c][16 rows] for the 24 columns of a panel.
+// a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64 slots.
+void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* scale, float* totals) {
+  __m512 acc[kNTile];
+#pragma GCC unroll 24
+  for (int c = 0; c < kNTile; ++c) acc[c] = _mm512_setzero_ps();
+  for (int s = 0; s < kSlots; ++s) {
+    const __m512bh av = (__m512bh)_mm512_loadu_si512(a_t + s * kTileRows);
+#pragma GCC unroll 24
+    for (int c = 0; c < kNTile; ++c)
+      acc[c] = _mm512_dpbf16_ps(acc[c], av, (__m512bh)_mm512_set1_epi32(int(panel[c * kSlots + s])));
+  }
+#pragma GCC unroll 24
+  for (int c = 0; c < kNTile; ++c)
+    _mm512_storeu_ps(totals + c * kTileRows,
+                     _mm512_fmadd_ps(acc[c], _mm512_loadu_ps(scale + c * kTileRows), _mm512_loadu_ps(totals + c * kTileRows)));
+}
 
 #else
 using Elem = float;
@@ -323,34 +257,16 @@ struct Scratch {
 };
 #endif
 
-// One row of K e4m3 bytes -> Kp decoded elements, zero padded past K (both paths).
-void decode_a_row(const Decoder& dec, const uint8_t* src, int64_t K, int64_t Kp, Elem* dst) {
-#ifdef LK_GEMM_AVX512BF16
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32)
-    _mm512_storeu_si512(dst + k, dec(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))));
-  if (k < K) {
-    alignas(32) uint8_t tail[32] = {};
-    std::copy(src + k, src + K, tail);
-    _mm512_storeu_si512(dst + k, dec(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail))));
-    k += 32;
-  }
-  for (; k < Kp; k += 32) _mm512_storeu_si512(dst + k, _mm512_setzero_si512());
-#else
-  decode_row(dec, src, K, Kp, dst);
-#endif
-}
-
 struct WorkItem {
-  int64_t group, r0, r1, n0;
+  int64_t group, r0, r1, n0, tile;  // tile: first 16-row a tile of the item (AVX512 path)
 };
 
 struct Problem {
-  const Elem* a_dec;  // [R, Kp]
+  const uint8_t* a;
   const float* a_scale;
   const uint8_t* b;
   const float* b_scale;
-  int64_t N, K, KB, NB, Kp;
+  int64_t N, K, KB, NB;
   void* out;
   DType out_dtype;
 };
@@ -361,55 +277,81 @@ inline void store_out(const Problem& p, int64_t row, int64_t col, float v) {
 }
 
 #ifdef LK_GEMM_AVX512BF16
-void process_item(const Problem& p, const PanelDecoder& dec, const WorkItem& w, Scratch& s) {
-  const int64_t rows = w.r1 - w.r0;
+struct PackedA {  // every 16-row tile of the used rows of a, transposed (pack_a_tile)
+  std::vector<uint32_t> a_t;
+  std::vector<float> sa_t;
+};
+
+struct Scratch {
+  std::vector<uint32_t> panel = std::vector<uint32_t>(kNTile * kSlots);
+  std::vector<float> scale = std::vector<float>(kNTile * kTileRows);
+  std::vector<float> totals = std::vector<float>(kTilesPerItem * kNTile * kTileRows);
+};
+
+void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const WorkItem& w, Scratch& s) {
+  const int64_t rows = w.r1 - w.r0, tiles = ceil_div(rows, kTileRows);
   const int64_t nc = std::min(kNTile, p.N - w.n0);
-  const uint8_t* bg = p.b + w.group * p.N * p.K;
+  const uint8_t* bg = p.b + (w.group * p.N + w.n0) * p.K;
   const float* sbg = p.b_scale + w.group * p.NB * p.KB;
-  std::fill(s.totals.begin(), s.totals.begin() + rows * kNTile, 0.0f);
+  std::fill(s.totals.begin(), s.totals.end(), 0.0f);
   for (int64_t kb = 0; kb < p.KB; ++kb) {
     if (kb + kPrefetchBlocks < p.KB)
       for (int64_t c = 0; c < nc; ++c) {
-        const uint8_t* q = bg + (w.n0 + c) * p.K + (kb + kPrefetchBlocks) * kQuantGroup;
+        const uint8_t* q = bg + c * p.K + (kb + kPrefetchBlocks) * kQuantGroup;
         __builtin_prefetch(q, 0, 1);
         __builtin_prefetch(q + 64, 0, 1);
       }
-    decode_panel(dec, bg, w.n0, p.N, p.K, kb, s.panel.data());
-    for (int64_t r = 0; r < rows; ++r)
-      for (int j = 0; j < kNV; ++j) {
-        const int64_t n = w.n0 + 16 * j;  // 16 columns share one 128-wide b_scale block
-        s.scale[r * kNV + j] = n < p.N ? p.a_scale[(w.r0 + r) * p.KB + kb] * sbg[(n / kQuantGroup) * p.KB + kb] : 0.0f;
+    const int64_t kv = std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup);
+    for (int64_t c = 0; c < kNTile; ++c) {  // columns past N decode as zero
+      __m512i blk[4];
+      decode_block(dec, bg + c * p.K + kb * kQuantGroup, kv, c < nc, blk);
+      for (int q = 0; q < 4; ++q) _mm512_storeu_si512(s.panel.data() + c * kSlots + 16 * q, blk[q]);
+    }
+    for (int64_t t = 0; t < tiles; ++t) {
+      const float* sa = pa.sa_t.data() + ((w.tile + t) * p.KB + kb) * kTileRows;
+      const __m512 sav = _mm512_loadu_ps(sa);
+      for (int64_t c = 0; c < kNTile; ++c) {
+        const float sb = c < nc ? sbg[((w.n0 + c) / kQuantGroup) * p.KB + kb] : 0.0f;
+        _mm512_storeu_ps(s.scale.data() + c * kTileRows, _mm512_mul_ps(sav, _mm512_set1_ps(sb)));
       }
-    for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
-      const int mr = int(std::min<int64_t>(kMR, rows - r0));
-      const Elem* ap[kMR];
-      for (int r = 0; r < mr; ++r) ap[r] = p.a_dec + (w.r0 + r0 + r) * p.Kp + kb * kQuantGroup;
-      pick(mr)(ap, s.panel.data(), s.scale.data() + r0 * kNV, s.totals.data() + r0 * kNTile);
+      micro_kernel(pa.a_t.data() + ((w.tile + t) * p.KB + kb) * kSlots * kTileRows, s.panel.data(),
+                   s.scale.data(), s.totals.data() + t * kNTile * kTileRows);
     }
   }
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < nc; ++c) store_out(p, w.r0 + r, w.n0 + c, s.totals[r * kNTile + c]);
+    for (int64_t c = 0; c < nc; ++c)
+      store_out(p, w.r0 + r, w.n0 + c, s.totals[((r / kTileRows) * kNTile + c) * kTileRows + r % kTileRows]);
 }
 #else
-void process_item(const Problem& p, const Decoder& dec, const WorkItem& w, Scratch& s) {
-  const int64_t nc = std::min(kNTile, p.N - w.n0);
+struct PackedA {  // the used rows of a decoded to fp32, zero padded to Kp
+  std::vector<float> a_dec;
+  int64_t Kp = 0;
+};
+
+struct Scratch {
+  std::vector<Elem> panel;
+  std::vector<float> scale;
+};
+
+void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const WorkItem& w, Scratch& s) {
+  const int64_t nc = std::min(kNTile, p.N - w.n0), Kp = pa.Kp;
   const uint8_t* bg = p.b + w.group * p.N * p.K;
   const float* sbg = p.b_scale + w.group * p.NB * p.KB;
-  s.panel.resize(size_t(kNTile) * p.Kp);
+  s.panel.resize(size_t(kNTile) * Kp);
   s.scale.resize(size_t(kMR * kNR) * p.KB);
-  for (int64_t c = 0; c < nc; ++c) decode_row(dec, bg + (w.n0 + c) * p.K, p.K, p.Kp, s.panel.data() + c * p.Kp);
+  for (int64_t c = 0; c < nc; ++c) decode_row(dec, bg + (w.n0 + c) * p.K, p.K, Kp, s.panel.data() + c * Kp);
   for (int64_t c0 = 0; c0 < nc; c0 += kNR) {
     const int nr = int(std::min<int64_t>(kNR, nc - c0));
     const Elem* bp[kNR];
     const float* sbp[kNR];
     for (int c = 0; c < nr; ++c) {
-      bp[c] = s.panel.data() + (c0 + c) * p.Kp;
+      bp[c] = s.panel.data() + (c0 + c) * Kp;
       sbp[c] = sbg + ((w.n0 + c0 + c) / kQuantGroup) * p.KB;
     }
     for (int64_t r0 = w.r0; r0 < w.r1; r0 += kMR) {
       const int mr = int(std::min<int64_t>(kMR, w.r1 - r0));
       const Elem* ap[kMR];
-      for (int r = 0; r < mr; ++r) ap[r] = p.a_dec + (r0 + r) * p.Kp;
+      for (int r = 0; r < mr; ++r) ap[r] = pa.a_dec.data() + (r0 + r) * Kp;
       for (int r = 0; r < mr; ++r)
         for (int c = 0; c < nr; ++c)
           for (int64_t kb = 0; kb < p.KB; ++kb)
@@ -435,41 +377,48 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
   const std::vector<Segment> segs = segments(layout, groups, num_groups, M);
   if (segs.empty() || N == 0) return;
   const int64_t KB = ceil_div(K, kQuantGroup), NB = ceil_div(N, kQuantGroup);
-  const int64_t Kp = std::max<int64_t>(KB, 1) * kQuantGroup;
-  const int64_t R = layout == GemmLayout::masked ? num_groups * M : M;
-
+  const Problem p{a, a_scale, b, b_scale, N, K, KB, NB, out, out_dtype};
   if (K == 0) {  // empty block sums: the product is exactly zero (a and b are never read)
-    const Problem p{nullptr, nullptr, nullptr, nullptr, N, K, KB, NB, Kp, out, out_dtype};
     for (const Segment& s : segs)
       for (int64_t r = s.r0; r < s.r1; ++r)
         for (int64_t n = 0; n < N; ++n) store_out(p, r, n, 0.0f);
     return;
   }
-
+  const Decoder dec;
+  PackedA pa;
   std::vector<WorkItem> items;
+#ifdef LK_GEMM_AVX512BF16
+  // 16-row tiles of every segment, then items of up to kTilesPerItem tiles x kNTile columns.
+  std::vector<std::pair<int64_t, int64_t>> tiles;  // (first row, rows)
+  for (const Segment& s : segs) {
+    const int64_t first_tile = int64_t(tiles.size());
+    for (int64_t r0 = s.r0; r0 < s.r1; r0 += kTileRows) tiles.push_back({r0, std::min<int64_t>(kTileRows, s.r1 - r0)});
+    for (int64_t r0 = s.r0; r0 < s.r1; r0 += kTilesPerItem * kTileRows)
+      for (int64_t n0 = 0; n0 < N; n0 += kNTile)
+        items.push_back({s.group, r0, std::min(s.r1, r0 + kTilesPerItem * kTileRows), n0,
+                         first_tile + (r0 - s.r0) / kTileRows});
+  }
+  const int64_t n_tiles = int64_t(tiles.size());
+  pa.a_t.resize(size_t(n_tiles) * KB * kSlots * kTileRows);
+  pa.sa_t.resize(size_t(n_tiles) * KB * kTileRows);
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < n_tiles; ++t)
+    pack_a_tile(dec, a, a_scale, tiles[t].first, tiles[t].second, K, KB,
+                pa.a_t.data() + t * KB * kSlots * kTileRows, pa.sa_t.data() + t * KB * kTileRows);
+#else
   for (const Segment& s : segs)
     for (int64_t r0 = s.r0; r0 < s.r1; r0 += kMTile)
       for (int64_t n0 = 0; n0 < N; n0 += kNTile)
-        items.push_back({s.group, r0, std::min(s.r1, r0 + kMTile), n0});
-
-  const Decoder dec;
-  std::vector<Elem> a_dec(size_t(R) * Kp);
-  std::vector<int64_t> used_rows;
-  for (const Segment& s : segs)
-    for (int64_t r = s.r0; r < s.r1; ++r) used_rows.push_back(r);
-  const int64_t n_used = int64_t(used_rows.size());
+        items.push_back({s.group, r0, std::min(s.r1, r0 + kMTile), n0, 0});
+  pa.Kp = KB * kQuantGroup;
+  const int64_t R = layout == GemmLayout::masked ? num_groups * M : M;
+  pa.a_dec.resize(size_t(R) * pa.Kp);
+  for (const Segment& s : segs) {
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n_used; ++i) {
-    const int64_t r = used_rows[i];
-    decode_a_row(dec, a + r * K, K, Kp, a_dec.data() + r * Kp);
+    for (int64_t r = s.r0; r < s.r1; ++r) decode_row(dec, a + r * K, K, pa.Kp, pa.a_dec.data() + r * pa.Kp);
   }
-
-  const Problem p{a_dec.data(), a_scale, b, b_scale, N, K, KB, NB, Kp, out, out_dtype};
-#ifdef LK_GEMM_AVX512BF16
-  const PanelDecoder panel_dec;
-#else
-  const Decoder& panel_dec = dec;
 #endif
+
   const int64_t n_items = int64_t(items.size());
   constexpr int64_t kChunk = 4;
   std::atomic<int64_t> next_item{0};
@@ -480,7 +429,7 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
       const int64_t begin = next_item.fetch_add(kChunk);
       if (begin >= n_items) break;
       for (int64_t it = begin; it < std::min(n_items, begin + kChunk); ++it)
-        process_item(p, panel_dec, items[it], scratch);
+        process_item(p, dec, pa, items[it], scratch);
     }
   }
 }
