@@ -251,10 +251,6 @@ MicroKernel pick(int mr, int nr) {
   }
 }
 
-struct Scratch {
-  std::vector<Elem> panel;
-  std::vector<float> scale;
-};
 #endif
 
 struct WorkItem {
