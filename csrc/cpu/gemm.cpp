@@ -4,28 +4,31 @@
 // with each block sum in fp32 (e4m3 x e4m3 products are exact in fp32), one 128-wide K block
 // at a time: exactly the contract of reference.fp8_gemm.
 //
-// Work split (both paths): the used rows of a are decoded once into a zero-padded [R, Kp]
-// buffer (Kp = K rounded up to 128). Work items are (group, row tile, column tile); threads
-// take chunks of items from a shared counter (dynamic: a core shared with another process
-// does not hold the other back), so a decode step with a few rows per expert still keeps every
-// core busy (the parallelism is over N).
+// Work split (both paths): work items are (group, row tile, column tile); threads take chunks
+// of items from a shared counter (dynamic: a core shared with another process does not hold
+// the other back), so a decode step with a few rows per expert still keeps every core busy
+// (the parallelism is then over N).
 //
 // AVX512_BF16 path (Zen 4, Sapphire Rapids, ...): every e4m3 value is exact in bf16, so the
 // products run on `vdpbf16ps` (32 multiply-adds per instruction, fp32 accumulate).
-//  - An item is <= 32 rows x 48 columns. Per 128-wide K block it decodes its 48 weight rows
-//    (vectorised bit manipulation, 32 bytes per step) and transposes them (16x16 dword
-//    transposes) into an L1-resident panel [64 k-pairs][48 columns] of bf16 pairs.
-//  - The micro-kernel holds 8 rows x 48 columns of block sums in 24 zmm registers; per k-pair
-//    it loads 3 panel vectors and broadcasts one bf16 pair of a per row: 24 vdpbf16ps per 11
-//    loads, all from L1. After the block, sums are promoted into the fp32 totals with the
-//    scale a_scale * b_scale (one FMA per 16 outputs per block, 1/64 of the dot work).
+//  - Decode: e4m3 -> bf16 by two 128-entry byte-table lookups (`vpermt2b`, 64 values each,
+//    NaN and subnormals included) plus the sign bit: ~8 instructions per 64 values.
+//  - Vectorised over rows: each 16-row tile of a is decoded and transposed once per call into
+//    [k-pair][16 rows] (a_t, with its scales sa_t). The weights stay K-major as stored: per
+//    128-wide K block an item (<= 64 rows x 24 columns) decodes its 24 weight rows into a 6 KiB
+//    L1 panel, and the micro-kernel keeps 24 zmm accumulators (24 columns x 16 rows): per
+//    k-pair one a_t load and 24 broadcast-dot-products, no transpose of b and no horizontal
+//    sums. After each block, totals += block sums * (a_scale * b_scale): 24 FMAs per 1536 dots.
 //  - Weight rows of the next K blocks are prefetched while the current block computes.
-// Portable path (any other CPU): fp32 operands and a 4x3 dot-product micro-kernel with 16-lane
-// arrays that compilers turn into SIMD FMAs.
+//  The micro-kernel runs at ~85% of the measured vdpbf16ps peak; the rest of the time at the
+//  decode shape is the weight decode and the DRAM stream of the weights.
+// Portable path (any other CPU): rows decoded to fp32 (table), a 4x3 dot-product micro-kernel
+// with 16-lane arrays that compilers turn into SIMD FMAs, same numerics.
 //
 // Bound at the MoE decode shape (8 experts x 16 rows, N=4096, K=7168): 7.5 GFLOP and 235 MB of
 // fp8 weights. On 2 Zen 4 cores the weight stream is ~11 ms at ~22 GB/s and the dot products
 // ~17 ms at one 512-bit vdpbf16ps per cycle (~226 GFLOP/s per core measured): compute bound.
+// torch's bf16 F.grouped_mm must stream twice the bytes, fp32 bmm four times.
 // Last measurement: see bench/bench_gemm.py and the report in the README.
 #include "cpu/gemm.h"
 
