@@ -60,6 +60,7 @@ struct GemmArgs {
   int64_t G, M, N, K;
   void* out;
   DType out_dtype;
+  bool pair_stores;  // N even and out aligned: each thread's two adjacent outputs in one store
 };
 
 __host__ __device__ __forceinline__ int64_t imin(int64_t x, int64_t y) { return x < y ? x : y; }
@@ -328,7 +329,7 @@ __global__ void __launch_bounds__(kThreads) fp8_gemm_kernel(GemmArgs p) {
   }
 
   OutT* out = static_cast<OutT*>(p.out);
-  const bool pair_ok = (p.N % 2) == 0;  // then (row, even col) pairs are aligned
+  const bool pair_ok = p.pair_stores;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -402,7 +403,9 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
   LK_CHECK(layout != GemmLayout::dense || num_groups == 1, "dense layout has one group");
   if (M == 0 || N == 0 || num_groups == 0) return;
   DeviceGuard guard(device);
-  const GemmArgs args{layout, a, a_scale, b, b_scale, groups, num_groups, M, N, K, out, out_dtype};
+  const size_t pair_bytes = out_dtype == DType::f32 ? 8 : 4;
+  const bool pair_stores = N % 2 == 0 && reinterpret_cast<uintptr_t>(out) % pair_bytes == 0;
+  const GemmArgs args{layout, a, a_scale, b, b_scale, groups, num_groups, M, N, K, out, out_dtype, pair_stores};
   cudaStream_t s = as_stream(stream);
   int major = 0;
   check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");

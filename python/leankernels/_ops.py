@@ -94,6 +94,8 @@ def _gemm_launch(layout: int, a, a_scale, b, b_scale, groups, M: int, out: torch
     """Call the C++ core. a is [R, K] (or [G, M, K] for masked), b [G, N, K]; out preallocated."""
     if out.numel() == 0:
         return
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous (the kernel writes rows in place)")
     a, a_scale, b, b_scale = a.contiguous(), a_scale.contiguous(), b.contiguous(), b_scale.contiguous()
     G, N, K = (1, b.shape[0], b.shape[1]) if b.dim() == 2 else (b.shape[0], b.shape[1], b.shape[2])
     gptr = 0
