@@ -29,7 +29,11 @@
 // fp8 weights. On 2 Zen 4 cores the weight stream is ~11 ms at ~22 GB/s and the dot products
 // ~17 ms at one 512-bit vdpbf16ps per cycle (~226 GFLOP/s per core measured): compute bound.
 // torch's bf16 F.grouped_mm must stream twice the bytes, fp32 bmm four times.
-// Last measurement: see bench/bench_gemm.py and the report in the README.
+// Last measurement (bench/bench_gemm.py, 2-core Zen 4 VM shared with other jobs, so noisy): decode
+// shape 30-68 ms; in the same runs F.grouped_mm (bf16) 46-131 ms (1.5-1.9x slower) and fp32
+// bmm on the dequantized weights 122-316 ms (4-5x slower). In a quiet run F.grouped_mm reached
+// 37 ms, i.e. it is near its own bf16 weight-stream bound; 3x faster than that (12 ms) is below
+// the dot-product floor above, so the remaining gap is not closable on 2 cores.
 #include "cpu/gemm.h"
 
 #include <algorithm>
