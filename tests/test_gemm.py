@@ -39,13 +39,25 @@ def _operands(M, N, K, E=None, seed=0, device="cpu"):
     return x, w, a, sa, b, sb
 
 
+# fp32 output vs the reference on the same FP8 operands. On the CPU only the fp32 summation
+# order differs (products are exact). GPU tensor cores may sum FP8 products inside one mma with
+# a narrower accumulator (DeepSeek-V3 reports ~14 bits on Hopper), hence looser but still far
+# below the 1e-3 quantization-level metric.
+F32_DIFF = {"cpu": 1e-9, "cuda": 1e-6}
+F32_RTOL = {"cpu": 1e-4, "cuda": 2e-3}
+
+
+def _close_f32(got, want):
+    dev = got.device.type
+    torch.testing.assert_close(got, want, rtol=F32_RTOL[dev], atol=F32_RTOL[dev] * want.abs().max().item())
+    assert gemm_diff(got, want) < F32_DIFF[dev]
+
+
 def _check(out, a, sa, b, sb, x=None, w=None):
     """out vs the reference on the same FP8 operands (tight) and vs the unquantized product."""
     want = ref.fp8_gemm(a, sa, b, sb, torch.float32)
     if out.dtype == torch.float32:
-        # Same exact products, different fp32 summation order only.
-        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
-        assert gemm_diff(out, want) < 1e-9
+        _close_f32(out, want)
     else:
         assert gemm_diff(out.float(), want) < 2e-5
     if x is not None and out.numel():
@@ -121,8 +133,7 @@ def test_fp8_grouped_gemm(device, counts, extra, N, K):
     assert out[end:].isnan().all(), "rows past offs[-1] must not be written"
     assert not out[:end].isnan().any()
     if end:
-        torch.testing.assert_close(out[:end], want[:end], rtol=1e-4, atol=1e-4 * want.abs().max().item())
-        assert gemm_diff(out[:end], want[:end]) < 1e-9
+        _close_f32(out[:end], want[:end])
         start = 0
         for e, c in enumerate(counts):  # against the unquantized per-expert product
             if c:
@@ -171,7 +182,7 @@ def test_fp8_grouped_gemm_masked(device, masked, M_max, N, K):
         assert torch.equal(fresh[e, m:], torch.zeros_like(fresh[e, m:]))
         if m:
             want = ref.fp8_gemm(a[e, :m], sa[e, :m], b[e], sb[e], torch.float32)
-            torch.testing.assert_close(out[e, :m], want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+            _close_f32(out[e, :m], want)
             assert gemm_diff(fresh[e, :m].float(), want) < 2e-5
             assert gemm_diff(out[e, :m], x[e, :m] @ w[e].T) < 1e-3
 
@@ -334,13 +345,13 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     want = ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32, out=torch.zeros_like(out))
-    torch.testing.assert_close(out[:80], want[:80], rtol=1e-4, atol=1e-3)
+    _close_f32(out[:80], want[:80])
     assert out[80:].isnan().all()
     for e, m in enumerate([3, 24, 0, 9]):
         assert out_m[e, m:].isnan().all()
         if m:
             want_m = ref.fp8_gemm(a3[e, :m], sa3[e, :m], b[e], sb[e], torch.float32)
-            torch.testing.assert_close(out_m[e, :m], want_m, rtol=1e-4, atol=1e-3)
+            _close_f32(out_m[e, :m], want_m)
 
 
 @requires_cuda
@@ -353,7 +364,7 @@ def test_cuda_deepseek_shapes(E, rows, N, K):
     want = ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32, out=torch.zeros(E * rows, N, device="cuda"))
     assert gemm_diff(out.float(), want) < 2e-5
     d = lk.fp8_gemm(a[:rows], sa[:rows], b[0], sb[0], out_dtype=torch.float32)
-    assert gemm_diff(d, want[:rows]) < 1e-9
+    _close_f32(d, want[:rows])
 
 
 @requires_cuda
@@ -362,4 +373,4 @@ def test_cuda_matches_cpu():
     offs = _offs([20, 0, 50], "cpu")
     cpu = lk.fp8_grouped_gemm(a, sa, b, sb, offs, out_dtype=torch.float32)
     gpu = lk.fp8_grouped_gemm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), offs.cuda(), out_dtype=torch.float32)
-    assert gemm_diff(gpu.cpu(), cpu) < 1e-9
+    _close_f32(gpu, cpu.cuda())
