@@ -30,9 +30,15 @@
 // Last measurement: none yet on a GPU (compiled for sm_80/89/90a and SASS-checked only).
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "common/fp8.h"
 #include "cuda/gemm.cuh"
 #include "cuda/launch.cuh"
+#ifdef LEANKERNELS_WITH_SM90
+#include "cuda/sm90_fp8_gemm.cuh"
+#endif
 
 // Arch gates (named, per STYLE): FP8 tensor-core mma exists from sm_89 (Ada, Hopper).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
@@ -355,13 +361,25 @@ __global__ void __launch_bounds__(kThreads) fp8_gemm_kernel(GemmArgs p) {
     }
 }
 
-// Hopper (sm_90a) wgmma/TMA kernel hook: returns true when it handled the call. The portable
-// kernel below serves every sm_80+ GPU until the dedicated sm90_fp8_gemm kernel lands (separate
-// issue); it will be declared in cuda/sm90_gemm.cuh and called from here.
-bool dispatch_sm90(const GemmArgs& args, cudaStream_t stream) {
-  (void)args;
-  (void)stream;
+// Hopper (sm_90a) wgmma/TMA kernel (sm90_fp8_gemm.cu): returns true when it handled the call.
+// LEANKERNELS_GEMM_BACKEND=portable forces the portable kernel (to compare the two on one GPU).
+bool dispatch_sm90(const GemmArgs& args, int device, cudaStream_t stream) {
+#ifdef LEANKERNELS_WITH_SM90
+  const char* backend = std::getenv("LEANKERNELS_GEMM_BACKEND");
+  if (backend != nullptr && std::strcmp(backend, "portable") == 0) return false;
+  sm90::GemmLayout layout = sm90::GemmLayout::dense;
+  if (args.layout == GemmLayout::contiguous) layout = sm90::GemmLayout::contiguous;
+  if (args.layout == GemmLayout::masked) layout = sm90::GemmLayout::masked;
+  const bool out_fp32 = args.out_dtype == DType::f32;
+  if (!sm90::fp8_gemm_supported(layout, args.M, args.N, args.K, out_fp32, args.a, args.b, args.out, args.G))
+    return false;
+  sm90::fp8_gemm(layout, args.a, args.a_scale, args.b, args.b_scale, args.out, out_fp32, args.M, args.N, args.K,
+                 args.G, args.layout == GemmLayout::dense ? nullptr : args.groups, device, stream);
+  return true;
+#else
+  (void)args, (void)device, (void)stream;
   return false;
+#endif
 }
 
 template <bool kVec>
@@ -409,7 +427,7 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
   cudaStream_t s = as_stream(stream);
   int major = 0;
   check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
-  if (major == 9 && dispatch_sm90(args, s)) return;
+  if (major == 9 && dispatch_sm90(args, device, s)) return;
   launch_portable(args, s);
 }
 
