@@ -11,6 +11,8 @@ rows, N=4096, K=7168) plus scaled-down ones.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,22 @@ def _probe(fn):
         return fn
     except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError):
         return None
+
+
+def _portable(fn):
+    """fn run with the portable mma.sync kernel forced (on Hopper the default is the wgmma one),
+    so one GPU run records both of our kernels beside the PyTorch baselines."""
+    def run():
+        old = os.environ.get("LEANKERNELS_GEMM_BACKEND")
+        os.environ["LEANKERNELS_GEMM_BACKEND"] = "portable"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["LEANKERNELS_GEMM_BACKEND"]
+            else:
+                os.environ["LEANKERNELS_GEMM_BACKEND"] = old
+    return run
 
 
 def _rowwise_fp8(x: torch.Tensor):
@@ -85,6 +103,7 @@ def _grouped_case(device: str, E: int, m: int, N: int, K: int, masked: bool = Fa
         bdt = bd.transpose(1, 2)
         baselines["torch.bmm fp32 (dequantized)"] = _probe(lambda: torch.bmm(ad, bdt))
     else:
+        baselines["leankernels portable mma.sync"] = _probe(_portable(ours))
         ar, sar = _rowwise_fp8(xb)
         br, sbr = _rowwise_fp8(wb)
         brt = br.transpose(-2, -1)
@@ -121,6 +140,7 @@ def _dense_case(device: str, M: int, N: int, K: int, seed: int = 0) -> Case:
 
     baselines = {"torch.matmul bf16": _probe(lambda: xb @ wb.T)}
     if device != "cpu":
+        baselines["leankernels portable mma.sync"] = _probe(_portable(ours))
         # cuBLAS blockwise FP8: scale_a [M, K/128] outer-dim-major, b as [K, N] column-major.
         sa_t = sa.t().contiguous().t()
         baselines["F.scaled_mm blockwise 1x128 x 128x128"] = _probe(lambda: F.scaled_mm(
