@@ -24,6 +24,17 @@ inline void* stream_ptr(uintptr_t s) { return reinterpret_cast<void*>(s); }
                            "(rebuild with nvcc on PATH)");
 }
 
+// Runs cpu::op(args...) for CPU tensors (device < 0), else cuda::op(args..., device, stream);
+// a build without CUDA raises a clear error for CUDA tensors instead.
+#ifdef LEANKERNELS_WITH_CUDA
+#define LK_ON_DEVICE(op, device, stream, ...)       \
+  ((device) < 0 ? ::lk::cpu::op(__VA_ARGS__)        \
+                : ::lk::cuda::op(__VA_ARGS__, (device), ::lk::bind::stream_ptr(stream)))
+#else
+#define LK_ON_DEVICE(op, device, stream, ...) \
+  ((device) < 0 ? ::lk::cpu::op(__VA_ARGS__) : ::lk::bind::no_cuda(#op))
+#endif
+
 // One register_<domain>() per domain; module.cpp calls them all.
 void register_core(py::module_& m);
 void register_quant(py::module_& m);

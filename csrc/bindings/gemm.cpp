@@ -15,21 +15,9 @@ void register_gemm(py::module_& m) {
          uintptr_t groups, int64_t num_groups, int64_t M, int64_t N, int64_t K, uintptr_t out,
          int out_dtype, int device, uintptr_t stream) {
         LK_CHECK(layout >= 0 && layout <= 2, "fp8_gemm: unknown layout");
-        if (device < 0) {
-          cpu::fp8_gemm(GemmLayout(layout), ptr<const uint8_t>(a), ptr<const float>(a_scale),
-                        ptr<const uint8_t>(b), ptr<const float>(b_scale),
-                        ptr<const int32_t>(groups), num_groups, M, N, K, ptr<void>(out),
-                        DType(out_dtype));
-          return;
-        }
-#ifdef LEANKERNELS_WITH_CUDA
-        cuda::fp8_gemm(GemmLayout(layout), ptr<const uint8_t>(a), ptr<const float>(a_scale),
-                       ptr<const uint8_t>(b), ptr<const float>(b_scale),
-                       ptr<const int32_t>(groups), num_groups, M, N, K, ptr<void>(out),
-                       DType(out_dtype), device, stream_ptr(stream));
-#else
-        no_cuda("fp8_gemm");
-#endif
+        LK_ON_DEVICE(fp8_gemm, device, stream, GemmLayout(layout), ptr<const uint8_t>(a),
+            ptr<const float>(a_scale), ptr<const uint8_t>(b), ptr<const float>(b_scale),
+            ptr<const int32_t>(groups), num_groups, M, N, K, ptr<void>(out), DType(out_dtype));
       },
       py::call_guard<py::gil_scoped_release>());
 }

@@ -62,17 +62,8 @@ void register_mla(py::module_& m) {
       "mla_schedule",
       [](uintptr_t seqlens, int64_t B, int64_t num_parts, uintptr_t metadata, uintptr_t num_splits,
          int device, uintptr_t stream) {
-        if (device < 0) {
-          cpu::mla_schedule(ptr<const int32_t>(seqlens), B, num_parts, ptr<int32_t>(metadata),
-                            ptr<int32_t>(num_splits));
-          return;
-        }
-#ifdef LEANKERNELS_WITH_CUDA
-        cuda::mla_schedule(ptr<const int32_t>(seqlens), B, num_parts, ptr<int32_t>(metadata),
-                           ptr<int32_t>(num_splits), device, stream_ptr(stream));
-#else
-        no_cuda("mla_schedule");
-#endif
+        LK_ON_DEVICE(mla_schedule, device, stream, ptr<const int32_t>(seqlens), B, num_parts,
+            ptr<int32_t>(metadata), ptr<int32_t>(num_splits));
       },
       py::call_guard<py::gil_scoped_release>());
 }

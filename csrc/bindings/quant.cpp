@@ -13,35 +13,16 @@ void register_quant(py::module_& m) {
       [](uintptr_t x, int dtype, int64_t batch, int64_t rows, int64_t K, int64_t batch_stride,
          int64_t row_stride, int64_t block_rows, uintptr_t q, uintptr_t scale, bool ue8m0,
          int device, uintptr_t stream) {
-        if (device < 0) {
-          cpu::quantize_fp8(ptr<const void>(x), DType(dtype), batch, rows, K, batch_stride,
-                            row_stride, block_rows, ptr<uint8_t>(q), ptr<float>(scale), ue8m0);
-          return;
-        }
-#ifdef LEANKERNELS_WITH_CUDA
-        cuda::quantize_fp8(ptr<const void>(x), DType(dtype), batch, rows, K, batch_stride,
-                           row_stride, block_rows, ptr<uint8_t>(q), ptr<float>(scale), ue8m0,
-                           device, stream_ptr(stream));
-#else
-        no_cuda("quantize_fp8");
-#endif
+        LK_ON_DEVICE(quantize_fp8, device, stream, ptr<const void>(x), DType(dtype), batch, rows, K,
+            batch_stride, row_stride, block_rows, ptr<uint8_t>(q), ptr<float>(scale), ue8m0);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "dequantize_fp8",
       [](uintptr_t q, uintptr_t scale, int64_t batch, int64_t rows, int64_t K, int64_t block_rows,
          uintptr_t out, int device, uintptr_t stream) {
-        if (device < 0) {
-          cpu::dequantize_fp8(ptr<const uint8_t>(q), ptr<const float>(scale), batch, rows, K,
-                              block_rows, ptr<float>(out));
-          return;
-        }
-#ifdef LEANKERNELS_WITH_CUDA
-        cuda::dequantize_fp8(ptr<const uint8_t>(q), ptr<const float>(scale), batch, rows, K,
-                             block_rows, ptr<float>(out), device, stream_ptr(stream));
-#else
-        no_cuda("dequantize_fp8");
-#endif
+        LK_ON_DEVICE(dequantize_fp8, device, stream, ptr<const uint8_t>(q), ptr<const float>(scale),
+            batch, rows, K, block_rows, ptr<float>(out));
       },
       py::call_guard<py::gil_scoped_release>());
 }

@@ -13,19 +13,9 @@ void register_routing(py::module_& m) {
       [](uintptr_t logits, int dtype, int64_t T, int64_t E, int64_t row_stride, uintptr_t bias,
          bool sigmoid, int64_t top_k, int64_t n_group, int64_t topk_group, bool renormalize,
          float scale, uintptr_t weights, uintptr_t ids, int device, uintptr_t stream) {
-        if (device < 0) {
-          cpu::route(ptr<const void>(logits), DType(dtype), T, E, row_stride, ptr<const float>(bias),
-                     sigmoid, top_k, n_group, topk_group, renormalize, scale, ptr<float>(weights),
-                     ptr<int32_t>(ids));
-          return;
-        }
-#ifdef LEANKERNELS_WITH_CUDA
-        cuda::route(ptr<const void>(logits), DType(dtype), T, E, row_stride, ptr<const float>(bias),
-                    sigmoid, top_k, n_group, topk_group, renormalize, scale, ptr<float>(weights),
-                    ptr<int32_t>(ids), device, stream_ptr(stream));
-#else
-        no_cuda("route");
-#endif
+        LK_ON_DEVICE(route, device, stream, ptr<const void>(logits), DType(dtype), T, E, row_stride,
+            ptr<const float>(bias), sigmoid, top_k, n_group, topk_group, renormalize, scale,
+            ptr<float>(weights), ptr<int32_t>(ids));
       },
       py::call_guard<py::gil_scoped_release>());
   // Size in int32 elements of the CUDA plan's workspace (0 on the CPU).
@@ -59,69 +49,33 @@ void register_routing(py::module_& m) {
       "permute",
       [](uintptr_t x, int64_t elem_size, int64_t T, int64_t H, int64_t row_stride,
          uintptr_t row_token, int64_t R, uintptr_t out, int device, uintptr_t stream) {
-        if (device < 0) {
-          cpu::permute(ptr<const void>(x), elem_size, T, H, row_stride, ptr<const int32_t>(row_token),
-                       R, ptr<void>(out));
-          return;
-        }
-#ifdef LEANKERNELS_WITH_CUDA
-        cuda::permute(ptr<const void>(x), elem_size, T, H, row_stride, ptr<const int32_t>(row_token),
-                      R, ptr<void>(out), device, stream_ptr(stream));
-#else
-        no_cuda("permute");
-#endif
+        LK_ON_DEVICE(permute, device, stream, ptr<const void>(x), elem_size, T, H, row_stride,
+            ptr<const int32_t>(row_token), R, ptr<void>(out));
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "permute_fp8",
       [](uintptr_t x, int dtype, int64_t T, int64_t H, int64_t row_stride, uintptr_t row_token,
          int64_t R, uintptr_t q, uintptr_t scale, bool ue8m0, int device, uintptr_t stream) {
-        if (device < 0) {
-          cpu::permute_fp8(ptr<const void>(x), DType(dtype), T, H, row_stride,
-                           ptr<const int32_t>(row_token), R, ptr<uint8_t>(q), ptr<float>(scale), ue8m0);
-          return;
-        }
-#ifdef LEANKERNELS_WITH_CUDA
-        cuda::permute_fp8(ptr<const void>(x), DType(dtype), T, H, row_stride,
-                          ptr<const int32_t>(row_token), R, ptr<uint8_t>(q), ptr<float>(scale), ue8m0,
-                          device, stream_ptr(stream));
-#else
-        no_cuda("permute_fp8");
-#endif
+        LK_ON_DEVICE(permute_fp8, device, stream, ptr<const void>(x), DType(dtype), T, H,
+            row_stride, ptr<const int32_t>(row_token), R, ptr<uint8_t>(q), ptr<float>(scale),
+            ue8m0);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "unpermute",
       [](uintptr_t y, int dtype, int64_t R, int64_t H, uintptr_t token_row, uintptr_t weights,
          int64_t T, int64_t top_k, uintptr_t out, int device, uintptr_t stream) {
-        if (device < 0) {
-          cpu::unpermute(ptr<const void>(y), DType(dtype), R, H, ptr<const int32_t>(token_row),
-                         ptr<const float>(weights), T, top_k, ptr<void>(out));
-          return;
-        }
-#ifdef LEANKERNELS_WITH_CUDA
-        cuda::unpermute(ptr<const void>(y), DType(dtype), R, H, ptr<const int32_t>(token_row),
-                        ptr<const float>(weights), T, top_k, ptr<void>(out), device, stream_ptr(stream));
-#else
-        no_cuda("unpermute");
-#endif
+        LK_ON_DEVICE(unpermute, device, stream, ptr<const void>(y), DType(dtype), R, H,
+            ptr<const int32_t>(token_row), ptr<const float>(weights), T, top_k, ptr<void>(out));
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "update_bias",
       [](uintptr_t bias, uintptr_t counts, int counts_dtype, int64_t E, float rate, uintptr_t out,
          int device, uintptr_t stream) {
-        if (device < 0) {
-          cpu::update_bias(ptr<const float>(bias), ptr<const void>(counts), DType(counts_dtype), E,
-                           rate, ptr<float>(out));
-          return;
-        }
-#ifdef LEANKERNELS_WITH_CUDA
-        cuda::update_bias(ptr<const float>(bias), ptr<const void>(counts), DType(counts_dtype), E,
-                          rate, ptr<float>(out), device, stream_ptr(stream));
-#else
-        no_cuda("update_bias");
-#endif
+        LK_ON_DEVICE(update_bias, device, stream, ptr<const float>(bias), ptr<const void>(counts),
+            DType(counts_dtype), E, rate, ptr<float>(out));
       },
       py::call_guard<py::gil_scoped_release>());
 }
