@@ -514,6 +514,7 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
   const int64_t rows = s_q * H;
   if (B == 0 || rows == 0) return;
   check_cache(cache);
+  LK_CHECK(reinterpret_cast<uintptr_t>(q) % 16 == 0, "the CUDA mla_decode needs a 16-byte aligned q (cp.async)");
   LK_CHECK(num_splits >= 1 && num_splits <= 65535, "num_splits must be in [1, 65535]");
   LK_CHECK(B <= 65535, "mla_decode supports at most 65535 sequences per call");
   const int64_t groups = ceil_div(rows, kRows);

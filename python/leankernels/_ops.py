@@ -297,6 +297,8 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     if out.numel() == 0:
         return out, lse
     q = q.contiguous()
+    if q.device.type == "cuda" and q.data_ptr() % 16:
+        q = q.clone()  # a contiguous view at an odd offset: the CUDA kernel loads q in 16-byte chunks
     rows = s_q * H
     if num_splits > 1:
         o_part = torch.empty(B, num_splits, rows, MLA_LATENT, dtype=torch.float32, device=q.device)
