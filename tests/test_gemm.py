@@ -383,3 +383,17 @@ def test_cuda_matches_cpu(backend, monkeypatch):
     cpu = lk.fp8_grouped_gemm(a, sa, b, sb, offs, out_dtype=torch.float32)
     gpu = lk.fp8_grouped_gemm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), offs.cuda(), out_dtype=torch.float32)
     _close_f32(gpu, cpu.cuda())
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_unchecked_decreasing_offs_follow_the_reference(backend, monkeypatch):
+    """CUDA does not check offs (no host sync): a decreasing end must still give every row to one
+    expert, the first whose end exceeds it (reference rule), not to two racing tiles."""
+    monkeypatch.setenv("LEANKERNELS_GEMM_BACKEND", backend)
+    monkeypatch.delenv("LEANKERNELS_DEBUG", raising=False)
+    _, _, a, sa, b, sb = _operands(300, 200, 304, E=5, seed=31, device="cuda")
+    offs = torch.tensor([150, 40, 290, 100, 999], dtype=torch.int32, device="cuda")
+    out = lk.fp8_grouped_gemm(a, sa, b, sb, offs, out_dtype=torch.float32)
+    want = ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32, out=torch.zeros(300, 200, device="cuda"))
+    _close_f32(out, want)

@@ -28,11 +28,11 @@ def _group_ranges(layout, M, info):
         return [(0, M)]
     if layout == "masked":
         return [(e * M, e * M + min(max(v, 0), M)) for e, v in enumerate(info)]
-    out, prev = [], 0
+    out, prev = [], 0  # row r belongs to the first expert whose end exceeds r (reference)
     for v in info:
         end = max(min(max(v, 0), M), prev)
         out.append((prev, end))
-        prev = min(max(v, 0), M)
+        prev = end
     return out
 
 
@@ -106,6 +106,10 @@ def test_bad_offsets_stay_inside_the_tensor():
     # decreasing / out-of-range offs are the caller's bug, but tiles must stay inside [0, M)
     sched = C().sm90_schedule("contiguous", 100, 64, 128, [50, 20, 500, -3], 8, 64, 32)
     assert all(0 <= row0 and row0 + rows <= 100 for *_, row0, rows in sched)
+    # and every row goes to exactly one expert, the reference's (first end exceeding the row):
+    # a decreasing end must not hand rows [20, 50) to expert 2 as well (two tiles racing)
+    for offs in ([50, 20, 500, -3], [64, 10, 64, 200], [300, 0, 100, 299, 301]):
+        _check_schedule("contiguous", 300, 64, offs, 8, 64, 32)
 
 
 def test_rasterisation_is_banded_and_persistent():

@@ -77,6 +77,8 @@ void register_gemm_sched(py::module_& m) {
           int64_t raw = kind == sched::GemmLayoutKind::dense ? 0 : group_info[g];
           LK_CHECK(raw >= INT32_MIN && raw <= INT32_MAX, "sm90_schedule: group_info must fit int32");
           ends[g] = int(sched::group_end(kind, M, int32_t(raw)));
+          // the kernel's group table keeps the running maximum of the contiguous ends
+          if (kind == sched::GemmLayoutKind::contiguous && g > 0 && ends[g] < ends[g - 1]) ends[g] = ends[g - 1];
         }
         auto rows_of = [&](int g) { return sched::group_rows(kind, M, g, ends[g], g ? ends[g - 1] : 0); };
         for (int g = 0; g < G; ++g) prefix[g + 1] = prefix[g] + sched::mblocks_of(rows_of(g), block_m);

@@ -114,7 +114,9 @@ LK_HD int64_t group_end(GemmLayoutKind layout, int64_t M, int32_t info_g) {
 }
 
 // begin/end of group g given the clamped end rows of g and g-1 (contiguous groups start where
-// the previous one ended; an end below its begin means an empty group).
+// the previous one ended; an end below its begin means an empty group). Contiguous callers pass
+// the running maximum of the clamped ends (the kernel's group table), so that row r belongs to
+// the first group whose end exceeds r, as in reference.fp8_grouped_gemm, even for bad offs.
 LK_HD GroupRows group_rows(GemmLayoutKind layout, int64_t M, int g, int64_t end_g, int64_t end_prev) {
   GroupRows r;
   if (layout == GemmLayoutKind::contiguous) {

@@ -171,6 +171,25 @@ __global__ void __launch_bounds__(128 * (NUM_MATH_WG + 1), 1)
     const int per = (G + 31) / 32;
     const int g0 = tid * per;
     const int g1 = g0 + per < G ? g0 + per : G;
+    if (layout == GemmLayoutKind::contiguous) {
+      // Running maximum of the ends: row r belongs to the first expert whose end exceeds r
+      // (reference.fp8_grouped_gemm), so unchecked decreasing offs never give a row to two
+      // experts (two tiles racing on the same output rows). No-op for valid offs.
+      int run = 0;
+      for (int g = g0; g < g1; ++g) run = run > group_end_s[g] ? run : group_end_s[g];
+#pragma unroll
+      for (int d = 1; d < 32; d *= 2) {
+        const int v = __shfl_up_sync(0xffffffffu, run, d);
+        if (tid >= d) run = run > v ? run : v;
+      }
+      run = __shfl_up_sync(0xffffffffu, run, 1);
+      if (tid == 0) run = 0;
+      for (int g = g0; g < g1; ++g) {
+        run = run > group_end_s[g] ? run : group_end_s[g];
+        group_end_s[g] = run;
+      }
+      __syncwarp();
+    }
     int count = 0;
     for (int g = g0; g < g1; ++g)
       count += sched::mblocks_of(sched::group_rows(layout, p.M, g, group_end_s[g], g ? group_end_s[g - 1] : 0), BM);
