@@ -10,6 +10,7 @@ from ._lib import build_info, cuda_available  # noqa: E402
 from .quant import dequantize_fp8, quantize_fp8  # noqa: E402
 from .routing import RoutePlan, permute, plan, route, unpermute, update_bias  # noqa: E402
 from .mla import LatentCache, PagedLatentCache, mla_append, mla_decode  # noqa: E402
+from .gemm import fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_masked  # noqa: E402
 from . import reference  # noqa: E402
 
 __all__ = [
@@ -24,6 +25,9 @@ __all__ = [
     "unpermute",
     "update_bias",
     "RoutePlan",
+    "fp8_gemm",
+    "fp8_grouped_gemm",
+    "fp8_grouped_gemm_masked",
     "reference",
     "LatentCache",
     "PagedLatentCache",

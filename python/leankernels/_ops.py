@@ -337,3 +337,85 @@ def mla_schedule(seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, t
 def _(seqlens, num_parts):
     B = seqlens.shape[0]
     return (seqlens.new_empty(num_parts, 8, dtype=torch.int32), seqlens.new_empty(B + 1, dtype=torch.int32))
+# ------------------------------------------------------------------------------------- gemm
+# Layout codes mirror lk::GemmLayout in csrc/cpu/gemm.h.
+_GEMM_DENSE, _GEMM_CONTIGUOUS, _GEMM_MASKED = 0, 1, 2
+
+
+def _gemm_launch(layout: int, a, a_scale, b, b_scale, groups, M: int, out: torch.Tensor) -> None:
+    """Call the C++ core. a is [R, K] (or [G, M, K] for masked), b [G, N, K]; out preallocated."""
+    if out.numel() == 0:
+        return
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous (the kernel writes rows in place)")
+    a, a_scale, b, b_scale = a.contiguous(), a_scale.contiguous(), b.contiguous(), b_scale.contiguous()
+    G, N, K = (1, b.shape[0], b.shape[1]) if b.dim() == 2 else (b.shape[0], b.shape[1], b.shape[2])
+    gptr = 0
+    if groups is not None:
+        groups = groups.contiguous()
+        gptr = groups.data_ptr()
+    device, stream = device_args(a)
+    C().fp8_gemm(layout, a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(), gptr, G, M, N, K,
+                 out.data_ptr(), dtype_code(out.dtype), device, stream)
+
+
+@torch.library.custom_op("leankernels::fp8_gemm", mutates_args=())
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
+    _gemm_launch(_GEMM_DENSE, a, a_scale, b, b_scale, None, a.shape[0], out)
+    return out
+
+
+@fp8_gemm.register_fake
+def _(a, a_scale, b, b_scale, out_dtype):
+    return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("leankernels::fp8_grouped_gemm", mutates_args=())
+def fp8_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                     offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    # Zeros, so rows past offs[-1] (unknown on the host without a sync) are defined.
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+    _gemm_launch(_GEMM_CONTIGUOUS, a, a_scale, b, b_scale, offs, a.shape[0], out)
+    return out
+
+
+@fp8_grouped_gemm.register_fake
+def _(a, a_scale, b, b_scale, offs, out_dtype):
+    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
+
+
+@torch.library.custom_op("leankernels::fp8_grouped_gemm_out", mutates_args=("out",))
+def fp8_grouped_gemm_out(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                         offs: torch.Tensor, out: torch.Tensor) -> None:
+    _gemm_launch(_GEMM_CONTIGUOUS, a, a_scale, b, b_scale, offs, a.shape[0], out)
+
+
+@fp8_grouped_gemm_out.register_fake
+def _(a, a_scale, b, b_scale, offs, out):
+    return None
+
+
+@torch.library.custom_op("leankernels::fp8_grouped_gemm_masked", mutates_args=())
+def fp8_grouped_gemm_masked(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                            masked_m: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    out = torch.zeros(a.shape[0], a.shape[1], b.shape[1], dtype=out_dtype, device=a.device)
+    _gemm_launch(_GEMM_MASKED, a, a_scale, b, b_scale, masked_m, a.shape[1], out)
+    return out
+
+
+@fp8_grouped_gemm_masked.register_fake
+def _(a, a_scale, b, b_scale, masked_m, out_dtype):
+    return a.new_empty(a.shape[0], a.shape[1], b.shape[1], dtype=out_dtype)
+
+
+@torch.library.custom_op("leankernels::fp8_grouped_gemm_masked_out", mutates_args=("out",))
+def fp8_grouped_gemm_masked_out(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                                masked_m: torch.Tensor, out: torch.Tensor) -> None:
+    _gemm_launch(_GEMM_MASKED, a, a_scale, b, b_scale, masked_m, a.shape[1], out)
+
+
+@fp8_grouped_gemm_masked_out.register_fake
+def _(a, a_scale, b, b_scale, masked_m, out):
+    return None

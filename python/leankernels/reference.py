@@ -377,3 +377,62 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
         out[b] = torch.einsum("hqk,kd->qhd", p, kv[:, :MLA_LATENT])
         lse[b] = torch.where(seen, lse_b, torch.full_like(lse_b, float("inf")))
     return out.to(q.dtype), lse
+# ------------------------------------------------------------------------------------- gemm
+def _fp8_gemm_rows(a, a_scale, b, b_scale) -> torch.Tensor:
+    """fp32 [M, N] = a @ b.T with block scales applied per 128-wide K step (the numerics contract).
+
+    a [M, K] e4m3 with a_scale [M, ceil(K/128)]; b [N, K] e4m3 with b_scale [ceil(N/128), ceil(K/128)].
+    For each K block kb: acc += (a_blk.float() @ b_blk.float().T) * (a_scale[:, kb] * b_scale[nb, kb]),
+    where the block product is an fp32 sum of exact e4m3 x e4m3 products.
+    """
+    M, K = a.shape
+    N = b.shape[0]
+    acc = torch.zeros(M, N, dtype=torch.float32, device=a.device)
+    bs_rows = b_scale.float().repeat_interleave(GROUP, dim=0)[:N]  # [N, ceil(K/128)]
+    for kb in range(math.ceil(K / GROUP)):
+        k0, k1 = kb * GROUP, min(K, (kb + 1) * GROUP)
+        blk = a[:, k0:k1].float() @ b[:, k0:k1].float().T
+        acc += blk * (a_scale[:, kb].float()[:, None] * bs_rows[:, kb][None, :])
+    return acc
+
+
+def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """out [M, N] = a @ b.T, FP8 block-scaled (1x128 for a, 128x128 for b), fp32 accumulate."""
+    return _fp8_gemm_rows(a, a_scale, b, b_scale).to(out_dtype)
+
+
+def fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype=torch.bfloat16, out=None) -> torch.Tensor:
+    """Contiguous grouped GEMM: rows r in [offs[e-1], offs[e]) of a use expert e's b[e].
+
+    a [M_total, K], a_scale [M_total, ceil(K/128)], b [E, N, K], b_scale [E, ceil(N/128), ceil(K/128)],
+    offs int32 [E] cumulative END offsets (offs[-1] <= M_total). Rows past offs[-1] are not
+    written: they keep the contents of `out` (uninitialised memory when out is None).
+    """
+    M, E, N = a.shape[0], b.shape[0], b.shape[1]
+    if out is None:
+        out = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    ends = [int(v) for v in offs.tolist()]
+    start = 0
+    for e in range(E):
+        end = ends[e]
+        if end > start:
+            out[start:end] = _fp8_gemm_rows(a[start:end], a_scale[start:end], b[e], b_scale[e]).to(out.dtype)
+        start = max(start, end)
+    return out
+
+
+def fp8_grouped_gemm_masked(a, a_scale, b, b_scale, masked_m, out_dtype=torch.bfloat16, out=None) -> torch.Tensor:
+    """Masked grouped GEMM: out[e, :masked_m[e]] = a[e, :masked_m[e]] @ b[e].T (block-scaled).
+
+    a [E, M_max, K], a_scale [E, M_max, ceil(K/128)], masked_m int32 [E]. Rows at or past
+    masked_m[e] (clamped to [0, M_max]) are not written.
+    """
+    E, M_max = a.shape[0], a.shape[1]
+    N = b.shape[1]
+    if out is None:
+        out = torch.empty(E, M_max, N, dtype=out_dtype, device=a.device)
+    for e in range(E):
+        m = min(max(int(masked_m[e]), 0), M_max)
+        if m:
+            out[e, :m] = _fp8_gemm_rows(a[e, :m], a_scale[e, :m], b[e], b_scale[e]).to(out.dtype)
+    return out

@@ -1,0 +1,37 @@
+// Bindings for the FP8 GEMM family (python: leankernels.gemm via _ops.py). One entry point
+// serves the three layouts (lk::GemmLayout); the CUDA side picks the kernel for the device.
+#include "bindings/bindings.h"
+#include "cpu/gemm.h"
+#ifdef LEANKERNELS_WITH_CUDA
+#include "cuda/gemm.cuh"
+#endif
+
+namespace lk::bind {
+
+void register_gemm(py::module_& m) {
+  m.def(
+      "fp8_gemm",
+      [](int layout, uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t b_scale,
+         uintptr_t groups, int64_t num_groups, int64_t M, int64_t N, int64_t K, uintptr_t out,
+         int out_dtype, int device, uintptr_t stream) {
+        LK_CHECK(layout >= 0 && layout <= 2, "fp8_gemm: unknown layout");
+        if (device < 0) {
+          cpu::fp8_gemm(GemmLayout(layout), ptr<const uint8_t>(a), ptr<const float>(a_scale),
+                        ptr<const uint8_t>(b), ptr<const float>(b_scale),
+                        ptr<const int32_t>(groups), num_groups, M, N, K, ptr<void>(out),
+                        DType(out_dtype));
+          return;
+        }
+#ifdef LEANKERNELS_WITH_CUDA
+        cuda::fp8_gemm(GemmLayout(layout), ptr<const uint8_t>(a), ptr<const float>(a_scale),
+                       ptr<const uint8_t>(b), ptr<const float>(b_scale),
+                       ptr<const int32_t>(groups), num_groups, M, N, K, ptr<void>(out),
+                       DType(out_dtype), device, stream_ptr(stream));
+#else
+        no_cuda("fp8_gemm");
+#endif
+      },
+      py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace lk::bind

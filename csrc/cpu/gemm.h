@@ -1,0 +1,28 @@
+// CPU FP8 block-scaled GEMMs: dense, grouped-contiguous and grouped-masked (see gemm.cpp).
+#pragma once
+#include "common/common.h"
+
+namespace lk {
+
+// How rows of a map to weight groups. Shared by the CPU and CUDA launchers.
+//   dense:      one group; a [M, K] -> out [M, N]; `groups` unused.
+//   contiguous: a [M, K] rows sorted by group; groups = offs int32 [G], cumulative END offsets;
+//               row r belongs to the first g with offs[g] > r; rows >= offs[G-1] are skipped.
+//   masked:     a [G, M, K] -> out [G, M, N]; groups = masked_m int32 [G]; rows >= masked_m[g]
+//               (clamped to [0, M]) are skipped.
+enum class GemmLayout : int { dense = 0, contiguous = 1, masked = 2 };
+
+}  // namespace lk
+
+namespace lk::cpu {
+
+// out = a @ b[g].T per group, with 1x128 a scales and 128x128 b scales applied per 128-wide
+// K step to an fp32 accumulator. Everything contiguous:
+//   a [R, K] e4m3 (R = M, or G*M for masked), a_scale [R, ceil(K/128)] fp32,
+//   b [G, N, K] e4m3, b_scale [G, ceil(N/128), ceil(K/128)] fp32, out [R, N] (f32 or bf16).
+// Skipped rows of out are never written.
+void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const uint8_t* b,
+              const float* b_scale, const int32_t* groups, int64_t num_groups, int64_t M,
+              int64_t N, int64_t K, void* out, DType out_dtype);
+
+}  // namespace lk::cpu

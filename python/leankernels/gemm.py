@@ -1,0 +1,178 @@
+"""FP8 (e4m3) block-scaled GEMMs: dense, grouped-contiguous (MoE prefill) and grouped-masked
+(MoE decode). The public wrappers: validation, then one torch op each.
+
+Numerics (all three ops, every device): ``out = a @ b.T`` (NT layout, both operands K-major)
+with a's 1x128 scales and b's 128x128 scales applied per 128-wide K step to an fp32
+accumulator::
+
+    acc[m, n] += (a[m, kblk] . b[n, kblk] in fp32) * (a_scale[m, kb] * b_scale[n // 128, kb])
+
+See ``reference.fp8_gemm`` for the specification. K and N need not be multiples of 128.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _checks, _interop, _ops
+from ._lib import FP8, GROUP
+
+_OUT_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_values(t: torch.Tensor) -> bool:
+    """Whether to inspect device-resident group sizes: always for CPU tensors, on CUDA only with
+    LEANKERNELS_DEBUG=1 (it synchronises); never while torch.compile traces (data-dependent)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get("LEANKERNELS_DEBUG", "0") not in ("", "0")
+
+
+def _out_dtype(out_dtype) -> torch.dtype:
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be torch.bfloat16 or torch.float32; got {out_dtype!r}")
+    return out_dtype
+
+
+def _operands(a, a_scale, b, b_scale, a_dims: int, b_dims: int):
+    """Validate the four GEMM operands; returns them as torch tensors and (N, K)."""
+    a = _interop.to_torch(a, fp8=True)
+    a_scale = _interop.to_torch(a_scale)
+    b = _interop.to_torch(b, fp8=True)
+    b_scale = _interop.to_torch(b_scale)
+    _checks.tensor("a", a, (FP8,), a_dims)
+    _checks.tensor("a_scale", a_scale, (torch.float32,))
+    _checks.tensor("b", b, (FP8,), b_dims)
+    _checks.tensor("b_scale", b_scale, (torch.float32,))
+    _checks.same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale)
+    K = a.shape[-1]
+    N, Kb = b.shape[-2], b.shape[-1]
+    if Kb != K:
+        raise ValueError(f"b has K = {Kb} but a has K = {K}; a is [..., K] and b is [..., N, K] (both K-major)")
+    _checks.shape("a_scale", a_scale, (*a.shape[:-1], _cdiv(K, GROUP)))
+    _checks.shape("b_scale", b_scale, (*b.shape[:-2], _cdiv(N, GROUP), _cdiv(K, GROUP)))
+    return a, a_scale, b, b_scale, N, K
+
+
+def _group_sizes(name: str, t, a: torch.Tensor, E: int) -> torch.Tensor:
+    t = _interop.to_torch(t)
+    _checks.tensor(name, t, (torch.int32,), 1)
+    _checks.same_device(a=a, **{name: t})
+    _checks.shape(name, t, (E,))
+    return t
+
+
+def _check_out(out, shape, device) -> torch.Tensor:
+    _checks.tensor("out", out, _OUT_DTYPES)
+    _checks.shape("out", out, shape)
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but a is on {device}; all tensors must share one device")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous (the kernel writes rows in place)")
+    return out
+
+
+def fp8_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.bfloat16):
+    """Dense FP8 GEMM: ``out = a @ b.T`` with block scales.
+
+    Args:
+        a: float8_e4m3fn ``[M, K]`` (activations, quantized with ``quantize_fp8(x, (1, 128))``).
+        a_scale: float32 ``[M, ceil(K/128)]``.
+        b: float8_e4m3fn ``[N, K]`` (weights, ``quantize_fp8(w, (128, 128))``).
+        b_scale: float32 ``[ceil(N/128), ceil(K/128)]``.
+        out_dtype: ``torch.bfloat16`` (default) or ``torch.float32``.
+
+    Returns:
+        ``[M, N]`` tensor of ``out_dtype``. Any strides are accepted (non-contiguous operands are
+        copied); CuPy arrays (FP8 as uint8) are accepted and give a CuPy array back.
+    """
+    src = a
+    out_dtype = _out_dtype(out_dtype)
+    a, a_scale, b, b_scale, N, K = _operands(a, a_scale, b, b_scale, 2, 2)
+    return _interop.like_input(_ops.fp8_gemm(a, a_scale, b, b_scale, out_dtype), src)
+
+
+def fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dtype = torch.bfloat16, out=None):
+    """Grouped FP8 GEMM, contiguous layout (MoE prefill / training forward).
+
+    Rows of ``a`` are sorted by expert: rows ``[offs[e-1], offs[e])`` (with ``offs[-1]`` read as
+    0 for e = 0) are multiplied by expert ``e``'s weights: ``out[r] = a[r] @ b[e].T``. No
+    per-expert padding is required; experts may have zero rows.
+
+    Args:
+        a: float8_e4m3fn ``[M_total, K]``; a_scale: float32 ``[M_total, ceil(K/128)]``.
+        b: float8_e4m3fn ``[E, N, K]``; b_scale: float32 ``[E, ceil(N/128), ceil(K/128)]``.
+        offs: int32 ``[E]``, cumulative END offsets (``F.grouped_mm`` convention), on a's
+            device, non-decreasing, ``offs[-1] <= M_total``. offs stays on the device (no host
+            synchronisation): on CPU tensors monotonicity and the bound are always checked; on
+            CUDA only when ``LEANKERNELS_DEBUG=1`` (that check synchronises). Unchecked bad
+            offs never cause out-of-bounds access: ends are clamped to ``M_total`` and row r
+            goes to the first expert whose end exceeds r.
+        out_dtype: ``torch.bfloat16`` (default) or ``torch.float32`` (ignored when ``out`` is given).
+        out: optional contiguous ``[M_total, N]`` bf16/fp32 tensor written in place. Rows past
+            ``offs[-1]`` are left untouched, so the caller controls them (and no zero fill is
+            paid). Without ``out`` those rows of the new tensor are zero.
+
+    Returns:
+        ``[M_total, N]`` (``out`` itself when given).
+    """
+    src = a
+    a, a_scale, b, b_scale, N, K = _operands(a, a_scale, b, b_scale, 2, 3)
+    E = b.shape[0]
+    offs = _group_sizes("offs", offs, a, E)
+    if E == 0:
+        raise ValueError("b must hold at least one expert (E >= 1)")
+    if _check_values(offs):
+        ends = offs.cpu()
+        if bool((ends[1:] < ends[:-1]).any()) or int(ends[0]) < 0:
+            raise ValueError(f"offs must be non-decreasing and >= 0 (cumulative end offsets); got {ends.tolist()}")
+        if int(ends[-1]) > a.shape[0]:
+            raise ValueError(f"offs[-1] = {int(ends[-1])} exceeds the number of rows of a ({a.shape[0]})")
+    if out is not None:
+        out = _check_out(_interop.to_torch(out), (a.shape[0], N), a.device)
+        _ops.fp8_grouped_gemm_out(a, a_scale, b, b_scale, offs, out)
+        return _interop.like_input(out, src)
+    out_dtype = _out_dtype(out_dtype)
+    return _interop.like_input(_ops.fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype), src)
+
+
+def fp8_grouped_gemm_masked(a, a_scale, b, b_scale, masked_m, out_dtype: torch.dtype = torch.bfloat16, out=None):
+    """Grouped FP8 GEMM, masked layout (MoE decode under CUDA graphs).
+
+    ``out[e, :masked_m[e]] = a[e, :masked_m[e]] @ b[e].T``; rows at or past ``masked_m[e]`` are
+    not computed.
+
+    Args:
+        a: float8_e4m3fn ``[E, M_max, K]``; a_scale: float32 ``[E, M_max, ceil(K/128)]``.
+        b: float8_e4m3fn ``[E, N, K]``; b_scale: float32 ``[E, ceil(N/128), ceil(K/128)]``.
+        masked_m: int32 ``[E]`` valid rows per expert, on a's device, read there (no host
+            synchronisation). Values are clamped to ``[0, M_max]``; with ``LEANKERNELS_DEBUG=1``
+            (or on CPU tensors) values outside that range raise.
+        out_dtype: ``torch.bfloat16`` (default) or ``torch.float32`` (ignored when ``out`` is given).
+        out: optional contiguous ``[E, M_max, N]`` tensor written in place; rows past
+            ``masked_m[e]`` are left untouched. Without ``out`` they are zero.
+
+    Returns:
+        ``[E, M_max, N]`` (``out`` itself when given).
+    """
+    src = a
+    a, a_scale, b, b_scale, N, K = _operands(a, a_scale, b, b_scale, 3, 3)
+    E = b.shape[0]
+    if a.shape[0] != E:
+        raise ValueError(f"a has {a.shape[0]} groups but b has {E} experts; a is [E, M_max, K], b is [E, N, K]")
+    masked_m = _group_sizes("masked_m", masked_m, a, E)
+    if _check_values(masked_m):
+        m = masked_m.cpu()
+        if E and (int(m.min()) < 0 or int(m.max()) > a.shape[1]):
+            raise ValueError(f"masked_m values must lie in [0, M_max={a.shape[1]}]; got {m.tolist()}")
+    if out is not None:
+        out = _check_out(_interop.to_torch(out), (E, a.shape[1], N), a.device)
+        _ops.fp8_grouped_gemm_masked_out(a, a_scale, b, b_scale, masked_m, out)
+        return _interop.like_input(out, src)
+    out_dtype = _out_dtype(out_dtype)
+    return _interop.like_input(_ops.fp8_grouped_gemm_masked(a, a_scale, b, b_scale, masked_m, out_dtype), src)

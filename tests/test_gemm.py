@@ -1,0 +1,365 @@
+"""FP8 block-scaled GEMMs (dense, grouped contiguous, grouped masked) against leankernels.reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leankernels as lk
+from leankernels import reference as ref
+from conftest import DEVICES, HAS_CUDA, gemm_diff, poison, randn, requires_cuda
+
+FP8 = torch.float8_e4m3fn
+
+# DeepSeek-V3 (N, K) pairs scaled down by 8 (2112x7168 -> 264x896, ...), plus hostile ones:
+# N and K not multiples of 128 (and K not a multiple of 16, which the GPU loads byte-wise).
+SHAPES = [
+    (64, 264, 896),     # q/kv down-projection 2112 x 7168, /8
+    (17, 3072, 192),    # 24576 x 1536, /8
+    (33, 896, 256),     # 7168 x 2048, /8
+    (5, 200, 300),      # partial N block, partial K block, K % 16 != 0
+    (1, 7, 33),         # tiny
+    (130, 130, 129),    # one row / column / K element past a tile
+]
+
+
+def _quant_a(x):
+    return lk.quantize_fp8(x, (1, 128))
+
+
+def _quant_b(w):
+    return lk.quantize_fp8(w, (128, 128))
+
+
+def _operands(M, N, K, E=None, seed=0, device="cpu"):
+    """Unquantized x [M, K] / w [(E,) N, K] and their FP8 operands, all on `device`."""
+    x = randn(M, K, seed=seed, device=device)
+    w = randn(*((E,) if E else ()), N, K, seed=seed + 1, device=device, scale=0.05)
+    a, sa = _quant_a(x)
+    b, sb = _quant_b(w)
+    return x, w, a, sa, b, sb
+
+
+def _check(out, a, sa, b, sb, x=None, w=None):
+    """out vs the reference on the same FP8 operands (tight) and vs the unquantized product."""
+    want = ref.fp8_gemm(a, sa, b, sb, torch.float32)
+    if out.dtype == torch.float32:
+        # Same exact products, different fp32 summation order only.
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        assert gemm_diff(out, want) < 1e-9
+    else:
+        assert gemm_diff(out.float(), want) < 2e-5
+    if x is not None and out.numel():
+        assert gemm_diff(out.float(), x.float() @ w.float().T) < 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_fp8_gemm(device, M, N, K, out_dtype):
+    x, w, a, sa, b, sb = _operands(M, N, K, seed=M + N + K, device=device)
+    out = lk.fp8_gemm(a, sa, b, sb, out_dtype=out_dtype)
+    assert out.shape == (M, N) and out.dtype == out_dtype and out.device == a.device
+    assert not out.isnan().any()
+    _check(out, a, sa, b, sb, x, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_gemm_deterministic_and_empty(device):
+    _, _, a, sa, b, sb = _operands(40, 96, 384, seed=3, device=device)
+    assert torch.equal(lk.fp8_gemm(a, sa, b, sb), lk.fp8_gemm(a, sa, b, sb))
+    out = lk.fp8_gemm(a[:0], sa[:0], b, sb)
+    assert out.shape == (0, 96)
+    # K = 0: an empty sum, so the product is exactly zero.
+    z = lk.fp8_gemm(a[:, :0], sa[:, :0], b[:, :0], sb[:, :0], out_dtype=torch.float32)
+    assert torch.equal(z, torch.zeros(40, 96, device=a.device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    x = randn(24, 512, seed=5, device=device)
+    a_big, sa_big = _quant_a(x)
+    a, sa = a_big[:, 128:384], sa_big[:, 1:3]      # row-strided views: K = 256, K blocks 1..2
+    w = randn(2, 160, 256, seed=6, device=device, scale=0.05)
+    b_c, sb_c = _quant_b(w)
+    b = b_c.transpose(1, 2).contiguous().transpose(1, 2)    # same values, column-major storage
+    sb = sb_c.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not a.is_contiguous() and not sa.is_contiguous() and not b.is_contiguous() and not sb.is_contiguous()
+    got = lk.fp8_gemm(a, sa, b[1], sb[1], out_dtype=torch.float32)
+    _check(got, a.contiguous(), sa.contiguous(), b_c[1], sb_c[1])
+    offs = _offs([10, 14], device)
+    got = lk.fp8_grouped_gemm(a, sa, b, sb, offs, out_dtype=torch.float32)
+    want = lk.fp8_grouped_gemm(a.contiguous(), sa.contiguous(), b_c, sb_c, offs, out_dtype=torch.float32)
+    assert torch.equal(got, want)
+
+
+def _offs(counts, device):
+    return torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+
+
+CONTIGUOUS_CASES = [
+    # (counts per expert, extra rows past offs[-1], N, K)
+    ([16, 16, 16, 16], 0, 256, 512),      # decode-like: 16 rows per expert
+    ([0, 37, 0, 70, 1], 0, 200, 300),     # experts with zero rows, partial blocks
+    ([0, 0, 90, 0], 0, 264, 384),         # all rows on one expert
+    ([5, 0, 64, 3], 11, 136, 257),        # rows past offs[-1] stay untouched
+    ([0, 0, 0], 4, 64, 128),              # no routed rows at all
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("counts,extra,N,K", CONTIGUOUS_CASES)
+def test_fp8_grouped_gemm(device, counts, extra, N, K):
+    E, M = len(counts), sum(counts) + extra
+    x, w, a, sa, b, sb = _operands(M, N, K, E=E, seed=M + N, device=device)
+    offs = _offs(counts, device)
+    want = ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32, out=torch.zeros(M, N, device=device))
+    end = sum(counts)
+
+    out = poison(torch.empty(M, N, dtype=torch.float32, device=device))
+    got = lk.fp8_grouped_gemm(a, sa, b, sb, offs, out=out)
+    assert got is out
+    assert out[end:].isnan().all(), "rows past offs[-1] must not be written"
+    assert not out[:end].isnan().any()
+    if end:
+        torch.testing.assert_close(out[:end], want[:end], rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        assert gemm_diff(out[:end], want[:end]) < 1e-9
+        start = 0
+        for e, c in enumerate(counts):  # against the unquantized per-expert product
+            if c:
+                assert gemm_diff(out[start:start + c], x[start:start + c] @ w[e].T) < 1e-3
+            start += c
+
+    fresh = lk.fp8_grouped_gemm(a, sa, b, sb, offs)  # bf16, new tensor: rows past the end are 0
+    assert fresh.dtype == torch.bfloat16 and fresh.shape == (M, N)
+    assert torch.equal(fresh[end:], torch.zeros_like(fresh[end:]))
+    if end:
+        assert gemm_diff(fresh[:end].float(), want[:end]) < 2e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_grouped_gemm_empty(device):
+    _, _, a, sa, b, sb = _operands(0, 64, 256, E=3, device=device)
+    out = lk.fp8_grouped_gemm(a, sa, b, sb, torch.zeros(3, dtype=torch.int32, device=device))
+    assert out.shape == (0, 64)
+
+
+MASKED_CASES = [
+    # (masked_m per expert, M_max, N, K)
+    ([16, 16, 16, 16], 16, 256, 512),
+    ([0, 24, 7], 24, 200, 300),
+    ([0, 0], 8, 64, 128),
+    ([65, 1], 80, 136, 257),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("masked,M_max,N,K", MASKED_CASES)
+def test_fp8_grouped_gemm_masked(device, masked, M_max, N, K):
+    E = len(masked)
+    x = randn(E, M_max, K, seed=N + K, device=device)
+    w = randn(E, N, K, seed=N + K + 1, device=device, scale=0.05)
+    a, sa = _quant_a(x)
+    b, sb = _quant_b(w)
+    masked_m = torch.tensor(masked, dtype=torch.int32, device=device)
+    out = poison(torch.empty(E, M_max, N, dtype=torch.float32, device=device))
+    got = lk.fp8_grouped_gemm_masked(a, sa, b, sb, masked_m, out=out)
+    assert got is out
+    fresh = lk.fp8_grouped_gemm_masked(a, sa, b, sb, masked_m)
+    assert fresh.dtype == torch.bfloat16
+    for e, m in enumerate(masked):
+        assert out[e, m:].isnan().all(), "rows past masked_m must not be written"
+        assert torch.equal(fresh[e, m:], torch.zeros_like(fresh[e, m:]))
+        if m:
+            want = ref.fp8_gemm(a[e, :m], sa[e, :m], b[e], sb[e], torch.float32)
+            torch.testing.assert_close(out[e, :m], want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+            assert gemm_diff(fresh[e, :m].float(), want) < 2e-5
+            assert gemm_diff(out[e, :m], x[e, :m] @ w[e].T) < 1e-3
+
+
+def test_reference_masked_matches_dense():
+    _, _, a, sa, b, sb = _operands(12, 64, 200, E=2, seed=9)
+    a3, sa3 = a.view(2, 6, 200), sa.view(2, 6, -1)
+    got = ref.fp8_grouped_gemm_masked(a3, sa3, b, sb, torch.tensor([6, 3], dtype=torch.int32), torch.float32)
+    torch.testing.assert_close(got[1, :3], ref.fp8_gemm(a3[1, :3], sa3[1, :3], b[1], sb[1], torch.float32))
+
+
+# ------------------------------------------------------------------------------ bad inputs
+def _bad_setup(device="cpu"):
+    _, _, a, sa, b, sb = _operands(20, 64, 256, E=2, seed=11, device=device)
+    offs = _offs([8, 12], device)
+    return a, sa, b, sb, offs
+
+
+def test_bad_inputs_dense():
+    a, sa, b, sb, _ = _bad_setup()
+    with pytest.raises(TypeError, match="a must have dtype"):
+        lk.fp8_gemm(a.float(), sa, b[0], sb[0])
+    with pytest.raises(TypeError, match="b must have dtype"):
+        lk.fp8_gemm(a, sa, b[0].to(torch.bfloat16), sb[0])
+    with pytest.raises(TypeError, match="a_scale must have dtype"):
+        lk.fp8_gemm(a, sa.double(), b[0], sb[0])
+    with pytest.raises(ValueError, match="b has K = 128 but a has K = 256"):
+        lk.fp8_gemm(a, sa, b[0][:, :128], sb[0][:, :1])
+    with pytest.raises(ValueError, match="a_scale must have shape"):
+        lk.fp8_gemm(a, sa[:, :1], b[0], sb[0])
+    with pytest.raises(ValueError, match="b_scale must have shape"):
+        lk.fp8_gemm(a, sa, b[0], sb[0][:, :1])
+    with pytest.raises(ValueError, match="b must have 2 dimensions"):
+        lk.fp8_gemm(a, sa, b, sb)
+    with pytest.raises(TypeError, match="out_dtype"):
+        lk.fp8_gemm(a, sa, b[0], sb[0], out_dtype=torch.float16)
+    with pytest.raises(TypeError, match="a must be a torch.Tensor"):
+        lk.fp8_gemm([1, 2], sa, b[0], sb[0])
+
+
+def test_bad_inputs_grouped():
+    a, sa, b, sb, offs = _bad_setup()
+    with pytest.raises(ValueError, match="offs must be non-decreasing"):
+        lk.fp8_grouped_gemm(a, sa, b, sb, torch.tensor([12, 8], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"offs\[-1\] = 21 exceeds"):
+        lk.fp8_grouped_gemm(a, sa, b, sb, torch.tensor([8, 21], dtype=torch.int32))
+    with pytest.raises(TypeError, match="offs must have dtype int32"):
+        lk.fp8_grouped_gemm(a, sa, b, sb, offs.long())
+    with pytest.raises(ValueError, match="offs must have shape"):
+        lk.fp8_grouped_gemm(a, sa, b, sb, offs[:1])
+    with pytest.raises(ValueError, match="b_scale must have shape"):
+        lk.fp8_grouped_gemm(a, sa, b, sb[0], offs)
+    with pytest.raises(ValueError, match="b has K"):
+        lk.fp8_grouped_gemm(a, sa, b[:, :, :128], sb[:, :, :1], offs)
+    with pytest.raises(ValueError, match="out must have shape"):
+        lk.fp8_grouped_gemm(a, sa, b, sb, offs, out=torch.empty(19, 64))
+    with pytest.raises(TypeError, match="out must have dtype"):
+        lk.fp8_grouped_gemm(a, sa, b, sb, offs, out=torch.empty(20, 64, dtype=torch.float16))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        lk.fp8_grouped_gemm(a, sa, b, sb, offs, out=torch.empty(64, 20).T)
+
+
+def test_bad_inputs_masked():
+    a, sa, b, sb, _ = _bad_setup()
+    a3, sa3 = a.view(2, 10, 256), sa.view(2, 10, 2)
+    mm = torch.tensor([3, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="masked_m values must lie in"):
+        lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, torch.tensor([3, 11], dtype=torch.int32))
+    with pytest.raises(ValueError, match="masked_m values must lie in"):
+        lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, torch.tensor([-1, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="a has 1 groups but b has 2"):
+        lk.fp8_grouped_gemm_masked(a3[:1], sa3[:1], b, sb, mm)
+    with pytest.raises(ValueError, match="a must have 3 dimensions"):
+        lk.fp8_grouped_gemm_masked(a, sa, b, sb, mm)
+    with pytest.raises(TypeError, match="masked_m must have dtype int32"):
+        lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, mm.float())
+
+
+@requires_cuda
+def test_bad_inputs_devices():
+    a, sa, b, sb, offs = _bad_setup()
+    with pytest.raises(ValueError, match="b is on cuda"):
+        lk.fp8_grouped_gemm(a, sa, b.cuda(), sb, offs)
+    with pytest.raises(ValueError, match="offs is on"):
+        lk.fp8_grouped_gemm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), offs)
+
+
+@requires_cuda
+def test_cuda_debug_offs_check(monkeypatch):
+    a, sa, b, sb, _ = _bad_setup("cuda")
+    bad = torch.tensor([12, 8], dtype=torch.int32, device="cuda")
+    lk.fp8_grouped_gemm(a, sa, b, sb, bad)  # unchecked on the device: no error, no OOB access
+    torch.cuda.synchronize()
+    monkeypatch.setenv("LEANKERNELS_DEBUG", "1")
+    with pytest.raises(ValueError, match="offs must be non-decreasing"):
+        lk.fp8_grouped_gemm(a, sa, b, sb, bad)
+
+
+# ------------------------------------------------------------------------ torch integration
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    from leankernels import _ops
+
+    _, _, a, sa, b, sb = _operands(24, 136, 257, E=3, seed=13, device=device)
+    offs = _offs([5, 0, 19], device)
+    a3, sa3 = a.view(3, 8, 257), sa.view(3, 8, -1)
+    mm = torch.tensor([8, 0, 3], dtype=torch.int32, device=device)
+    checks = [
+        (_ops.fp8_gemm, (a, sa, b[0], sb[0], torch.bfloat16)),
+        (_ops.fp8_grouped_gemm, (a, sa, b, sb, offs, torch.float32)),
+        (_ops.fp8_grouped_gemm_out, (a, sa, b, sb, offs, torch.zeros(24, 136, device=device))),
+        (_ops.fp8_grouped_gemm_masked, (a3, sa3, b, sb, mm, torch.bfloat16)),
+        (_ops.fp8_grouped_gemm_masked_out, (a3, sa3, b, sb, mm, torch.zeros(3, 8, 136, device=device))),
+    ]
+    # NOTES: test_schema is left out: its mutation check multiplies every input tensor, which
+    # PyTorch does not implement for float8_e4m3fn ("mul_cpu_reduced_float"), for any fp8 op.
+    utils = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    for op, args in checks:
+        torch.library.opcheck(op, args, test_utils=utils)
+
+
+def test_torch_compile_fullgraph():
+    _, _, a, sa, b, sb = _operands(40, 136, 257, E=2, seed=17)
+    offs = _offs([15, 25], "cpu")
+    mm = torch.tensor([20, 7], dtype=torch.int32)
+
+    def f(a, sa, b, sb, offs, mm):
+        y = lk.fp8_grouped_gemm(a, sa, b, sb, offs, out_dtype=torch.float32)
+        z = lk.fp8_grouped_gemm_masked(a.view(2, 20, -1), sa.view(2, 20, -1), b, sb, mm)
+        d = lk.fp8_gemm(a, sa, b[0], sb[0])
+        return y * 2, z.float().sum(), d
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(a, sa, b, sb, offs, mm)
+    want = f(a, sa, b, sb, offs, mm)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@requires_cuda
+def test_cuda_graph_capture():
+    x, w, a, sa, b, sb = _operands(96, 256, 512, E=4, seed=19, device="cuda")
+    offs = _offs([10, 0, 50, 30], "cuda")
+    a3, sa3 = a.view(4, 24, 512), sa.view(4, 24, -1)
+    mm = torch.tensor([24, 0, 5, 13], dtype=torch.int32, device="cuda")
+    out = poison(torch.empty(96, 256, dtype=torch.float32, device="cuda"))
+    out_m = poison(torch.empty(4, 24, 256, dtype=torch.float32, device="cuda"))
+    lk.fp8_grouped_gemm(a, sa, b, sb, offs, out=out)  # warm up outside the capture
+    lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, mm, out=out_m)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lk.fp8_grouped_gemm(a, sa, b, sb, offs, out=out)
+        lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, mm, out=out_m)
+    # New group sizes in place: the captured kernels read them on the device.
+    offs.copy_(_offs([0, 40, 20, 20], "cuda"))
+    mm.copy_(torch.tensor([3, 24, 0, 9], dtype=torch.int32))
+    poison(out)
+    poison(out_m)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32, out=torch.zeros_like(out))
+    torch.testing.assert_close(out[:80], want[:80], rtol=1e-4, atol=1e-3)
+    assert out[80:].isnan().all()
+    for e, m in enumerate([3, 24, 0, 9]):
+        assert out_m[e, m:].isnan().all()
+        if m:
+            want_m = ref.fp8_gemm(a3[e, :m], sa3[e, :m], b[e], sb[e], torch.float32)
+            torch.testing.assert_close(out_m[e, :m], want_m, rtol=1e-4, atol=1e-3)
+
+
+@requires_cuda
+@pytest.mark.parametrize("E,rows,N,K", [(8, 512, 4096, 7168), (4, 300, 7168, 2048), (2, 100, 2112, 7168)])
+def test_cuda_deepseek_shapes(E, rows, N, K):
+    """Full DeepSeek-V3 N, K on the GPU (the vector cp.async path), against the reference."""
+    x, w, a, sa, b, sb = _operands(E * rows, N, K, E=E, seed=E + N, device="cuda")
+    offs = _offs([rows] * E, "cuda")
+    out = lk.fp8_grouped_gemm(a, sa, b, sb, offs)
+    want = ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32, out=torch.zeros(E * rows, N, device="cuda"))
+    assert gemm_diff(out.float(), want) < 2e-5
+    d = lk.fp8_gemm(a[:rows], sa[:rows], b[0], sb[0], out_dtype=torch.float32)
+    assert gemm_diff(d, want[:rows]) < 1e-9
+
+
+@requires_cuda
+def test_cuda_matches_cpu():
+    _, _, a, sa, b, sb = _operands(70, 200, 300, E=3, seed=23)
+    offs = _offs([20, 0, 50], "cpu")
+    cpu = lk.fp8_grouped_gemm(a, sa, b, sb, offs, out_dtype=torch.float32)
+    gpu = lk.fp8_grouped_gemm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), offs.cuda(), out_dtype=torch.float32)
+    assert gemm_diff(gpu.cpu(), cpu) < 1e-9
