@@ -54,4 +54,3 @@ def main(device: str | None = None, quick: bool = False, sections=None) -> int:
         ok &= all(r.get("check", True) is not False for r in rows)
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1
-"""Demo sections, one module per domain, each exposing run(device, quick) -> list[dict]."""
