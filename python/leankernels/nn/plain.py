@@ -219,3 +219,17 @@ def init_block_(block: nn.Module, seed: int = 0) -> nn.Module:
             p.copy_(v.to(p.dtype))
             del v
     return block
+
+
+def make_block(cfg: DeepSeekConfig, device="cpu", dtype=torch.bfloat16, seed: int = 0) -> PlainBlock:
+    """A PlainBlock with init_block_ random weights, allocated once on device (no default
+    nn.Linear initialisation pass: built on the meta device, then materialised)."""
+    with torch.device("meta"):
+        block = PlainBlock(cfg, dtype=dtype)
+    block = block.to_empty(device=device)
+    for m in block.modules():
+        if isinstance(m, (RMSNorm, PlainGate)):
+            m.float()
+    cos, sin = rope_tables(cfg, cfg.max_position_embeddings, device)
+    block.self_attn.cos, block.self_attn.sin = cos, sin
+    return init_block_(block, seed)

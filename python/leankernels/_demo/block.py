@@ -1,0 +1,232 @@
+"""The main job: a DeepSeek-V3-shaped decoder block on leankernels ops against the same block
+in plain PyTorch (same weights), prefill then decode, timed in the same run.
+
+Block: RMSNorm -> MLAttention -> residual -> RMSNorm -> MoE -> residual. Ours: Fp8Linear
+projections (128x128 weight blocks, 1x128 activations), the latent cache (mla_append +
+mla_decode, absorbed queries), routed experts through route/plan/permute/fp8_grouped_gemm/
+unpermute. Plain: bf16 nn.Linear, naive MLA with an MHA-style cache of decompressed K/V
+(preallocated), DeepSeek-V3 gate in torch ops and a Python loop over the experts (the layer as
+transformers writes it). Decode inputs are the same random hidden states for both blocks
+(teacher forced), so the outputs are compared step by step.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import torch
+
+from ..mla import LatentCache
+from ..nn import V3, DecoderBlock, DeepSeekConfig
+from ..nn import plain
+
+# Device-scaled defaults. MLA's latent (512) and RoPE (64) widths are the cache format: fixed.
+CPU = DeepSeekConfig(hidden_size=1024, num_attention_heads=8, q_lora_rank=384, n_routed_experts=32,
+                     moe_intermediate_size=256, num_experts_per_tok=4, n_group=4, topk_group=2)
+CPU_QUICK = DeepSeekConfig(hidden_size=512, num_attention_heads=4, q_lora_rank=256, n_routed_experts=16,
+                           moe_intermediate_size=128, num_experts_per_tok=4, n_group=4, topk_group=2)
+GPU = DeepSeekConfig(hidden_size=4096, num_attention_heads=32, q_lora_rank=1024, n_routed_experts=64,
+                     moe_intermediate_size=1024, num_experts_per_tok=6, n_group=8, topk_group=4)
+# batch (sequences), prompt tokens, decode steps
+RUN = {"cpu": (4, 256, 16), "cpu_quick": (2, 64, 8), "gpu": (32, 1024, 32), "v3": (32, 1024, 32)}
+# Check (DeepGEMM's diff metric, per token, on the block's update out - x, against the plain
+# bf16 block): the median token within TOKEN_BAR (chained FP8 GEMMs give ~2-4e-3) and at least
+# MIN_AGREE of the tokens within it; the rest are tokens whose expert choice differs because FP8
+# noise flipped a near-tie of the gate (a different but equally valid routing).
+TOKEN_BAR = 1e-2
+MIN_AGREE = 0.9
+
+
+def token_diffs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-token DeepGEMM diff of [..., H] tensors (float64)."""
+    x, y = x.double().flatten(0, -2), y.double().flatten(0, -2)
+    return 1 - 2 * (x * y).sum(-1) / (x * x + y * y).sum(-1).clamp_min(1e-300)
+
+
+def _summary(d: torch.Tensor) -> dict:
+    return {"median": float(d.median()), "agree": float((d < TOKEN_BAR).double().mean()), "max": float(d.max())}
+
+
+def gemm_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's accuracy metric: 1 - 2*sum(x*y) / sum(x^2 + y^2), in float64."""
+    x, y = x.double(), y.double()
+    d = (x * x + y * y).sum()
+    return 0.0 if d == 0 else float(1 - 2 * (x * y).sum() / d)
+
+
+def pick(device: str, quick: bool, preset: str | None, experts: int | None):
+    if preset == "v3":
+        cfg, key = V3, "v3"
+    elif preset == "small" or device == "cpu":
+        cfg, key = (CPU_QUICK, "cpu_quick") if quick else (CPU, "cpu")
+    else:
+        cfg, key = GPU, "gpu"
+    if experts:
+        cfg = cfg.replace(n_routed_experts=experts, n_group=min(cfg.n_group, experts),
+                          topk_group=min(cfg.topk_group, experts))
+    return cfg, RUN[key]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _bar(i: int, n: int, t0: float, stream=sys.stderr) -> None:
+    w = 30
+    done = int(w * i / n)
+    stream.write(f"\r  decode [{'#' * done}{'.' * (w - done)}] {i}/{n} steps  {time.perf_counter() - t0:5.1f} s")
+    if i == n:
+        stream.write("\n")
+    stream.flush()
+
+
+def active_fraction(cfg: DeepSeekConfig, block: plain.PlainBlock) -> tuple[int, int]:
+    """(parameters used per token, all parameters) of the block."""
+    total = sum(p.numel() for p in block.parameters())
+    per_expert = sum(p.numel() for p in block.mlp.experts[0].parameters())
+    idle = (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+    return total - idle, total
+
+
+def run(device: str, quick: bool = False, preset: str | None = None, steps: int | None = None,
+        batch: int | None = None, prompt: int | None = None, experts: int | None = None,
+        progress: bool = True) -> dict:
+    """Build both blocks, prefill, decode; returns the figures (a dict, JSON-serialisable)."""
+    cfg, (B, P, N) = pick(device, quick, preset, experts)
+    B, P, N = batch or B, prompt or P, steps or N
+    torch.manual_seed(0)
+    t_build = time.perf_counter()
+    ref = plain.make_block(cfg, device, torch.bfloat16, seed=0)
+    ours = DecoderBlock.from_float(ref)
+    t_build = time.perf_counter() - t_build
+
+    bs = 64
+    per_seq = math.ceil((P + N) / bs)
+    cache = LatentCache(B * per_seq, bs, fp8=False, device=device)
+    table = torch.arange(B * per_seq, dtype=torch.int32, device=device).view(B, per_seq)
+    ref.reset_cache(B, P + N)
+    g = torch.Generator(device).manual_seed(1)
+    x = torch.randn(B, P + N, cfg.hidden_size, generator=g, device=device).to(torch.bfloat16)
+
+    with torch.inference_mode():
+        _sync(device)
+        t = time.perf_counter()
+        y_ref = ref(x[:, :P], 0)
+        _sync(device)
+        t_pre_ref = time.perf_counter() - t
+        t = time.perf_counter()
+        y_ours = ours(x[:, :P], cache, table, 0)
+        _sync(device)
+        t_pre_ours = time.perf_counter() - t
+        pre = _summary(token_diffs(y_ours - x[:, :P], y_ref - x[:, :P]))
+
+        t_ref, t_ours, dec_ref, dec_ours, dec_in = [], [], [], [], []
+        t0 = time.perf_counter()
+        for i in range(N):
+            xi = x[:, P + i:P + i + 1]
+            order = (0, 1) if i % 2 == 0 else (1, 0)     # alternate who goes first
+            for who in order:
+                _sync(device)
+                t = time.perf_counter()
+                if who == 0:
+                    yr = ref(xi, P + i)
+                else:
+                    yo = ours(xi, cache, table, P + i)
+                _sync(device)
+                (t_ref if who == 0 else t_ours).append(time.perf_counter() - t)
+            dec_ref.append(yr.float())
+            dec_ours.append(yo.float())
+            dec_in.append(xi.float())
+            if progress:
+                _bar(i + 1, N, t0)
+    xin = torch.cat(dec_in, 1)
+    dec = _summary(token_diffs(torch.cat(dec_ours, 1) - xin, torch.cat(dec_ref, 1) - xin))
+    passed = all(d["median"] < TOKEN_BAR and d["agree"] >= MIN_AGREE for d in (pre, dec))
+
+    # per-token figures: the median decode step over the batch (skip the first step: warm-up)
+    steady = slice(1, None) if N > 2 else slice(None)
+    med = lambda v: sorted(v[steady])[len(v[steady]) // 2]
+    step_ours, step_ref = med(t_ours), med(t_ref)
+    mha = ref.self_attn.kv_bytes_per_token()
+    fp8_cache = LatentCache(1, bs, fp8=True, device=device)
+    w_ours = sum(t.numel() * t.element_size() for n, t in list(ours.named_parameters()) + list(ours.named_buffers())
+                 if not n.endswith(("cos", "sin", "w_uk", "w_uv_t")))
+    w_ref = sum(p.numel() * p.element_size() for p in ref.parameters())
+    active, total = active_fraction(cfg, ref)
+    v3_mha = V3.num_attention_heads * (V3.qk_head_dim + V3.v_head_dim) * 2
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return {
+        "device": device, "device_name": dev_name, "preset": preset or ("small" if device == "cpu" else "gpu"),
+        "config": cfg.to_dict(), "batch": B, "prompt": P, "decode_steps": N, "build_s": t_build,
+        "prefill_s": {"leankernels": t_pre_ours, "plain": t_pre_ref},
+        "decode_ms_per_token": {"leankernels": 1e3 * step_ours / B, "plain": 1e3 * step_ref / B},
+        "decode_step_ms": {"leankernels": 1e3 * step_ours, "plain": 1e3 * step_ref},
+        "tokens_per_s": {"leankernels": B / step_ours, "plain": B / step_ref},
+        "speedup": step_ref / step_ours,
+        "kv_bytes_per_token": {"mla_bf16": cache.bytes_per_token, "mla_fp8": fp8_cache.bytes_per_token, "mha": mha,
+                               "mha_v3": v3_mha},
+        "weight_bytes": {"leankernels_fp8": w_ours, "plain_bf16": w_ref},
+        "params": {"active_per_token": active, "total": total, "active_fraction": active / total},
+        "check": {"prefill": pre, "decode": dec, "token_bar": TOKEN_BAR, "min_agree": MIN_AGREE, "passed": passed},
+    }
+
+
+def rows(r: dict) -> list[dict]:
+    """Table rows of the figures."""
+    ms, tps, kv, wb, pa = r["decode_ms_per_token"], r["tokens_per_s"], r["kv_bytes_per_token"], r["weight_bytes"], r["params"]
+    c = r["check"]
+    ok = lambda d: d["median"] < c["token_bar"] and d["agree"] >= c["min_agree"]
+    txt = lambda d: f"diff/token median {d['median']:.1e}, {d['agree']:.0%} < {c['token_bar']:.0e}"
+    return [
+        {"what": f"decode time per token (batch {r['batch']}, context {r['prompt']}+{r['decode_steps']})",
+         "ours": f"{ms['leankernels']:.3f} ms", "baseline": f"{ms['plain']:.3f} ms (plain PyTorch bf16)",
+         "ratio": f"{r['speedup']:.2f}x faster" if r["speedup"] >= 1 else f"{1 / r['speedup']:.2f}x SLOWER",
+         "detail": f"median step {r['decode_step_ms']['leankernels']:.2f} vs {r['decode_step_ms']['plain']:.2f} ms",
+         "check": ok(c["decode"])},
+        {"what": "decode tokens/s", "ours": f"{tps['leankernels']:.1f}", "baseline": f"{tps['plain']:.1f}",
+         "ratio": f"{tps['leankernels'] / tps['plain']:.2f}x", "detail": "decode " + txt(c["decode"])},
+        {"what": f"prefill {r['batch']}x{r['prompt']} tokens", "ours": f"{r['prefill_s']['leankernels'] * 1e3:.1f} ms",
+         "baseline": f"{r['prefill_s']['plain'] * 1e3:.1f} ms", "ratio": f"{r['prefill_s']['plain'] / r['prefill_s']['leankernels']:.2f}x",
+         "detail": "prefill " + txt(c["prefill"]), "check": ok(c["prefill"])},
+        {"what": "KV cache bytes/token/layer, MLA latent bf16", "ours": f"{kv['mla_bf16']:,.0f} B",
+         "baseline": f"{kv['mha']:,.0f} B (MHA bf16, {r['config']['num_attention_heads']} heads)",
+         "ratio": f"{kv['mha'] / kv['mla_bf16']:.1f}x smaller", "detail": f"DeepSeek-V3 MHA: {kv['mha_v3']:,} B ({kv['mha_v3'] / kv['mla_bf16']:.0f}x)"},
+        {"what": "KV cache bytes/token/layer, MLA latent FP8", "ours": f"{kv['mla_fp8']:,.0f} B",
+         "baseline": f"{kv['mha']:,.0f} B (MHA bf16)", "ratio": f"{kv['mha'] / kv['mla_fp8']:.1f}x smaller",
+         "detail": f"DeepSeek-V3 MHA: {kv['mha_v3'] / kv['mla_fp8']:.0f}x"},
+        {"what": "block weight bytes", "ours": f"{wb['leankernels_fp8'] / 2**20:,.1f} MiB (FP8 + scales)",
+         "baseline": f"{wb['plain_bf16'] / 2**20:,.1f} MiB (bf16)", "ratio": f"{wb['plain_bf16'] / wb['leankernels_fp8']:.2f}x smaller",
+         "detail": "kv_b_proj, norms and gate stay bf16/fp32"},
+        {"what": "parameters active per token", "ours": f"{pa['active_per_token'] / 1e6:,.1f} M of {pa['total'] / 1e6:,.1f} M",
+         "baseline": "", "ratio": f"{pa['active_fraction']:.1%}",
+         "detail": f"top-{r['config']['num_experts_per_tok']} of {r['config']['n_routed_experts']} routed experts + shared + attention"},
+    ]
+
+
+def plot(r: dict, path: str) -> None:
+    """Bar charts of the figures (needs matplotlib: pip install 'leankernels[bench]')."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib (pip install matplotlib, or the 'bench' extra)") from None
+    fig, ax = plt.subplots(1, 3, figsize=(13, 4))
+    ms = r["decode_ms_per_token"]
+    ax[0].bar(["leankernels", "plain PyTorch"], [ms["leankernels"], ms["plain"]], color=["tab:green", "tab:gray"])
+    ax[0].set_ylabel("ms per decode token")
+    ax[0].set_title(f"decode ({r['speedup']:.2f}x)")
+    kv = r["kv_bytes_per_token"]
+    ax[1].bar(["MLA FP8", "MLA bf16", "MHA bf16"], [kv["mla_fp8"], kv["mla_bf16"], kv["mha"]],
+              color=["tab:green", "tab:olive", "tab:gray"])
+    ax[1].set_ylabel("KV-cache bytes / token / layer")
+    ax[1].set_title("KV cache")
+    wb = r["weight_bytes"]
+    ax[2].bar(["FP8", "bf16"], [wb["leankernels_fp8"] / 2**20, wb["plain_bf16"] / 2**20], color=["tab:green", "tab:gray"])
+    ax[2].set_ylabel("block weights (MiB)")
+    ax[2].set_title(f"weights ({r['params']['active_fraction']:.1%} active per token)")
+    fig.suptitle(f"leankernels DeepSeek-V3-shaped block on {r['device_name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
