@@ -49,7 +49,8 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
         self.register_buffer("weight_scale_inv", torch.ones(_cdiv(out_features, 128), _cdiv(in_features, 128),
                                                             dtype=torch.float32, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, dtype: torch.dtype | None = None) -> "Fp8Linear":
@@ -178,7 +179,7 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_weight = nn.Parameter(torch.zeros(E, H, dtype=torch.float32, device=device))
+        self.gate_weight = nn.Parameter(torch.zeros(E, H, dtype=torch.float32, device=device), requires_grad=False)
         self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32, device=device)
                              if cfg.scoring_func == "sigmoid" else None)
         self.register_buffer("w13", torch.zeros(E, 2 * I, H, dtype=torch.float8_e4m3fn, device=device))
