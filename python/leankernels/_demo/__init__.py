@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 import time
 
 import torch
@@ -47,6 +48,12 @@ def main(device: str | None = None, quick: bool = False, sections=None, preset: 
 
     from . import block as block_demo
 
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("error: --plot needs matplotlib (pip install matplotlib, or leankernels[bench])", file=sys.stderr)
+            return 2
     if device is None:
         device = "cuda" if leankernels.cuda_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"

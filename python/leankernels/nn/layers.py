@@ -318,6 +318,14 @@ class MLAttention(nn.Module):
         else:
             m.q_proj = _linear(attn.q_proj, fp8, dtype)
         m.kv_a_proj_with_mqa = _linear(attn.kv_a_proj_with_mqa, fp8, dtype)
+        m.fused_qkv_a_proj = None
+        if fp8 and cfg.q_lora_rank and cfg.q_lora_rank % 128 == 0:
+            # q_a_proj and kv_a_proj_with_mqa read the same x: one quantization, one GEMM. With
+            # q_lora_rank a multiple of 128 no 128x128 weight block straddles the seam, so the
+            # result is identical to the two separate layers.
+            w = torch.cat([attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight])
+            m.fused_qkv_a_proj = Fp8Linear.from_weight(w, dtype=dtype)
+            del m.q_a_proj, m.kv_a_proj_with_mqa
         m.kv_a_layernorm = _norm(attn.kv_a_layernorm)
         m.kv_b_proj = _linear(attn.kv_b_proj, False, torch.bfloat16)
         m.o_proj = _linear(attn.o_proj, fp8, dtype)
@@ -331,10 +339,16 @@ class MLAttention(nn.Module):
         self.register_buffer("w_uk", w[:, : cfg.qk_nope_head_dim].contiguous(), persistent=False)
         self.register_buffer("w_uv_t", w[:, cfg.qk_nope_head_dim:].transpose(1, 2).contiguous(), persistent=False)
 
-    def _q(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.q_lora_rank:
-            return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return self.q_proj(x)
+    def _q_kv(self, x: torch.Tensor):
+        """(q [.., heads * 192], kv_a [.., 576]) for x [.., hidden]."""
+        r = self.cfg.q_lora_rank
+        if self.fused_qkv_a_proj is not None:
+            qkv = self.fused_qkv_a_proj(x)
+            return self.q_b_proj(self.q_a_layernorm(qkv[..., :r])), qkv[..., r:]
+        kv = self.kv_a_proj_with_mqa(x)
+        if r:
+            return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))), kv
+        return self.q_proj(x), kv
 
     def forward(self, x: torch.Tensor, cache, block_table: torch.Tensor, start, mode: str = "auto") -> torch.Tensor:
         """Attend S new tokens per sequence and append them to the cache.
@@ -370,10 +384,11 @@ class MLAttention(nn.Module):
         positions = start_t[:, None] + torch.arange(S, device=dev)[None, :]           # [B, S]
         slots = slot_mapping(block_table, positions, kv_cache.shape[1])
 
-        q = self._q(x).view(B, S, nh, dn + dr)
+        q, kv = self._q_kv(x)
+        q = q.view(B, S, nh, dn + dr)
         cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
         q_pe = rope_interleaved(q[..., dn:].float(), cos, sin)                          # [B, S, nh, 64] fp32
-        kv = self.kv_a_proj_with_mqa(x).reshape(B * S, LATENT + ROPE)
+        kv = kv.reshape(B * S, LATENT + ROPE)
         kv_c, k_pe = kv[:, :LATENT], kv[:, LATENT:]
         mla_append(kv_cache, kv_c, k_pe, slots, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
                    self.cos, self.sin, positions.reshape(-1))
