@@ -22,20 +22,21 @@ from ..nn import V3, DecoderBlock, DeepSeekConfig
 from ..nn import plain
 
 # Device-scaled defaults. MLA's latent (512) and RoPE (64) widths are the cache format: fixed.
-CPU = DeepSeekConfig(hidden_size=1024, num_attention_heads=8, q_lora_rank=384, n_routed_experts=32,
-                     moe_intermediate_size=256, num_experts_per_tok=4, n_group=4, topk_group=2)
+CPU = DeepSeekConfig(hidden_size=1024, num_attention_heads=16, q_lora_rank=512, n_routed_experts=64,
+                     moe_intermediate_size=256, num_experts_per_tok=6, n_group=8, topk_group=4)
 CPU_QUICK = DeepSeekConfig(hidden_size=512, num_attention_heads=4, q_lora_rank=256, n_routed_experts=16,
                            moe_intermediate_size=128, num_experts_per_tok=4, n_group=4, topk_group=2)
 GPU = DeepSeekConfig(hidden_size=4096, num_attention_heads=32, q_lora_rank=1024, n_routed_experts=64,
                      moe_intermediate_size=1024, num_experts_per_tok=6, n_group=8, topk_group=4)
 # batch (sequences), prompt tokens, decode steps
-RUN = {"cpu": (4, 256, 16), "cpu_quick": (2, 64, 8), "gpu": (32, 1024, 32), "v3": (32, 1024, 32)}
-# Check (DeepGEMM's diff metric, per token, on the block's update out - x, against the plain
-# bf16 block): the median token within TOKEN_BAR (chained FP8 GEMMs give ~2-4e-3) and at least
-# MIN_AGREE of the tokens within it; the rest are tokens whose expert choice differs because FP8
-# noise flipped a near-tie of the gate (a different but equally valid routing).
+RUN = {"cpu": (4, 512, 32), "cpu_quick": (2, 64, 8), "gpu": (32, 1024, 32), "v3": (32, 1024, 32)}
+# Check (DeepGEMM's diff metric per token, on the block's update out - x, against the plain bf16
+# block). FP8 noise can flip a near-tie of the gate, so a few tokens pick a different (equally
+# valid) expert set; the check records each block's expert choice (from its own MoE input) and
+# requires, over the tokens whose choice agrees, every token within TOKEN_BAR (chained FP8 GEMMs
+# give ~2-4e-3), and the choice to agree for at least MIN_ROUTE_AGREE of the tokens.
 TOKEN_BAR = 1e-2
-MIN_AGREE = 0.9
+MIN_ROUTE_AGREE = 0.8
 
 
 def token_diffs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -44,8 +45,28 @@ def token_diffs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 1 - 2 * (x * y).sum(-1) / (x * x + y * y).sum(-1).clamp_min(1e-300)
 
 
-def _summary(d: torch.Tensor) -> dict:
-    return {"median": float(d.median()), "agree": float((d < TOKEN_BAR).double().mean()), "max": float(d.max())}
+class _MoEInputs:
+    """Keeps the inputs a MoE module receives (a reference, no copy: negligible in the timing)."""
+
+    def __init__(self, module):
+        self.inputs = []
+        self.handle = module.register_forward_pre_hook(lambda mod, args: self.inputs.append(args[0]))
+
+
+def _same_routing(ours, ref, h_ours, h_ref) -> torch.Tensor:
+    """[T] bool: both blocks' gates chose the same expert set for the token."""
+    H = h_ours.shape[-1]
+    ids_o = ours.mlp.route(h_ours.reshape(-1, H))[1].long().sort(-1).values
+    ids_r = ref.mlp.gate(h_ref.reshape(-1, H))[1].sort(-1).values
+    return (ids_o == ids_r).all(-1).cpu()
+
+
+def _summary(d: torch.Tensor, same: torch.Tensor) -> dict:
+    d = d.cpu()
+    agree = d[same] if bool(same.any()) else d.new_zeros(1)
+    return {"median": float(d.median()), "max_same_routing": float(agree.max()),
+            "route_agree": float(same.double().mean()), "tokens": int(d.numel()),
+            "passed": bool(float(agree.max()) < TOKEN_BAR and float(same.double().mean()) >= MIN_ROUTE_AGREE)}
 
 
 def gemm_diff(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -110,6 +131,7 @@ def run(device: str, quick: bool = False, preset: str | None = None, steps: int 
     g = torch.Generator(device).manual_seed(1)
     x = torch.randn(B, P + N, cfg.hidden_size, generator=g, device=device).to(torch.bfloat16)
 
+    hook_o, hook_r = _MoEInputs(ours.mlp), _MoEInputs(ref.mlp)
     with torch.inference_mode():
         _sync(device)
         t = time.perf_counter()
@@ -120,7 +142,8 @@ def run(device: str, quick: bool = False, preset: str | None = None, steps: int 
         y_ours = ours(x[:, :P], cache, table, 0)
         _sync(device)
         t_pre_ours = time.perf_counter() - t
-        pre = _summary(token_diffs(y_ours - x[:, :P], y_ref - x[:, :P]))
+        pre = _summary(token_diffs(y_ours - x[:, :P], y_ref - x[:, :P]),
+                       _same_routing(ours, ref, hook_o.inputs[0], hook_r.inputs[0]))
 
         t_ref, t_ours, dec_ref, dec_ours, dec_in = [], [], [], [], []
         t0 = time.perf_counter()
@@ -141,9 +164,12 @@ def run(device: str, quick: bool = False, preset: str | None = None, steps: int 
             dec_in.append(xi.float())
             if progress:
                 _bar(i + 1, N, t0)
+        same = _same_routing(ours, ref, torch.cat(hook_o.inputs[1:], 1), torch.cat(hook_r.inputs[1:], 1))
+    hook_o.handle.remove()
+    hook_r.handle.remove()
     xin = torch.cat(dec_in, 1)
-    dec = _summary(token_diffs(torch.cat(dec_ours, 1) - xin, torch.cat(dec_ref, 1) - xin))
-    passed = all(d["median"] < TOKEN_BAR and d["agree"] >= MIN_AGREE for d in (pre, dec))
+    dec = _summary(token_diffs(torch.cat(dec_ours, 1) - xin, torch.cat(dec_ref, 1) - xin), same)
+    passed = pre["passed"] and dec["passed"]
 
     # per-token figures: the median decode step over the batch (skip the first step: warm-up)
     steady = slice(1, None) if N > 2 else slice(None)
@@ -169,7 +195,8 @@ def run(device: str, quick: bool = False, preset: str | None = None, steps: int 
                                "mha_v3": v3_mha},
         "weight_bytes": {"leankernels_fp8": w_ours, "plain_bf16": w_ref},
         "params": {"active_per_token": active, "total": total, "active_fraction": active / total},
-        "check": {"prefill": pre, "decode": dec, "token_bar": TOKEN_BAR, "min_agree": MIN_AGREE, "passed": passed},
+        "check": {"prefill": pre, "decode": dec, "token_bar": TOKEN_BAR, "min_route_agree": MIN_ROUTE_AGREE,
+                  "passed": passed},
     }
 
 
@@ -177,8 +204,9 @@ def rows(r: dict) -> list[dict]:
     """Table rows of the figures."""
     ms, tps, kv, wb, pa = r["decode_ms_per_token"], r["tokens_per_s"], r["kv_bytes_per_token"], r["weight_bytes"], r["params"]
     c = r["check"]
-    ok = lambda d: d["median"] < c["token_bar"] and d["agree"] >= c["min_agree"]
-    txt = lambda d: f"diff/token median {d['median']:.1e}, {d['agree']:.0%} < {c['token_bar']:.0e}"
+    ok = lambda d: d["passed"]
+    txt = lambda d: (f"diff/token median {d['median']:.1e}; same experts for {d['route_agree']:.0%} of tokens, "
+                     f"max diff there {d['max_same_routing']:.1e} (bar {c['token_bar']:.0e})")
     return [
         {"what": f"decode time per token (batch {r['batch']}, context {r['prompt']}+{r['decode_steps']})",
          "ours": f"{ms['leankernels']:.3f} ms", "baseline": f"{ms['plain']:.3f} ms (plain PyTorch bf16)",

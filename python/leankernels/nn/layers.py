@@ -205,11 +205,10 @@ class MoE(nn.Module):
                 if m.e_score_correction_bias is None:
                     raise ValueError("bias is only used with scoring_func='sigmoid'")
                 m.e_score_correction_bias.copy_(bias.float())
-            # quantize expert by expert (128x128 blocks never straddle the gate/up seam when
-            # I is a multiple of 128; otherwise the fused tensor is quantized as one)
-            w13 = torch.stack([torch.cat([g, u]) for g, u, _ in experts])
+            # quantize expert by expert (no full-size temporary; 128x128 blocks never straddle
+            # the gate/up seam when I is a multiple of 128)
             for e in range(E):
-                q, s = quantize_fp8(w13[e], (128, 128))
+                q, s = quantize_fp8(torch.cat([experts[e][0], experts[e][1]]), (128, 128))
                 m.w13[e].copy_(q)
                 m.w13_scale[e].copy_(s)
                 q, s = quantize_fp8(experts[e][2], (128, 128))
