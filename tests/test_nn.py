@@ -196,3 +196,20 @@ def test_decoder_block_matches_plain():
     d = torch.tensor([gemm_diff(a - xx, b - xx) for a, b, xx in zip(yo.flatten(0, 1), yr.flatten(0, 1), x.flatten(0, 1))])
     assert float(d.median()) < 1e-2
     assert float((d < 1e-2).double().mean()) >= 0.9
+
+
+def test_torch_compile_fullgraph():
+    """MoE and the absorbed MLA path trace into one graph (no host sync, no graph break)."""
+    pb = _block(seed=19)
+    moe = MoE.from_float(pb.mlp)
+    attn = MLAttention.from_float(pb.self_attn)
+    x = randn(9, CFG.hidden_size, seed=20)
+    xa = randn(1, 3, CFG.hidden_size, seed=21)
+    table = torch.tensor([[0, 1]], dtype=torch.int32)
+    c1, c2 = lk.LatentCache(4, 16), lk.LatentCache(4, 16)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(moe, fullgraph=True)(x), moe(x))
+        got = torch.compile(attn, fullgraph=True)(xa, c1.kv, table, torch.tensor([5]))
+        want = attn(xa, c2.kv, table, torch.tensor([5]))
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert torch.equal(c1.kv, c2.kv)

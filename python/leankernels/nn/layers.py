@@ -2,7 +2,9 @@
 
 Each module loads from plain bf16/fp32 weights (``from_float`` takes the matching module of
 leankernels.nn.plain, whose parameter names follow transformers' DeepseekV3 modules) and is
-tested against that plain-PyTorch layer.
+tested against that plain-PyTorch layer. Inference modules: the ops have no autograd, so the
+parameters are created with requires_grad=False; run them under torch.no_grad() or
+torch.inference_mode(). No forward waits for the host (torch.compile(fullgraph=True) traces them).
 """
 from __future__ import annotations
 
