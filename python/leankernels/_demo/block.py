@@ -76,6 +76,17 @@ def gemm_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return 0.0 if d == 0 else float(1 - 2 * (x * y).sum() / d)
 
 
+def with_experts(cfg: DeepSeekConfig, experts: int) -> DeepSeekConfig:
+    """cfg with a different number of routed experts, keeping valid group routing: at most the
+    original number of groups, at least 2 experts per group, enough kept groups for top-k."""
+    if experts < 1:
+        raise SystemExit("--experts must be >= 1")
+    top_k = min(cfg.num_experts_per_tok, experts)
+    g = max([d for d in range(1, cfg.n_group + 1) if experts % d == 0 and (experts // d >= 2 or d == 1)])
+    kg = min(g, max(cfg.topk_group, -(-top_k // (experts // g))))
+    return cfg.replace(n_routed_experts=experts, num_experts_per_tok=top_k, n_group=g, topk_group=kg)
+
+
 def pick(device: str, quick: bool, preset: str | None, experts: int | None):
     if preset == "v3":
         cfg, key = V3, "v3"
@@ -84,8 +95,7 @@ def pick(device: str, quick: bool, preset: str | None, experts: int | None):
     else:
         cfg, key = GPU, "gpu"
     if experts:
-        cfg = cfg.replace(n_routed_experts=experts, n_group=min(cfg.n_group, experts),
-                          topk_group=min(cfg.topk_group, experts))
+        cfg = with_experts(cfg, experts)
     return cfg, RUN[key]
 
 
