@@ -174,6 +174,16 @@ def test_mla_errors():
         attn(x, cache, table, 4, mode="decompress")
     with pytest.raises(ValueError, match="kv_lora_rank"):
         MLAttention(CFG.replace(kv_lora_rank=256))
+    with pytest.raises(ValueError, match="x must be"):
+        attn(x[0], cache, table, 0)
+    with pytest.raises(TypeError, match="block_table"):
+        attn(x, cache, table.long(), 0)
+    with pytest.raises(ValueError, match="block_table"):
+        attn(x, cache, table.repeat(2, 1), 0)
+    with pytest.raises(ValueError, match="start"):
+        attn(x, cache, table, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="x must have last dim"):
+        MoE.from_float(_block(seed=22).mlp)(randn(3, 64, seed=23))
 
 
 # ------------------------------------------------------------------------------ the block

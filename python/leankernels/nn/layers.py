@@ -255,6 +255,8 @@ class MoE(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"x must be a float tensor; got {x.dtype}")
+        if shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"x must have last dim hidden_size={self.cfg.hidden_size}; got shape {tuple(shape)}")
         weights, ids = self.route(x2)
         out = self.experts(x2, weights, ids)
         if self.shared_experts is not None:
@@ -368,7 +370,15 @@ class MLAttention(nn.Module):
         """
         cfg = self.cfg
         kv_cache = cache.kv if isinstance(cache, LatentCache) else cache
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"x must be [B, S, {cfg.hidden_size}]; got {tuple(getattr(x, 'shape', ()))}")
         B, S, _ = x.shape
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
+            raise TypeError("block_table must be an int32 tensor [B, max_blocks]")
+        if block_table.shape[0] != B:
+            raise ValueError(f"block_table has {block_table.shape[0]} rows but x has batch {B}")
+        if isinstance(start, torch.Tensor) and tuple(start.shape) != (B,):
+            raise ValueError(f"start must be an int or a [B] = [{B}] tensor; got shape {tuple(start.shape)}")
         nh, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         if mode not in ("auto", "absorb", "decompress"):
             raise ValueError(f"mode must be 'auto', 'absorb' or 'decompress'; got {mode!r}")
