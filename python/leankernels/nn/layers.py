@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..gemm import fp8_gemm, fp8_grouped_gemm
-from ..mla import DIM, LATENT, ROPE, LatentCache, mla_append, mla_decode
+from ..mla import LATENT, ROPE, LatentCache, mla_append, mla_decode
 from ..quant import quantize_fp8
 from ..routing import permute, plan, route, unpermute
 from . import plain
