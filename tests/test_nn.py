@@ -16,7 +16,7 @@ import leankernels as lk
 from leankernels import reference as ref
 from leankernels.nn import DecoderBlock, DeepSeekConfig, Fp8Linear, MLAttention, MoE, plain
 
-from conftest import DEVICES, gemm_diff, randn
+from conftest import DEVICES, gemm_diff, randn, requires_cuda
 
 CFG = DeepSeekConfig(hidden_size=256, num_attention_heads=4, q_lora_rank=128, n_routed_experts=8,
                      moe_intermediate_size=128, num_experts_per_tok=2, n_group=4, topk_group=2,
@@ -223,3 +223,33 @@ def test_torch_compile_fullgraph():
         want = attn(xa, c2.kv, table, torch.tensor([5]))
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     assert torch.equal(c1.kv, c2.kv)
+
+
+@requires_cuda
+def test_cuda_graph_decode_step():
+    """A whole decode step of the block (MLA absorbed path + MoE) captures in a CUDA graph and
+    replays to the eager result (positions on the device, no host sync)."""
+    pb = _block(device="cuda", seed=24)
+    ob = DecoderBlock.from_float(pb)
+    B, P = 2, 7
+    cache = lk.LatentCache(4, 16, device="cuda")
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device="cuda")
+    x = randn(B, P + 1, CFG.hidden_size, seed=25, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ob(x[:, :P], cache, table, 0)
+        static_x = x[:, P:].clone()
+        start = torch.full((B,), P, dtype=torch.int64, device="cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):                      # warm-up (rewrites the same cache row)
+                ob(static_x, cache, table, start)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = ob(static_x, cache, table, start)
+        static_x.copy_(randn(B, 1, CFG.hidden_size, seed=26, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = ob(static_x, cache, table, start)
+    assert torch.equal(y, want)

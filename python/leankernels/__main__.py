@@ -75,7 +75,7 @@ def cmd_demo(args) -> int:
 
     return main(device=args.device, quick=args.quick, preset=args.preset, steps=args.steps, batch=args.batch,
                 prompt=args.prompt, experts=args.experts, json_path=args.json, plot_path=args.plot, ops=args.ops,
-                block=not args.no_block)
+                block=not args.no_block, fp8_cache=args.fp8_cache)
 
 
 def main(argv=None) -> int:
@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     pd.add_argument("--batch", type=int, default=None, help="sequences decoded together")
     pd.add_argument("--prompt", type=int, default=None, help="prompt (prefill) tokens per sequence")
     pd.add_argument("--experts", type=int, default=None, help="routed experts (e.g. fewer for memory with --preset v3)")
+    pd.add_argument("--fp8-cache", action="store_true", help="run the block on FlashMLA's FP8 latent cache (656 B/token)")
     pd.add_argument("--json", metavar="FILE", default=None, help="write the figures as JSON")
     pd.add_argument("--plot", metavar="FILE.png", default=None, help="draw the figures (needs matplotlib)")
     pd.add_argument("--ops", action="store_true", help="also run the per-domain op sections (quant, gemm, routing, mla)")

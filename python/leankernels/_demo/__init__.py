@@ -43,7 +43,7 @@ def print_table(rows: list[dict], title: str) -> None:
 def main(device: str | None = None, quick: bool = False, sections=None, preset: str | None = None,
          steps: int | None = None, batch: int | None = None, prompt: int | None = None,
          experts: int | None = None, json_path: str | None = None, plot_path: str | None = None,
-         ops: bool = False, block: bool = True) -> int:
+         ops: bool = False, block: bool = True, fp8_cache: bool = False) -> int:
     import leankernels
 
     from . import block as block_demo
@@ -62,7 +62,7 @@ def main(device: str | None = None, quick: bool = False, sections=None, preset: 
     figures = {"version": leankernels.__version__, "device": device, "device_name": name}
     if block:
         t0 = time.perf_counter()
-        r = block_demo.run(device, quick, preset, steps, batch, prompt, experts)
+        r = block_demo.run(device, quick, preset, steps, batch, prompt, experts, fp8_cache=fp8_cache)
         cfg = r["config"]
         title = (f"[block] DeepSeek-V3-shaped decoder block ({r['preset']}: hidden {cfg['hidden_size']}, "
                  f"{cfg['num_attention_heads']} heads, q_lora {cfg['q_lora_rank']}, kv_lora {cfg['kv_lora_rank']}, "

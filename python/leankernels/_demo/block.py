@@ -123,7 +123,7 @@ def active_fraction(cfg: DeepSeekConfig, block: plain.PlainBlock) -> tuple[int, 
 
 def run(device: str, quick: bool = False, preset: str | None = None, steps: int | None = None,
         batch: int | None = None, prompt: int | None = None, experts: int | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, fp8_cache: bool = False) -> dict:
     """Build both blocks, prefill, decode; returns the figures (a dict, JSON-serialisable)."""
     cfg, (B, P, N) = pick(device, quick, preset, experts)
     B, P, N = batch or B, prompt or P, steps or N
@@ -135,7 +135,7 @@ def run(device: str, quick: bool = False, preset: str | None = None, steps: int 
 
     bs = 64
     per_seq = math.ceil((P + N) / bs)
-    cache = LatentCache(B * per_seq, bs, fp8=False, device=device)
+    cache = LatentCache(B * per_seq, bs, fp8=fp8_cache, device=device)
     table = torch.arange(B * per_seq, dtype=torch.int32, device=device).view(B, per_seq)
     ref.reset_cache(B, P + N)
     g = torch.Generator(device).manual_seed(1)
@@ -186,7 +186,8 @@ def run(device: str, quick: bool = False, preset: str | None = None, steps: int 
     med = lambda v: sorted(v[steady])[len(v[steady]) // 2]
     step_ours, step_ref = med(t_ours), med(t_ref)
     mha = ref.self_attn.kv_bytes_per_token()
-    fp8_cache = LatentCache(1, bs, fp8=True, device=device)
+    bf16_rows = LatentCache(1, bs, fp8=False, device=device)
+    fp8_rows = LatentCache(1, bs, fp8=True, device=device)
     w_ours = sum(t.numel() * t.element_size() for n, t in list(ours.named_parameters()) + list(ours.named_buffers())
                  if not n.endswith(("cos", "sin", "w_uk", "w_uv_t")))
     w_ref = sum(p.numel() * p.element_size() for p in ref.parameters())
@@ -195,13 +196,13 @@ def run(device: str, quick: bool = False, preset: str | None = None, steps: int 
     dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return {
         "device": device, "device_name": dev_name, "preset": preset or ("small" if device == "cpu" else "gpu"),
-        "config": cfg.to_dict(), "batch": B, "prompt": P, "decode_steps": N, "build_s": t_build,
+        "config": cfg.to_dict(), "latent_cache": "fp8" if fp8_cache else "bf16", "batch": B, "prompt": P, "decode_steps": N, "build_s": t_build,
         "prefill_s": {"leankernels": t_pre_ours, "plain": t_pre_ref},
         "decode_ms_per_token": {"leankernels": 1e3 * step_ours / B, "plain": 1e3 * step_ref / B},
         "decode_step_ms": {"leankernels": 1e3 * step_ours, "plain": 1e3 * step_ref},
         "tokens_per_s": {"leankernels": B / step_ours, "plain": B / step_ref},
         "speedup": step_ref / step_ours,
-        "kv_bytes_per_token": {"mla_bf16": cache.bytes_per_token, "mla_fp8": fp8_cache.bytes_per_token, "mha": mha,
+        "kv_bytes_per_token": {"mla_bf16": bf16_rows.bytes_per_token, "mla_fp8": fp8_rows.bytes_per_token, "mha": mha,
                                "mha_v3": v3_mha},
         "weight_bytes": {"leankernels_fp8": w_ours, "plain_bf16": w_ref},
         "params": {"active_per_token": active, "total": total, "active_fraction": active / total},
@@ -218,7 +219,8 @@ def rows(r: dict) -> list[dict]:
     txt = lambda d: (f"diff/token median {d['median']:.1e}; same experts for {d['route_agree']:.0%} of tokens, "
                      f"max diff there {d['max_same_routing']:.1e} (bar {c['token_bar']:.0e})")
     return [
-        {"what": f"decode time per token (batch {r['batch']}, context {r['prompt']}+{r['decode_steps']})",
+        {"what": f"decode time per token (batch {r['batch']}, context {r['prompt']}+{r['decode_steps']}, "
+                 f"{r['latent_cache']} latent cache)",
          "ours": f"{ms['leankernels']:.3f} ms", "baseline": f"{ms['plain']:.3f} ms (plain PyTorch bf16)",
          "ratio": f"{r['speedup']:.2f}x faster" if r["speedup"] >= 1 else f"{1 / r['speedup']:.2f}x SLOWER",
          "detail": f"median step {r['decode_step_ms']['leankernels']:.2f} vs {r['decode_step_ms']['plain']:.2f} ms",
