@@ -107,6 +107,22 @@ def test_moe_from_weights_matches_from_float_and_bf16_out():
         MoE.from_weights(CFG, pm.gate.weight, ex[:-1])
 
 
+def test_state_dict_round_trip():
+    pb = _block(seed=27)
+    moe, attn = MoE.from_float(pb.mlp), MLAttention.from_float(pb.self_attn)
+    moe2, attn2 = MoE(CFG), MLAttention(CFG)
+    moe2.load_state_dict(moe.state_dict())
+    attn2.load_state_dict(attn.state_dict())
+    attn2._absorb_weights()
+    x = randn(1, 5, CFG.hidden_size, seed=28)
+    table = torch.tensor([[0]], dtype=torch.int32)
+    c1, c2 = lk.LatentCache(1, 16), lk.LatentCache(1, 16)
+    with torch.no_grad():
+        assert torch.equal(moe(x), moe2(x))
+        assert torch.equal(attn(x, c1, table, 0), attn2(x, c2, table, 0))
+    assert not any(p.requires_grad for p in list(moe.parameters()) + list(attn.parameters()))
+
+
 # ---------------------------------------------------------------------------- MLAttention
 def _run_attn(pa, attn, x, S, cache, table, mode="auto"):
     """Prefill S tokens then decode the rest one by one; per-step diffs against the plain MLA."""

@@ -189,7 +189,15 @@ class MoE(nn.Module):
         self.register_buffer("w2", torch.zeros(E, H, I, dtype=torch.float8_e4m3fn, device=device))
         self.register_buffer("w2_scale", torch.ones(E, _cdiv(H, 128), _cdiv(I, 128), device=device))
         self.shared_experts = None
-        self._fp8_shared = fp8_shared
+        if cfg.n_shared_experts:
+            Is = I * cfg.n_shared_experts
+            if fp8_shared:
+                self.shared_experts = SwiGLU(Fp8Linear(H, 2 * Is, device=device, dtype=dtype),
+                                             Fp8Linear(Is, H, device=device, dtype=dtype))
+            else:
+                self.shared_experts = SwiGLU(nn.Linear(H, 2 * Is, bias=False, device=device, dtype=dtype),
+                                             nn.Linear(Is, H, bias=False, device=device, dtype=dtype))
+        self.requires_grad_(False)
 
     @classmethod
     def from_weights(cls, cfg: DeepSeekConfig, gate: torch.Tensor, experts, bias=None, shared=None,
@@ -216,13 +224,15 @@ class MoE(nn.Module):
                 q, s = quantize_fp8(experts[e][2], (128, 128))
                 m.w2[e].copy_(q)
                 m.w2_scale[e].copy_(s)
-        if shared is not None:
+        if shared is None:
+            m.shared_experts = None
+        else:
             mlp = plain.PlainMLP(H, shared[0].shape[0], gate.device, shared[0].dtype)
             with torch.no_grad():
                 mlp.gate_proj.weight.copy_(shared[0])
                 mlp.up_proj.weight.copy_(shared[1])
                 mlp.down_proj.weight.copy_(shared[2])
-            m.shared_experts = SwiGLU.from_float(mlp, fp8_shared, dtype)
+            m.shared_experts = SwiGLU.from_float(mlp, fp8_shared, dtype).requires_grad_(False)
         return m
 
     @classmethod
@@ -295,43 +305,68 @@ class MLAttention(nn.Module):
 
     Args:
         cfg: DeepSeekConfig (kv_lora_rank must be 512, qk_rope_head_dim 64: the cache format).
+        dtype: compute/output dtype (bf16 or fp32).
         fp8: projections as Fp8Linear (True) or bf16 nn.Linear; kv_b_proj stays bf16 (it is
             used per head for absorption).
+
+    Load with ``MLAttention.from_float(plain_mla)`` (plain.PlainMLA, transformers' names:
+    load a checkpoint into it first), or ``load_state_dict`` of a saved MLAttention (then call
+    ``_absorb_weights()``; from_float does it).
     """
 
-    def __init__(self, cfg: DeepSeekConfig, device=None, dtype=torch.bfloat16):
+    def __init__(self, cfg: DeepSeekConfig, device=None, dtype=torch.bfloat16, fp8: bool = True):
         super().__init__()
         if cfg.kv_lora_rank != LATENT or cfg.qk_rope_head_dim != ROPE:
             raise ValueError(f"MLAttention needs kv_lora_rank {LATENT} and qk_rope_head_dim {ROPE} (the latent-cache "
                              f"format); got {cfg.kv_lora_rank} and {cfg.qk_rope_head_dim}")
-        self.cfg, self.dtype = cfg, dtype
-        cos, sin = rope_tables(cfg, cfg.max_position_embeddings, device)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.cfg, self.dtype, self.fp8 = cfg, dtype, bool(fp8)
+        H, nh, r = cfg.hidden_size, cfg.num_attention_heads, cfg.q_lora_rank
 
-    @classmethod
-    def from_float(cls, attn: plain.PlainMLA, fp8: bool = True, dtype=torch.bfloat16) -> "MLAttention":
-        """From the plain-PyTorch (transformers-named) MLA module."""
-        cfg = attn.cfg
-        m = cls(cfg, attn.o_proj.weight.device, dtype)
-        if cfg.q_lora_rank:
-            m.q_a_proj = _linear(attn.q_a_proj, fp8, dtype)
-            m.q_a_layernorm = _norm(attn.q_a_layernorm)
-            m.q_b_proj = _linear(attn.q_b_proj, fp8, dtype)
-        else:
-            m.q_proj = _linear(attn.q_proj, fp8, dtype)
-        m.kv_a_proj_with_mqa = _linear(attn.kv_a_proj_with_mqa, fp8, dtype)
-        m.fused_qkv_a_proj = None
-        if fp8 and cfg.q_lora_rank and cfg.q_lora_rank % 128 == 0:
+        def lin(k, n, fp8=self.fp8, dt=dtype):
+            return Fp8Linear(k, n, device=device, dtype=dt) if fp8 else nn.Linear(k, n, bias=False, device=device, dtype=dt)
+
+        self.fused_qkv_a_proj = None
+        if r and self.fp8 and r % 128 == 0:
             # q_a_proj and kv_a_proj_with_mqa read the same x: one quantization, one GEMM. With
             # q_lora_rank a multiple of 128 no 128x128 weight block straddles the seam, so the
             # result is identical to the two separate layers.
-            w = torch.cat([attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight])
-            m.fused_qkv_a_proj = Fp8Linear.from_weight(w, dtype=dtype)
-            del m.q_a_proj, m.kv_a_proj_with_mqa
-        m.kv_a_layernorm = _norm(attn.kv_a_layernorm)
-        m.kv_b_proj = _linear(attn.kv_b_proj, False, torch.bfloat16)
-        m.o_proj = _linear(attn.o_proj, fp8, dtype)
+            self.fused_qkv_a_proj = lin(H, r + LATENT + ROPE)
+        elif r:
+            self.q_a_proj = lin(H, r)
+            self.kv_a_proj_with_mqa = lin(H, LATENT + ROPE)
+        else:
+            self.kv_a_proj_with_mqa = lin(H, LATENT + ROPE)
+        if r:
+            self.q_a_layernorm = plain.RMSNorm(r, cfg.rms_norm_eps, device)
+            self.q_b_proj = lin(r, nh * cfg.qk_head_dim)
+        else:
+            self.q_proj = lin(H, nh * cfg.qk_head_dim)
+        self.kv_a_layernorm = plain.RMSNorm(LATENT, cfg.rms_norm_eps, device)
+        self.kv_b_proj = lin(LATENT, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), False, torch.bfloat16)
+        self.o_proj = lin(nh * cfg.v_head_dim, H)
+        cos, sin = rope_tables(cfg, cfg.max_position_embeddings, device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self._absorb_weights()
+        self.requires_grad_(False)
+
+    @classmethod
+    def from_float(cls, attn: plain.PlainMLA, fp8: bool = True, dtype=torch.bfloat16) -> "MLAttention":
+        """From the plain-PyTorch (transformers-named) MLA module; fp8: Fp8Linear projections
+        (True) or bf16 nn.Linear ones."""
+        cfg = attn.cfg
+        m = cls(cfg, attn.o_proj.weight.device, dtype, fp8)
+        src = dict(attn.named_parameters())
+        if m.fused_qkv_a_proj is not None:
+            src["fused_qkv_a_proj.weight"] = torch.cat([attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight])
+        with torch.no_grad():
+            for name, mod in m.named_children():
+                if isinstance(mod, Fp8Linear):
+                    new = Fp8Linear.from_weight(src[f"{name}.weight"], dtype=mod.dtype)
+                    mod.weight.copy_(new.weight)
+                    mod.weight_scale_inv.copy_(new.weight_scale_inv)
+                elif isinstance(mod, (nn.Linear, plain.RMSNorm)):
+                    mod.weight.copy_(src[f"{name}.weight"])
         m._absorb_weights()
         return m
 
@@ -339,8 +374,10 @@ class MLAttention(nn.Module):
         cfg = self.cfg
         w = self.kv_b_proj.weight.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, LATENT)
         # W_UK [H, 128, 512] (q_nope @ W_UK -> latent query), W_UV^T [H, 512, 128] (latent out -> v)
-        self.register_buffer("w_uk", w[:, : cfg.qk_nope_head_dim].contiguous(), persistent=False)
-        self.register_buffer("w_uv_t", w[:, cfg.qk_nope_head_dim:].transpose(1, 2).contiguous(), persistent=False)
+        with torch.no_grad():
+            self.register_buffer("w_uk", w[:, : cfg.qk_nope_head_dim].detach().contiguous(), persistent=False)
+            self.register_buffer("w_uv_t", w[:, cfg.qk_nope_head_dim:].detach().transpose(1, 2).contiguous(),
+                                 persistent=False)
 
     def _q_kv(self, x: torch.Tensor):
         """(q [.., heads * 192], kv_a [.., 576]) for x [.., hidden]."""
