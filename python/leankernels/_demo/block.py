@@ -24,12 +24,11 @@ from ..nn import plain
 # Device-scaled defaults. MLA's latent (512) and RoPE (64) widths are the cache format: fixed.
 CPU = DeepSeekConfig(hidden_size=1024, num_attention_heads=16, q_lora_rank=512, n_routed_experts=64,
                      moe_intermediate_size=256, num_experts_per_tok=6, n_group=8, topk_group=4)
-CPU_QUICK = DeepSeekConfig(hidden_size=512, num_attention_heads=4, q_lora_rank=256, n_routed_experts=16,
-                           moe_intermediate_size=128, num_experts_per_tok=4, n_group=4, topk_group=2)
+CPU_QUICK = CPU.replace(n_routed_experts=32, n_group=4, topk_group=2, num_experts_per_tok=4)
 GPU = DeepSeekConfig(hidden_size=4096, num_attention_heads=32, q_lora_rank=1024, n_routed_experts=64,
                      moe_intermediate_size=1024, num_experts_per_tok=6, n_group=8, topk_group=4)
 # batch (sequences), prompt tokens, decode steps
-RUN = {"cpu": (4, 512, 32), "cpu_quick": (2, 64, 8), "gpu": (32, 1024, 32), "v3": (32, 1024, 32)}
+RUN = {"cpu": (4, 512, 32), "cpu_quick": (4, 128, 8), "gpu": (32, 1024, 32), "v3": (32, 1024, 32)}
 # Check (DeepGEMM's diff metric per token, on the block's update out - x, against the plain bf16
 # block). FP8 noise can flip a near-tie of the gate, so a few tokens pick a different (equally
 # valid) expert set; the check records each block's expert choice (from its own MoE input) and
