@@ -68,13 +68,6 @@ def _summary(d: torch.Tensor, same: torch.Tensor) -> dict:
             "passed": bool(float(agree.max()) < TOKEN_BAR and float(same.double().mean()) >= MIN_ROUTE_AGREE)}
 
 
-def gemm_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    """DeepGEMM's accuracy metric: 1 - 2*sum(x*y) / sum(x^2 + y^2), in float64."""
-    x, y = x.double(), y.double()
-    d = (x * x + y * y).sum()
-    return 0.0 if d == 0 else float(1 - 2 * (x * y).sum() / d)
-
-
 def with_experts(cfg: DeepSeekConfig, experts: int) -> DeepSeekConfig:
     """cfg with a different number of routed experts, keeping valid group routing: at most the
     original number of groups, at least 2 experts per group, enough kept groups for top-k."""
@@ -95,6 +88,9 @@ def pick(device: str, quick: bool, preset: str | None, experts: int | None):
         cfg, key = GPU, "gpu"
     if experts:
         cfg = with_experts(cfg, experts)
+    if key == "v3" and device == "cpu" and cfg.n_routed_experts > 16:
+        print(f"note: --preset v3 on the CPU holds {cfg.n_routed_experts} experts of 44 MiB (x3: bf16 plain block, "
+              "FP8 block, fp32 init); consider --experts 8", file=sys.stderr)
     return cfg, RUN[key]
 
 
