@@ -89,8 +89,8 @@ def pick(device: str, quick: bool, preset: str | None, experts: int | None):
     if experts:
         cfg = with_experts(cfg, experts)
     if key == "v3" and device == "cpu" and cfg.n_routed_experts > 16:
-        print(f"note: --preset v3 on the CPU holds {cfg.n_routed_experts} experts of 44 MiB (x3: bf16 plain block, "
-              "FP8 block, fp32 init); consider --experts 8", file=sys.stderr)
+        print(f"note: --preset v3 on the CPU holds {cfg.n_routed_experts} experts of 44 M parameters each (bf16 plain block "
+              "+ FP8 block); consider --experts 8", file=sys.stderr)
     return cfg, RUN[key]
 
 
