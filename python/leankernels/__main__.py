@@ -73,7 +73,9 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     from ._demo import main
 
-    return main(device=args.device, quick=args.quick)
+    return main(device=args.device, quick=args.quick, preset=args.preset, steps=args.steps, batch=args.batch,
+                prompt=args.prompt, experts=args.experts, json_path=args.json, plot_path=args.plot, ops=args.ops,
+                block=not args.no_block, fp8_cache=args.fp8_cache)
 
 
 def main(argv=None) -> int:
@@ -84,6 +86,17 @@ def main(argv=None) -> int:
     pd = sub.add_parser("demo", help="the main job on the best device present")
     pd.add_argument("--device", choices=["cpu", "cuda"], default=None)
     pd.add_argument("--quick", action="store_true", help="smaller shapes")
+    pd.add_argument("--preset", choices=["small", "gpu", "v3"], default=None,
+                    help="block dimensions: scaled to the device by default; v3 = DeepSeek-V3's real layer (GPU)")
+    pd.add_argument("--steps", type=int, default=None, help="decode steps")
+    pd.add_argument("--batch", type=int, default=None, help="sequences decoded together")
+    pd.add_argument("--prompt", type=int, default=None, help="prompt (prefill) tokens per sequence")
+    pd.add_argument("--experts", type=int, default=None, help="routed experts (e.g. fewer for memory with --preset v3)")
+    pd.add_argument("--fp8-cache", action="store_true", help="run the block on FlashMLA's FP8 latent cache (656 B/token)")
+    pd.add_argument("--json", metavar="FILE", default=None, help="write the figures as JSON")
+    pd.add_argument("--plot", metavar="FILE.png", default=None, help="draw the figures (needs matplotlib)")
+    pd.add_argument("--ops", action="store_true", help="also run the per-domain op sections (quant, gemm, routing, mla)")
+    pd.add_argument("--no-block", action="store_true", help="skip the decoder-block job (with --ops: op sections only)")
     try:
         from ._bench import cli as bench_cli
     except ImportError:

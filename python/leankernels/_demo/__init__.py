@@ -1,13 +1,18 @@
 """`python -m leankernels demo`: the main job, on the best device present.
 
-Each domain contributes a section module (quant, gemm, routing, mla) exposing
-``run(device, quick) -> list[dict]``; a section whose module is absent is skipped. Every row
-carries its own correctness check against leankernels.reference; the demo fails (exit 1)
-when any check fails.
+The default run builds a DeepSeek-V3-shaped decoder block (MLA + MoE, scaled to the device;
+``preset="v3"`` for the real dimensions) on leankernels ops and the same block in plain
+PyTorch with the same weights, prefills, decodes N steps with a progress bar, checks the
+outputs against each other and prints a table (time per decode token against the plain block,
+tokens/s, KV-cache bytes, weight bytes, active parameters). With ``ops=True`` the per-domain
+sections (quant, gemm, routing, mla: modules exposing ``run(device, quick) -> list[dict]``)
+follow. The demo fails (exit 1) when any check fails.
 """
 from __future__ import annotations
 
 import importlib
+import json
+import sys
 import time
 
 import torch
@@ -35,22 +40,55 @@ def print_table(rows: list[dict], title: str) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def main(device: str | None = None, quick: bool = False, sections=None) -> int:
+def main(device: str | None = None, quick: bool = False, sections=None, preset: str | None = None,
+         steps: int | None = None, batch: int | None = None, prompt: int | None = None,
+         experts: int | None = None, json_path: str | None = None, plot_path: str | None = None,
+         ops: bool = False, block: bool = True, fp8_cache: bool = False) -> int:
     import leankernels
 
+    from . import block as block_demo
+
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("error: --plot needs matplotlib (pip install matplotlib, or leankernels[bench])", file=sys.stderr)
+            return 2
     if device is None:
         device = "cuda" if leankernels.cuda_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"leankernels {leankernels.__version__} demo on {device} ({name})")
+    print(f"leankernels {leankernels.__version__} demo on {device} ({name})", flush=True)
     ok = True
-    for sec in sections or SECTIONS:
-        try:
-            mod = importlib.import_module(f"leankernels._demo.{sec}")
-        except ModuleNotFoundError:
-            continue
+    figures = {"version": leankernels.__version__, "device": device, "device_name": name}
+    if block:
         t0 = time.perf_counter()
-        rows = mod.run(device, quick)
-        print_table(rows, f"[{sec}] ({time.perf_counter() - t0:.1f} s)")
-        ok &= all(r.get("check", True) is not False for r in rows)
+        r = block_demo.run(device, quick, preset, steps, batch, prompt, experts, fp8_cache=fp8_cache)
+        cfg = r["config"]
+        title = (f"[block] DeepSeek-V3-shaped decoder block ({r['preset']}: hidden {cfg['hidden_size']}, "
+                 f"{cfg['num_attention_heads']} heads, q_lora {cfg['q_lora_rank']}, kv_lora {cfg['kv_lora_rank']}, "
+                 f"{cfg['n_routed_experts']} experts x {cfg['moe_intermediate_size']} top-{cfg['num_experts_per_tok']}, "
+                 f"{cfg['scoring_func']}) ({time.perf_counter() - t0:.1f} s)")
+        print_table(block_demo.rows(r), title)
+        figures["block"] = r
+        ok &= r["check"]["passed"]
+        if plot_path:
+            block_demo.plot(r, plot_path)
+            print(f"plot written to {plot_path}")
+    if ops or sections:
+        figures["ops"] = {}
+        for sec in sections or SECTIONS:
+            try:
+                mod = importlib.import_module(f"leankernels._demo.{sec}")
+            except ModuleNotFoundError:
+                continue
+            t0 = time.perf_counter()
+            rows = mod.run(device, quick)
+            print_table(rows, f"[{sec}] ({time.perf_counter() - t0:.1f} s)")
+            figures["ops"][sec] = rows
+            ok &= all(r.get("check", True) is not False for r in rows)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(figures, f, indent=2, default=str)
+        print(f"figures written to {json_path}")
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1

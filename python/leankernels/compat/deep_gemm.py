@@ -1,0 +1,304 @@
+"""Drop-in for DeepGEMM's FP8 GEMM Python API (deepseek-ai/DeepGEMM), on any device.
+
+    from leankernels.compat import deep_gemm          # instead of: import deep_gemm
+
+    x_fp8, x_sf = deep_gemm.per_token_cast_to_fp8(x, use_ue8m0=False)     # 1x128 activations
+    w_fp8, w_sf = deep_gemm.per_block_cast_to_fp8(w, use_ue8m0=False)     # 128x128 weights
+    d = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    deep_gemm.fp8_gemm_nt((x_fp8, x_sf), (w_fp8, w_sf), d)               # d = x @ w.T
+    deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_sf), (b, b_sf), d, m_indices)
+    deep_gemm.m_grouped_fp8_gemm_nt_masked((a, a_sf), (b, b_sf), d, masked_m, expected_m)
+
+Same signatures as DeepGEMM (operands as ``(tensor, scale)`` tuples, the output ``d`` passed in
+and written in place, nothing returned), backed by leankernels.fp8_gemm / fp8_grouped_gemm /
+fp8_grouped_gemm_masked, so the code runs on the CPU and on any sm_80+ GPU.
+
+Scales (the SM90 recipe ``(1, 128, 128)``: 1x128 groups for ``a``, 128x128 blocks for ``b``):
+
+* fp32 scales in any strides: row-major ``[M, ceil(K/128)]``, or DeepGEMM's MN-major
+  TMA-aligned layout (``get_mn_major_tma_aligned_tensor``: a transposed view whose M stride is
+  1), grouped ones with a leading expert dim;
+* packed UE8M0 scales (SM100 style): int32 tensors holding 4 exponent bytes each along K,
+  ``[M, ceil(ceil(K/128)/4)]``; they are unpacked to fp32 powers of two;
+* ``b``'s scales must be 128x128 blocks ``[(E,) ceil(N/128), ceil(K/128)]``: the SM100 1D1D
+  recipe with per-row ``b`` scales ``(1, 1, 128)`` is not supported (ValueError).
+
+``recipe`` may be None or ``(1, 128, 128)``; ``compiled_dims`` and ``disable_ue8m0_cast`` are
+accepted and have no effect (scales are used exactly as given: fp32 scales are not rounded to
+UE8M0). ``expected_m`` is a scheduling hint in DeepGEMM and is only validated here.
+
+Contiguous layout restriction: DeepGEMM takes ``m_indices`` (expert of each row, -1 = padding);
+leankernels' grouped GEMM takes cumulative row offsets. They are converted on the device
+without a host sync (cummax + searchsorted), which requires the rows to be sorted by expert
+(non-decreasing ``m_indices`` once -1 padding rows are skipped), as DeepGEMM's aligned layout
+has them. Padding rows (-1) are computed with the preceding expert's weights (the first
+expert's for leading ones); as in DeepGEMM their output rows are unspecified: don't read them.
+Unsorted indices raise ValueError on the CPU (and on CUDA with LEANKERNELS_DEBUG=1); the
+per-expert alignment of DeepGEMM (128 rows) is not required.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from .. import _checks
+from ..gemm import fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_masked
+
+GRAN = 128
+_FP8 = torch.float8_e4m3fn
+_OUT = (torch.bfloat16, torch.float32)
+
+
+# ------------------------------------------------------------------------------ utilities
+def ceil_div(x: int, y: int) -> int:
+    return (x + y - 1) // y
+
+
+def align(x: int, y: int) -> int:
+    return ceil_div(x, y) * y
+
+
+def get_mk_alignment_for_contiguous_layout() -> int:
+    """DeepGEMM's per-expert row alignment of the contiguous layout (128). leankernels does not
+    need it, but code that pads with it keeps working."""
+    return GRAN
+
+
+def get_tma_aligned_size(x: int, element_size: int) -> int:
+    """x rounded up to a multiple of 16 bytes' worth of elements (TMA alignment)."""
+    return align(x, 16 // element_size)
+
+
+def get_mn_major_tma_aligned_tensor(x: torch.Tensor) -> torch.Tensor:
+    """fp32 scales ``[(E,) M, K']`` as DeepGEMM's MN-major TMA-aligned layout: same values, the
+    M dim contiguous and padded to 16 bytes (a transposed view of ``[(E,) K', M_aligned]``)."""
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x.unsqueeze(0)
+    E, m, k = x.shape
+    ma = get_tma_aligned_size(m, x.element_size())
+    buf = torch.empty(E, k, ma, dtype=x.dtype, device=x.device)
+    out = buf[:, :, :m].transpose(1, 2)
+    out.copy_(x)
+    return out[0] if squeeze else out
+
+
+get_col_major_tma_aligned_tensor = get_mn_major_tma_aligned_tensor   # DeepGEMM's earlier name
+
+
+def ceil_to_ue8m0(x: torch.Tensor) -> torch.Tensor:
+    """Round fp32 values up to a power of two (UE8M0), exactly, via the exponent bits."""
+    bits = x.abs().float().view(torch.int32)
+    exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    return (exp.clamp(1, 254) << 23).view(torch.float32)
+
+
+def pack_ue8m0_to_int(x: torch.Tensor) -> torch.Tensor:
+    """Power-of-two fp32 scales ``[..., 4n]`` -> int32 ``[..., n]``, 4 exponent bytes each."""
+    if x.dtype != torch.float32 or x.shape[-1] % 4:
+        raise ValueError("x must be fp32 with a last dim that is a multiple of 4")
+    return (x.contiguous().view(torch.int32) >> 23).to(torch.uint8).view(torch.int32)
+
+
+def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int = GRAN,
+                          use_packed_ue8m0: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """DeepGEMM's test utility: ``[m, n]`` -> (float8_e4m3fn ``[m, n]``, fp32 ``[m, ceil(n/gran_k)]``).
+
+    Per row and gran_k columns: sf = max(amax, 1e-4) / 448 (rounded up to a power of two with
+    use_ue8m0), codes = e4m3(x * (1 / sf)). use_packed_ue8m0 returns the scales packed into
+    int32 (padded with 1.0 to a multiple of 4 groups).
+    """
+    _checks.tensor("x", x, (torch.float32, torch.bfloat16, torch.float16), dim=2)
+    m, n = x.shape
+    pn = align(n, gran_k)
+    xp = torch.zeros(m, pn, dtype=x.dtype, device=x.device)
+    xp[:, :n] = x
+    xv = xp.view(m, pn // gran_k, gran_k)
+    sf = xv.abs().float().amax(dim=2).clamp(1e-4) / 448.0
+    if use_ue8m0 or use_packed_ue8m0:
+        sf = ceil_to_ue8m0(sf)
+    x_fp8 = (xv * (1.0 / sf.unsqueeze(2))).to(_FP8).view(m, pn)[:, :n].contiguous()
+    if use_packed_ue8m0:
+        g = sf.shape[-1]
+        if g % 4:
+            sf = torch.nn.functional.pad(sf, (0, align(g, 4) - g), value=1.0)
+        return x_fp8, pack_ue8m0_to_int(sf)
+    return x_fp8, sf
+
+
+def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int = GRAN) -> Tuple[torch.Tensor, torch.Tensor]:
+    """DeepGEMM's test utility: ``[m, n]`` -> (float8_e4m3fn ``[m, n]``, fp32
+    ``[ceil(m/gran_k), ceil(n/gran_k)]``), one scale per gran_k x gran_k block (zero padded)."""
+    _checks.tensor("x", x, (torch.float32, torch.bfloat16, torch.float16), dim=2)
+    m, n = x.shape
+    xp = torch.zeros(align(m, gran_k), align(n, gran_k), dtype=x.dtype, device=x.device)
+    xp[:m, :n] = x
+    xv = xp.view(-1, gran_k, xp.shape[1] // gran_k, gran_k)
+    sf = xv.abs().float().amax(dim=(1, 3), keepdim=True).clamp(1e-4) / 448.0
+    if use_ue8m0:
+        sf = ceil_to_ue8m0(sf)
+    x_fp8 = (xv * (1.0 / sf)).to(_FP8).view_as(xp)[:m, :n].contiguous()
+    return x_fp8, sf.view(xv.shape[0], xv.shape[2])
+
+
+# ------------------------------------------------------------------------------- operands
+def _recipe(recipe) -> None:
+    if recipe is not None and tuple(recipe) != (1, GRAN, GRAN):
+        raise ValueError(f"recipe must be None or (1, 128, 128) (1x128 a scales, 128x128 b blocks); got {recipe!r}")
+
+
+def _scales(name: str, sf: torch.Tensor, lead: tuple, kb: int) -> torch.Tensor:
+    """fp32 scales of shape lead + (kb,) (any strides), or packed UE8M0 int32 lead + (ceil(kb/4),)."""
+    _checks.tensor(name, sf, (torch.float32, torch.int32))
+    if sf.dtype == torch.int32:
+        _checks.shape(name, sf, (*lead, ceil_div(kb, 4)))
+        exps = sf.contiguous().view(torch.uint8).reshape(*lead, -1)[..., :kb].to(torch.int32)
+        return (exps << 23).view(torch.float32)
+    _checks.shape(name, sf, (*lead, kb))
+    return sf
+
+
+def _pair(name: str, t):
+    if not isinstance(t, (tuple, list)) or len(t) != 2:
+        raise TypeError(f"{name} must be a (tensor, scale) tuple, as in DeepGEMM; got {type(t).__name__}")
+    x, sf = t
+    _checks.tensor(f"{name}[0]", x, (_FP8,))
+    return x, sf
+
+
+def _a_b(a, b, a_dims: int, b_dims: int):
+    a, sa = _pair("a", a)
+    b, sb = _pair("b", b)
+    _checks.tensor("a[0]", a, (_FP8,), a_dims)
+    _checks.tensor("b[0]", b, (_FP8,), b_dims)
+    K = a.shape[-1]
+    if b.shape[-1] != K:
+        raise ValueError(f"b[0] has K = {b.shape[-1]} but a[0] has K = {K} (NT layout: both K-major)")
+    kb = ceil_div(K, GRAN)
+    sa = _scales("a[1]", sa, tuple(a.shape[:-1]), kb)
+    N = b.shape[-2]
+    if isinstance(sb, torch.Tensor) and sb.dim() == b.dim() and sb.shape[-2] == N and N != ceil_div(N, GRAN):
+        raise ValueError("b[1] has one scale per row of b (the SM100 (1, 1, 128) recipe); leankernels needs "
+                         "128x128 weight blocks: b[1] of shape [(E,) ceil(N/128), ceil(K/128)] (per_block_cast_to_fp8)")
+    sb = _scales("b[1]", sb, (*b.shape[:-2], ceil_div(N, GRAN)), kb)
+    return a, sa, b, sb, N
+
+
+def _out(d: torch.Tensor, shape: tuple, device) -> torch.Tensor:
+    _checks.tensor("d", d, _OUT)
+    _checks.shape("d", d, shape)
+    if d.device != device:
+        raise ValueError(f"d is on {d.device} but a is on {device}; all tensors must share one device")
+    return d
+
+
+def _debug(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get("LEANKERNELS_DEBUG", "0") not in ("", "0")
+
+
+# ------------------------------------------------------------------------------ the GEMMs
+def fp8_gemm_nt(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[torch.Tensor, torch.Tensor], d: torch.Tensor,
+                c: Optional[torch.Tensor] = None, recipe: Optional[Tuple[int, int, int]] = None,
+                compiled_dims: str = "nk", disable_ue8m0_cast: bool = False) -> None:
+    """``d = a @ b.T`` (``+ c``): a = (float8_e4m3fn ``[M, K]``, scales ``[M, ceil(K/128)]``),
+    b = (float8_e4m3fn ``[N, K]``, scales ``[ceil(N/128), ceil(K/128)]``), d ``[M, N]`` bf16
+    or fp32, written in place. c (optional, fp32 ``[M, N]``, d must then be fp32) is added
+    (DeepGEMM's accumulate form; c may be d itself)."""
+    _recipe(recipe)
+    a, sa, b, sb, N = _a_b(a, b, 2, 2)
+    d = _out(d, (a.shape[0], N), a.device)
+    if c is not None:
+        _checks.tensor("c", c, (torch.float32,))
+        _checks.shape("c", c, tuple(d.shape))
+        if d.dtype != torch.float32:
+            raise TypeError("d must be float32 when c is given (fp32 accumulation, as in DeepGEMM)")
+    y = fp8_gemm(a, sa, b, sb, torch.float32 if (c is not None or d.dtype == torch.float32) else torch.bfloat16)
+    if c is not None:
+        y = y + c
+    d.copy_(y)
+
+
+def _m_indices_to_offs(m_indices: torch.Tensor, E: int) -> torch.Tensor:
+    eff = torch.cummax(m_indices, dim=0).values                     # -1 padding -> previous expert
+    experts = torch.arange(E, dtype=eff.dtype, device=eff.device)
+    return torch.searchsorted(eff.contiguous(), experts, right=True).to(torch.int32)
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[torch.Tensor, torch.Tensor],
+                                     d: torch.Tensor, m_indices: torch.Tensor,
+                                     recipe: Optional[Tuple[int, int, int]] = None, compiled_dims: str = "nk",
+                                     disable_ue8m0_cast: bool = False) -> None:
+    """Grouped GEMM, contiguous layout: ``d[r] = a[r] @ b[m_indices[r]].T``.
+
+    a = (``[M, K]``, ``[M, ceil(K/128)]``), b = (``[E, N, K]``, ``[E, ceil(N/128), ceil(K/128)]``),
+    d ``[M, N]`` bf16/fp32, m_indices int32 ``[M]`` (expert per row, -1 = padding row), rows
+    sorted by expert (see the module notes: no host sync, padding rows unspecified).
+    """
+    _recipe(recipe)
+    a, sa, b, sb, N = _a_b(a, b, 2, 3)
+    E, M = b.shape[0], a.shape[0]
+    d = _out(d, (M, N), a.device)
+    _checks.tensor("m_indices", m_indices, (torch.int32, torch.int64), dim=1)
+    _checks.shape("m_indices", m_indices, (M,))
+    _checks.same_device(a=a, m_indices=m_indices)
+    if _debug(m_indices):
+        mi = m_indices.cpu()
+        if bool(((mi < -1) | (mi >= E)).any()):
+            raise ValueError(f"m_indices values must lie in [-1, {E}) (expert id, -1 = padding)")
+        valid = mi[mi >= 0]
+        if bool((valid[1:] < valid[:-1]).any()):
+            raise ValueError("m_indices must be sorted by expert (non-decreasing, -1 padding rows anywhere); "
+                             "leankernels converts them to group offsets on the device")
+    offs = _m_indices_to_offs(m_indices, E)
+    if d.is_contiguous():
+        fp8_grouped_gemm(a, sa, b, sb, offs, out=d)
+    else:
+        d.copy_(fp8_grouped_gemm(a, sa, b, sb, offs, d.dtype))
+
+
+def m_grouped_fp8_gemm_nt_masked(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[torch.Tensor, torch.Tensor],
+                                 d: torch.Tensor, masked_m: torch.Tensor, expected_m: int,
+                                 recipe: Optional[Tuple[int, int, int]] = None, compiled_dims: str = "nk",
+                                 disable_ue8m0_cast: bool = False) -> None:
+    """Grouped GEMM, masked layout: ``d[e, :masked_m[e]] = a[e, :masked_m[e]] @ b[e].T``.
+
+    a = (``[E, M_max, K]``, ``[E, M_max, ceil(K/128)]``), b = (``[E, N, K]``,
+    ``[E, ceil(N/128), ceil(K/128)]``), d ``[E, M_max, N]``, masked_m int32 ``[E]`` on the
+    device (read there: no host sync; CUDA-graph safe). Rows past masked_m[e] are not written.
+    expected_m: DeepGEMM's scheduling hint (an int >= 0); validated, otherwise unused.
+    """
+    _recipe(recipe)
+    if isinstance(expected_m, bool) or not isinstance(expected_m, int) or expected_m < 0:
+        raise ValueError(f"expected_m must be an int >= 0; got {expected_m!r}")
+    a, sa, b, sb, N = _a_b(a, b, 3, 3)
+    d = _out(d, (a.shape[0], a.shape[1], N), a.device)
+    if d.is_contiguous():
+        fp8_grouped_gemm_masked(a, sa, b, sb, masked_m, out=d)
+    else:
+        tmp = d.contiguous()
+        fp8_grouped_gemm_masked(a, sa, b, sb, masked_m, out=tmp)
+        d.copy_(tmp)
+
+
+# DeepGEMM's first-release names (bf16 output)
+def gemm_fp8_fp8_bf16_nt(lhs, rhs, out) -> None:
+    fp8_gemm_nt(lhs, rhs, out)
+
+
+def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices) -> None:
+    m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, out, m_indices)
+
+
+def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m) -> None:
+    m_grouped_fp8_gemm_nt_masked(lhs, rhs, out, masked_m, expected_m)
+
+
+__all__ = ["fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
+           "per_token_cast_to_fp8", "per_block_cast_to_fp8", "ceil_to_ue8m0", "pack_ue8m0_to_int",
+           "get_mk_alignment_for_contiguous_layout", "get_tma_aligned_size", "get_mn_major_tma_aligned_tensor",
+           "get_col_major_tma_aligned_tensor", "gemm_fp8_fp8_bf16_nt", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
+           "m_grouped_gemm_fp8_fp8_bf16_nt_masked", "ceil_div", "align"]

@@ -1,0 +1,483 @@
+"""DeepSeek-V3 layers on leankernels ops: Fp8Linear, MoE, MLAttention and a decoder block.
+
+Each module loads from plain bf16/fp32 weights (``from_float`` takes the matching module of
+leankernels.nn.plain, whose parameter names follow transformers' DeepseekV3 modules) and is
+tested against that plain-PyTorch layer. Inference modules: the ops have no autograd, so the
+parameters are created with requires_grad=False; run them under torch.no_grad() or
+torch.inference_mode(). No forward waits for the host (torch.compile(fullgraph=True) traces them).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..gemm import fp8_gemm, fp8_grouped_gemm
+from ..mla import LATENT, ROPE, LatentCache, mla_append, mla_decode
+from ..quant import quantize_fp8
+from ..routing import permute, plan, route, unpermute
+from . import plain
+from .config import DeepSeekConfig, rope_interleaved, rope_tables
+
+_OUT = (torch.bfloat16, torch.float32)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ------------------------------------------------------------------------------ Fp8Linear
+class Fp8Linear(nn.Module):
+    """``y = x @ W.T (+ bias)`` with W stored as float8_e4m3fn in 128x128 blocks (quantized
+    once, at load) and x quantized per call in 1x128 groups, multiplied by ``fp8_gemm``.
+
+    Args:
+        in_features, out_features: K and N.
+        bias: whether the layer has a bias (kept in ``dtype``, added after the GEMM in fp32).
+        dtype: output dtype (``torch.bfloat16`` or ``torch.float32``); inputs of any float
+            dtype are accepted.
+
+    Buffers: ``weight`` float8_e4m3fn ``[N, K]`` and ``weight_scale_inv`` float32
+    ``[ceil(N/128), ceil(K/128)]`` (the dequantization multiplier, as in DeepSeek-V3's FP8
+    checkpoints, which load directly with ``from_fp8``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if dtype not in _OUT:
+            raise TypeError(f"dtype must be torch.bfloat16 or torch.float32; got {dtype!r}")
+        self.in_features, self.out_features, self.dtype = int(in_features), int(out_features), dtype
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("weight_scale_inv", torch.ones(_cdiv(out_features, 128), _cdiv(in_features, 128),
+                                                            dtype=torch.float32, device=device))
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, dtype: torch.dtype | None = None) -> "Fp8Linear":
+        """Quantize an ``nn.Linear`` (any float dtype) to a new Fp8Linear on the same device."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear; got {type(linear).__name__}")
+        return cls.from_weight(linear.weight, linear.bias, dtype=dtype)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None) -> "Fp8Linear":
+        """From a float ``[N, K]`` weight (and optional ``[N]`` bias)."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point:
+            raise ValueError("weight must be a 2-D float tensor [out_features, in_features]")
+        dtype = dtype or (weight.dtype if weight.dtype in _OUT else torch.bfloat16)
+        m = cls(weight.shape[1], weight.shape[0], bias is not None, weight.device, dtype)
+        with torch.no_grad():
+            w, s = quantize_fp8(weight.detach(), (128, 128))
+            m.weight.copy_(w)
+            m.weight_scale_inv.copy_(s)
+            if bias is not None:
+                m.bias.copy_(bias.detach().to(dtype))
+        return m
+
+    @classmethod
+    def from_fp8(cls, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias=None,
+                 dtype: torch.dtype = torch.bfloat16) -> "Fp8Linear":
+        """From an already quantized weight (DeepSeek-V3 checkpoint layout: e4m3 ``[N, K]`` and
+        ``weight_scale_inv`` ``[ceil(N/128), ceil(K/128)]``)."""
+        if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
+            raise TypeError("weight must be a 2-D float8_e4m3fn tensor")
+        m = cls(weight.shape[1], weight.shape[0], bias is not None, weight.device, dtype)
+        if tuple(weight_scale_inv.shape) != tuple(m.weight_scale_inv.shape):
+            raise ValueError(f"weight_scale_inv must have shape {tuple(m.weight_scale_inv.shape)}; "
+                             f"got {tuple(weight_scale_inv.shape)}")
+        with torch.no_grad():
+            m.weight.copy_(weight)
+            m.weight_scale_inv.copy_(weight_scale_inv.float())
+            if bias is not None:
+                m.bias.copy_(bias.to(dtype))
+        return m
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the layer multiplies by, as fp32 ``[N, K]``."""
+        s = self.weight_scale_inv.repeat_interleave(128, 0).repeat_interleave(128, 1)
+        return self.weight.float() * s[: self.out_features, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have last dim {self.in_features}; got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        a, s = quantize_fp8(x.reshape(-1, self.in_features))
+        if self.bias is None:
+            y = fp8_gemm(a, s, self.weight, self.weight_scale_inv, self.dtype)
+        else:
+            y = (fp8_gemm(a, s, self.weight, self.weight_scale_inv, torch.float32) + self.bias.float()).to(self.dtype)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8 128x128"
+
+
+def _linear(module: nn.Module, fp8: bool, dtype: torch.dtype) -> nn.Module:
+    """An nn.Linear as Fp8Linear (fp8=True) or as a dtype copy (fp8=False)."""
+    if fp8:
+        return Fp8Linear.from_float(module, dtype)
+    out = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                    device=module.weight.device, dtype=dtype)
+    with torch.no_grad():
+        out.weight.copy_(module.weight)
+        if module.bias is not None:
+            out.bias.copy_(module.bias)
+    return out
+
+
+def _norm(src: plain.RMSNorm) -> plain.RMSNorm:
+    out = plain.RMSNorm(src.weight.shape[0], src.eps, src.weight.device)
+    with torch.no_grad():
+        out.weight.copy_(src.weight.float())
+    return out
+
+
+# ------------------------------------------------------------------------------------ MoE
+class SwiGLU(nn.Module):
+    """Dense SwiGLU MLP (shared experts) with gate and up fused into one ``[2I, H]`` weight:
+    ``down(silu(g) * u)`` where ``[g, u] = gate_up(x)``. Fp8Linear or nn.Linear projections."""
+
+    def __init__(self, gate_up: nn.Module, down: nn.Module):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = gate_up, down
+
+    @classmethod
+    def from_float(cls, mlp: plain.PlainMLP, fp8: bool = True, dtype=torch.bfloat16) -> "SwiGLU":
+        fused = nn.Linear(mlp.gate_proj.in_features, 2 * mlp.gate_proj.out_features, bias=False,
+                          device=mlp.gate_proj.weight.device, dtype=mlp.gate_proj.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        return cls(_linear(fused, fp8, dtype), _linear(mlp.down_proj, fp8, dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = getattr(self.down_proj, "weight", None)
+        dt = w.dtype if isinstance(self.down_proj, nn.Linear) else torch.float32
+        gu = self.gate_up_proj(x.to(dt) if isinstance(self.gate_up_proj, nn.Linear) else x).float()
+        g, u = gu.chunk(2, dim=-1)
+        return self.down_proj((F.silu(g) * u).to(dt))
+
+
+class MoE(nn.Module):
+    """DeepSeek-style MoE on leankernels ops: shared experts (a dense SwiGLU MLP) plus routed
+    experts through ``route -> plan -> permute(quantize=True) -> fp8_grouped_gemm`` (gate and
+    up fused, ``[E, 2I, H]``) ``-> SwiGLU -> quantize_fp8 -> fp8_grouped_gemm`` (down,
+    ``[E, H, I]``) ``-> unpermute``. No step waits for the host.
+
+    Args:
+        cfg: the DeepSeekConfig (experts, top-k, groups, scoring, routed scaling).
+        fp8_shared: shared experts as Fp8Linear (True) or bf16 nn.Linear.
+        dtype: output dtype, bf16 (default) or fp32.
+
+    Gates: ``scoring_func="sigmoid"`` uses the ``e_score_correction_bias`` buffer for
+    selection (DeepSeek-V3), ``"softmax"`` none; both with ``n_group``/``topk_group`` limits.
+    Load with ``MoE.from_float(plain.PlainMoE)`` or ``MoE.from_weights(cfg, gate, bias,
+    experts=[(w_gate, w_up, w_down), ...], shared=(w_gate, w_up, w_down))``.
+    """
+
+    def __init__(self, cfg: DeepSeekConfig, device=None, dtype=torch.bfloat16, fp8_shared: bool = True):
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_weight = nn.Parameter(torch.zeros(E, H, dtype=torch.float32, device=device), requires_grad=False)
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32, device=device)
+                             if cfg.scoring_func == "sigmoid" else None)
+        self.register_buffer("w13", torch.zeros(E, 2 * I, H, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("w13_scale", torch.ones(E, _cdiv(2 * I, 128), _cdiv(H, 128), device=device))
+        self.register_buffer("w2", torch.zeros(E, H, I, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("w2_scale", torch.ones(E, _cdiv(H, 128), _cdiv(I, 128), device=device))
+        self.shared_experts = None
+        if cfg.n_shared_experts:
+            Is = I * cfg.n_shared_experts
+            if fp8_shared:
+                self.shared_experts = SwiGLU(Fp8Linear(H, 2 * Is, device=device, dtype=dtype),
+                                             Fp8Linear(Is, H, device=device, dtype=dtype))
+            else:
+                self.shared_experts = SwiGLU(nn.Linear(H, 2 * Is, bias=False, device=device, dtype=dtype),
+                                             nn.Linear(Is, H, bias=False, device=device, dtype=dtype))
+        self.requires_grad_(False)
+
+    @classmethod
+    def from_weights(cls, cfg: DeepSeekConfig, gate: torch.Tensor, experts, bias=None, shared=None,
+                     dtype=torch.bfloat16, fp8_shared: bool = True) -> "MoE":
+        """From plain float weights: gate ``[E, H]``; experts: a list of E ``(w_gate [I, H],
+        w_up [I, H], w_down [H, I])``; bias ``[E]`` (sigmoid gates); shared: one
+        ``(w_gate, w_up, w_down)`` triple (intermediate = I * n_shared_experts) or None."""
+        E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        if len(experts) != E:
+            raise ValueError(f"experts must hold {E} (w_gate, w_up, w_down) triples; got {len(experts)}")
+        m = cls(cfg, gate.device, dtype, fp8_shared)
+        with torch.no_grad():
+            m.gate_weight.copy_(gate.float())
+            if bias is not None:
+                if m.e_score_correction_bias is None:
+                    raise ValueError("bias is only used with scoring_func='sigmoid'")
+                m.e_score_correction_bias.copy_(bias.float())
+            # quantize expert by expert (no full-size temporary; 128x128 blocks never straddle
+            # the gate/up seam when I is a multiple of 128)
+            for e in range(E):
+                q, s = quantize_fp8(torch.cat([experts[e][0], experts[e][1]]), (128, 128))
+                m.w13[e].copy_(q)
+                m.w13_scale[e].copy_(s)
+                q, s = quantize_fp8(experts[e][2], (128, 128))
+                m.w2[e].copy_(q)
+                m.w2_scale[e].copy_(s)
+        if shared is None:
+            m.shared_experts = None
+        else:
+            mlp = plain.PlainMLP(H, shared[0].shape[0], gate.device, shared[0].dtype)
+            with torch.no_grad():
+                mlp.gate_proj.weight.copy_(shared[0])
+                mlp.up_proj.weight.copy_(shared[1])
+                mlp.down_proj.weight.copy_(shared[2])
+            m.shared_experts = SwiGLU.from_float(mlp, fp8_shared, dtype).requires_grad_(False)
+        return m
+
+    @classmethod
+    def from_float(cls, moe: plain.PlainMoE, dtype=torch.bfloat16, fp8_shared: bool = True) -> "MoE":
+        """From the plain-PyTorch (transformers-named) DeepSeek MoE."""
+        ex = [(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in moe.experts]
+        sh = moe.shared_experts
+        shared = (sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight) if sh is not None else None
+        return cls.from_weights(moe.cfg, moe.gate.weight, ex, moe.gate.e_score_correction_bias, shared, dtype, fp8_shared)
+
+    def route(self, x: torch.Tensor):
+        """(weights fp32 [T, top_k], ids int32 [T, top_k]) for tokens x [T, H]."""
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.gate_weight)
+        return route(logits, cfg.num_experts_per_tok, cfg.scoring_func, self.e_score_correction_bias,
+                     cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, float(cfg.routed_scaling_factor))
+
+    def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The routed experts for tokens x [T, H] given the gate's choice; [T, H] in self.dtype."""
+        p = plan(ids, self.cfg.n_routed_experts)
+        a, s = permute(x, p, quantize=True)
+        h = fp8_grouped_gemm(a, s, self.w13, self.w13_scale, p.offs, torch.float32)
+        g, u = h.chunk(2, dim=-1)
+        a, s = quantize_fp8(F.silu(g) * u)
+        y = fp8_grouped_gemm(a, s, self.w2, self.w2_scale, p.offs, self.dtype)
+        return unpermute(y, p, weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"x must be a float tensor; got {x.dtype}")
+        if shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"x must have last dim hidden_size={self.cfg.hidden_size}; got shape {tuple(shape)}")
+        weights, ids = self.route(x2)
+        out = self.experts(x2, weights, ids)
+        if self.shared_experts is not None:
+            out = (out.float() + self.shared_experts(x2).float()).to(self.dtype)
+        return out.view(*shape[:-1], shape[-1])
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in list(self.parameters()) + list(self.buffers()))
+
+
+# ---------------------------------------------------------------------------- MLAttention
+def slot_mapping(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """int64 cache slots of positions [B, S] for sequences with block_table [B, max_blocks];
+    computed on the device (no host sync)."""
+    blk = block_table.long().gather(1, positions // block_size)
+    return (blk * block_size + positions % block_size).reshape(-1)
+
+
+class MLAttention(nn.Module):
+    """DeepSeek-V3 multi-head latent attention over a paged latent cache.
+
+    Projections: ``q_a_proj -> q_a_layernorm -> q_b_proj`` (or ``q_proj`` when q_lora_rank is
+    None), ``kv_a_proj_with_mqa`` (latent 512 + shared RoPE key 64) ``-> kv_a_layernorm``,
+    ``kv_b_proj`` (per head: 128 key + 128 value rows from the latent), ``o_proj``. RoPE is the
+    interleaved rotation of DeepSeek-V3's reference code (what mla_append applies).
+
+    Two paths, both appending the new tokens' latent rows to the cache with ``mla_append``
+    (RMSNorm and RoPE fused into the write):
+
+    * absorbed (decode, and any call with cached history): W_UK is folded into the query,
+      ``q_lat[h] = q_nope[h] @ W_UK[h]`` (576-wide absorbed queries), attention runs over the
+      latent cache with ``mla_decode`` (causal across the new tokens), and W_UV is applied to
+      the 512-wide latent output;
+    * decompress (prefill from an empty cache): keys and values are decompressed through
+      kv_b_proj and attended with causal scaled_dot_product_attention.
+
+    Args:
+        cfg: DeepSeekConfig (kv_lora_rank must be 512, qk_rope_head_dim 64: the cache format).
+        dtype: compute/output dtype (bf16 or fp32).
+        fp8: projections as Fp8Linear (True) or bf16 nn.Linear; kv_b_proj stays bf16 (it is
+            used per head for absorption).
+
+    Load with ``MLAttention.from_float(plain_mla)`` (plain.PlainMLA, transformers' names:
+    load a checkpoint into it first), or ``load_state_dict`` of a saved MLAttention (then call
+    ``_absorb_weights()``; from_float does it).
+    """
+
+    def __init__(self, cfg: DeepSeekConfig, device=None, dtype=torch.bfloat16, fp8: bool = True):
+        super().__init__()
+        if cfg.kv_lora_rank != LATENT or cfg.qk_rope_head_dim != ROPE:
+            raise ValueError(f"MLAttention needs kv_lora_rank {LATENT} and qk_rope_head_dim {ROPE} (the latent-cache "
+                             f"format); got {cfg.kv_lora_rank} and {cfg.qk_rope_head_dim}")
+        self.cfg, self.dtype, self.fp8 = cfg, dtype, bool(fp8)
+        H, nh, r = cfg.hidden_size, cfg.num_attention_heads, cfg.q_lora_rank
+
+        def lin(k, n, fp8=self.fp8, dt=dtype):
+            return Fp8Linear(k, n, device=device, dtype=dt) if fp8 else nn.Linear(k, n, bias=False, device=device, dtype=dt)
+
+        self.fused_qkv_a_proj = None
+        if r and self.fp8 and r % 128 == 0:
+            # q_a_proj and kv_a_proj_with_mqa read the same x: one quantization, one GEMM. With
+            # q_lora_rank a multiple of 128 no 128x128 weight block straddles the seam, so the
+            # result is identical to the two separate layers.
+            self.fused_qkv_a_proj = lin(H, r + LATENT + ROPE)
+        elif r:
+            self.q_a_proj = lin(H, r)
+            self.kv_a_proj_with_mqa = lin(H, LATENT + ROPE)
+        else:
+            self.kv_a_proj_with_mqa = lin(H, LATENT + ROPE)
+        if r:
+            self.q_a_layernorm = plain.RMSNorm(r, cfg.rms_norm_eps, device)
+            self.q_b_proj = lin(r, nh * cfg.qk_head_dim)
+        else:
+            self.q_proj = lin(H, nh * cfg.qk_head_dim)
+        self.kv_a_layernorm = plain.RMSNorm(LATENT, cfg.rms_norm_eps, device)
+        self.kv_b_proj = lin(LATENT, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), False, torch.bfloat16)
+        self.o_proj = lin(nh * cfg.v_head_dim, H)
+        cos, sin = rope_tables(cfg, cfg.max_position_embeddings, device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self._absorb_weights()
+        self.requires_grad_(False)
+
+    @classmethod
+    def from_float(cls, attn: plain.PlainMLA, fp8: bool = True, dtype=torch.bfloat16) -> "MLAttention":
+        """From the plain-PyTorch (transformers-named) MLA module; fp8: Fp8Linear projections
+        (True) or bf16 nn.Linear ones."""
+        cfg = attn.cfg
+        m = cls(cfg, attn.o_proj.weight.device, dtype, fp8)
+        src = dict(attn.named_parameters())
+        if m.fused_qkv_a_proj is not None:
+            src["fused_qkv_a_proj.weight"] = torch.cat([attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight])
+        with torch.no_grad():
+            for name, mod in m.named_children():
+                if isinstance(mod, Fp8Linear):
+                    new = Fp8Linear.from_weight(src[f"{name}.weight"], dtype=mod.dtype)
+                    mod.weight.copy_(new.weight)
+                    mod.weight_scale_inv.copy_(new.weight_scale_inv)
+                elif isinstance(mod, (nn.Linear, plain.RMSNorm)):
+                    mod.weight.copy_(src[f"{name}.weight"])
+        m._absorb_weights()
+        return m
+
+    def _absorb_weights(self) -> None:
+        cfg = self.cfg
+        w = self.kv_b_proj.weight.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, LATENT)
+        # W_UK [H, 128, 512] (q_nope @ W_UK -> latent query), W_UV^T [H, 512, 128] (latent out -> v)
+        with torch.no_grad():
+            self.register_buffer("w_uk", w[:, : cfg.qk_nope_head_dim].detach().contiguous(), persistent=False)
+            self.register_buffer("w_uv_t", w[:, cfg.qk_nope_head_dim:].detach().transpose(1, 2).contiguous(),
+                                 persistent=False)
+
+    def _q_kv(self, x: torch.Tensor):
+        """(q [.., heads * 192], kv_a [.., 576]) for x [.., hidden]."""
+        r = self.cfg.q_lora_rank
+        if self.fused_qkv_a_proj is not None:
+            qkv = self.fused_qkv_a_proj(x)
+            return self.q_b_proj(self.q_a_layernorm(qkv[..., :r])), qkv[..., r:]
+        kv = self.kv_a_proj_with_mqa(x)
+        if r:
+            return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))), kv
+        return self.q_proj(x), kv
+
+    def forward(self, x: torch.Tensor, cache, block_table: torch.Tensor, start, mode: str = "auto") -> torch.Tensor:
+        """Attend S new tokens per sequence and append them to the cache.
+
+        Args:
+            x: ``[B, S, hidden]`` hidden states (after the input RMSNorm).
+            cache: the latent cache tensor (``LatentCache.kv``) or a LatentCache.
+            block_table: ``[B, max_blocks]`` int32 blocks of each sequence.
+            start: tokens already cached per sequence: an int (same for all) or an int
+                tensor ``[B]`` on x's device. The new tokens take positions start .. start+S-1.
+            mode: ``"auto"`` (decompress when start is the int 0 and S > 1, else absorbed),
+                ``"absorb"`` or ``"decompress"`` (start must be 0).
+
+        Returns:
+            ``[B, S, hidden]`` in the layer's dtype.
+        """
+        cfg = self.cfg
+        kv_cache = cache.kv if isinstance(cache, LatentCache) else cache
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"x must be [B, S, {cfg.hidden_size}]; got {tuple(getattr(x, 'shape', ()))}")
+        B, S, _ = x.shape
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
+            raise TypeError("block_table must be an int32 tensor [B, max_blocks]")
+        if block_table.shape[0] != B:
+            raise ValueError(f"block_table has {block_table.shape[0]} rows but x has batch {B}")
+        if isinstance(start, torch.Tensor) and tuple(start.shape) != (B,):
+            raise ValueError(f"start must be an int or a [B] = [{B}] tensor; got shape {tuple(start.shape)}")
+        nh, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        if mode not in ("auto", "absorb", "decompress"):
+            raise ValueError(f"mode must be 'auto', 'absorb' or 'decompress'; got {mode!r}")
+        zero_start = isinstance(start, int) and start == 0
+        if mode == "decompress" and not zero_start:
+            raise ValueError("mode='decompress' needs start == 0 (an empty cache)")
+        decompress = mode == "decompress" or (mode == "auto" and zero_start and S > 1)
+        x = x.to(self.dtype)
+        dev = x.device
+        if isinstance(start, int):
+            start_t = torch.full((B,), start, dtype=torch.int64, device=dev)
+        else:
+            start_t = start.to(device=dev, dtype=torch.int64)
+        positions = start_t[:, None] + torch.arange(S, device=dev)[None, :]           # [B, S]
+        slots = slot_mapping(block_table, positions, kv_cache.shape[1])
+
+        q, kv = self._q_kv(x)
+        q = q.view(B, S, nh, dn + dr)
+        cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
+        q_pe = rope_interleaved(q[..., dn:].float(), cos, sin)                          # [B, S, nh, 64] fp32
+        kv = kv.reshape(B * S, LATENT + ROPE)
+        kv_c, k_pe = kv[:, :LATENT], kv[:, LATENT:]
+        mla_append(kv_cache, kv_c, k_pe, slots, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
+                   self.cos, self.sin, positions.reshape(-1))
+
+        if decompress:
+            c = self.kv_a_layernorm(kv_c.float()).to(torch.bfloat16)
+            kvb = self.kv_b_proj(c).view(B, S, nh, dn + dv)
+            k_pe_r = rope_interleaved(k_pe.float().view(B, S, dr), cos[:, :, 0], sin[:, :, 0])
+            k = torch.cat([kvb[..., :dn], k_pe_r.to(torch.bfloat16)[:, :, None, :].expand(B, S, nh, dr)], dim=-1)
+            qq = torch.cat([q[..., :dn].to(torch.bfloat16), q_pe.to(torch.bfloat16)], dim=-1)
+            o = F.scaled_dot_product_attention(qq.transpose(1, 2), k.transpose(1, 2), kvb[..., dn:].transpose(1, 2),
+                                               is_causal=True, scale=cfg.softmax_scale)          # [B, nh, S, dv]
+            o = o.transpose(1, 2).reshape(B, S, nh * dv)
+        else:
+            q_nope = q[..., :dn].to(torch.bfloat16).reshape(B * S, nh, dn).transpose(0, 1)    # [nh, BS, dn]
+            q_lat = torch.bmm(q_nope, self.w_uk)                                              # [nh, BS, 512]
+            qa = torch.cat([q_lat.transpose(0, 1).reshape(B, S, nh, LATENT),
+                            q_pe.to(torch.bfloat16)], dim=-1)                                 # [B, S, nh, 576]
+            seqlens = (start_t + S).to(torch.int32)
+            out, _ = mla_decode(qa.contiguous(), kv_cache, block_table, seqlens, cfg.softmax_scale, causal=True)
+            o = torch.bmm(out.reshape(B * S, nh, LATENT).transpose(0, 1), self.w_uv_t)       # [nh, BS, dv]
+            o = o.transpose(0, 1).reshape(B, S, nh * dv)
+        return self.o_proj(o.to(self.dtype))
+
+
+# ---------------------------------------------------------------------------- the block
+class DecoderBlock(nn.Module):
+    """RMSNorm -> MLAttention -> residual -> RMSNorm -> MoE -> residual, on leankernels ops."""
+
+    def __init__(self, cfg: DeepSeekConfig, attn: MLAttention, moe: MoE, norms, dtype=torch.bfloat16):
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        self.input_layernorm, self.post_attention_layernorm = norms
+        self.self_attn, self.mlp = attn, moe
+
+    @classmethod
+    def from_float(cls, block: plain.PlainBlock, dtype=torch.bfloat16, fp8: bool = True) -> "DecoderBlock":
+        attn = MLAttention.from_float(block.self_attn, fp8, dtype)
+        moe = MoE.from_float(block.mlp, dtype, fp8_shared=fp8)
+        return cls(block.cfg, attn, moe, (_norm(block.input_layernorm), _norm(block.post_attention_layernorm)), dtype)
+
+    def forward(self, x: torch.Tensor, cache, block_table: torch.Tensor, start, mode: str = "auto") -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cache, block_table, start, mode).to(x.dtype)
+        return h + self.mlp(self.post_attention_layernorm(h)).to(x.dtype)
