@@ -11,7 +11,7 @@ from .quant import dequantize_fp8, quantize_fp8  # noqa: E402
 from .routing import RoutePlan, permute, plan, route, unpermute, update_bias  # noqa: E402
 from .mla import LatentCache, PagedLatentCache, mla_append, mla_decode  # noqa: E402
 from .gemm import fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_masked  # noqa: E402
-from . import reference  # noqa: E402
+from . import nn, reference  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -29,6 +29,7 @@ __all__ = [
     "fp8_grouped_gemm",
     "fp8_grouped_gemm_masked",
     "reference",
+    "nn",
     "LatentCache",
     "PagedLatentCache",
     "mla_append",
