@@ -317,6 +317,32 @@ def test_decode_logits_teacher_forced(fp8_cache):
     assert err < (0.05 if fp8_cache else 0.01), err
 
 
+def test_multi_token_steps_and_eager_prefill():
+    """A step of several new tokens (chunked prefill / speculative verification) runs through
+    mla_decode with causal masking inside the step; prefill through the eager interface."""
+    model = tiny_model(initializer_range=0.05)
+    model.set_attn_implementation("eager")
+    seq = torch.cat([prompt(2), prompt(2, seed=9)[:, :6]], dim=1)
+    patched = lkt.patch_deepseek_v3(copy.deepcopy(model), experts_mode="bf16")
+    outs = []
+    for m, cache in ((model, DynamicCache(config=model.config)), (patched, lkt.MLALatentCache(patched.config))):
+        with torch.no_grad():
+            a = m(seq[:, :PROMPT], past_key_values=cache, use_cache=True)
+            b = m(seq[:, PROMPT:PROMPT + 5], past_key_values=a.past_key_values, use_cache=True)
+            c = m(seq[:, PROMPT + 5:], past_key_values=b.past_key_values, use_cache=True)
+        outs.append((a.logits.float(), torch.cat([b.logits, c.logits], dim=1).float()))
+    (want_pre, want), (got_pre, got) = outs
+    torch.testing.assert_close(got_pre, want_pre, rtol=0, atol=2e-5)
+    assert ((got - want).abs().amax(-1) / want.abs().max()).median() < 0.01
+    with pytest.raises(ValueError, match="latents"):
+        lkt.MLALatentCache(model.config).update(torch.ones(2, 4, 3, 128), torch.ones(2, 4, 3, 64), 0)
+
+
+_CACHES_LATENTS = "kv_nope, k_rot = past_key_values.update" in __import__("inspect").getsource(
+    dsv3.DeepseekV3Attention.forward)
+
+
+@pytest.mark.skipif(not _CACHES_LATENTS, reason="this transformers version caches decompressed keys")
 def test_bf16_model_latent_cache_is_bit_identical():
     """In a bf16 model the latent cache stores exactly what transformers' DynamicCache stores:
     transformers' own attention over MLALatentCache gives bit-identical logits; the mla_decode

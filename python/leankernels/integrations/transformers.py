@@ -298,6 +298,11 @@ class LatentCacheLayer(CacheLayerMixin):
         """transformers' protocol: store the new latents, return all of them
         (``[B, 1, L, 512]``, ``[B, 1, L, 64]``): cached rows for the past, the fresh values for
         the new tokens."""
+        if key_states.dim() != 4 or key_states.shape[1] != 1 or key_states.shape[-1] != LATENT \
+                or value_states.shape[-1] != ROPE:
+            raise ValueError("MLALatentCache.update expects DeepSeek-V3 latents ([B, 1, S, 512] and [B, 1, S, 64]); "
+                             f"got {tuple(key_states.shape)} and {tuple(value_states.shape)} (this transformers "
+                             "version caches decompressed keys: use patch_deepseek_v3's attention)")
         past = self.seq_len
         self.append_rows(key_states[:, 0], value_states[:, 0])
         if past == 0:
@@ -392,47 +397,78 @@ def _assert_unpadded(mask) -> None:
 
 
 class LeanKernelsDeepseekV3Attention(_dsv3.DeepseekV3Attention):
-    """DeepSeek-V3 attention that decodes from the latent cache with ``mla_decode``.
+    """DeepSeek-V3 attention that keeps only latent rows in an ``MLALatentCache`` and decodes from
+    them with ``mla_decode``.
 
-    With an ``MLALatentCache`` holding this layer's past, the step's latent rows are appended
-    with ``mla_append`` and the queries, absorbed into the latent space (q_nope @ W_UK per head,
-    then the 64 RoPE values; bf16), attend over the paged cache with ``mla_decode``; the 512-wide
-    latent output goes through W_UV per head (fp32) and o_proj. Otherwise (prefill into an
-    empty cache, another cache type, no cache) it is the original layer.
+    Prefill (this layer's cache is empty): the step's latent rows are appended with
+    ``mla_append`` and attention runs decompressed, on the fresh (unrounded) latents, through
+    transformers' attention interface (``config._attn_implementation``): the same values and
+    kernels as the unpatched layer. Later steps (one or more new tokens per sequence): the rows
+    are appended, the queries absorbed into the latent space (q_nope @ W_UK per head, fp32, then
+    the 64 RoPE values; rounded to bf16) attend over the paged cache with ``mla_decode`` (causal
+    within the step), and the 512-wide latent output goes through W_UV per head (fp32) and
+    o_proj. With any other cache (or none) it is the original layer.
     """
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
-        cache = past_key_values
-        if not isinstance(cache, MLALatentCache) or cache.layers[self.layer_idx].get_seq_length() == 0:
-            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
-        layer = cache.layers[self.layer_idx]
-        _assert_unpadded(attention_mask)
+    def _project(self, hidden_states, position_embeddings):
         B, S = hidden_states.shape[:-1]
-        H, nope, v = self.num_heads, self.qk_nope_head_dim, self.v_head_dim
-
         if self.q_lora_rank is None:
             q = self.q_proj(hidden_states)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
-        q = q.view(B, S, H, self.qk_head_dim).transpose(1, 2)
-        q_pass, q_rot = torch.split(q, [nope, self.qk_rope_head_dim], dim=-1)
-
-        kv_nope, k_rot = torch.split(self.kv_a_proj_with_mqa(hidden_states), [self.kv_lora_rank, self.qk_rope_head_dim],
-                                     dim=-1)
+        q = q.view(B, S, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        q_pass, q_rot = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        kv_nope, k_rot = torch.split(self.kv_a_proj_with_mqa(hidden_states),
+                                     [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv_nope = self.kv_a_layernorm(kv_nope)
         k_rot = k_rot.view(B, 1, S, self.qk_rope_head_dim)
         cos, sin = position_embeddings
         rope = _dsv3.apply_rotary_pos_emb_interleave if self.config.rope_interleave else _dsv3.apply_rotary_pos_emb
         q_rot, k_rot = rope(q_rot, k_rot, cos, sin)
-        layer.append_rows(kv_nope, k_rot[:, 0])
+        return q_pass, q_rot, kv_nope, k_rot  # [B,H,S,nope], [B,H,S,64], [B,S,512], [B,1,S,64]
 
-        w = self.kv_b_proj.weight.view(H, nope + v, self.kv_lora_rank).float()
+    def _prefill(self, q_pass, q_rot, kv_nope, k_rot, attention_mask, **kwargs):
+        B, _, S, _ = q_pass.shape
+        kv = self.kv_b_proj(kv_nope).view(B, S, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, value = torch.split(kv.transpose(1, 2), [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key = torch.cat([k_nope, k_rot.expand(-1, self.num_heads, -1, -1)], dim=-1)
+        query = torch.cat([q_pass, q_rot], dim=-1)
+        impl = self.config._attn_implementation
+        fn = _dsv3.eager_attention_forward if impl in (None, "eager") else _dsv3.ALL_ATTENTION_FUNCTIONS[impl]
+        pad = self.qk_head_dim - self.v_head_dim if "flash" in str(impl) else 0  # flash kernels: equal head dims
+        if pad > 0:
+            value = F.pad(value, [0, pad])
+        out, _ = fn(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        if pad > 0:
+            out = out[..., : self.v_head_dim]
+        return out.reshape(B, S, -1).contiguous()
+
+    def _decode(self, layer, q_pass, q_rot, num_splits):
+        B, H, S, _ = q_pass.shape
+        nope = self.qk_nope_head_dim
+        w = self.kv_b_proj.weight.view(H, nope + self.v_head_dim, self.kv_lora_rank).float()
         q_lat = torch.einsum("bhsd,hdc->bshc", q_pass.float(), w[:, :nope])
         q_abs = torch.cat([q_lat, q_rot.transpose(1, 2).float()], dim=-1).to(torch.bfloat16)
         out, _ = mla_decode(q_abs, layer.kv, layer.block_table, layer.seqlens, self.scaling, causal=True,
-                            num_splits=cache.num_splits)
-        o = torch.einsum("bshc,hvc->bshv", out.float(), w[:, nope:]).reshape(B, S, H * v)
-        return self.o_proj(o.to(hidden_states.dtype)), None
+                            num_splits=num_splits)
+        return torch.einsum("bshc,hvc->bshv", out.float(), w[:, nope:]).reshape(B, S, H * self.v_head_dim)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        cache = past_key_values
+        if not isinstance(cache, MLALatentCache):
+            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        layer = cache.layers[self.layer_idx]
+        q_pass, q_rot, kv_nope, k_rot = self._project(hidden_states, position_embeddings)
+        past = layer.get_seq_length()
+        if past:
+            _assert_unpadded(attention_mask)
+        layer.append_rows(kv_nope, k_rot[:, 0])
+        if past == 0:
+            out = self._prefill(q_pass, q_rot, kv_nope, k_rot, attention_mask, **kwargs)
+        else:
+            out = self._decode(layer, q_pass, q_rot, cache.num_splits)
+        return self.o_proj(out.to(hidden_states.dtype)), None
+
 
 # ------------------------------------------------------------------------------------- patch
 
