@@ -20,7 +20,7 @@ import copy
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", minversion="5.0")
+transformers = pytest.importorskip("transformers", minversion="5.13")
 
 from conftest import DEVICES, randn  # noqa: E402
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache  # noqa: E402

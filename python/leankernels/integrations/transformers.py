@@ -1,4 +1,6 @@
-"""Hugging Face transformers (>= 5.0) integration: MoE experts, DeepSeek-V3 router and MLA decode.
+"""Hugging Face transformers integration: MoE experts, DeepSeek-V3 router and MLA decode.
+
+Needs transformers >= 5.13 (tested with 5.13.0 and 5.23.0).
 
 Three pieces, usable separately:
 
@@ -11,7 +13,8 @@ Three pieces, usable separately:
        # or: DeepseekV3Config(..., experts_implementation="leankernels")
 
    Any ``@use_experts_implementation`` experts module with concatenated ``gate_up_proj``
-   ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` (DeepSeek-V3, Mixtral, Qwen-MoE, ...) then runs
+   ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` (tested on DeepSeek-V3; other models with this
+   layout, e.g. Mixtral or Qwen-MoE, take the same path but are untested) then runs
    plan -> permute -> grouped GEMM (gate/up) -> gate activation -> grouped GEMM (down) ->
    unpermute. Two modes (``set_experts_mode``, or ``config.leankernels_experts_mode``):
 
@@ -34,17 +37,20 @@ Three pieces, usable separately:
 3. ``LeanKernelsDeepseekV3Attention`` + ``MLALatentCache``: the cache keeps, per layer, only
    DeepSeek-V3's 576-value latent rows (512 normalised latent + 64 rotated RoPE key) in a paged
    ``LatentCache`` (bf16, or FlashMLA's FP8 format with ``fp8_cache=True``), written with
-   ``mla_append``. Prefill (an empty cache) runs transformers' own decompressed attention on the
-   fresh latents; every later step appends its rows and attends with ``mla_decode`` on absorbed
+   ``mla_append``. Prefill (an empty cache) runs decompressed attention on the fresh latents
+   through transformers' attention interface (sdpa / eager / ...); every later step appends its rows and attends with ``mla_decode`` on absorbed
    queries (W_UK folded into q, W_UV applied to the latent output). ``patch_deepseek_v3`` makes
    ``generate()`` create this cache automatically.
 
-Limitations: inference only (no autograd through the kernels). The latent-cache decode needs
-kv_lora_rank = 512 and qk_rope_head_dim = 64 (DeepSeek-V2/V3's values), rows without padding:
-batches must be unpadded (equal lengths); left padding raises at the first decode step. No beam
-search (cache reordering), no assisted generation (cache cropping), no offloading, no static
-cache / torch.compile of generate. The latent cache is bf16 (or FP8): decode attention rounds
-q and the cache to bf16, so decode logits differ from the unpatched model by bf16 rounding.
+Limitations: inference only (no autograd through the kernels; calls needing gradients take
+transformers' own paths). The latent-cache decode needs kv_lora_rank = 512 and
+qk_rope_head_dim = 64 (DeepSeek-V3's values). Batches must be unpadded (all prompts the same
+length): a padded attention_mask raises NotImplementedError at the first decode step (that check
+reads the mask, a device sync on GPU). No beam search (cache reordering), no assisted generation
+(cache cropping), no cache offloading, no static cache / torch.compile of generate. The latent
+cache is bf16 (or FP8): decode rounds the cached latents and the absorbed queries to bf16, so in
+an fp32 model decode logits differ from the unpatched model by that rounding (in a bf16 model
+the cached values are the ones transformers caches).
 """
 from __future__ import annotations
 
@@ -56,13 +62,19 @@ import torch
 import torch.nn.functional as F
 
 try:
-    import transformers  # noqa: F401
+    import transformers
     from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
     from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as _dsv3
 except ImportError as e:  # pragma: no cover - exercised only without transformers
-    raise ImportError("leankernels.integrations.transformers needs transformers >= 5.0 "
-                      "(pip install 'transformers>=5.0')") from e
+    raise ImportError("leankernels.integrations.transformers needs transformers >= 5.13 "
+                      "(pip install 'transformers>=5.13')") from e
+
+# Older releases differ: before 5.7 a registered experts implementation cannot be selected, and
+# 5.8's DeepseekV3TopkRouter returns logits only (DeepseekV3MoE routes); 5.13.0 and 5.23.0 tested.
+if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit()) < (5, 13):
+    raise ImportError(f"leankernels.integrations.transformers needs transformers >= 5.13; "
+                      f"found {transformers.__version__}")
 
 from ..gemm import fp8_grouped_gemm
 from ..mla import DIM, LATENT, ROPE, LatentCache, mla_append, mla_decode
