@@ -393,4 +393,12 @@ def test_patch_keeps_state_dict():
     assert patched.config._experts_implementation == "leankernels"
     after = patched.state_dict()
     assert after.keys() == keys.keys() and all(after[k] is keys[k] or torch.equal(after[k], keys[k]) for k in keys)
+    # the absorbed W_UK / W_UV follow kv_b_proj.weight
+    attn = patched.model.layers[0].self_attn
+    w_uk, w_uv_t = attn.absorbed_weights()
+    assert attn.absorbed_weights()[0] is w_uk
+    with torch.no_grad():
+        attn.kv_b_proj.weight.mul_(2.0)
+    w_uk2, w_uv_t2 = attn.absorbed_weights()
+    assert torch.equal(w_uk2, 2 * w_uk) and torch.equal(w_uv_t2, 2 * w_uv_t)
     assert leankernels.__version__

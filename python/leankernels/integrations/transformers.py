@@ -455,15 +455,31 @@ class LeanKernelsDeepseekV3Attention(_dsv3.DeepseekV3Attention):
             out = out[..., : self.v_head_dim]
         return out.reshape(B, S, -1).contiguous()
 
+    def absorbed_weights(self):
+        """``(w_uk [H, nope, 512], w_uv_t [H, 512, v])`` fp32, from kv_b_proj: q_nope @ w_uk is the
+        query in latent space, latent_out @ w_uv_t the per-head value output. Cached on the
+        module and rebuilt when kv_b_proj.weight changes."""
+        w = self.kv_b_proj.weight
+        key = _weight_key(w)
+        cached = self.__dict__.get("_leankernels_absorbed")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                w3 = w.detach().float().view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+                w_uk = w3[:, : self.qk_nope_head_dim].contiguous()
+                w_uv_t = w3[:, self.qk_nope_head_dim:].transpose(1, 2).contiguous()
+            cached = (key, (w_uk, w_uv_t))
+            self.__dict__["_leankernels_absorbed"] = cached
+        return cached[1]
+
     def _decode(self, layer, q_pass, q_rot, num_splits):
         B, H, S, _ = q_pass.shape
-        nope = self.qk_nope_head_dim
-        w = self.kv_b_proj.weight.view(H, nope + self.v_head_dim, self.kv_lora_rank).float()
-        q_lat = torch.einsum("bhsd,hdc->bshc", q_pass.float(), w[:, :nope])
-        q_abs = torch.cat([q_lat, q_rot.transpose(1, 2).float()], dim=-1).to(torch.bfloat16)
+        w_uk, w_uv_t = self.absorbed_weights()
+        q_lat = torch.matmul(q_pass.float(), w_uk)                                       # [B, H, S, 512]
+        q_abs = torch.cat([q_lat, q_rot.float()], dim=-1).transpose(1, 2).to(torch.bfloat16)  # [B, S, H, 576]
         out, _ = mla_decode(q_abs, layer.kv, layer.block_table, layer.seqlens, self.scaling, causal=True,
-                            num_splits=num_splits)
-        return torch.einsum("bshc,hvc->bshv", out.float(), w[:, nope:]).reshape(B, S, H * self.v_head_dim)
+                            num_splits=num_splits)                                        # [B, S, H, 512]
+        o = torch.matmul(out.transpose(1, 2).float(), w_uv_t)                            # [B, H, S, v]
+        return o.transpose(1, 2).reshape(B, S, H * self.v_head_dim)
 
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
         cache = past_key_values
