@@ -1,0 +1,582 @@
+"""Hugging Face transformers integration: MoE experts, DeepSeek-V3 router and MLA decode.
+
+Needs transformers >= 5.13 (tested with 5.13.0 and 5.23.0).
+
+Three pieces, usable separately:
+
+1. An experts implementation named ``"leankernels"``, registered with transformers'
+   ``ExpertsInterface`` when this module is imported::
+
+       import leankernels.integrations.transformers  # registers "leankernels"
+       model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="leankernels")
+       # or: model.set_experts_implementation("leankernels")
+       # or: DeepseekV3Config(..., experts_implementation="leankernels")
+
+   Any ``@use_experts_implementation`` experts module with concatenated ``gate_up_proj``
+   ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` (tested on DeepSeek-V3; other models with this
+   layout, e.g. Mixtral or Qwen-MoE, take the same path but are untested) then runs
+   plan -> permute -> grouped GEMM (gate/up) -> gate activation -> grouped GEMM (down) ->
+   unpermute. Two modes (``set_experts_mode``, or ``config.leankernels_experts_mode``):
+
+   * ``"fp8"`` (default): weights quantized once to FP8 e4m3 with 128x128 block scales (cached
+     on the module, re-quantized when a weight changes: new tensor, in-place update, dtype or
+     device), activations quantized per call with 1x128 scales inside ``permute``;
+     ``fp8_grouped_gemm`` with fp32 outputs.
+   * ``"bf16"``: the same routing ops, but each expert's two matmuls run in the weights' own
+     dtype (bf16 or fp32) with ``torch.nn.functional.linear``, as transformers' eager experts
+     do, so results match the unpatched model to rounding.
+
+   Modules the path does not cover (biases, transposed or interleaved weights, no gate, post
+   expert norm, expert parallelism) and calls that need gradients fall back to transformers'
+   ``grouped_mm`` implementation (the leankernels ops have no autograd).
+
+2. ``LeanKernelsDeepseekV3TopkRouter``: DeepSeek-V3's group-limited sigmoid router on ``route``
+   (same logits, same chosen experts, weights equal to fp32 rounding; ids come back sorted by
+   descending score rather than in torch.topk's unsorted order).
+
+3. ``LeanKernelsDeepseekV3Attention`` + ``MLALatentCache``: the cache keeps, per layer, only
+   DeepSeek-V3's 576-value latent rows (512 normalised latent + 64 rotated RoPE key) in a paged
+   ``LatentCache`` (bf16, or FlashMLA's FP8 format with ``fp8_cache=True``), written with
+   ``mla_append``. Prefill (an empty cache) runs decompressed attention on the fresh latents
+   through transformers' attention interface (sdpa / eager / ...); every later step appends its rows and attends with ``mla_decode`` on absorbed
+   queries (W_UK folded into q, W_UV applied to the latent output). ``patch_deepseek_v3`` makes
+   ``generate()`` create this cache automatically.
+
+Limitations: inference only (no autograd through the kernels; calls needing gradients take
+transformers' own paths). The latent-cache decode needs kv_lora_rank = 512 and
+qk_rope_head_dim = 64 (DeepSeek-V3's values). Batches must be unpadded (all prompts the same
+length): a padded attention_mask raises NotImplementedError at the first decode step (that check
+reads the mask, a device sync on GPU). No beam search (cache reordering), no assisted generation
+(cache cropping), no cache offloading, no static cache / torch.compile of generate. The latent
+cache is bf16 (or FP8): decode rounds the cached latents and the absorbed queries to bf16, so in
+an fp32 model decode logits differ from the unpatched model by that rounding (in a bf16 model
+the cached values are the ones transformers caches).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import types
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import transformers
+    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+    from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as _dsv3
+except ImportError as e:  # pragma: no cover - exercised only without transformers
+    raise ImportError("leankernels.integrations.transformers needs transformers >= 5.13 "
+                      "(pip install 'transformers>=5.13')") from e
+
+# Older releases differ: before 5.7 a registered experts implementation cannot be selected, and
+# 5.8's DeepseekV3TopkRouter returns logits only (DeepseekV3MoE routes); 5.13.0 and 5.23.0 tested.
+if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit()) < (5, 13):
+    raise ImportError(f"leankernels.integrations.transformers needs transformers >= 5.13; "
+                      f"found {transformers.__version__}")
+
+from ..gemm import fp8_grouped_gemm
+from ..mla import DIM, LATENT, ROPE, LatentCache, mla_append, mla_decode
+from ..quant import quantize_fp8
+from ..reference import mla_cache_dequantize
+from ..routing import permute, plan, route, unpermute
+
+IMPLEMENTATION = "leankernels"
+_MODES = ("fp8", "bf16")
+_mode = "fp8"
+
+# ----------------------------------------------------------------------------------- experts
+
+
+def set_experts_mode(mode: str) -> None:
+    """Select how ``experts_implementation="leankernels"`` multiplies: ``"fp8"`` (default; FP8
+    block-scaled grouped GEMM) or ``"bf16"`` (the weights' own dtype, exact). A model's
+    ``config.leankernels_experts_mode`` overrides this process-wide default."""
+    global _mode
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}; got {mode!r}")
+    _mode = mode
+
+
+def get_experts_mode(module=None) -> str:
+    """The mode used for ``module`` (its config's override, else the process-wide default)."""
+    mode = getattr(getattr(module, "config", None), "leankernels_experts_mode", None)
+    if mode is None:
+        return _mode
+    if mode not in _MODES:
+        raise ValueError(f"config.leankernels_experts_mode must be one of {_MODES}; got {mode!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def experts_mode(mode: str):
+    """Context manager: ``with experts_mode("bf16"): model.generate(...)``."""
+    old = _mode
+    set_experts_mode(mode)
+    try:
+        yield
+    finally:
+        set_experts_mode(old)
+
+
+def _covered(experts) -> bool:
+    return (getattr(experts, "has_gate", True) and not getattr(experts, "has_bias", False)
+            and not getattr(experts, "is_transposed", False) and getattr(experts, "is_concatenated", True)
+            and not getattr(experts, "has_post_expert_norm", False)
+            and not getattr(experts, "_is_expert_parallel", False)
+            and isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+            and isinstance(getattr(experts, "down_proj", None), torch.Tensor))
+
+
+def _weight_key(t: torch.Tensor):
+    return (id(t), t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+
+
+def fp8_expert_weights(experts):
+    """``(gate_up, gate_up_scale, down, down_scale)``: the module's expert weights in FP8 with
+    128x128 block scales, quantized on first use and cached on the module; a new or modified
+    weight tensor (in-place update, load_state_dict, .to()) is re-quantized on the next call."""
+    gu, dn = experts.gate_up_proj, experts.down_proj
+    key = (_weight_key(gu), _weight_key(dn))
+    cached = experts.__dict__.get("_leankernels_fp8")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            w1, s1 = quantize_fp8(gu.detach(), (128, 128))
+            w2, s2 = quantize_fp8(dn.detach(), (128, 128))
+        cached = (key, (w1, s1, w2, s2))
+        experts.__dict__["_leankernels_fp8"] = cached  # a plain attribute: not in state_dict
+    return cached[1]
+
+
+def _dense_grouped(experts, x: torch.Tensor, p) -> torch.Tensor:
+    """Expert-sorted rows through each expert's gate/up and down matmuls in the weights' dtype."""
+    w1, w2 = experts.gate_up_proj, experts.down_proj
+    x = x.to(w1.dtype)
+    y = x.new_zeros(x.shape[0], w2.shape[1])
+    ends = p.offs.tolist()  # one host sync; F.linear per expert is the exact eager computation
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            h = experts._apply_gate(F.linear(x[start:end], w1[e]))
+            y[start:end] = F.linear(h, w2[e])
+        start = end
+    return y
+
+
+def leankernels_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The ``"leankernels"`` experts implementation (transformers' experts forward signature).
+
+    Args:
+        self: the experts module (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``).
+        hidden_states: ``[T, H]`` tokens.
+        top_k_index: ``[T, k]`` expert ids (ids outside ``[0, E)`` are dropped).
+        top_k_weights: ``[T, k]`` gate weights.
+
+    Returns:
+        ``[T, H]`` in hidden_states' dtype: sum over k of weight * expert(token).
+    """
+    needs_grad = torch.is_grad_enabled() and (
+        hidden_states.requires_grad or top_k_weights.requires_grad
+        or self.gate_up_proj.requires_grad or self.down_proj.requires_grad)
+    if needs_grad or not _covered(self):
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    p = plan(top_k_index, self.gate_up_proj.shape[0])
+    if get_experts_mode(self) == "fp8":
+        w1, s1, w2, s2 = fp8_expert_weights(self)
+        a, a_scale = permute(hidden_states, p, quantize=True)
+        h = self._apply_gate(fp8_grouped_gemm(a, a_scale, w1, s1, p.offs, out_dtype=torch.float32))
+        hq, h_scale = quantize_fp8(h, (1, 128))
+        y = fp8_grouped_gemm(hq, h_scale, w2, s2, p.offs, out_dtype=torch.float32)
+    else:
+        y = _dense_grouped(self, permute(hidden_states, p), p)
+    return unpermute(y, p, top_k_weights).to(hidden_states.dtype)
+
+
+def register() -> None:
+    """Register ``"leankernels"`` with transformers' ExpertsInterface (done on import)."""
+    ExpertsInterface.register(IMPLEMENTATION, leankernels_experts_forward)
+
+
+register()
+
+# ------------------------------------------------------------------------------------ router
+
+
+class LeanKernelsDeepseekV3TopkRouter(_dsv3.DeepseekV3TopkRouter):
+    """DeepSeek-V3's TopkRouter on ``leankernels.route`` (one fused gate kernel).
+
+    Returns ``(router_logits fp32 [T, E], weights fp32 [T, k], ids int64 [T, k])`` like the
+    original: sigmoid scores, e_score_correction_bias for selection only, n_group/topk_group
+    group-limited choice (groups scored by their top-2 biased scores), norm_topk_prob,
+    routed_scaling_factor. Calls that need gradients use the original forward.
+    """
+
+    def forward(self, hidden_states):
+        if torch.is_grad_enabled() and (self.weight.requires_grad or hidden_states.requires_grad):
+            return super().forward(hidden_states)
+        hidden_states = hidden_states.view(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+        weights, ids = route(router_logits, self.top_k, score="sigmoid", bias=self.e_score_correction_bias,
+                             n_group=int(self.num_group), topk_group=int(self.topk_group),
+                             renormalize=bool(self.norm_topk_prob), scale=float(self.routed_scaling_factor))
+        return router_logits, weights, ids.long()
+
+# ------------------------------------------------------------------------------- latent cache
+
+
+class LatentCacheLayer(CacheLayerMixin):
+    """One decoder layer's MLA cache: 576-value latent rows in a paged ``LatentCache``.
+
+    Speaks transformers' cache-layer protocol (``update(kv_nope, k_rot)`` with DeepSeek-V3's
+    ``[B, 1, S, 512]`` / ``[B, 1, S, 64]`` latents, as ``DeepseekV3Attention`` calls it), so the
+    unpatched attention can also run on it; the patched attention appends with
+    ``append_rows`` and reads through ``kv`` / ``block_table`` / ``seqlens``.
+    Every sequence of the batch has the same length (no padding support).
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, block_size: int = 64, fp8: bool = False, max_cache_len: int | None = None):
+        super().__init__()
+        self.block_size, self.fp8, self.max_cache_len = int(block_size), bool(fp8), max_cache_len
+        self.cache: LatentCache | None = None
+        self.blocks: list[list[int]] = []
+        self.seq_len = 0
+        self.block_table = self.seqlens = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size = key_states.shape[0]
+        want = max(self.max_cache_len or 0, key_states.shape[-2] + 1)
+        per_seq = math.ceil(want / self.block_size)
+        self.cache = LatentCache(self.batch_size * per_seq, self.block_size, fp8=self.fp8, device=self.device)
+        self.blocks = [[] for _ in range(self.batch_size)]
+        self.seq_len = 0
+        self.is_initialized = True
+
+    @property
+    def kv(self) -> torch.Tensor:
+        """The paged cache tensor (``[num_blocks, block_size, 576]`` bf16 or ``[.., 656]`` uint8)."""
+        return self.cache.kv
+
+    def _grow(self, extra: int) -> None:
+        c = self.cache
+        extra = max(extra, c.num_blocks)  # double: amortised O(1) appends
+        c.kv = torch.cat([c.kv, c.kv.new_zeros((extra,) + tuple(c.kv.shape[1:]))])
+        old = c.num_blocks
+        c.num_blocks += extra
+        c.free(range(old + extra - 1, old - 1, -1))
+
+    def _reserve(self, total: int) -> None:
+        need = math.ceil(total / self.block_size)
+        missing = sum(max(0, need - len(b)) for b in self.blocks)
+        if missing == 0:
+            return
+        if missing > self.cache.num_free_blocks:
+            self._grow(missing - self.cache.num_free_blocks)
+        for b in self.blocks:
+            b.extend(self.cache.allocate(need - len(b)))
+        self.block_table = LatentCache.block_table(self.blocks, device=self.device)
+
+    def _slots(self, start: int, count: int) -> torch.Tensor:
+        return torch.cat([self.cache.slot_mapping(b, start, count) for b in self.blocks])
+
+    def append_rows(self, kv_nope: torch.Tensor, k_rot: torch.Tensor) -> None:
+        """Store S new tokens per sequence: kv_nope ``[B, S, 512]`` (normalised latent) and k_rot
+        ``[B, S, 64]`` (rotated RoPE key), with ``mla_append`` (rounding to bf16 / FP8)."""
+        if not self.is_initialized:
+            self.lazy_initialization(kv_nope.unsqueeze(1), k_rot.unsqueeze(1))
+        B, S = kv_nope.shape[:2]
+        if B != self.batch_size:
+            raise ValueError(f"kv_nope has batch {B} but this cache holds {self.batch_size} sequences")
+        self._reserve(self.seq_len + S)
+        mla_append(self.cache.kv, kv_nope.reshape(B * S, LATENT), k_rot.reshape(B * S, ROPE),
+                   self._slots(self.seq_len, S))
+        self.seq_len += S
+        self.seqlens = torch.full((B,), self.seq_len, dtype=torch.int32, device=self.device)
+
+    def read(self, count: int | None = None) -> torch.Tensor:
+        """The first ``count`` cached rows of every sequence, fp32 ``[B, count, 576]``."""
+        count = self.seq_len if count is None else count
+        rows = self.cache.kv.view(-1, self.cache.kv.shape[-1])[self._slots(0, count)]
+        return mla_cache_dequantize(rows).view(self.batch_size, count, DIM)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """transformers' protocol: store the new latents, return all of them
+        (``[B, 1, L, 512]``, ``[B, 1, L, 64]``): cached rows for the past, the fresh values for
+        the new tokens."""
+        if key_states.dim() != 4 or key_states.shape[1] != 1 or key_states.shape[-1] != LATENT \
+                or value_states.shape[-1] != ROPE:
+            raise ValueError("MLALatentCache.update expects DeepSeek-V3 latents ([B, 1, S, 512] and [B, 1, S, 64]); "
+                             f"got {tuple(key_states.shape)} and {tuple(value_states.shape)} (this transformers "
+                             "version caches decompressed keys: use patch_deepseek_v3's attention)")
+        past = self.seq_len
+        self.append_rows(key_states[:, 0], value_states[:, 0])
+        if past == 0:
+            return key_states, value_states
+        old = self.read(past).to(key_states.dtype).unsqueeze(1)
+        return (torch.cat([old[..., :LATENT], key_states], dim=-2),
+                torch.cat([old[..., LATENT:], value_states], dim=-2))
+
+    def get_seq_length(self) -> int:
+        return self.seq_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seq_len + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.cache, self.blocks, self.seq_len = None, [], 0
+        self.block_table = self.seqlens = None
+        self.is_initialized = False
+
+    def _unsupported(self, what: str):
+        raise NotImplementedError(f"MLALatentCache does not support {what}")
+
+    def reorder_cache(self, beam_idx):
+        self._unsupported("beam search (reorder_cache)")
+
+    def crop(self, tokens_to_remove: int):
+        self._unsupported("cropping (assisted generation)")
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._unsupported("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices):
+        self._unsupported("batch_select_indices")
+
+    def offload(self):
+        self._unsupported("offloading")
+
+    def prefetch(self):
+        self._unsupported("offloading")
+
+
+class MLALatentCache(Cache):
+    """A transformers ``Cache`` holding DeepSeek-V3 MLA latents in paged leankernels caches.
+
+    Args:
+        config: the model config (its ``num_hidden_layers`` sets the layer count), or None
+            with ``num_layers``.
+        num_layers: number of decoder layers (default: from config).
+        block_size: token slots per cache block.
+        fp8: store FlashMLA's 656-byte FP8 rows instead of 576 bf16 values.
+        max_cache_len: tokens per sequence to allocate up front (the cache grows past it).
+        num_splits: KV splits of ``mla_decode`` (None: chosen from the shapes and the device;
+            1: results independent of the CPU thread count / GPU size).
+
+    Pass it as ``past_key_values`` to ``model(...)`` / ``model.generate(...)``, or let a model
+    patched with ``patch_deepseek_v3`` create it inside ``generate()``.
+    """
+
+    def __init__(self, config=None, num_layers: int | None = None, block_size: int = 64, fp8: bool = False,
+                 max_cache_len: int | None = None, num_splits: int | None = None):
+        self.num_splits = num_splits
+        if num_layers is None:
+            if config is None:
+                raise ValueError("MLALatentCache needs config or num_layers")
+            config = config.get_text_config(decoder=True)
+            num_layers = config.num_hidden_layers
+            if getattr(config, "kv_lora_rank", LATENT) != LATENT or getattr(config, "qk_rope_head_dim", ROPE) != ROPE:
+                raise ValueError(f"config: the latent cache needs kv_lora_rank={LATENT} and qk_rope_head_dim={ROPE}; "
+                                 f"got {config.kv_lora_rank} and {config.qk_rope_head_dim}")
+        super().__init__(layers=[LatentCacheLayer(block_size, fp8, max_cache_len) for _ in range(int(num_layers))])
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Cache bytes per token and sequence, summed over layers (allocated storage)."""
+        return sum(layer.cache.bytes_per_token for layer in self.layers if layer.cache is not None)
+
+# --------------------------------------------------------------------------------- attention
+
+
+def _assert_unpadded(mask) -> None:
+    """Decode steps attend to every cached row: refuse masks that hide any (padding)."""
+    if mask is None or not isinstance(mask, torch.Tensor):
+        return
+    last = mask[..., -1, :]
+    ok = bool(last.all()) if last.dtype == torch.bool else bool((last == 0).all())
+    if not ok:
+        raise NotImplementedError("LeanKernelsDeepseekV3Attention: padded batches (attention_mask with zeros) are "
+                                  "not supported during decode; run unpadded sequences of equal length")
+
+
+class LeanKernelsDeepseekV3Attention(_dsv3.DeepseekV3Attention):
+    """DeepSeek-V3 attention that keeps only latent rows in an ``MLALatentCache`` and decodes from
+    them with ``mla_decode``.
+
+    Prefill (this layer's cache is empty): the step's latent rows are appended with
+    ``mla_append`` and attention runs decompressed, on the fresh (unrounded) latents, through
+    transformers' attention interface (``config._attn_implementation``): the same values and
+    kernels as the unpatched layer. Later steps (one or more new tokens per sequence): the rows
+    are appended, the queries absorbed into the latent space (q_nope @ W_UK per head, fp32, then
+    the 64 RoPE values; rounded to bf16) attend over the paged cache with ``mla_decode`` (causal
+    within the step), and the 512-wide latent output goes through W_UV per head (fp32) and
+    o_proj. With any other cache (or none) it is the original layer.
+    """
+
+    def _project(self, hidden_states, position_embeddings):
+        B, S = hidden_states.shape[:-1]
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q = q.view(B, S, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        q_pass, q_rot = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        kv_nope, k_rot = torch.split(self.kv_a_proj_with_mqa(hidden_states),
+                                     [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv_nope = self.kv_a_layernorm(kv_nope)
+        k_rot = k_rot.view(B, 1, S, self.qk_rope_head_dim)
+        cos, sin = position_embeddings
+        rope = _dsv3.apply_rotary_pos_emb_interleave if self.config.rope_interleave else _dsv3.apply_rotary_pos_emb
+        q_rot, k_rot = rope(q_rot, k_rot, cos, sin)
+        return q_pass, q_rot, kv_nope, k_rot  # [B,H,S,nope], [B,H,S,64], [B,S,512], [B,1,S,64]
+
+    def _prefill(self, q_pass, q_rot, kv_nope, k_rot, attention_mask, **kwargs):
+        B, _, S, _ = q_pass.shape
+        kv = self.kv_b_proj(kv_nope).view(B, S, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, value = torch.split(kv.transpose(1, 2), [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key = torch.cat([k_nope, k_rot.expand(-1, self.num_heads, -1, -1)], dim=-1)
+        query = torch.cat([q_pass, q_rot], dim=-1)
+        impl = self.config._attn_implementation
+        fn = _dsv3.eager_attention_forward if impl in (None, "eager") else _dsv3.ALL_ATTENTION_FUNCTIONS[impl]
+        pad = self.qk_head_dim - self.v_head_dim if "flash" in str(impl) else 0  # flash kernels: equal head dims
+        if pad > 0:
+            value = F.pad(value, [0, pad])
+        out, _ = fn(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        if pad > 0:
+            out = out[..., : self.v_head_dim]
+        return out.reshape(B, S, -1).contiguous()
+
+    def absorbed_weights(self):
+        """``(w_uk [H, nope, 512], w_uv_t [H, 512, v])`` fp32, from kv_b_proj: q_nope @ w_uk is the
+        query in latent space, latent_out @ w_uv_t the per-head value output. Cached on the
+        module and rebuilt when kv_b_proj.weight changes."""
+        w = self.kv_b_proj.weight
+        key = _weight_key(w)
+        cached = self.__dict__.get("_leankernels_absorbed")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                w3 = w.detach().float().view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+                w_uk = w3[:, : self.qk_nope_head_dim].contiguous()
+                w_uv_t = w3[:, self.qk_nope_head_dim:].transpose(1, 2).contiguous()
+            cached = (key, (w_uk, w_uv_t))
+            self.__dict__["_leankernels_absorbed"] = cached
+        return cached[1]
+
+    def _decode(self, layer, q_pass, q_rot, num_splits):
+        B, H, S, _ = q_pass.shape
+        w_uk, w_uv_t = self.absorbed_weights()
+        q_lat = torch.matmul(q_pass.float(), w_uk)                                       # [B, H, S, 512]
+        q_abs = torch.cat([q_lat, q_rot.float()], dim=-1).transpose(1, 2).to(torch.bfloat16)  # [B, S, H, 576]
+        out, _ = mla_decode(q_abs, layer.kv, layer.block_table, layer.seqlens, self.scaling, causal=True,
+                            num_splits=num_splits)                                        # [B, S, H, 512]
+        o = torch.matmul(out.transpose(1, 2).float(), w_uv_t)                            # [B, H, S, v]
+        return o.transpose(1, 2).reshape(B, S, H * self.v_head_dim)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        cache = past_key_values
+        if not isinstance(cache, MLALatentCache):
+            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        layer = cache.layers[self.layer_idx]
+        q_pass, q_rot, kv_nope, k_rot = self._project(hidden_states, position_embeddings)
+        past = layer.get_seq_length()
+        if past:
+            _assert_unpadded(attention_mask)
+        layer.append_rows(kv_nope, k_rot[:, 0])
+        if past == 0:
+            out = self._prefill(q_pass, q_rot, kv_nope, k_rot, attention_mask, **kwargs)
+        else:
+            out = self._decode(layer, q_pass, q_rot, cache.num_splits)
+        return self.o_proj(out.to(hidden_states.dtype)), None
+
+
+# ------------------------------------------------------------------------------------- patch
+
+
+_SWAPS = {
+    "router": (_dsv3.DeepseekV3TopkRouter, LeanKernelsDeepseekV3TopkRouter),
+    "attention": (_dsv3.DeepseekV3Attention, LeanKernelsDeepseekV3Attention),
+}
+
+
+def _generate_cache_hook(model, original):
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        original(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        opts = self.__dict__.get("_leankernels_cache_opts")
+        if opts is not None and type(cache) is DynamicCache and generation_config.cache_implementation is None:
+            max_len = kwargs.get("max_cache_length", args[-1] if args else None)
+            model_kwargs["past_key_values"] = MLALatentCache(self.config, max_cache_len=max_len, **opts)
+    return types.MethodType(_prepare_cache_for_generation, model)
+
+
+def patch_deepseek_v3(model, experts: bool = True, router: bool = True, attention: bool = True,
+                      experts_mode: str | None = None, cache_block_size: int = 64, fp8_cache: bool = False,
+                      decode_num_splits: int | None = None):
+    """Run a transformers DeepSeek-V3 model (``DeepseekV3ForCausalLM`` / ``DeepseekV3Model``) on
+    leankernels, in place; returns the model.
+
+    Args:
+        experts: ``model.set_experts_implementation("leankernels")`` (FP8 grouped GEMM experts).
+        router: swap every ``DeepseekV3TopkRouter`` for ``LeanKernelsDeepseekV3TopkRouter``.
+        attention: swap every ``DeepseekV3Attention`` for ``LeanKernelsDeepseekV3Attention`` and
+            make ``generate()`` use an ``MLALatentCache`` (unless a cache or
+            ``cache_implementation`` is given).
+        experts_mode: ``"fp8"`` or ``"bf16"``: stored as ``config.leankernels_experts_mode``
+            (None: the process-wide ``set_experts_mode`` default).
+        cache_block_size, fp8_cache, decode_num_splits: the ``MLALatentCache`` that
+            ``generate()`` creates (its block_size, fp8 and num_splits).
+
+    Swaps change the modules' classes only: parameters, buffers, state_dict keys and hooks are
+    untouched; ``unpatch_deepseek_v3`` reverts them.
+    """
+    config = model.config
+    if experts_mode is not None:
+        if experts_mode not in _MODES:
+            raise ValueError(f"experts_mode must be one of {_MODES}; got {experts_mode!r}")
+        config.leankernels_experts_mode = experts_mode
+    if attention and (config.kv_lora_rank != LATENT or config.qk_rope_head_dim != ROPE):
+        raise ValueError(f"attention=True needs kv_lora_rank={LATENT} and qk_rope_head_dim={ROPE} "
+                         f"(the MLA kernels' 576-value rows); got {config.kv_lora_rank} and {config.qk_rope_head_dim}")
+    if experts:
+        model.set_experts_implementation(IMPLEMENTATION)
+    wanted = {"router": router, "attention": attention}
+    for m in model.modules():
+        for kind, (old, new) in _SWAPS.items():
+            if wanted[kind] and type(m) is old:
+                m.__class__ = new
+    if attention:
+        model.__dict__["_leankernels_cache_opts"] = {"block_size": cache_block_size, "fp8": fp8_cache,
+                                                   "num_splits": decode_num_splits}
+        if "_prepare_cache_for_generation" not in model.__dict__ and hasattr(model, "_prepare_cache_for_generation"):
+            model._prepare_cache_for_generation = _generate_cache_hook(model, model._prepare_cache_for_generation)
+    return model
+
+
+def unpatch_deepseek_v3(model, experts_implementation: str | None = None):
+    """Undo ``patch_deepseek_v3``: original router/attention classes, transformers' default
+    generate cache, and ``experts_implementation`` (default: transformers' default choice)."""
+    for m in model.modules():
+        for old, new in _SWAPS.values():
+            if type(m) is new:
+                m.__class__ = old
+    model.__dict__.pop("_leankernels_cache_opts", None)
+    model.__dict__.pop("_prepare_cache_for_generation", None)
+    if getattr(model.config, "_experts_implementation", None) == IMPLEMENTATION:
+        model.set_experts_implementation(experts_implementation or model.get_correct_experts_implementation(None))
+    return model
+
+
+__all__ = [
+    "IMPLEMENTATION", "set_experts_mode", "get_experts_mode", "experts_mode", "fp8_expert_weights",
+    "leankernels_experts_forward", "register", "LeanKernelsDeepseekV3TopkRouter", "LeanKernelsDeepseekV3Attention",
+    "LatentCacheLayer", "MLALatentCache", "patch_deepseek_v3", "unpatch_deepseek_v3",
+]
