@@ -15,7 +15,9 @@ _SCALE_FMTS = ("fp32", "ue8m0")
 
 def _block_rows(block) -> int:
     try:
-        b = tuple(int(v) for v in block)
+        b = tuple(block)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in b):
+            raise TypeError
     except TypeError:
         raise TypeError(f"block must be a pair such as (1, 128) or (128, 128); got {block!r}") from None
     if b == (1, GROUP):
