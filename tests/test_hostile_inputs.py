@@ -506,6 +506,8 @@ err("decode_scale_nan", "softmax_scale", _decode(softmax_scale=float("nan")))
 err("decode_scale_none", "softmax_scale", _decode(softmax_scale=None))
 err("decode_scale_str", "softmax_scale", _decode(softmax_scale="0.1"))
 err("decode_num_splits_0", "num_splits", _decode(num_splits=0))
+err("decode_cache_block_size_0", "block_size", _decode(cache=torch.zeros(4, 0, 576, dtype=torch.bfloat16),
+                                                      seqlens=torch.zeros(2, dtype=I32)))
 err("decode_num_splits_float", "num_splits", _decode(num_splits=1.5))
 
 
@@ -788,8 +790,40 @@ _raw_err("decode_bt_int64", "block_table", _raw_decode(block_table=torch.zeros(2
 _raw_err("decode_seqlens_short", "seqlens", _raw_decode(seqlens=torch.tensor([5], dtype=I32)))
 _raw_err("decode_seqlens_capacity", "seqlens", _raw_decode(seqlens=torch.tensor([5, 10**6], dtype=I32)))
 _raw_err("decode_num_splits_0", "num_splits", _raw_decode(num_splits=0))
+_raw_err("decode_cache_block_size_0", "block_size", _raw_decode(cache=torch.zeros(4, 0, 576, dtype=torch.bfloat16),
+                                                                seqlens=torch.zeros(2, dtype=I32)))
 _raw_err("schedule_parts_0", "num_parts", lambda: _ops().mla_schedule(torch.ones(2, dtype=I32), 0))
 _raw_err("schedule_seqlens_int64", "seqlens", lambda: _ops().mla_schedule(torch.ones(2, dtype=torch.int64), 4))
+
+
+
+
+# The extension module itself (leankernels._C, below the torch ops): a bad dtype code must be
+# an error before any OpenMP region (an exception thrown inside one terminates the process).
+def _c_call(fn_name, *args):
+    def fn():
+        from leankernels import _C
+
+        return getattr(_C, fn_name)(*args)
+
+    return fn
+
+
+_X = torch.ones(4, 256, dtype=torch.int32)
+_W = torch.empty(4, 2)
+_ID = torch.empty(4, 2, dtype=I32)
+err("c_route_dtype", "logits", _c_call("route", _X.data_ptr(), 4, 4, 256, 256, 0, False, 2, 1, 1, True, 1.0,
+                                       _W.data_ptr(), _ID.data_ptr(), -1, 0))
+_Q = torch.empty(4, 256, dtype=torch.uint8)
+_S = torch.empty(4, 2)
+err("c_quant_dtype", "x", _c_call("quantize_fp8", _X.data_ptr(), 4, 1, 4, 256, 0, 256, 1, _Q.data_ptr(),
+                                  _S.data_ptr(), False, -1, 0))
+_RT = torch.zeros(4, dtype=I32)
+err("c_permute_fp8_dtype", "x", _c_call("permute_fp8", _X.data_ptr(), 4, 4, 256, 256, _RT.data_ptr(), 4,
+                                        _Q.data_ptr(), _S.data_ptr(), False, -1, 0))
+_Y = torch.empty(4, 256)
+err("c_unpermute_dtype", "y", _c_call("unpermute", _X.data_ptr(), 4, 4, 256, _ID.data_ptr(), _W.data_ptr(), 4, 2,
+                                      _Y.data_ptr(), -1, 0))
 
 
 # ================================================================================== hypothesis

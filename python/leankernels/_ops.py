@@ -312,6 +312,7 @@ def _mla_cache_geometry(cache: torch.Tensor):
     _need(cache.shape[2] == width and cache.stride(2) == 1 and (cache.shape[1] <= 1 or cache.stride(1) == width)
           and cache.stride(0) >= 0, f"cache must be [num_blocks, block_size, {width}] with dense tokens; "
           f"got shape {tuple(cache.shape)}, strides {cache.stride()}")
+    _need(cache.shape[1] >= 1, f"cache block_size (dim 1) must be >= 1; got shape {tuple(cache.shape)}")
     fp8 = cache.dtype != torch.bfloat16
     return fp8, cache.shape[0], cache.shape[1], cache.stride(0) * cache.element_size()
 

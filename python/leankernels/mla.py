@@ -131,6 +131,8 @@ def _cache_arg(cache, name: str = "cache") -> torch.Tensor:
     if cache.dtype != torch.bfloat16 and width != FP8_BYTES:
         raise ValueError(f"{name}: an FP8 latent cache must be [num_blocks, block_size, {FP8_BYTES}] bytes; "
                          f"got {tuple(cache.shape)}")
+    if cache.shape[1] < 1:
+        raise ValueError(f"{name}: block_size (dim 1) must be >= 1; got shape {tuple(cache.shape)}")
     if cache.stride(2) != 1 or cache.stride(1) != width:
         raise ValueError(f"{name}: tokens inside a block must be dense (strides (*, {width}, 1)); got {cache.stride()}")
     if cache.dtype == torch.float8_e4m3fn:
