@@ -633,6 +633,18 @@ def _fm():
     return flash_mla
 
 
+err("dg_recipe_int", "recipe", lambda: _dg().fp8_gemm_nt(_gemm_args()[:2], _gemm_args()[2:],
+                                                       torch.empty(5, 136), recipe=5))
+err("dg_cast_gran_0", "gran_k", lambda: _dg().per_token_cast_to_fp8(torch.ones(4, 8), gran_k=0))
+err("dg_block_cast_gran_neg", "gran_k", lambda: _dg().per_block_cast_to_fp8(torch.ones(4, 8), gran_k=-128))
+err("dg_expected_m", "expected_m", lambda: _dg().m_grouped_fp8_gemm_nt_masked(
+    _gemm_args(M=4, E=2, masked=True)[:2], _gemm_args(M=4, E=2, masked=True)[2:],
+    torch.empty(2, 4, 136), torch.ones(2, dtype=I32), None))
+err("fm_metadata_heads_float", "num_heads_k", lambda: _fm().get_mla_metadata(torch.ones(2, dtype=I32), 16, 1.5))
+err("fm_metadata_heads_none", "num_heads_per_head_k",
+    lambda: _fm().get_mla_metadata(torch.ones(2, dtype=I32), None, 1))
+
+
 @case("fm_metadata_seqlens_float", "err", "cache_seqlens")
 def _():
     _fm().get_mla_metadata(torch.ones(2), 16, 1)
