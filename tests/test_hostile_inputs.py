@@ -1004,6 +1004,130 @@ def _():
     prop()
 
 
+# =============================================================== one-argument mutation sweep
+# Every public op, every argument replaced in turn by each hostile value: the call must either
+# succeed or raise TypeError/ValueError whose message names that argument.
+def _base_calls():
+    lk = _lk()
+    a, a_s, b, b_s = _gemm_args()
+    ga, ga_s, gb, gb_s = _gemm_args(M=9, E=3)
+    ma, ma_s, mb, mb_s = _gemm_args(M=4, E=2, masked=True)
+    xq, sq = lk.quantize_fp8(_rand(4, 200))
+    ids = _plan_ids()
+    p = lk.plan(ids, 4)
+    x = _rand(4, 130)
+    y = lk.permute(x, p)
+    kv_c, k_pe = _append_args()
+    q, cache, bt, sl = _decode_args()
+    return [
+        (lk.quantize_fp8, dict(x=_rand(4, 200), block=(1, 128), scale_fmt="fp32")),
+        (lk.dequantize_fp8, dict(x_fp8=xq, scale=sq, block=(1, 128))),
+        (lk.fp8_gemm, dict(a=a, a_scale=a_s, b=b, b_scale=b_s, out_dtype=torch.float32)),
+        (lk.fp8_grouped_gemm, dict(a=ga, a_scale=ga_s, b=gb, b_scale=gb_s, offs=torch.tensor([2, 2, 9], dtype=I32),
+                                   out_dtype=torch.bfloat16, out=torch.empty(9, 136))),
+        (lk.fp8_grouped_gemm_masked, dict(a=ma, a_scale=ma_s, b=mb, b_scale=mb_s,
+                                          masked_m=torch.tensor([3, 4], dtype=I32), out_dtype=torch.bfloat16,
+                                          out=torch.empty(2, 4, 136))),
+        (lk.route, dict(logits=_rand(5, 16), top_k=4, score="sigmoid", bias=torch.zeros(16), n_group=4,
+                        topk_group=2, renormalize=True, scale=2.5)),
+        (lk.plan, dict(ids=ids, num_experts=4, align=2)),
+        (lk.permute, dict(x=x, plan=p, quantize=True, scale_fmt="ue8m0")),
+        (lk.unpermute, dict(y=y, plan=p, weights=torch.rand(4, 2))),
+        (lk.update_bias, dict(bias=torch.zeros(4), counts=p.counts, rate=0.01)),
+        (lk.mla_append, dict(cache=_cache(), kv_c=kv_c, k_pe=k_pe, slot_mapping=torch.tensor([0, 5, 9]),
+                             norm_weight=torch.ones(512), eps=1e-6, cos=torch.ones(3, 32), sin=torch.zeros(3, 32),
+                             positions=None)),
+        (lk.mla_decode, dict(q=q, cache=cache, block_table=bt, seqlens=sl, softmax_scale=0.05, causal=True,
+                             num_splits=2)),
+    ]
+
+
+def _hostile_values(v):
+    vals = [None, 1.5, "x", [1, 2], True, -1, 2**62, torch.tensor(1.0), torch.empty(0),
+            torch.ones(3, dtype=torch.float64), torch.ones(2, 3, 4, 5, dtype=torch.int64)]
+    if isinstance(v, torch.Tensor):
+        vals += [v.to("meta"), v[:0], v.unsqueeze(0), v.reshape(-1)]
+        if v.dtype in (torch.int32, torch.int64):
+            vals += [v.float(), v.to(torch.int16)]
+        elif v.dtype == torch.float8_e4m3fn:
+            vals += [v.view(torch.uint8), v.float()]
+        else:
+            vals += [v.to(torch.int32), v.double(), torch.full_like(v, float("nan"))]
+    return vals
+
+
+@case("mutation_sweep", "ok")
+def _():
+    bad = []
+    for fn, base in _base_calls():  # inputs are shared between calls: only in-place outputs change
+        for name in base:
+            for hv in _hostile_values(base[name]):
+                args = dict(base)
+                args[name] = hv
+                try:
+                    fn(**args)
+                except ERR as e:
+                    # a shape mismatch between two arguments may name the other one
+                    other = "shape" in str(e) and any(n in str(e) for n in base)
+                    if name not in str(e) and not other:
+                        bad.append(f"{fn.__name__}({name}={_short(hv)}): {type(e).__name__}: {e}")
+                except Exception as e:  # noqa: BLE001
+                    bad.append(f"{fn.__name__}({name}={_short(hv)}): {type(e).__name__}: {e}")
+    assert not bad, "\n".join(bad[:60]) + f"\n({len(bad)} in all)"
+
+
+def _raw_base_calls():
+    ops = _ops()
+    a, a_s, b, b_s = _gemm_args()
+    ga, ga_s, gb, gb_s = _gemm_args(M=9, E=3)
+    ma, ma_s, mb, mb_s = _gemm_args(M=4, E=2, masked=True)
+    xq, sq = _lk().quantize_fp8(_rand(4, 200))
+    p = _lk().plan(_plan_ids(), 4)
+    kv_c, k_pe = _append_args()
+    q, cache, bt, sl = _decode_args()
+    offs, mm = torch.tensor([2, 2, 9], dtype=I32), torch.tensor([3, 4], dtype=I32)
+    return [
+        (ops.quantize_fp8, [_rand(4, 200), 1, False]),
+        (ops.dequantize_fp8, [xq, sq, 1]),
+        (ops.fp8_gemm, [a, a_s, b, b_s, torch.float32]),
+        (ops.fp8_grouped_gemm, [ga, ga_s, gb, gb_s, offs, torch.float32]),
+        (ops.fp8_grouped_gemm_out, [ga, ga_s, gb, gb_s, offs, torch.empty(9, 136)]),
+        (ops.fp8_grouped_gemm_masked, [ma, ma_s, mb, mb_s, mm, torch.float32]),
+        (ops.fp8_grouped_gemm_masked_out, [ma, ma_s, mb, mb_s, mm, torch.empty(2, 4, 136)]),
+        (ops.route, [_rand(5, 16), 4, True, torch.zeros(16), 4, 2, True, 2.5]),
+        (ops.plan, [_plan_ids(), 4, 2]),
+        (ops.permute, [_rand(4, 130), p.row_token]),
+        (ops.permute_fp8, [_rand(4, 130), p.row_token, False]),
+        (ops.unpermute, [_rand(p.row_token.shape[0], 130), p.token_row, torch.rand(4, 2)]),
+        (ops.update_bias, [torch.zeros(4), p.counts, 0.01]),
+        (ops.mla_append, [_cache(), kv_c, k_pe, torch.tensor([0, 5, 9]), torch.ones(512), 1e-6, torch.ones(3, 32),
+                          torch.zeros(3, 32), None]),
+        (ops.mla_decode, [q, cache, bt, sl, 0.05, True, 2]),
+        (ops.mla_schedule, [sl, 4]),
+    ]
+
+
+@case("raw_mutation_sweep", "ok")
+def _():
+    """Raw ops: any argument replaced by a hostile value must never crash; errors are Python
+    exceptions (the dispatcher's own schema errors are RuntimeError)."""
+    for fn, base in _raw_base_calls():
+        for j in range(len(base)):
+            for hv in _hostile_values(base[j]):
+                args = list(base)
+                args[j] = hv
+                try:
+                    fn(*args)
+                except Exception:  # noqa: BLE001  (memory safety is what is tested here)
+                    pass
+
+
+def _short(v):
+    if isinstance(v, torch.Tensor):
+        return f"tensor{tuple(v.shape)}:{str(v.dtype).replace('torch.', '')}@{v.device.type}"
+    return repr(v)[:20]
+
+
 # ==================================================================================== the runner
 def _run_child(names):
     """Run the named cases; print one JSON line per case (flushed before the next starts)."""
@@ -1011,6 +1135,7 @@ def _run_child(names):
     import traceback
 
     torch.set_num_threads(2)
+    faulthandler.enable()  # a crash prints the Python stack of the case to stderr
     for name in names:
         fn, expect, arg = CASES[name]
         print(json.dumps({"start": name}), flush=True)

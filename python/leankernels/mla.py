@@ -282,7 +282,11 @@ def mla_decode(q, cache, block_table, seqlens, softmax_scale: float, causal: boo
         num_splits = mla_num_splits(B, s_q * H, block_table.shape[1] * cache.shape[1], device)
     else:  # more splits than key slots would only add empty splits (and their buffers)
         num_splits = min(_int_arg("num_splits", num_splits, 1), max(1, block_table.shape[1] * cache.shape[1]))
-    return _ops.mla_decode(q, cache, block_table, seqlens, softmax_scale, bool(causal), int(num_splits))
+    try:
+        causal = bool(causal)
+    except (RuntimeError, TypeError, ValueError):
+        raise TypeError(f"causal must be a bool; got {type(causal).__name__}") from None
+    return _ops.mla_decode(q, cache, block_table, seqlens, softmax_scale, causal, int(num_splits))
 
 
 __all__ = ["LatentCache", "PagedLatentCache", "mla_append", "mla_decode", "mla_num_splits"]

@@ -150,7 +150,8 @@ def plan(ids, num_experts: int, align: int = 1) -> RoutePlan:
     align = _int("align", align, 1)
     R = _ops.plan_rows(ids.shape[0], ids.shape[1], num_experts, align)
     if R >= 2**31 or num_experts >= 2**31:
-        raise ValueError(f"ids routes {R} rows; plan indexes rows with int32 (< 2**31)")
+        raise ValueError(f"ids with num_experts={num_experts}, align={align} routes {R} rows; plan indexes "
+                         "rows and experts with int32 (< 2**31)")
     if ids.device.type == "cuda" and num_experts > 12288:
         raise ValueError(f"num_experts ({num_experts}) exceeds 12288, the CUDA plan kernel's limit")
     if ids.dtype != torch.int32:
