@@ -976,6 +976,39 @@ def _():
     prop()
 
 
+@case("hyp_mla_append_guarded", "ok")
+def _():
+    from hypothesis import given, strategies as st
+
+    lk = _lk()
+
+    @_hyp_settings()
+    @given(slots=st.lists(st.integers(-3, 40), min_size=0, max_size=6, unique=True), fp8=st.booleans(),
+           pos=st.one_of(st.none(), st.lists(st.integers(-2, 6), min_size=6, max_size=6)), norm=st.booleans(),
+           bs=st.integers(1, 9))
+    def prop(slots, fp8, pos, norm, bs):
+        T = len(slots)
+        dt, w = (torch.uint8, 656) if fp8 else (torch.bfloat16, 576)
+        buf = torch.full((6, bs, w), 0x7F, dtype=dt) if fp8 else torch.full((6, bs, w), float("nan"), dtype=dt)
+        cache = buf[1:5]
+        kv_c, k_pe = _append_args(T, seed=T)
+        kw = dict(norm_weight=torch.rand(512) if norm else None)
+        if pos is not None:
+            kw.update(cos=_rand(5, 32), sin=_rand(5, 32, seed=1), positions=torch.tensor(pos[:T], dtype=torch.int64))
+        ref = cache.clone()
+        sl = torch.tensor(slots, dtype=torch.int64)
+        lk.mla_append(cache, kv_c, k_pe, sl, **kw)
+        lk.reference.mla_append(ref, kv_c, k_pe, sl, **kw)
+        if fp8:
+            _same(cache, ref)
+        else:
+            _close(cache.float(), ref.float(), 1e-2)
+        for blk in (buf[0], buf[5]):
+            assert bool((blk == 0x7F).all()) if fp8 else bool(torch.isnan(blk).all()), "write outside the cache"
+
+    prop()
+
+
 @case("hyp_quant_shapes", "ok")
 def _():
     from hypothesis import given, strategies as st
