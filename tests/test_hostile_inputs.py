@@ -956,13 +956,14 @@ def _():
     from hypothesis import given, strategies as st
 
     lk = _lk()
-    q, cache, _, _ = _decode_args(nb=4, bs=8)
+    caches = {fp8: _decode_args(nb=4, bs=8, fp8=fp8) for fp8 in (False, True)}
 
     @_hyp_settings()
     @given(bt=st.lists(st.integers(-2, 5), min_size=4, max_size=4), sl=st.lists(st.integers(-2, 18), min_size=2,
                                                                                   max_size=2),
-           splits=st.integers(1, 5))
-    def prop(bt, sl, splits):
+           splits=st.integers(1, 5), fp8=st.booleans())
+    def prop(bt, sl, splits, fp8):
+        q, cache, _, _ = caches[fp8]
         bt_t = torch.tensor(bt, dtype=I32).view(2, 2)
         sl_t = torch.tensor(sl, dtype=I32)
         try:
