@@ -338,6 +338,8 @@ err("route_bias_shape", "bias", _route(bias=torch.zeros(15)))
 err("route_bias_int", "bias", _route(bias=torch.zeros(16, dtype=torch.int32)))
 err("route_renorm", "renormalize", _route(renormalize=1))
 err("route_scale", "scale", _route(scale="2.5"))
+err("route_scale_huge", "scale", _route(scale=2**1000))
+err("update_bias_rate_huge", "rate", lambda: _lk().update_bias(torch.zeros(4), torch.ones(4, dtype=I32), rate=10**400))
 
 
 def _check_route(logits, **kw):
@@ -446,6 +448,7 @@ def _():
     assert bool(cache[0, 0].any()) and not bool(cache[0, 5].any()) and not bool(cache[1, 1].any())
 err("append_eps_none", "eps", _append(norm_weight=torch.ones(512), eps=None))
 err("append_eps_str", "eps", _append(norm_weight=torch.ones(512), eps="1e-6"))
+err("append_eps_huge_int", "eps", _append(norm_weight=torch.ones(512), eps=10**400))
 
 
 @case("append_slots_out_of_range_guarded", "ok")
@@ -504,6 +507,7 @@ err("decode_seqlens_int64", "seqlens", _decode(seqlens=torch.tensor([5, 3])))
 err("decode_scale_nan", "softmax_scale", _decode(softmax_scale=float("nan")))
 err("decode_scale_none", "softmax_scale", _decode(softmax_scale=None))
 err("decode_scale_str", "softmax_scale", _decode(softmax_scale="0.1"))
+err("decode_scale_huge_int", "softmax_scale", _decode(softmax_scale=2**1100))
 err("decode_num_splits_0", "num_splits", _decode(num_splits=0))
 err("decode_cache_block_size_0", "block_size", _decode(cache=torch.zeros(4, 0, 576, dtype=torch.bfloat16),
                                                       seqlens=torch.zeros(2, dtype=I32)))

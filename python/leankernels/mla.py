@@ -36,9 +36,13 @@ def _int_arg(name: str, v, lo: int) -> int:
 def _float_arg(name: str, v) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a float; got {type(v).__name__}")
-    if not math.isfinite(v):
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
         raise ValueError(f"{name} must be finite; got {v}")
-    return float(v)
+    return f
 
 
 class LatentCache:
