@@ -15,6 +15,9 @@ void register_mla(py::module_& m) {
          uintptr_t cos, uintptr_t sin, uintptr_t positions, int64_t num_positions, uintptr_t cache,
          bool fp8, int64_t num_blocks, int64_t block_size, int64_t block_stride, bool debug,
          uintptr_t error_flag, int device, uintptr_t stream) {
+        LK_CHECK(kv_dtype >= 0 && kv_dtype <= 2, "mla_append: kv_c must be float32, bfloat16 or float16");
+        LK_CHECK(pe_dtype >= 0 && pe_dtype <= 2, "mla_append: k_pe must be float32, bfloat16 or float16");
+        LK_CHECK(T >= 0 && num_blocks >= 0 && block_size >= 0, "mla_append: negative size");
         MlaCache c{ptr<void>(cache), fp8, num_blocks, block_size, block_stride};
         if (device < 0) {
           cpu::mla_append(ptr<const void>(kv_c), DType(kv_dtype), kv_stride, ptr<const void>(k_pe),
@@ -41,6 +44,8 @@ void register_mla(py::module_& m) {
          int64_t bt_stride, uintptr_t seqlens, float softmax_scale, bool causal, int64_t num_splits,
          uintptr_t o_part, uintptr_t lse_part, uintptr_t out, uintptr_t lse, uintptr_t error_flag,
          int device, uintptr_t stream) {
+        LK_CHECK(B >= 0 && s_q >= 0 && H >= 0 && max_blocks >= 0 && num_blocks >= 0, "mla_decode: negative size");
+        LK_CHECK(block_size >= 1, "mla_decode: cache block_size must be >= 1");
         MlaCache c{ptr<void>(cache), fp8, num_blocks, block_size, block_stride};
         if (device < 0) {
           cpu::mla_decode(ptr<const uint16_t>(q), B, s_q, H, c, ptr<const int32_t>(block_table), max_blocks,

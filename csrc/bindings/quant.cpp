@@ -13,6 +13,7 @@ void register_quant(py::module_& m) {
       [](uintptr_t x, int dtype, int64_t batch, int64_t rows, int64_t K, int64_t batch_stride,
          int64_t row_stride, int64_t block_rows, uintptr_t q, uintptr_t scale, bool ue8m0,
          int device, uintptr_t stream) {
+        LK_CHECK(dtype >= 0 && dtype <= 2, "quantize_fp8: x must be float32, bfloat16 or float16");
         LK_ON_DEVICE(quantize_fp8, device, stream, ptr<const void>(x), DType(dtype), batch, rows, K,
             batch_stride, row_stride, block_rows, ptr<uint8_t>(q), ptr<float>(scale), ue8m0);
       },

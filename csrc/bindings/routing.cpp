@@ -13,6 +13,9 @@ void register_routing(py::module_& m) {
       [](uintptr_t logits, int dtype, int64_t T, int64_t E, int64_t row_stride, uintptr_t bias,
          bool sigmoid, int64_t top_k, int64_t n_group, int64_t topk_group, bool renormalize,
          float scale, uintptr_t weights, uintptr_t ids, int device, uintptr_t stream) {
+        // dtype checks here, before any kernel: the CPU kernels widen rows inside OpenMP
+        // regions, where an exception would terminate the process.
+        LK_CHECK(dtype >= 0 && dtype <= 2, "route: logits must be float32, bfloat16 or float16");
         LK_ON_DEVICE(route, device, stream, ptr<const void>(logits), DType(dtype), T, E, row_stride,
             ptr<const float>(bias), sigmoid, top_k, n_group, topk_group, renormalize, scale,
             ptr<float>(weights), ptr<int32_t>(ids));
@@ -49,6 +52,7 @@ void register_routing(py::module_& m) {
       "permute",
       [](uintptr_t x, int64_t elem_size, int64_t T, int64_t H, int64_t row_stride,
          uintptr_t row_token, int64_t R, uintptr_t out, int device, uintptr_t stream) {
+        LK_CHECK(elem_size > 0 && T >= 0 && H >= 0 && R >= 0, "permute: bad sizes");
         LK_ON_DEVICE(permute, device, stream, ptr<const void>(x), elem_size, T, H, row_stride,
             ptr<const int32_t>(row_token), R, ptr<void>(out));
       },
@@ -57,6 +61,7 @@ void register_routing(py::module_& m) {
       "permute_fp8",
       [](uintptr_t x, int dtype, int64_t T, int64_t H, int64_t row_stride, uintptr_t row_token,
          int64_t R, uintptr_t q, uintptr_t scale, bool ue8m0, int device, uintptr_t stream) {
+        LK_CHECK(dtype >= 0 && dtype <= 2, "permute_fp8: x must be float32, bfloat16 or float16");
         LK_ON_DEVICE(permute_fp8, device, stream, ptr<const void>(x), DType(dtype), T, H,
             row_stride, ptr<const int32_t>(row_token), R, ptr<uint8_t>(q), ptr<float>(scale),
             ue8m0);
@@ -66,6 +71,7 @@ void register_routing(py::module_& m) {
       "unpermute",
       [](uintptr_t y, int dtype, int64_t R, int64_t H, uintptr_t token_row, uintptr_t weights,
          int64_t T, int64_t top_k, uintptr_t out, int device, uintptr_t stream) {
+        LK_CHECK(dtype >= 0 && dtype <= 2, "unpermute: y must be float32, bfloat16 or float16");
         LK_ON_DEVICE(unpermute, device, stream, ptr<const void>(y), DType(dtype), R, H,
             ptr<const int32_t>(token_row), ptr<const float>(weights), T, top_k, ptr<void>(out));
       },

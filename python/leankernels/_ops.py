@@ -16,6 +16,28 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# Checks of what would make the C++ core read or write out of bounds. The public wrappers
+# validate fully; these keep a direct torch.ops.leankernels.* call memory-safe (each names the
+# argument). Only shapes/dtypes/strides: no data-dependent value is inspected here.
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"leankernels: {msg}")
+
+
+def _need_t(name: str, t, dtypes, dim=None, shape=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"leankernels: {name} must be a tensor; got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"leankernels: {name} has dtype {t.dtype}; expected one of {', '.join(map(str, dtypes))}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"leankernels: {name} must have {dim} dimensions; got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"leankernels: {name} must have shape {tuple(shape)}; got {tuple(t.shape)}")
+
+
 # ------------------------------------------------------------------------------------ quant
 def _quant_layout(x: torch.Tensor, block_rows: int):
     """View x as [batch, rows, K] with unit column stride: (x', batch, rows, K, bstride, rstride).
@@ -45,6 +67,9 @@ def _quant_scale_shape(shape, block_rows: int):
 
 @torch.library.custom_op("leankernels::quantize_fp8", mutates_args=())
 def quantize_fp8(x: torch.Tensor, block_rows: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _need(block_rows in (1, GROUP), f"block_rows must be 1 or 128; got {block_rows}")
+    _need_t("x", x, _FLOATS)
+    _need(x.dim() >= 1 if block_rows == 1 else x.dim() in (2, 3), f"x has a bad shape {tuple(x.shape)}")
     q = torch.empty(x.shape, dtype=FP8, device=x.device)
     scale = torch.empty(_quant_scale_shape(x.shape, block_rows), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
@@ -64,6 +89,10 @@ def _(x, block_rows, ue8m0):
 
 @torch.library.custom_op("leankernels::dequantize_fp8", mutates_args=())
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block_rows: int) -> torch.Tensor:
+    _need(block_rows in (1, GROUP), f"block_rows must be 1 or 128; got {block_rows}")
+    _need_t("q", q, (FP8,))
+    _need(q.dim() >= 1 if block_rows == 1 else q.dim() in (2, 3), f"q has a bad shape {tuple(q.shape)}")
+    _need_t("scale", scale, (torch.float32,), shape=_quant_scale_shape(q.shape, block_rows))
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out
@@ -98,7 +127,12 @@ def plan_rows(num_tokens: int, top_k: int, num_experts: int, align: int) -> int:
 @torch.library.custom_op("leankernels::route", mutates_args=())
 def route(logits: torch.Tensor, top_k: int, sigmoid: bool, bias: Optional[torch.Tensor], n_group: int,
           topk_group: int, renormalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _need_t("logits", logits, _FLOATS, dim=2)
     T, E = logits.shape
+    _need(1 <= top_k <= min(E, 32), f"top_k must be in [1, min(E, 32)]; got {top_k}")
+    if bias is not None:
+        _need_t("bias", bias, (torch.float32,), shape=(E,))
+        bias = bias.contiguous()
     weights = torch.empty((T, top_k), dtype=torch.float32, device=logits.device)
     ids = torch.empty((T, top_k), dtype=torch.int32, device=logits.device)
     if T == 0:
@@ -120,6 +154,9 @@ def _(logits, top_k, sigmoid, bias, n_group, topk_group, renormalize, scale):
 
 @torch.library.custom_op("leankernels::plan", mutates_args=())
 def plan(ids: torch.Tensor, num_experts: int, align: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _need_t("ids", ids, (torch.int32,), dim=2)
+    _need(num_experts >= 1, f"num_experts must be >= 1; got {num_experts}")
+    _need(align >= 1, f"align must be >= 1; got {align}")
     T, K = ids.shape
     dev = ids.device
     R = plan_rows(T, K, num_experts, align)
@@ -152,6 +189,9 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("leankernels::permute", mutates_args=())
 def permute(x: torch.Tensor, row_token: torch.Tensor) -> torch.Tensor:
+    _need(x.dim() == 2, f"x must be [T, H]; got shape {tuple(x.shape)}")
+    _need_t("row_token", row_token, (torch.int32,), dim=1)
+    row_token = row_token.contiguous()
     T, H = x.shape
     R = row_token.shape[0]
     out = torch.empty((R, H), dtype=x.dtype, device=x.device)
@@ -171,6 +211,9 @@ def _(x, row_token):
 
 @torch.library.custom_op("leankernels::permute_fp8", mutates_args=())
 def permute_fp8(x: torch.Tensor, row_token: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _need_t("x", x, _FLOATS, dim=2)
+    _need_t("row_token", row_token, (torch.int32,), dim=1)
+    row_token = row_token.contiguous()
     T, H = x.shape
     R = row_token.shape[0]
     q = torch.empty((R, H), dtype=FP8, device=x.device)
@@ -192,6 +235,9 @@ def _(x, row_token, ue8m0):
 
 @torch.library.custom_op("leankernels::unpermute", mutates_args=())
 def unpermute(y: torch.Tensor, token_row: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    _need_t("y", y, _FLOATS, dim=2)
+    _need_t("token_row", token_row, (torch.int32,), dim=2)
+    _need_t("weights", weights, (torch.float32,), shape=token_row.shape)
     R, H = y.shape
     T, K = token_row.shape
     out = torch.empty((T, H), dtype=y.dtype, device=y.device)
@@ -213,6 +259,8 @@ def _(y, token_row, weights):
 
 @torch.library.custom_op("leankernels::update_bias", mutates_args=())
 def update_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
+    _need_t("bias", bias, (torch.float32,), dim=1)
+    _need_t("counts", counts, (torch.int32, torch.int64), shape=bias.shape)
     out = torch.empty_like(bias, memory_format=torch.contiguous_format)
     E = bias.shape[0]
     if E == 0:
@@ -259,6 +307,12 @@ def _mla_raise_flag(flag) -> None:
 
 def _mla_cache_geometry(cache: torch.Tensor):
     """(fp8, num_blocks, block_size, block stride in bytes) of a [nb, bs, 576|656] cache."""
+    _need_t("cache", cache, (torch.bfloat16, torch.uint8, torch.float8_e4m3fn), dim=3)
+    width = MLA_DIM if cache.dtype == torch.bfloat16 else MLA_FP8_BYTES
+    _need(cache.shape[2] == width and cache.stride(2) == 1 and (cache.shape[1] <= 1 or cache.stride(1) == width)
+          and cache.stride(0) >= 0, f"cache must be [num_blocks, block_size, {width}] with dense tokens; "
+          f"got shape {tuple(cache.shape)}, strides {cache.stride()}")
+    _need(cache.shape[1] >= 1, f"cache block_size (dim 1) must be >= 1; got shape {tuple(cache.shape)}")
     fp8 = cache.dtype != torch.bfloat16
     return fp8, cache.shape[0], cache.shape[1], cache.stride(0) * cache.element_size()
 
@@ -267,12 +321,34 @@ def _mla_cache_geometry(cache: torch.Tensor):
 def mla_append(cache: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor,
                norm_weight: Optional[torch.Tensor], eps: float, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
                positions: Optional[torch.Tensor]) -> None:
+    fp8, nb, bs, bstride = _mla_cache_geometry(cache)
+    _need_t("kv_c", kv_c, _FLOATS, dim=2)
     T = kv_c.shape[0]
+    _need(kv_c.shape[1] == MLA_LATENT and kv_c.stride(1) == 1, f"kv_c must be [T, 512] with unit column stride")
+    _need_t("k_pe", k_pe, _FLOATS, dim=2)
+    _need(tuple(k_pe.shape) == (T, MLA_DIM - MLA_LATENT) and k_pe.stride(1) == 1,
+          f"k_pe must be [T={T}, 64] with unit column stride; got {tuple(k_pe.shape)}")
+    _need_t("slot_mapping", slot_mapping, (torch.int64,), shape=(T,))
+    _need(slot_mapping.is_contiguous(), "slot_mapping must be contiguous")
+    if norm_weight is not None:
+        _need_t("norm_weight", norm_weight, (torch.float32,), shape=(MLA_LATENT,))
+        _need(norm_weight.is_contiguous(), "norm_weight must be contiguous")
+    _need((cos is None) == (sin is None), "cos and sin must be given together")
+    if cos is not None:
+        _need_t("cos", cos, (torch.float32,), dim=2)
+        _need(cos.shape[1] == (MLA_DIM - MLA_LATENT) // 2 and cos.is_contiguous(), "cos must be a contiguous [P, 32]")
+        _need_t("sin", sin, (torch.float32,), shape=cos.shape)
+        _need(sin.is_contiguous(), "sin must be contiguous")
+        if positions is None:
+            _need(cos.shape[0] >= T, f"cos has {cos.shape[0]} rows for {T} tokens (pass positions)")
+    if positions is not None:
+        _need(cos is not None, "positions needs cos and sin")
+        _need_t("positions", positions, (torch.int64,), shape=(T,))
+        _need(positions.is_contiguous(), "positions must be contiguous")
     if T == 0 or cache.numel() == 0:
         return
     debug = _mla_debug()
     flag = _mla_error_flag(cache, debug)
-    fp8, nb, bs, bstride = _mla_cache_geometry(cache)
     device, stream = device_args(cache)
     C().mla_append(
         kv_c.data_ptr(), dtype_code(kv_c.dtype), kv_c.stride(0), k_pe.data_ptr(), dtype_code(k_pe.dtype),
@@ -291,7 +367,17 @@ def _(cache, kv_c, k_pe, slot_mapping, norm_weight, eps, cos, sin, positions):
 @torch.library.custom_op("leankernels::mla_decode", mutates_args=())
 def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seqlens: torch.Tensor,
                softmax_scale: float, causal: bool, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _need_t("q", q, (torch.bfloat16,), dim=4)
+    _need(q.shape[3] == MLA_DIM, f"q must be [B, s_q, H, 576]; got {tuple(q.shape)}")
     B, s_q, H, _ = q.shape
+    fp8, nb, bs, bstride = _mla_cache_geometry(cache)
+    _need_t("block_table", block_table, (torch.int32,), dim=2)
+    _need(block_table.shape[0] == B and block_table.stride(1) == 1 and block_table.stride(0) >= 0,
+          f"block_table must be [B={B}, max_blocks] with unit column stride; got {tuple(block_table.shape)}")
+    _need_t("seqlens", seqlens, (torch.int32,), shape=(B,))
+    seqlens = seqlens.contiguous()
+    _need(num_splits >= 1, f"num_splits must be >= 1; got {num_splits}")
+    num_splits = min(num_splits, max(1, block_table.shape[1] * bs))  # more splits than keys: empty ones
     out = torch.empty(B, s_q, H, MLA_LATENT, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, s_q, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -307,7 +393,6 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
         o_part = lse_part = None
     debug = _mla_debug()
     flag = _mla_error_flag(q, debug)
-    fp8, nb, bs, bstride = _mla_cache_geometry(cache)
     device, stream = device_args(q)
     C().mla_decode(
         q.data_ptr(), B, s_q, H, cache.data_ptr(), fp8, nb, bs, bstride, block_table.data_ptr(),
@@ -326,6 +411,8 @@ def _(q, cache, block_table, seqlens, softmax_scale, causal, num_splits):
 
 @torch.library.custom_op("leankernels::mla_schedule", mutates_args=())
 def mla_schedule(seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _need_t("seqlens", seqlens, (torch.int32,), dim=1)
+    _need(num_parts >= 1, f"num_parts must be >= 1; got {num_parts}")
     B = seqlens.shape[0]
     metadata = torch.empty(num_parts, 8, dtype=torch.int32, device=seqlens.device)
     num_splits = torch.empty(B + 1, dtype=torch.int32, device=seqlens.device)
@@ -346,6 +433,20 @@ _GEMM_DENSE, _GEMM_CONTIGUOUS, _GEMM_MASKED = 0, 1, 2
 
 def _gemm_launch(layout: int, a, a_scale, b, b_scale, groups, M: int, out: torch.Tensor) -> None:
     """Call the C++ core. a is [R, K] (or [G, M, K] for masked), b [G, N, K]; out preallocated."""
+    dense, masked = layout == _GEMM_DENSE, layout == _GEMM_MASKED
+    _need_t("a", a, (FP8,), dim=3 if masked else 2)
+    _need_t("b", b, (FP8,), dim=2 if dense else 3)
+    N, K = b.shape[-2], b.shape[-1]
+    _need(a.shape[-1] == K, f"a and b must have the same K; got {a.shape[-1]} and {K}")
+    _need_t("a_scale", a_scale, (torch.float32,), shape=(*a.shape[:-1], _cdiv(K, GROUP)))
+    _need_t("b_scale", b_scale, (torch.float32,), shape=(*b.shape[:-2], _cdiv(N, GROUP), _cdiv(K, GROUP)))
+    if not dense:
+        name = "masked_m" if masked else "offs"
+        _need_t(name, groups, (torch.int32,), shape=(b.shape[0],))
+        _need(b.shape[0] >= 1, "b must hold at least one expert")
+    if masked:
+        _need(a.shape[0] == b.shape[0], f"a has {a.shape[0]} groups but b has {b.shape[0]} experts")
+    _need_t("out", out, (torch.bfloat16, torch.float32), shape=(*a.shape[:-1], N))
     if out.numel() == 0:
         return
     if not out.is_contiguous():

@@ -9,6 +9,7 @@ See reference.mla_append / reference.mla_decode for the exact semantics.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -22,6 +23,26 @@ FP8_BYTES = 656
 
 _FLOAT_IN = (torch.float32, torch.bfloat16, torch.float16)
 _CACHE_DTYPES = (torch.bfloat16, torch.uint8, torch.float8_e4m3fn)
+
+
+def _int_arg(name: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{name} must be >= {lo}; got {v}")
+    return int(v)
+
+
+def _float_arg(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a float; got {type(v).__name__}")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be finite; got {v}")
+    return f
 
 
 class LatentCache:
@@ -40,10 +61,7 @@ class LatentCache:
     """
 
     def __init__(self, num_blocks: int, block_size: int, fp8: bool = False, device="cpu"):
-        if int(num_blocks) < 1:
-            raise ValueError(f"num_blocks must be >= 1; got {num_blocks}")
-        if int(block_size) < 1:
-            raise ValueError(f"block_size must be >= 1; got {block_size}")
+        num_blocks, block_size = _int_arg("num_blocks", num_blocks, 1), _int_arg("block_size", block_size, 1)
         self.num_blocks, self.block_size, self.fp8 = int(num_blocks), int(block_size), bool(fp8)
         if self.fp8:
             self.kv = torch.zeros(self.num_blocks, self.block_size, FP8_BYTES, dtype=torch.uint8, device=device)
@@ -64,6 +82,7 @@ class LatentCache:
 
     def allocate(self, num_blocks: int) -> list[int]:
         """Take num_blocks free blocks (ids in [0, num_blocks)); ValueError when too few are free."""
+        _int_arg("num_blocks", num_blocks, 0)
         if num_blocks > len(self._free):
             raise ValueError(f"num_blocks={num_blocks} exceeds the {len(self._free)} free blocks of the cache")
         return [self._free.pop() for _ in range(num_blocks)]
@@ -74,12 +93,18 @@ class LatentCache:
             b = int(b)
             if not 0 <= b < self.num_blocks:
                 raise ValueError(f"blocks: block id {b} is out of range [0, {self.num_blocks})")
+            if b in self._free:  # a double free would hand the block to two sequences
+                raise ValueError(f"blocks: block id {b} is already free")
             self._free.append(b)
 
     def slot_mapping(self, blocks, start: int, count: int) -> torch.Tensor:
         """int64 slots of token positions start .. start+count-1 of a sequence owning blocks."""
+        _int_arg("start", start, 0)
+        _int_arg("count", count, 0)
         pos = torch.arange(start, start + count)
         ids = torch.as_tensor(list(blocks), dtype=torch.int64)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_blocks):
+            raise ValueError(f"blocks: block ids must lie in [0, {self.num_blocks}); got {ids.tolist()}")
         if count and (start + count - 1) // self.block_size >= len(ids):
             raise ValueError(f"blocks: {len(ids)} blocks hold {len(ids) * self.block_size} tokens; "
                              f"positions up to {start + count - 1} were asked for")
@@ -89,6 +114,10 @@ class LatentCache:
     def block_table(per_sequence, max_blocks: int | None = None, device="cpu", pad: int = 0) -> torch.Tensor:
         """int32 [B, max_blocks] block table from lists of block ids (rows padded with pad)."""
         width = max_blocks if max_blocks is not None else max((len(r) for r in per_sequence), default=0)
+        if max_blocks is not None:
+            _int_arg("max_blocks", max_blocks, 0)
+            if any(len(r) > max_blocks for r in per_sequence):
+                raise ValueError(f"max_blocks={max_blocks} is narrower than the longest row of per_sequence")
         t = torch.full((len(per_sequence), max(width, 1)), pad, dtype=torch.int32)
         for i, r in enumerate(per_sequence):
             t[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.int32)
@@ -106,6 +135,8 @@ def _cache_arg(cache, name: str = "cache") -> torch.Tensor:
     if cache.dtype != torch.bfloat16 and width != FP8_BYTES:
         raise ValueError(f"{name}: an FP8 latent cache must be [num_blocks, block_size, {FP8_BYTES}] bytes; "
                          f"got {tuple(cache.shape)}")
+    if cache.shape[1] < 1:
+        raise ValueError(f"{name}: block_size (dim 1) must be >= 1; got shape {tuple(cache.shape)}")
     if cache.stride(2) != 1 or cache.stride(1) != width:
         raise ValueError(f"{name}: tokens inside a block must be dense (strides (*, {width}, 1)); got {cache.stride()}")
     if cache.dtype == torch.float8_e4m3fn:
@@ -142,7 +173,9 @@ def mla_append(cache, kv_c, k_pe, slot_mapping, norm_weight=None, eps: float = 1
             None (both): no rotation. Convention: interleaved pairs (x[2i], x[2i+1]) rotated by
             angle i, as in DeepSeek-V3's reference inference code (GPT-J style, not HF's
             rotate_half).
-        positions: ``[T]`` int32/int64 rows of the cos/sin tables (optional).
+        positions: ``[T]`` int32/int64 rows of the cos/sin tables (optional). A token whose
+            position is out of the table's rows is skipped, like an out-of-range slot
+            (LEANKERNELS_DEBUG=1: ValueError).
 
     Duplicate slots in one call store one of the rows (unspecified which).
     """
@@ -180,7 +213,8 @@ def mla_append(cache, kv_c, k_pe, slot_mapping, norm_weight=None, eps: float = 1
     _checks.same_device(cache=cache, kv_c=kv_c, k_pe=k_pe, slot_mapping=slot_mapping, norm_weight=norm_weight,
                         cos=cos, sin=sin, positions=positions)
     slot_mapping = slot_mapping.to(torch.int64).contiguous()
-    _ops.mla_append(cache, kv_c, k_pe, slot_mapping, norm_weight, float(eps), cos, sin, positions)
+    eps = _float_arg("eps", eps)
+    _ops.mla_append(cache, kv_c, k_pe, slot_mapping, norm_weight, eps, cos, sin, positions)
 
 
 @torch.compiler.assume_constant_result
@@ -247,14 +281,16 @@ def mla_decode(q, cache, block_table, seqlens, softmax_scale: float, causal: boo
         block_table = block_table.contiguous()
     seqlens = seqlens.contiguous()
     device = _checks.same_device(q=q, cache=cache, block_table=block_table, seqlens=seqlens)
-    softmax_scale = float(softmax_scale)
-    if not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale must be finite; got {softmax_scale}")
+    softmax_scale = _float_arg("softmax_scale", softmax_scale)
     if num_splits is None:
         num_splits = mla_num_splits(B, s_q * H, block_table.shape[1] * cache.shape[1], device)
-    elif int(num_splits) < 1:
-        raise ValueError(f"num_splits must be >= 1; got {num_splits}")
-    return _ops.mla_decode(q, cache, block_table, seqlens, softmax_scale, bool(causal), int(num_splits))
+    else:  # more splits than key slots would only add empty splits (and their buffers)
+        num_splits = min(_int_arg("num_splits", num_splits, 1), max(1, block_table.shape[1] * cache.shape[1]))
+    try:
+        causal = bool(causal)
+    except (RuntimeError, TypeError, ValueError):
+        raise TypeError(f"causal must be a bool; got {type(causal).__name__}") from None
+    return _ops.mla_decode(q, cache, block_table, seqlens, softmax_scale, causal, int(num_splits))
 
 
 __all__ = ["LatentCache", "PagedLatentCache", "mla_append", "mla_decode", "mla_num_splits"]

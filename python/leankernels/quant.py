@@ -4,6 +4,8 @@ See reference.quantize_fp8 for the exact semantics; the kernels match it bit for
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _checks, _interop, _ops
@@ -15,7 +17,10 @@ _SCALE_FMTS = ("fp32", "ue8m0")
 
 def _block_rows(block) -> int:
     try:
-        b = tuple(int(v) for v in block)
+        b = tuple(block)
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in b):
+            raise TypeError
+        b = tuple(int(v) for v in b)
     except TypeError:
         raise TypeError(f"block must be a pair such as (1, 128) or (128, 128); got {block!r}") from None
     if b == (1, GROUP):

@@ -332,15 +332,18 @@ def mla_append(cache: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, slot
     nb, bs = cache.shape[0], cache.shape[1]
     x = kv_c.float() if norm_weight is None else mla_rms_norm(kv_c, norm_weight, eps)
     pe = k_pe.float()
+    slots = slot_mapping.long()
+    ok = (slots >= 0) & (slots < nb * bs)
     if cos is not None:
         if positions is not None:
-            cos, sin = cos[positions.long()], sin[positions.long()]
+            pos = positions.long()
+            ok &= (pos >= 0) & (pos < cos.shape[0])  # tokens at out-of-range positions are skipped
+            pos = pos.clamp(0, max(cos.shape[0] - 1, 0))
+            cos, sin = cos[pos], sin[pos]
         pe = mla_rope(pe, cos, sin)
     row = torch.cat([x, pe], dim=-1).to(torch.bfloat16)
     if cache.dtype != torch.bfloat16:
         row = mla_cache_quantize(row).view(cache.dtype)
-    slots = slot_mapping.long()
-    ok = (slots >= 0) & (slots < nb * bs)
     idx = slots[ok]
     cache[idx // bs, idx % bs] = row[ok]
 

@@ -122,6 +122,8 @@ def route(logits, top_k: int, score: str = "softmax", bias=None, n_group: int = 
         raise TypeError(f"renormalize must be a bool; got {type(renormalize).__name__}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"scale must be a float; got {type(scale).__name__}")
+    if abs(scale) > 3.4e38:
+        raise ValueError(f"scale must fit float32; got {scale}")
     w, ids = _ops.route(logits, top_k, score == "sigmoid", bias, n_group, topk_group, renormalize, float(scale))
     return _interop.like_input(w, src), _interop.like_input(ids, src)
 
@@ -150,7 +152,8 @@ def plan(ids, num_experts: int, align: int = 1) -> RoutePlan:
     align = _int("align", align, 1)
     R = _ops.plan_rows(ids.shape[0], ids.shape[1], num_experts, align)
     if R >= 2**31 or num_experts >= 2**31:
-        raise ValueError(f"ids routes {R} rows; plan indexes rows with int32 (< 2**31)")
+        raise ValueError(f"ids with num_experts={num_experts}, align={align} routes {R} rows; plan indexes "
+                         "rows and experts with int32 (< 2**31)")
     if ids.device.type == "cuda" and num_experts > 12288:
         raise ValueError(f"num_experts ({num_experts}) exceeds 12288, the CUDA plan kernel's limit")
     if ids.dtype != torch.int32:
@@ -253,4 +256,6 @@ def update_bias(bias, counts, rate: float = 1e-3):
     _checks.shape("counts", counts, tuple(bias.shape))
     if not isinstance(rate, (int, float)) or isinstance(rate, bool):
         raise TypeError(f"rate must be a float; got {type(rate).__name__}")
+    if abs(rate) > 3.4e38:
+        raise ValueError(f"rate must fit float32; got {rate}")
     return _interop.like_input(_ops.update_bias(bias, counts, float(rate)), src)

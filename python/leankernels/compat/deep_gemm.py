@@ -111,6 +111,7 @@ def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int 
     int32 (padded with 1.0 to a multiple of 4 groups).
     """
     _checks.tensor("x", x, (torch.float32, torch.bfloat16, torch.float16), dim=2)
+    gran_k = _gran(gran_k)
     m, n = x.shape
     pn = align(n, gran_k)
     xp = torch.zeros(m, pn, dtype=x.dtype, device=x.device)
@@ -132,6 +133,7 @@ def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int 
     """DeepGEMM's test utility: ``[m, n]`` -> (float8_e4m3fn ``[m, n]``, fp32
     ``[ceil(m/gran_k), ceil(n/gran_k)]``), one scale per gran_k x gran_k block (zero padded)."""
     _checks.tensor("x", x, (torch.float32, torch.bfloat16, torch.float16), dim=2)
+    gran_k = _gran(gran_k)
     m, n = x.shape
     xp = torch.zeros(align(m, gran_k), align(n, gran_k), dtype=x.dtype, device=x.device)
     xp[:m, :n] = x
@@ -144,8 +146,14 @@ def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int 
 
 
 # ------------------------------------------------------------------------------- operands
+def _gran(gran_k) -> int:
+    if isinstance(gran_k, bool) or not isinstance(gran_k, int) or gran_k < 1:
+        raise ValueError(f"gran_k must be an int >= 1; got {gran_k!r}")
+    return gran_k
+
+
 def _recipe(recipe) -> None:
-    if recipe is not None and tuple(recipe) != (1, GRAN, GRAN):
+    if recipe is not None and (not isinstance(recipe, (tuple, list)) or tuple(recipe) != (1, GRAN, GRAN)):
         raise ValueError(f"recipe must be None or (1, 128, 128) (1x128 a scales, 128x128 b blocks); got {recipe!r}")
 
 

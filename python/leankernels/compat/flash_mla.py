@@ -45,6 +45,9 @@ def get_mla_metadata(
         num_splits: (batch_size + 1), dtype torch.int32.
     """
     _checks.tensor("cache_seqlens", cache_seqlens, (torch.int32,), dim=1)
+    for name, v in (("num_heads_per_head_k", num_heads_per_head_k), ("num_heads_k", num_heads_k)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int; got {type(v).__name__}")
     if int(num_heads_k) < 1 or int(num_heads_per_head_k) < 1:
         raise ValueError(f"num_heads_per_head_k and num_heads_k must be >= 1; got {num_heads_per_head_k}, {num_heads_k}")
     if cache_seqlens.device.type == "cuda":
