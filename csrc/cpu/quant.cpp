@@ -66,25 +66,29 @@ inline __m512i abs_bits_v(VecF v) {
 
 inline uint32_t hmax_u32(__m512i m) { return _mm512_reduce_max_epu32(m); }
 
-// e4m3 codes of x / s for 16 finite-group lanes, written as 16 bytes. Same arithmetic as
-// fp8_quantize_value: the division is the IEEE one (no reciprocal), the clamp keeps the sign,
-// and the normal/subnormal roundings are fp8e4m3_from_f32's, minus its NaN/>=480 branch
-// (unreachable: all lanes are finite and |x / s| <= 448 after the clamp).
+// e4m3 codes of x / s for 16 lanes of a group with a finite scale, written as 16 bytes.
+// Same result as fp8_quantize_value (the quotient is the IEEE one: a division, or for UE8M0 a
+// multiplication by the exact reciprocal), computed with fewer instructions because
+//  * every lane is finite and |x| <= m with m = max(amax, 1e-4), s = RN(m / 448) >= m / 448 /
+//    (1 + 2^-24), so |x / s| rounds to at most 448 + ulp(448) < 464: the clamp to 448 and the
+//    NaN (>= 480) branch of fp8e4m3_from_f32 cannot change a code and are left out;
+//  * the subnormal rounding (|v| < 2^-6) is only done for vectors that have such a lane (rare
+//    in real data: |x| < amax / 28672); its code is the low byte of bits(|v| + 2^14);
+//  * vpmovdb keeps the low byte of each lane, so the rebias/shift results need no masking.
+template <bool kMul>
 inline void encode16(VecF x, VecF s, uint8_t* q) {
-  const __m512i v = _mm512_castps_si512(_mm512_div_ps(x, s));
-  const __m512i sign = _mm512_and_si512(v, _mm512_set1_epi32(int(0x80000000u)));
-  const __m512i a = _mm512_min_epu32(_mm512_xor_si512(v, sign), _mm512_set1_epi32(0x43e00000));  // 448
-  // normal: rebias and round half to even on the 20 dropped mantissa bits
-  __m512i nrm = _mm512_add_epi32(a, _mm512_set1_epi32(int((uint32_t(7 - 127) << 23) + 0x7ffffu)));
-  nrm = _mm512_add_epi32(nrm, _mm512_and_si512(_mm512_srli_epi32(a, 20), _mm512_set1_epi32(1)));
-  nrm = _mm512_srli_epi32(nrm, 20);
-  // subnormal (|v| < 2^-6): the FPU rounds at the 2^-9 step once 2^14 is added
-  const __m512i sub = _mm512_sub_epi32(
-      _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(16384.0f))),
-      _mm512_set1_epi32(141 << 23));
+  const __m512i v = _mm512_castps_si512(kMul ? _mm512_mul_ps(x, s) : _mm512_div_ps(x, s));
+  const __m512i a = _mm512_and_si512(v, _mm512_set1_epi32(0x7fffffff));
+  // normal: rebias the exponent and round half to even on the 20 dropped mantissa bits
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(a, 20), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(a, _mm512_set1_epi32(int((uint32_t(7 - 127) << 23) + 0x7ffffu)));
+  r = _mm512_srli_epi32(_mm512_add_epi32(r, lsb), 20);
   const __mmask16 is_sub = _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(121 << 23));
-  __m512i r = _mm512_mask_blend_epi32(is_sub, nrm, sub);
-  r = _mm512_or_si512(r, _mm512_srli_epi32(sign, 24));
+  // subnormal: adding 2^14 makes the FPU round at the e4m3 subnormal step 2^-9
+  const __m512i sub = _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(16384.0f)));
+  r = _mm512_mask_mov_epi32(r, is_sub, sub);
+  // r | (sign >> 24 & 0x80): the code's sign bit
+  r = _mm512_ternarylogic_epi32(r, _mm512_srli_epi32(v, 24), _mm512_set1_epi32(0x80), 0xf8);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(r));
 }
 
@@ -135,8 +139,9 @@ inline uint32_t hmax_u32(__m256i m) {
 }
 
 // Codes as 32-bit lanes (0..255); packed to bytes by the caller four vectors at a time.
+template <bool kMul>
 inline __m256i codes8(VecF x, VecF s) {
-  const __m256i v = _mm256_castps_si256(_mm256_div_ps(x, s));
+  const __m256i v = _mm256_castps_si256(kMul ? _mm256_mul_ps(x, s) : _mm256_div_ps(x, s));
   const __m256i sign = _mm256_and_si256(v, _mm256_set1_epi32(int(0x80000000u)));
   const __m256i a = _mm256_min_epu32(_mm256_xor_si256(v, sign), _mm256_set1_epi32(0x43e00000));
   __m256i nrm = _mm256_add_epi32(a, _mm256_set1_epi32(int((uint32_t(7 - 127) << 23) + 0x7ffffu)));
@@ -161,18 +166,29 @@ inline __m256i vzero() { return _mm256_setzero_si256(); }
 constexpr int kVecs = kQuantGroup / kLanes;  // vectors per 128-wide group
 
 // Encode one full group held in registers.
+template <bool kMul>
 inline void encode_group(const VecF* v, VecF s, uint8_t* q) {
 #if defined(__AVX512F__)
-  for (int i = 0; i < kVecs; ++i) encode16(v[i], s, q + i * kLanes);
+  for (int i = 0; i < kVecs; ++i) encode16<kMul>(v[i], s, q + i * kLanes);
 #else
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int i = 0; i < kVecs; i += 4) {
-    const __m256i ab = _mm256_packus_epi32(codes8(v[i], s), codes8(v[i + 1], s));
-    const __m256i cd = _mm256_packus_epi32(codes8(v[i + 2], s), codes8(v[i + 3], s));
+    const __m256i ab = _mm256_packus_epi32(codes8<kMul>(v[i], s), codes8<kMul>(v[i + 1], s));
+    const __m256i cd = _mm256_packus_epi32(codes8<kMul>(v[i + 2], s), codes8<kMul>(v[i + 3], s));
     const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), perm);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * kLanes), b);
   }
 #endif
+}
+
+// A finite UE8M0 scale is a power of two 2^k (k in [-21, 127]) whose reciprocal 2^-k is exact
+// (2^-127 as a subnormal), so x * (1/s) and x / s are the same real number rounded once: the
+// same bits. An fp32 scale keeps the IEEE division, as PyTorch does.
+inline void encode_group_scaled(const VecF* v, float s, bool ue8m0, uint8_t* q) {
+  if (ue8m0)
+    encode_group<true>(v, splat(1.0f / s), q);
+  else
+    encode_group<false>(v, splat(s), q);
 }
 
 inline void load_group(const void* x, DType dt, int64_t off, VecF* v) {
@@ -248,7 +264,7 @@ void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64
           const float s = fp8_scale_from_amax(f32_from_bits(group_amax_v(v)), ue8m0);
           srow[g] = s;
           if (finite_scale(s)) {
-            encode_group(v, splat(s), qrow + g * kQuantGroup);
+            encode_group_scaled(v, s, ue8m0, qrow + g * kQuantGroup);
           } else {
             spill_group(v, buf.data());
             encode_scalar(buf.data(), kQuantGroup, s, qrow + g * kQuantGroup);
@@ -298,7 +314,7 @@ void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64
         for (int64_t g = 0; g < full; ++g) {
           load_group(x, dtype, off + g * kQuantGroup, v);
           if (finite_scale(sc[g])) {
-            encode_group(v, splat(sc[g]), qrow + g * kQuantGroup);
+            encode_group_scaled(v, sc[g], ue8m0, qrow + g * kQuantGroup);
           } else {
             spill_group(v, buf.data());
             encode_scalar(buf.data(), kQuantGroup, sc[g], qrow + g * kQuantGroup);
