@@ -32,7 +32,9 @@
 // output.) Kernel alone, 1 thread: 1x128 19.6 -> ~8.5-9 ms, of which ~3.3 ms is reading and
 // reducing x: the encode (~13 vector ops per 16 values, 8 vdivps per group) dominates.
 // Tried and dropped: software prefetch (no gain), skipping the subnormal path per vector behind
-// a branch (slower than the branch-free blend), 256-bit codec on Zen 4 (AVX2 path: 11-19 ms).
+// a branch (slower than the branch-free blend), 256-bit codec on Zen 4 (AVX2 path: 11-19 ms),
+// a bf16 path doing the |x| max on 16-bit words and widening by even/odd split (bit-exact,
+// no measurable gain).
 #include "cpu/quant.h"
 
 #include <algorithm>
