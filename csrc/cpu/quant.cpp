@@ -25,9 +25,12 @@
 // Measured (2-core AMD EPYC Zen 4, bf16 in, min of 7, shared/noisy machine; ms):
 //                                 before        after    torch.compile(reference)
 //   1x128   4096x7168  1 thread    19.9           9.0        16.6 - 20.8
-//                      2 threads   16.1 (noisy)   5.3 - 5.7   9.6 - 14.0
-//   128x128 7168x2048  1 thread    10.9           4.2 - 4.7  22.0 - 24.9
-//                      2 threads    5.9           2.3 - 2.6  13.9
+//                      2 threads   16.1 (noisy)   4.6 - 5.9   9.2 - 14.0
+//   128x128 7168x2048  1 thread    10.9           4.2 - 4.7  21.0 - 24.9
+//                      2 threads    5.9           2.3 - 2.6  12.8 - 13.9
+// (ranges: several runs of the same script while another agent ran tests; 2-thread runs
+// suffer most, a descheduled OpenMP thread stalls the static split. schedule(dynamic, 8) was
+// no better on a quiet run, so the static split stays.)
 // (python call incl. allocating q; ~1.8 ms of the 1x128 time is first-touching the 29 MB
 // output.) Kernel alone, 1 thread: 1x128 19.6 -> ~8.5-9 ms, of which ~3.3 ms is reading and
 // reducing x: the encode (~13 vector ops per 16 values, 8 vdivps per group) dominates.
