@@ -46,9 +46,10 @@ LK_HD float fp8e4m3_to_f32(uint8_t v) {
 LK_HD uint32_t abs_bits(float x) { return f32_bits(x) & 0x7fffffffu; }
 
 // Group scale from the group's |x| maximum: max(amax, 1e-4) / 448, optionally rounded up to a
-// power of two (UE8M0). NaN stays NaN; Inf stays Inf.
+// power of two (UE8M0). NaN stays NaN (as the default quiet NaN 0x7fc00000, the bits PyTorch's
+// amax reduction yields whatever the input NaN's payload); Inf stays Inf.
 LK_HD float fp8_scale_from_amax(float amax, bool ue8m0) {
-  if (!(amax == amax)) return amax;
+  if (!(amax == amax)) return f32_from_bits(0x7fc00000u);
   float s = (amax > kScaleFloor ? amax : kScaleFloor) / kFp8Max;
   if (ue8m0) {
     uint32_t b = f32_bits(s);
