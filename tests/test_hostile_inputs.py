@@ -1200,7 +1200,9 @@ def _results():
     if _RESULTS:
         return _RESULTS
     pending = list(CASES)
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    # The child imports the same leankernels this process did (installed or PYTHONPATH=python).
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(_lk().__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="2", LEANKERNELS_TEST_PKG_PARENT=pkg_parent)
     while pending:
         proc = subprocess.run([sys.executable, __file__, *pending], capture_output=True, text=True, env=env,
                               timeout=CASE_TIMEOUT_S * 4 + 60 * 3)
@@ -1243,5 +1245,5 @@ def test_hostile(name):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+    sys.path.insert(0, os.environ["LEANKERNELS_TEST_PKG_PARENT"])
     _run_child(sys.argv[1:])
