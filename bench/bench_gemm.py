@@ -11,39 +11,16 @@ Cases come from leankernels._bench.gemm (shared with the CLI bench).
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import pytest
-import torch
 
 import leankernels
 from leankernels._bench import gemm as bench_cases
+from leankernels._bench.timing import synchronized, wall_time
 
 QUICK = os.environ.get("LK_BENCH_QUICK", "0") not in ("", "0")
 DEVICES = ["cpu"] + (["cuda"] if leankernels.cuda_available() else [])
 ROUNDS = {"cpu": 7, "cuda": 50}
-
-
-def _synced(fn, device):
-    if device == "cpu":
-        return fn
-
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    return run
-
-
-def _median_seconds(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _params():
@@ -59,13 +36,15 @@ def test_gemm(benchmark, device, case):
     if case.check is not None:
         assert case.check(), f"{case.name} {case.shape}: result does not match the reference"
     rounds = ROUNDS[device]
-    ours = _synced(case.ours, device)
+    ours = synchronized(case.ours, device)
     benchmark.pedantic(ours, rounds=rounds, warmup_rounds=1, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: the check above is the whole test
+        return
     t_ours = benchmark.stats.stats.median
     info = benchmark.extra_info
     info.update(shape=case.shape, flops=case.flops, bytes=case.bytes, ours_ms=1e3 * t_ours,
                 tflops=case.flops / t_ours / 1e12, gbps=case.bytes / t_ours / 1e9, **case.extra)
     for name, fn in case.baselines.items():
-        t = _median_seconds(_synced(fn, device), rounds)
+        t = wall_time(fn, device, rounds)
         info[f"{name} ms"] = 1e3 * t
         info[f"speedup vs {name}"] = t / t_ours

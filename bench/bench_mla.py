@@ -52,6 +52,8 @@ def test_mla_decode(benchmark, shape, fp8, impl):
         assert case.check(), "ours disagrees with the reference"
     rounds = (3 if impl == "eager reference" else 10) if DEVICE == "cpu" else 50
     benchmark.pedantic(_timed(fn), rounds=rounds, warmup_rounds=1, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable
+        return
     med = benchmark.stats.stats.median
     info = {"impl": impl, "flops": case.flops, "bytes": case.bytes, "device": DEVICE, **case.extra}
     key = (shape, fp8)

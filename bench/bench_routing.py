@@ -11,28 +11,15 @@ benchmark.extra_info gets bytes, GB/s and `ratio[<baseline>]` = baseline time / 
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import pytest
-import torch
 
 import leankernels
 from leankernels._bench import routing
-from leankernels._bench.timing import synchronized
+from leankernels._bench.timing import synchronized, wall_time
 
 QUICK = os.environ.get("LEANKERNELS_BENCH_QUICK", "0") == "1"
 DEVICES = ["cpu"] + (["cuda"] if leankernels.cuda_available() else [])
-
-
-def _median(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 _CASES = {}
@@ -71,6 +58,6 @@ def test_routing(benchmark, device, index):
         info["gbps"] = case.bytes / med / 1e9
     rounds = 5 if device == "cpu" else 50
     for name, fn in case.baselines.items():
-        t = _median(synchronized(fn, device), rounds)
+        t = wall_time(fn, device, rounds)
         info[f"time[{name}]"] = t
         info[f"ratio[{name}]"] = t / med

@@ -148,6 +148,23 @@ class TimingConfig:
         return cls(warmup=1, min_reps=3, max_reps=50, budget_s=0.15 if quick else 1.0, max_per_round=10)
 
 
+def wall_time(fn: Callable[[], object], device: str, reps: int = 5, warmup: int = 1,
+              stat: Callable[[Sequence[float]], float] = median) -> float:
+    """Quick wall-clock timing for the demo and the pytest-benchmark baselines: `stat` (median)
+    of reps calls after warmup, synchronising the GPU around each call. The runner's careful
+    timing (CUDA events, L2 flush, rotation) is time_callables."""
+    run = synchronized(fn, device)
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(reps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return stat(times)
+
+
 def time_callables(fns: Sequence[Callable[[], object]], device: str, *,
                    rotate: Optional[Callable[[], None]] = None,
                    config: Optional[TimingConfig] = None,

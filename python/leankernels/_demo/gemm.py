@@ -6,29 +6,14 @@ scales. Forward: x -> quantize 1x128 -> fp8_gemm (gate/up) -> SwiGLU -> quantize
 """
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.nn.functional as F
 
 from .. import gemm, quant
+from .._bench.timing import wall_time
 
 HIDDEN, INTER = 7168, 2048
-
-
-def _time(fn, device: str, reps: int) -> float:
-    def run():
-        fn()
-        if device != "cpu":
-            torch.cuda.synchronize()
-
-    run()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
 
 
 def _diff(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -63,8 +48,8 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
     d_ours, d_bf16 = _diff(got.float(), want), _diff(bf16_out.float(), want)
 
     reps = 5 if device == "cpu" else 20
-    t_ours = _time(ffn_fp8, device, reps)
-    t_bf16 = _time(lambda: ffn(xb, wgu_b, wd_b), device, reps)
+    t_ours = wall_time(ffn_fp8, device, reps)
+    t_bf16 = wall_time(lambda: ffn(xb, wgu_b, wd_b), device, reps)
 
     fp8_bytes = q_gu.numel() + q_down.numel() + 4 * (s_gu.numel() + s_down.numel())
     bf16_bytes = 2 * (w_gu.numel() + w_down.numel())

@@ -12,7 +12,7 @@ import torch
 from .. import reference
 from .._bench.mla import cos_diff, make_inputs
 from ..mla import LatentCache, mla_decode
-from .timer import median_time
+from .._bench.timing import wall_time
 
 DSV3_HEADS, MHA_K, MHA_V = 128, 192, 128
 
@@ -45,8 +45,8 @@ def decode_rows(device: str, quick: bool) -> list[dict]:
         q, cache, table, seqlens = make_inputs(B, s_q, H, s_k, fp8, device)
         scale = 192 ** -0.5
 
-        ours = median_time(lambda: mla_decode(q, cache, table, seqlens, scale), device, reps=5)
-        ref = median_time(lambda: reference.mla_decode(q, cache, table, seqlens, scale, True), device,
+        ours = wall_time(lambda: mla_decode(q, cache, table, seqlens, scale), device, reps=5)
+        ref = wall_time(lambda: reference.mla_decode(q, cache, table, seqlens, scale, True), device,
                           reps=2 if device == "cpu" else 1)
         out, lse = mla_decode(q, cache, table, seqlens, scale)
         r_out, r_lse = reference.mla_decode(q.float(), cache, table, seqlens, scale, True)

@@ -6,7 +6,7 @@ import torch
 import leankernels as lk
 from leankernels import reference as ref
 
-from .timer import median_time
+from .._bench.timing import wall_time
 
 
 def _case(what: str, x: torch.Tensor, block, device: str, reps: int) -> dict:
@@ -15,8 +15,8 @@ def _case(what: str, x: torch.Tensor, block, device: str, reps: int) -> dict:
     exact = torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
     deq = lk.dequantize_fp8(q, s, block)
     rel = float((deq - x.float()).norm() / x.float().norm())
-    t_ours = median_time(lambda: lk.quantize_fp8(x, block), device, reps)
-    t_ref = median_time(lambda: ref.quantize_fp8(x, block), device, max(2, reps // 2))
+    t_ours = wall_time(lambda: lk.quantize_fp8(x, block), device, reps)
+    t_ref = wall_time(lambda: ref.quantize_fp8(x, block), device, max(2, reps // 2))
     before = x.numel() * x.element_size()
     after = q.numel() + s.numel() * 4
     moved = before + after

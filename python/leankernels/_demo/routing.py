@@ -6,14 +6,14 @@ import torch
 import leankernels as lk
 from leankernels import reference as ref
 
-from .timer import median_time
+from .._bench.timing import wall_time
 
 E, N_GROUP, TOPK_GROUP, TOP_K, SCALE, HIDDEN = 256, 8, 4, 8, 2.5, 7168
 
 
 def _time(fn, device: str, reps: int) -> float:
     """Best of reps wall-clock runs: on a shared 2-core CPU the median mostly measures neighbours."""
-    return median_time(fn, device, reps, stat=min)
+    return wall_time(fn, device, reps, stat=min)
 
 
 def run(device: str, quick: bool) -> list[dict]:
