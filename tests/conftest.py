@@ -75,11 +75,16 @@ def opcheck(op, args, kwargs=None):
     if not any(t.dtype == torch.float8_e4m3fn for t in tensors):
         torch.library.opcheck(op, args, kwargs)
         return
-    before = [t.clone() for t in tensors]
+    # Arguments the schema declares as written (Tensor(a!), e.g. out=) may change; nothing else.
+    written = {a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    names = [a.name for a in op._schema.arguments]
+    inputs = [a for n, a in list(zip(names, args)) + list(kwargs.items())
+              if isinstance(a, torch.Tensor) and n not in written]
+    before = [t.clone() for t in inputs]
     torch.library.opcheck(op, args, kwargs,
                           test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
     op(*args, **kwargs)
-    for b, t in zip(before, tensors):
+    for b, t in zip(before, inputs):
         if t.dtype.is_floating_point and t.dtype.itemsize == 1:
             assert torch.equal(b.view(torch.uint8), t.view(torch.uint8)), "op mutated an input"
         else:
