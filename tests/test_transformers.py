@@ -35,6 +35,12 @@ from leankernels import reference  # noqa: E402
 
 PROMPT = 12
 NEW = 16
+CACHE = lkt.CACHE_ARG  # "cache" from transformers 5.24, "past_key_values" before
+
+
+def cache_of(out):
+    """The cache an output carries, under this release's name (no deprecation warning)."""
+    return getattr(out, CACHE)
 
 
 def tiny_config(initializer_range: float = 0.02, **kw) -> DeepseekV3Config:
@@ -75,10 +81,10 @@ def teacher_forced(model, seq, cache):
     """Last-position logits of the prefill (PROMPT tokens) then of each one-token decode step."""
     outs = []
     with torch.no_grad():
-        o = model(seq[:, :PROMPT], past_key_values=cache, use_cache=True)
+        o = model(seq[:, :PROMPT], **{CACHE: cache}, use_cache=True)
         outs.append(o.logits[:, -1])
         for t in range(PROMPT, seq.shape[1]):
-            o = model(seq[:, t:t + 1], past_key_values=o.past_key_values, use_cache=True)
+            o = model(seq[:, t:t + 1], **{CACHE: cache_of(o)}, use_cache=True)
             outs.append(o.logits[:, -1])
     return torch.stack(outs).float()
 
@@ -287,9 +293,9 @@ def test_generate_identical_all_patched(monkeypatch):
     decode = Counter(monkeypatch, "mla_decode")
     patched = lkt.patch_deepseek_v3(copy.deepcopy(model), experts_mode="bf16", decode_num_splits=1)
     got = greedy(patched, ids)
-    assert isinstance(got.past_key_values, lkt.MLALatentCache)  # generate() made our cache
+    assert isinstance(cache_of(got), lkt.MLALatentCache)  # generate() made our cache
     assert len(decode.calls) == (NEW - 1) * model.config.num_hidden_layers  # every decode step, every layer
-    assert got.past_key_values.get_seq_length() == PROMPT + NEW - 1
+    assert cache_of(got).get_seq_length() == PROMPT + NEW - 1
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(got.logits[0], want.logits[0], rtol=0, atol=2e-5)  # prefill: exact
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=0, atol=1e-2)
@@ -302,7 +308,7 @@ def test_generate_identical_all_patched(monkeypatch):
     # unpatching restores transformers' own path
     lkt.unpatch_deepseek_v3(patched)
     assert type(patched.model.layers[0].self_attn) is dsv3.DeepseekV3Attention
-    assert not isinstance(greedy(patched, ids).past_key_values, lkt.MLALatentCache)
+    assert not isinstance(cache_of(greedy(patched, ids)), lkt.MLALatentCache)
 
 
 @pytest.mark.parametrize("fp8_cache", [False, True])
@@ -330,9 +336,9 @@ def test_multi_token_steps_and_eager_prefill():
     outs = []
     for m, cache in ((model, DynamicCache(config=model.config)), (patched, lkt.MLALatentCache(patched.config))):
         with torch.no_grad():
-            a = m(seq[:, :PROMPT], past_key_values=cache, use_cache=True)
-            b = m(seq[:, PROMPT:PROMPT + 5], past_key_values=a.past_key_values, use_cache=True)
-            c = m(seq[:, PROMPT + 5:], past_key_values=b.past_key_values, use_cache=True)
+            a = m(seq[:, :PROMPT], **{CACHE: cache}, use_cache=True)
+            b = m(seq[:, PROMPT:PROMPT + 5], **{CACHE: cache_of(a)}, use_cache=True)
+            c = m(seq[:, PROMPT + 5:], **{CACHE: cache_of(b)}, use_cache=True)
         outs.append((a.logits.float(), torch.cat([b.logits, c.logits], dim=1).float()))
     (want_pre, want), (got_pre, got) = outs
     torch.testing.assert_close(got_pre, want_pre, rtol=0, atol=2e-5)
@@ -341,7 +347,7 @@ def test_multi_token_steps_and_eager_prefill():
         lkt.MLALatentCache(model.config).update(torch.ones(2, 4, 3, 128), torch.ones(2, 4, 3, 64), 0)
 
 
-_CACHES_LATENTS = "kv_nope, k_rot = past_key_values.update" in __import__("inspect").getsource(
+_CACHES_LATENTS = f"kv_nope, k_rot = {CACHE}.update" in __import__("inspect").getsource(
     dsv3.DeepseekV3Attention.forward)
 
 
@@ -367,7 +373,7 @@ def test_latent_cache_grows_and_refuses_unsupported():
     ids = prompt(1)
     cache = lkt.MLALatentCache(patched.config, block_size=4, max_cache_len=4)  # grows during generate
     with torch.no_grad():
-        out = patched.generate(ids, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+        out = patched.generate(ids, **{CACHE: cache}, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
     assert torch.equal(out, greedy(model, ids).sequences)
     layer = cache.layers[0]
     assert layer.cache.num_blocks * 4 >= PROMPT + NEW - 1 and layer.read().shape == (1, PROMPT + NEW - 1, 576)
@@ -405,3 +411,26 @@ def test_patch_keeps_state_dict():
     w_uk2, w_uv_t2 = attn.absorbed_weights()
     assert torch.equal(w_uk2, 2 * w_uk) and torch.equal(w_uv_t2, 2 * w_uv_t)
     assert leankernels.__version__
+
+
+def test_tested_range_names_itself(monkeypatch):
+    """Outside the tested range the user hears the range: ImportError below it, RuntimeWarning
+    above it (never a TypeError inside a forward)."""
+    import importlib
+    import sys
+    lo, hi = lkt.TESTED_RANGE
+    assert lo <= lkt._version_tuple(transformers.__version__)
+    name = "leankernels.integrations.transformers"
+    tf = sys.modules["transformers"]  # transformers swaps its module object for a lazy one
+    try:
+        monkeypatch.setattr(tf, "__version__", f"{lo[0]}.{lo[1] - 1}.0")
+        monkeypatch.delitem(sys.modules, name)
+        with pytest.raises(ImportError, match=lkt._range_text()):
+            importlib.import_module(name)
+        monkeypatch.setattr(tf, "__version__", f"{hi[0]}.{hi[1] + 1}.0")
+        with pytest.warns(RuntimeWarning, match=lkt._range_text()):
+            importlib.import_module(name)
+    finally:
+        monkeypatch.undo()
+        sys.modules[name] = lkt
+        lkt.register()  # the re-imported module registered its own function

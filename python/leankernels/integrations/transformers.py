@@ -1,6 +1,6 @@
 """Hugging Face transformers integration: MoE experts, DeepSeek-V3 router and MLA decode.
 
-Needs transformers >= 5.13 (tested with 5.13.0 and 5.23.0).
+Needs transformers >= 5.13 (CI tests 5.13 and the newest release; see TESTED_RANGE).
 
 Three pieces, usable separately:
 
@@ -71,10 +71,34 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
                       "(pip install 'transformers>=5.13')") from e
 
 # Older releases differ: before 5.7 a registered experts implementation cannot be selected, and
-# 5.8's DeepseekV3TopkRouter returns logits only (DeepseekV3MoE routes); 5.13.0 and 5.23.0 tested.
-if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit()) < (5, 13):
-    raise ImportError(f"leankernels.integrations.transformers needs transformers >= 5.13; "
-                      f"found {transformers.__version__}")
+# 5.8's DeepseekV3TopkRouter returns logits only (DeepseekV3MoE routes). CI tests both ends of
+# TESTED_RANGE; newer releases are allowed with a warning (5.24 renamed past_key_values -> cache,
+# which broke the attention patch inside forward: the next rename should be named, not a TypeError).
+TESTED_RANGE = ((5, 13), (5, 24))
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split(".")[:2] if p.isdigit())
+
+
+def _range_text() -> str:
+    lo, hi = TESTED_RANGE
+    return f"{lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}"
+
+
+if _version_tuple(transformers.__version__) < TESTED_RANGE[0]:
+    raise ImportError(f"leankernels.integrations.transformers needs transformers >= {TESTED_RANGE[0][0]}."
+                      f"{TESTED_RANGE[0][1]} (tested {_range_text()}); found {transformers.__version__}")
+if _version_tuple(transformers.__version__) > TESTED_RANGE[1]:
+    import warnings
+    warnings.warn(f"leankernels.integrations.transformers is tested with transformers {_range_text()}; "
+                  f"found {transformers.__version__}: the experts, router and MLA patches may not match this "
+                  "release", RuntimeWarning, stacklevel=2)
+
+# The name under which this release passes the KV cache to attention layers and generate() keeps
+# it in model_kwargs ("past_key_values" up to 5.23, "cache" from 5.24).
+CACHE_ARG = "cache" if "cache" in __import__("inspect").signature(
+    _dsv3.DeepseekV3Attention.forward).parameters else "past_key_values"
 
 from ..gemm import fp8_grouped_gemm
 from ..mla import DIM, LATENT, ROPE, LatentCache, mla_append, mla_decode
@@ -372,7 +396,7 @@ class MLALatentCache(Cache):
         num_splits: KV splits of ``mla_decode`` (None: chosen from the shapes and the device;
             1: results independent of the CPU thread count / GPU size).
 
-    Pass it as ``past_key_values`` to ``model(...)`` / ``model.generate(...)``, or let a model
+    Pass it as ``cache`` (``past_key_values`` before transformers 5.24) to ``model(...)`` / ``model.generate(...)``, or let a model
     patched with ``patch_deepseek_v3`` create it inside ``generate()``.
     """
 
@@ -481,10 +505,13 @@ class LeanKernelsDeepseekV3Attention(_dsv3.DeepseekV3Attention):
         o = torch.matmul(out.transpose(1, 2).float(), w_uv_t)                            # [B, H, S, v]
         return o.transpose(1, 2).reshape(B, S, H * self.v_head_dim)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
-        cache = past_key_values
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, past_key_values=None,
+                **kwargs):
+        # Either name is accepted (transformers 5.24 renamed past_key_values to cache); the
+        # original layer gets the one its release expects.
+        cache = cache if cache is not None else past_key_values
         if not isinstance(cache, MLALatentCache):
-            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+            return super().forward(hidden_states, position_embeddings, attention_mask, **{CACHE_ARG: cache}, **kwargs)
         layer = cache.layers[self.layer_idx]
         q_pass, q_rot, kv_nope, k_rot = self._project(hidden_states, position_embeddings)
         past = layer.get_seq_length()
@@ -510,11 +537,11 @@ _SWAPS = {
 def _generate_cache_hook(model, original):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         original(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_ARG)
         opts = self.__dict__.get("_leankernels_cache_opts")
         if opts is not None and type(cache) is DynamicCache and generation_config.cache_implementation is None:
             max_len = kwargs.get("max_cache_length", args[-1] if args else None)
-            model_kwargs["past_key_values"] = MLALatentCache(self.config, max_cache_len=max_len, **opts)
+            model_kwargs[CACHE_ARG] = MLALatentCache(self.config, max_cache_len=max_len, **opts)
     return types.MethodType(_prepare_cache_for_generation, model)
 
 
