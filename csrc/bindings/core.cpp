@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "bindings/bindings.h"
+#include "cpu/isa.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -47,6 +48,19 @@ void register_core(py::module_& m) {
 #else
     return 0;
 #endif
+  });
+  // CPU paths (cpu/isa.h): the active one, the ones this CPU can run (best first), and a switch.
+  m.def("cpu_path", []() { return std::string(cpu::isa_name(cpu::isa_active())); });
+  m.def("cpu_paths", []() {
+    std::vector<std::string> names;
+    for (int l = cpu::isa_supported(); l >= 0; --l)
+      if (cpu::isa_name(l)) names.push_back(cpu::isa_name(l));
+    return names;
+  });
+  m.def("set_cpu_path", [](const std::string& name) {
+    const int level = cpu::isa_from_name(name);
+    if (level < 0 || !cpu::set_isa(level)) return false;
+    return true;
   });
   m.def("set_num_threads", [](int n) {
 #ifdef _OPENMP

@@ -6,7 +6,7 @@ CUDA graphs). See README.md for the API and measured figures.
 """
 __version__ = "0.1.0"
 
-from ._lib import build_info, cuda_available  # noqa: E402
+from ._lib import build_info, cpu_path, cpu_paths, cuda_available, set_cpu_path  # noqa: E402
 from .quant import dequantize_fp8, quantize_fp8  # noqa: E402
 from .routing import RoutePlan, permute, plan, route, unpermute, update_bias  # noqa: E402
 from .mla import LatentCache, PagedLatentCache, mla_append, mla_decode  # noqa: E402
@@ -17,6 +17,9 @@ __all__ = [
     "__version__",
     "build_info",
     "cuda_available",
+    "cpu_path",
+    "cpu_paths",
+    "set_cpu_path",
     "quantize_fp8",
     "dequantize_fp8",
     "route",

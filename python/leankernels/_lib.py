@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -43,6 +44,43 @@ def device_args(t: torch.Tensor) -> tuple[int, int]:
         index = t.device.index if t.device.index is not None else torch.cuda.current_device()
         return index, torch.cuda.current_stream(index).cuda_stream
     raise ValueError(f"leankernels: unsupported device {t.device}")
+
+
+# The CPU kernels exist once per instruction-set level; the best one this CPU runs is used
+# unless LEANKERNELS_CPU names another (csrc/cpu/isa.h).
+CPU_PATHS = ("avx512bf16", "avx512", "avx2", "generic")
+
+
+def cpu_paths() -> list[str]:
+    """CPU kernel paths this machine can run, best first (e.g. ``["avx512bf16", "avx512", "avx2",
+    "generic"]`` on a Zen 4; ``["generic"]`` on arm64, where NEON is the baseline)."""
+    return list(_C.cpu_paths())
+
+
+def cpu_path() -> str:
+    """The CPU kernel path in use."""
+    return str(_C.cpu_path())
+
+
+def set_cpu_path(name: str) -> None:
+    """Use the CPU kernels built for ``name`` (one of ``cpu_paths()``) from now on, process-wide."""
+    if not isinstance(name, str) or name not in CPU_PATHS:
+        raise ValueError(f"leankernels: CPU path must be one of {', '.join(CPU_PATHS)}; got {name!r}")
+    if not _C.set_cpu_path(name):
+        raise ValueError(f"leankernels: this CPU cannot run the {name!r} kernels; it runs {', '.join(cpu_paths())}")
+
+
+def _cpu_path_from_env() -> None:
+    name = os.environ.get("LEANKERNELS_CPU", "").strip()
+    if not name:
+        return
+    try:
+        set_cpu_path(name)
+    except ValueError as e:
+        raise ImportError(f"LEANKERNELS_CPU={name!r}: {e}") from None
+
+
+_cpu_path_from_env()
 
 
 @functools.lru_cache(maxsize=None)

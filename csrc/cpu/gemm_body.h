@@ -1,0 +1,699 @@
+// FP8 (e4m3) block-scaled GEMM on the CPU: dense, grouped-contiguous and grouped-masked.
+//
+// What: out[r, n] = sum_kb (sum_{k in kb} a[r,k] * b[g,n,k]) * (a_scale[r,kb] * b_scale[g,n/128,kb])
+// with each block sum in fp32 (e4m3 x e4m3 products are exact in fp32), one 128-wide K block
+// at a time: exactly the contract of reference.fp8_gemm.
+//
+// Work split (both paths): work items are (group, row tile, column tile); threads take chunks
+// of items from a shared counter (dynamic: a core shared with another process does not hold
+// the other back), so a decode step with a few rows per expert still keeps every core busy
+// (the parallelism is then over N).
+//
+// AVX512_BF16 path (Zen 4, Sapphire Rapids, ...): every e4m3 value is exact in bf16, so the
+// products run on `vdpbf16ps` (32 multiply-adds per instruction, fp32 accumulate).
+//  - Decode: e4m3 -> bf16 by two 128-entry byte-table lookups (`vpermt2b`, 64 values each,
+//    NaN and subnormals included) plus the sign bit: ~8 instructions per 64 values.
+//  - Vectorised over rows: each 16-row tile of a is decoded and transposed once per call into
+//    [k-pair][16 rows] (a_t, with its scales sa_t). The weights stay K-major as stored: per
+//    128-wide K block an item (<= 64 rows x 24 columns) decodes its 24 weight rows into a 6 KiB
+//    L1 panel, and the micro-kernel keeps 24 zmm accumulators (24 columns x 16 rows): per
+//    k-pair one a_t load and 24 broadcast-dot-products, no transpose of b and no horizontal
+//    sums. After each block, totals += block sums * (a_scale * b_scale): 24 FMAs per 1536 dots.
+//  - Weight rows of the next K blocks are prefetched while the current block computes.
+//  The micro-kernel runs at ~85% of the measured vdpbf16ps peak; the rest of the time at the
+//  decode shape is the weight decode and the DRAM stream of the weights.
+// Portable path (any other CPU): rows decoded to fp32 (table), a 4x3 dot-product micro-kernel
+// with 16-lane arrays that compilers turn into SIMD FMAs, same numerics.
+//
+// Bound at the MoE decode shape (8 experts x 16 rows, N=4096, K=7168): 7.5 GFLOP and 235 MB of
+// fp8 weights. On 2 Zen 4 cores the weight stream is ~11 ms at ~22 GB/s and the dot products
+// ~17 ms at one 512-bit vdpbf16ps per cycle (~226 GFLOP/s per core measured): compute bound.
+// torch's bf16 F.grouped_mm must stream twice the bytes, fp32 bmm four times.
+// Last measurement (bench/bench_gemm.py, 2-core Zen 4 VM shared with other jobs, so noisy): decode
+// shape 30-68 ms; in the same runs F.grouped_mm (bf16) 46-131 ms (1.5-1.9x slower) and fp32
+// bmm on the dequantized weights 122-316 ms (4-5x slower). In a quiet run F.grouped_mm reached
+// 37 ms, i.e. it is near its own bf16 weight-stream bound; 3x faster than that (12 ms) is below
+// the dot-product floor above, so the remaining gap is not closable on 2 cores.
+// Compiled once per CPU level by gemm.cpp (cpu/variants.h): no include guard, LK_ISA selects code.
+
+namespace lk::cpu::LK_NS {
+namespace {
+
+constexpr float kSafeScale = 0x1p100f;  // lane-wise block scaling cannot overflow below this
+
+struct Segment {
+  int64_t group, r0, r1;  // rows [r0, r1) of a use b[group]
+};
+
+std::vector<Segment> segments(GemmLayout layout, const int32_t* groups, int64_t G, int64_t M) {
+  std::vector<Segment> segs;
+  if (layout == GemmLayout::dense) {
+    if (M > 0) segs.push_back({0, 0, M});
+  } else if (layout == GemmLayout::contiguous) {
+    // Row r belongs to the first g with offs[g] > r (a running maximum of the ends), the same
+    // rule the CUDA kernel's search and the reference follow; ends are clamped to M.
+    int64_t start = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t end = std::min<int64_t>(std::max<int64_t>(groups[g], 0), M);
+      if (end > start) segs.push_back({g, start, end});
+      start = std::max(start, end);
+    }
+  } else {
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t m = std::min<int64_t>(std::max<int64_t>(groups[g], 0), M);
+      if (m > 0) segs.push_back({g, g * M, g * M + m});
+    }
+  }
+  return segs;
+}
+
+#if LK_ISA >= 3
+// Vectorised over rows: a zmm holds one output column for 16 rows. Per k-pair the micro-kernel
+// loads a's 16 rows (a "transposed" tile, [k-pair][16 rows] bf16 pairs, built once per call)
+// and broadcasts one bf16 pair of each of 24 weight rows, which stay K-major as stored: the
+// weights need no transpose, only a byte-table decode.
+constexpr int kTileRows = 16;           // rows per zmm (fp32 lanes)
+constexpr int64_t kNTile = 24;          // weight columns per item = accumulators per tile
+constexpr int64_t kTilesPerItem = 4;    // 64 rows per item share one decoded weight panel
+constexpr int kSlots = kQuantGroup / 2; // bf16 pairs per 128-wide K block
+constexpr int64_t kPrefetchBlocks = 4;  // how far ahead weight rows are prefetched
+
+// e4m3 -> bf16 as two 128-entry byte tables (low and high byte of the bf16 of each magnitude,
+// subnormals and NaN included): `vpermt2b` looks up 64 bytes at once, the sign bit is ignored
+// by the lookup and ORed back into the high byte.
+struct Decoder {
+  __m512i lo[2], hi[2];
+  Decoder() {
+    alignas(64) uint8_t tl[128], th[128];
+    for (int i = 0; i < 128; ++i) {
+      const uint16_t v = f32_to_bf16(fp8e4m3_to_f32(uint8_t(i)));
+      tl[i] = uint8_t(v & 0xff);
+      th[i] = uint8_t(v >> 8);
+    }
+    lo[0] = _mm512_load_si512(tl);
+    lo[1] = _mm512_load_si512(tl + 64);
+    hi[0] = _mm512_load_si512(th);
+    hi[1] = _mm512_load_si512(th + 64);
+  }
+  // 64 bytes -> 32 bf16 pairs (dwords) in "slot" order: w0 holds pairs 8*(j/4) + j%4, w1 the
+  // same + 4 (the in-lane order of unpacklo/hi_epi8). a and b use the same order, and a dot
+  // product does not care about it.
+  void operator()(__m512i x, __m512i* w0, __m512i* w1) const {
+    const __m512i l = _mm512_permutex2var_epi8(lo[0], x, lo[1]);
+    __m512i h = _mm512_permutex2var_epi8(hi[0], x, hi[1]);
+    h = _mm512_ternarylogic_epi32(h, x, _mm512_set1_epi8(char(0x80)), 0xf8);  // h | (x & 0x80)
+    *w0 = _mm512_unpacklo_epi8(l, h);
+    *w1 = _mm512_unpackhi_epi8(l, h);
+  }
+};
+
+// 16x16 transpose of 32-bit elements: rows[i] lane j -> rows[j] lane i.
+inline void transpose16(__m512i (&r)[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // u[4i + j] 128-bit lane L holds column 4L + j of rows 4i..4i+3.
+  for (int j = 0; j < 4; ++j) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
+    r[j] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
+    r[4 + j] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
+  }
+}
+
+// 128 e4m3 bytes of K block kb at `src` (zero past K or when !valid) -> 64 slots of bf16 pairs.
+inline void decode_block(const Decoder& dec, const uint8_t* src, int64_t kv, bool valid, __m512i (&w)[4]) {
+  for (int half = 0; half < 2; ++half) {
+    const int64_t n = std::min<int64_t>(64, std::max<int64_t>(0, kv - 64 * half));
+    const __mmask64 m = !valid ? 0 : (n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1));
+    // Masked-off bytes read as zero and never fault; whole chunks take a plain load.
+    const __m512i x = m == ~__mmask64(0) ? _mm512_loadu_si512(src + 64 * half)
+                                         : _mm512_maskz_loadu_epi8(m, src + 64 * half);
+    dec(x, &w[2 * half], &w[2 * half + 1]);
+  }
+}
+
+// One 16-row tile of a: a_t[kb][slot][16 rows] (bf16 pairs, zero rows past `rows`) and
+// sa_t[kb][16] (0 past `rows`).
+void pack_a_tile(const Decoder& dec, const uint8_t* a, const float* a_scale, int64_t r0, int64_t rows,
+                 int64_t K, int64_t KB, uint32_t* a_t, float* sa_t) {
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const int64_t kv = std::min<int64_t>(kQuantGroup, K - kb * kQuantGroup);
+    __m512i w[4][kTileRows];
+    for (int i = 0; i < kTileRows; ++i) {
+      __m512i blk[4];
+      decode_block(dec, a + (r0 + i) * K + kb * kQuantGroup, kv, i < rows, blk);
+      for (int q = 0; q < 4; ++q) w[q][i] = blk[q];
+    }
+    for (int q = 0; q < 4; ++q) {
+      transpose16(w[q]);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(a_t + (kb * kSlots + 16 * q + j) * kTileRows, w[q][j]);
+    }
+    for (int i = 0; i < kTileRows; ++i) sa_t[kb * kTileRows + i] = i < rows ? a_scale[(r0 + i) * KB + kb] : 0.0f;
+  }
+}
+
+// totals[c][16 rows] += (a_blk . b_blk[c]) * scale[c][16 rows] for the 24 columns of a panel.
+// a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64 slots.
+void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* scale, float* totals) {
+  __m512 acc[kNTile];
+#pragma GCC unroll 24
+  for (int c = 0; c < kNTile; ++c) acc[c] = _mm512_setzero_ps();
+  for (int s = 0; s < kSlots; ++s) {
+    const __m512bh av = (__m512bh)_mm512_loadu_si512(a_t + s * kTileRows);
+#pragma GCC unroll 24
+    for (int c = 0; c < kNTile; ++c)
+      acc[c] = _mm512_dpbf16_ps(acc[c], av, (__m512bh)_mm512_set1_epi32(int(panel[c * kSlots + s])));
+  }
+#pragma GCC unroll 24
+  for (int c = 0; c < kNTile; ++c)
+    _mm512_storeu_ps(totals + c * kTileRows,
+                     _mm512_fmadd_ps(acc[c], _mm512_loadu_ps(scale + c * kTileRows), _mm512_loadu_ps(totals + c * kTileRows)));
+}
+
+#else
+using Elem = float;
+
+constexpr int kMR = 4;      // rows per micro-kernel call
+constexpr int kNR = 3;      // weight columns per micro-kernel call
+constexpr int64_t kMTile = 32;
+constexpr int64_t kNTile = 18;  // a multiple of kNR
+
+struct Decoder {
+  float table[256];
+  Decoder() {
+    for (int i = 0; i < 256; ++i) table[i] = fp8e4m3_to_f32(uint8_t(i));
+  }
+};
+
+void decode_row(const Decoder& dec, const uint8_t* src, int64_t K, int64_t Kp, Elem* dst) {
+  for (int64_t k = 0; k < K; ++k) dst[k] = dec.table[src[k]];
+  for (int64_t k = K; k < Kp; ++k) dst[k] = 0.0f;
+}
+
+// MR x NR outputs over all KB blocks: out[r * NR + c]. a[r] / b[c]: decoded rows (Kp floats);
+// scale[(r * NR + c) * KB + kb] = a_scale[r, kb] * b_scale[c / 128, kb].
+template <int MR, int NR>
+void micro_kernel(const Elem* const* a, const Elem* const* b, const float* scale, int64_t KB,
+                  float* out) {
+  constexpr int L = 16;
+  float total[MR][NR][L];
+  float exact[MR][NR] = {};
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c)
+      for (int l = 0; l < L; ++l) total[r][c][l] = 0.0f;
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    float acc[MR][NR][L] = {};
+    for (int s = 0; s < kQuantGroup; s += L) {
+      const int64_t k = kb * kQuantGroup + s;
+      for (int r = 0; r < MR; ++r)
+        for (int c = 0; c < NR; ++c)
+          for (int l = 0; l < L; ++l) acc[r][c][l] += a[r][k + l] * b[c][k + l];
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < NR; ++c) {
+        const float s = scale[(r * NR + c) * KB + kb];
+        if (__builtin_expect(std::fabs(s) <= kSafeScale, 1)) {
+          for (int l = 0; l < L; ++l) total[r][c][l] += acc[r][c][l] * s;
+        } else {  // Inf / NaN / huge scale: (block sum) * scale, as the reference (no inf - inf)
+          float b = 0.0f;
+          for (int l = 0; l < L; ++l) b += acc[r][c][l];
+          exact[r][c] += b * s;
+        }
+      }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) {
+      float v = 0.0f;
+      for (int l = 0; l < L; ++l) v += total[r][c][l];
+      out[r * NR + c] = v + exact[r][c];
+    }
+}
+
+using MicroKernel = void (*)(const Elem* const*, const Elem* const*, const float*, int64_t, float*);
+
+template <int MR>
+constexpr MicroKernel pick_nr(int nr) {
+  return nr == 1 ? micro_kernel<MR, 1> : nr == 2 ? micro_kernel<MR, 2> : micro_kernel<MR, 3>;
+}
+
+MicroKernel pick(int mr, int nr) {
+  switch (mr) {
+    case 1: return pick_nr<1>(nr);
+    case 2: return pick_nr<2>(nr);
+    case 3: return pick_nr<3>(nr);
+    default: return pick_nr<4>(nr);
+  }
+}
+
+#endif
+
+struct WorkItem {
+  int64_t group, r0, r1, n0, tile;  // tile: first 16-row a tile of the item (AVX512 path)
+};
+
+struct Problem {
+  const uint8_t* a;
+  const float* a_scale;
+  const uint8_t* b;
+  const float* b_scale;
+  int64_t N, K, KB, NB;
+  void* out;
+  DType out_dtype;
+};
+
+inline void store_out(const Problem& p, int64_t row, int64_t col, float v) {
+  if (p.out_dtype == DType::f32) static_cast<float*>(p.out)[row * p.N + col] = v;
+  else static_cast<uint16_t*>(p.out)[row * p.N + col] = f32_to_bf16(v);
+}
+
+#if LK_ISA >= 3
+struct PackedA {  // every 16-row tile of the used rows of a, transposed (pack_a_tile)
+  std::vector<uint32_t> a_t;
+  std::vector<float> sa_t;
+};
+
+struct Scratch {
+  std::vector<uint32_t> panel = std::vector<uint32_t>(kNTile * kSlots);
+  std::vector<float> scale = std::vector<float>(kNTile * kTileRows);
+  std::vector<float> totals = std::vector<float>(kTilesPerItem * kNTile * kTileRows);
+};
+
+void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const WorkItem& w, Scratch& s) {
+  const int64_t rows = w.r1 - w.r0, tiles = ceil_div(rows, kTileRows);
+  const int64_t nc = std::min(kNTile, p.N - w.n0);
+  const uint8_t* bg = p.b + (w.group * p.N + w.n0) * p.K;
+  const float* sbg = p.b_scale + w.group * p.NB * p.KB;
+  std::fill(s.totals.begin(), s.totals.end(), 0.0f);
+  for (int64_t kb = 0; kb < p.KB; ++kb) {
+    if (kb + kPrefetchBlocks < p.KB)
+      for (int64_t c = 0; c < nc; ++c) {
+        const uint8_t* q = bg + c * p.K + (kb + kPrefetchBlocks) * kQuantGroup;
+        __builtin_prefetch(q, 0, 1);
+        __builtin_prefetch(q + 64, 0, 1);
+      }
+    const int64_t kv = std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup);
+    for (int64_t c = 0; c < kNTile; ++c) {  // columns past N decode as zero
+      __m512i blk[4];
+      decode_block(dec, bg + c * p.K + kb * kQuantGroup, kv, c < nc, blk);
+      for (int q = 0; q < 4; ++q) _mm512_storeu_si512(s.panel.data() + c * kSlots + 16 * q, blk[q]);
+    }
+    for (int64_t t = 0; t < tiles; ++t) {
+      const float* sa = pa.sa_t.data() + ((w.tile + t) * p.KB + kb) * kTileRows;
+      const __m512 sav = _mm512_loadu_ps(sa);
+      for (int64_t c = 0; c < kNTile; ++c) {
+        const float sb = c < nc ? sbg[((w.n0 + c) / kQuantGroup) * p.KB + kb] : 0.0f;
+        _mm512_storeu_ps(s.scale.data() + c * kTileRows, _mm512_mul_ps(sav, _mm512_set1_ps(sb)));
+      }
+      micro_kernel(pa.a_t.data() + ((w.tile + t) * p.KB + kb) * kSlots * kTileRows, s.panel.data(),
+                   s.scale.data(), s.totals.data() + t * kNTile * kTileRows);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < nc; ++c)
+      store_out(p, w.r0 + r, w.n0 + c, s.totals[((r / kTileRows) * kNTile + c) * kTileRows + r % kTileRows]);
+}
+#else
+struct PackedA {  // the used rows of a decoded to fp32, zero padded to Kp
+  std::vector<float> a_dec;
+  int64_t Kp = 0;
+};
+
+struct Scratch {
+  std::vector<Elem> panel;
+  std::vector<float> scale;
+};
+
+void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const WorkItem& w, Scratch& s) {
+  const int64_t nc = std::min(kNTile, p.N - w.n0), Kp = pa.Kp;
+  const uint8_t* bg = p.b + w.group * p.N * p.K;
+  const float* sbg = p.b_scale + w.group * p.NB * p.KB;
+  s.panel.resize(size_t(kNTile) * Kp);
+  s.scale.resize(size_t(kMR * kNR) * p.KB);
+  for (int64_t c = 0; c < nc; ++c) decode_row(dec, bg + (w.n0 + c) * p.K, p.K, Kp, s.panel.data() + c * Kp);
+  for (int64_t c0 = 0; c0 < nc; c0 += kNR) {
+    const int nr = int(std::min<int64_t>(kNR, nc - c0));
+    const Elem* bp[kNR];
+    const float* sbp[kNR];
+    for (int c = 0; c < nr; ++c) {
+      bp[c] = s.panel.data() + (c0 + c) * Kp;
+      sbp[c] = sbg + ((w.n0 + c0 + c) / kQuantGroup) * p.KB;
+    }
+    for (int64_t r0 = w.r0; r0 < w.r1; r0 += kMR) {
+      const int mr = int(std::min<int64_t>(kMR, w.r1 - r0));
+      const Elem* ap[kMR];
+      for (int r = 0; r < mr; ++r) ap[r] = pa.a_dec.data() + (r0 + r) * Kp;
+      for (int r = 0; r < mr; ++r)
+        for (int c = 0; c < nr; ++c)
+          for (int64_t kb = 0; kb < p.KB; ++kb)
+            s.scale[(r * nr + c) * p.KB + kb] = p.a_scale[(r0 + r) * p.KB + kb] * sbp[c][kb];
+      float res[kMR * kNR];
+      pick(mr, nr)(ap, bp, s.scale.data(), p.KB, res);
+      for (int r = 0; r < mr; ++r)
+        for (int c = 0; c < nr; ++c) store_out(p, r0 + r, w.n0 + c0 + c, res[r * nr + c]);
+    }
+  }
+}
+#endif
+
+// ===================================================================== decode path
+// Segments with few rows (decode: 1-16 rows per expert) are vectorised along K instead of
+// along rows: every weight byte is decoded once, and each vector of decoded weights meets the
+// segment's rows in dot products whose lanes are K positions, so no lane multiplies padding.
+// The weights stream from memory once; the work per weight byte is the decode (a few vector
+// ops per 16-64 bytes) plus one multiply-add per row, so at decode shapes the kernel runs at
+// the memory's read bandwidth.
+//
+// Per CPU level, a "DV" vector and the decode of one 128-wide K block (weights and a alike):
+//   avx512bf16: DV = zmm of 32 bf16; e4m3 -> bf16 by the vpermt2b byte tables (exact, subnormals
+//               and NaN included); dot = vdpbf16ps (32 multiply-adds).
+//   avx512/avx2: e4m3 -> fp16 is a shift: sign-extended byte << 7 with bit 14 cleared is the
+//               fp16 of value * 2^-8, subnormals included (an e4m3 subnormal becomes an fp16
+//               subnormal), and vcvtph2ps widens it exactly; the 2^16 of a product of two such
+//               values goes into the block scale. NaN codes (0x7f/0xff) would decode as 480, so
+//               a 64-byte chunk holding one takes the table decode instead (one compare per chunk).
+//   generic:    a 256-entry float table.
+// Per 128-wide K block and (row, column) the lanes hold partial block sums; they are scaled by
+// a_scale * b_scale lane-wise. That equals the reference's (block sum) * scale up to rounding
+// whenever no lane product can overflow, i.e. |scale| <= 2^100; larger, Inf or NaN scales take
+// the exact order (horizontal block sum, then the scale), so Inf/NaN come out as the reference's.
+#if LK_ISA >= 3
+using DV = __m512;
+constexpr int kVB = 4;              // DVs per 128-wide K block
+constexpr float kFix = 1.0f;        // decoded values are exact
+constexpr int kDMR = 2;              // rows per register tile
+inline DV dv_zero() { return _mm512_setzero_ps(); }
+inline DV dv_dot(DV acc, DV a, DV w) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)w); }
+inline DV dv_fma(DV x, float s, DV acc) { return _mm512_fmadd_ps(x, _mm512_set1_ps(s), acc); }
+inline float dv_hsum(DV v) { return _mm512_reduce_add_ps(v); }
+struct BlockDecoder {
+  Decoder dec;
+  void operator()(const uint8_t* src, DV* out) const {  // 128 readable bytes
+    for (int half = 0; half < 2; ++half) {
+      __m512i w0, w1;
+      dec(_mm512_loadu_si512(src + 64 * half), &w0, &w1);
+      out[2 * half] = _mm512_castsi512_ps(w0);
+      out[2 * half + 1] = _mm512_castsi512_ps(w1);
+    }
+  }
+};
+#elif LK_ISA >= 1
+#if LK_ISA >= 2
+using DV = __m512;
+constexpr int kDMR = 2;
+inline DV dv_zero() { return _mm512_setzero_ps(); }
+inline DV dv_dot(DV acc, DV a, DV w) { return _mm512_fmadd_ps(a, w, acc); }
+inline DV dv_fma(DV x, float s, DV acc) { return _mm512_fmadd_ps(x, _mm512_set1_ps(s), acc); }
+inline float dv_hsum(DV v) { return _mm512_reduce_add_ps(v); }
+inline void dv_from_f16(__m256i h, DV* out) { out[0] = _mm512_cvtph_ps(h); }
+constexpr int kPerF16 = 1;          // DVs per 16 fp16 values
+#else
+using DV = __m256;
+constexpr int kDMR = 1;              // 16 ymm registers: one row's 4 sums + 4 totals
+inline DV dv_zero() { return _mm256_setzero_ps(); }
+inline DV dv_dot(DV acc, DV a, DV w) { return _mm256_fmadd_ps(a, w, acc); }
+inline DV dv_fma(DV x, float s, DV acc) { return _mm256_fmadd_ps(x, _mm256_set1_ps(s), acc); }
+inline float dv_hsum(DV v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+inline void dv_from_f16(__m256i h, DV* out) {
+  out[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+  out[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+constexpr int kPerF16 = 2;
+#endif
+constexpr int kVB = 8 * kPerF16;
+constexpr float kFix = 65536.0f;    // each decoded value is value * 2^-8
+struct BlockDecoder {
+  float table[256];                 // value * 2^-8, for chunks holding a NaN code
+  BlockDecoder() {
+    for (int i = 0; i < 256; ++i) table[i] = fp8e4m3_to_f32(uint8_t(i)) * 0.00390625f;
+  }
+  void operator()(const uint8_t* src, DV* out) const {  // 128 readable bytes
+    const __m256i mag = _mm256_set1_epi8(0x7f), keep = _mm256_set1_epi16(int16_t(0xbfff));
+    for (int c = 0; c < 4; ++c) {   // 32-byte chunks
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * c));
+      DV* o = out + c * 2 * kPerF16;
+      if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_and_si256(x, mag), mag)) != 0) {
+        alignas(64) float v[32];
+        for (int i = 0; i < 32; ++i) v[i] = table[src[32 * c + i]];
+        for (int j = 0; j < 2 * kPerF16; ++j) memcpy(&o[j], v + j * (32 / (2 * kPerF16)), sizeof(DV));
+        continue;
+      }
+      for (int h = 0; h < 2; ++h) {
+        const __m128i bytes = h == 0 ? _mm256_castsi256_si128(x) : _mm256_extracti128_si256(x, 1);
+        const __m256i f16 = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7), keep);
+        dv_from_f16(f16, o + h * kPerF16);
+      }
+    }
+  }
+};
+#else
+typedef float DV __attribute__((vector_size(16)));
+constexpr int kVB = 32;
+constexpr float kFix = 1.0f;
+constexpr int kDMR = 1;
+inline DV dv_zero() { return DV{}; }
+inline DV dv_dot(DV acc, DV a, DV w) { return acc + a * w; }
+inline DV dv_fma(DV x, float s, DV acc) { return acc + x * s; }
+inline float dv_hsum(DV v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+struct BlockDecoder {
+  float table[256];
+  BlockDecoder() {
+    for (int i = 0; i < 256; ++i) table[i] = fp8e4m3_to_f32(uint8_t(i));
+  }
+  void operator()(const uint8_t* src, DV* out) const {
+    for (int v = 0; v < kVB; ++v) out[v] = DV{table[src[4 * v]], table[src[4 * v + 1]], table[src[4 * v + 2]], table[src[4 * v + 3]]};
+  }
+};
+#endif
+
+constexpr int kNC = 4;                       // weight rows (output columns) per group
+constexpr int64_t kChunkBlocks = 4;          // K blocks per L1 panel
+constexpr int64_t kColsPerItem = 16;         // output columns per work item
+constexpr int64_t kDecodeMaxRows = LK_ISA >= 3 ? 8 : 16;  // above: the row-tiled kernels
+
+// Decode one 128-wide K block of `src` (kv <= 128 valid bytes; the rest decode as zero).
+inline void decode_block_padded(const BlockDecoder& dec, const uint8_t* src, int64_t kv, DV* out) {
+  if (kv == kQuantGroup) {
+    dec(src, out);
+  } else {
+    alignas(64) uint8_t buf[kQuantGroup] = {};
+    memcpy(buf, src, size_t(kv));
+    dec(buf, out);
+  }
+}
+
+// One register tile: MR rows x kNC columns over the panel's nb blocks, totals in registers.
+// panel: [kNC][kChunkBlocks][kVB]; arow[r]: the row's decoded blocks from the panel's first;
+// sa[r] / sb: a_scale / b_scale of those blocks.
+template <int MR>
+inline void tile_rows(const DV* const* arow, const DV* panel, int64_t nb, const float* const* sa, const float* sb,
+                      DV (&tot)[kDecodeMaxRows][kNC], float (&exact)[kDecodeMaxRows][kNC], int64_t r0) {
+  DV t[MR][kNC];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < kNC; ++c) t[r][c] = tot[r0 + r][c];
+  for (int64_t kb = 0; kb < nb; ++kb) {
+    DV blk[MR][kNC];
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < kNC; ++c) blk[r][c] = dv_zero();
+    for (int v = 0; v < kVB; ++v) {
+      DV av[MR];
+      for (int r = 0; r < MR; ++r) av[r] = arow[r][kb * kVB + v];
+      for (int c = 0; c < kNC; ++c) {
+        const DV w = panel[(c * kChunkBlocks + kb) * kVB + v];
+        for (int r = 0; r < MR; ++r) blk[r][c] = dv_dot(blk[r][c], av[r], w);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      const float s = sa[r][kb] * sb[kb];
+      if (__builtin_expect(std::fabs(s) <= kSafeScale, 1)) {
+        for (int c = 0; c < kNC; ++c) t[r][c] = dv_fma(blk[r][c], s * kFix, t[r][c]);
+      } else {  // Inf / NaN / huge: the reference's order, (block sum) * scale
+        for (int c = 0; c < kNC; ++c) exact[r0 + r][c] += (dv_hsum(blk[r][c]) * kFix) * s;
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < kNC; ++c) tot[r0 + r][c] = t[r][c];
+}
+
+// Output columns [n0, n1) of one small segment; a_dec: its rows, decoded.
+void decode_item(const Problem& p, const BlockDecoder& dec, const DV* a_dec, const Segment& seg, int64_t n0,
+                 int64_t n1) {
+  const int64_t m = seg.r1 - seg.r0;
+  const uint8_t* bg = p.b + seg.group * p.N * p.K;
+  const float* sbg = p.b_scale + seg.group * p.NB * p.KB;
+  alignas(64) DV panel[kNC * kChunkBlocks * kVB];
+  DV tot[kDecodeMaxRows][kNC];
+  float exact[kDecodeMaxRows][kNC];
+  for (int64_t c0 = n0; c0 < n1; c0 += kNC) {
+    const int nc = int(std::min<int64_t>(kNC, n1 - c0));
+    const uint8_t* col[kNC];
+    for (int c = 0; c < kNC; ++c) col[c] = bg + (c0 + std::min(c, nc - 1)) * p.K;  // a tail repeats its last column
+    const float* sbrow = sbg + (c0 / kQuantGroup) * p.KB;  // kNC divides 128: one weight block row
+    for (int64_t r = 0; r < m; ++r)
+      for (int c = 0; c < kNC; ++c) tot[r][c] = dv_zero(), exact[r][c] = 0.0f;
+    for (int64_t kb0 = 0; kb0 < p.KB; kb0 += kChunkBlocks) {
+      const int64_t nb = std::min(kChunkBlocks, p.KB - kb0);
+      for (int c = 0; c < kNC; ++c)
+        for (int64_t kb = 0; kb < nb; ++kb) {
+          const int64_t k0 = (kb0 + kb) * kQuantGroup;
+          const uint8_t* src = col[c] + k0;
+          if (kb0 + kb + kChunkBlocks < p.KB) {  // the next panel's bytes
+            __builtin_prefetch(src + kChunkBlocks * kQuantGroup, 0, 0);
+            __builtin_prefetch(src + kChunkBlocks * kQuantGroup + 64, 0, 0);
+          }
+          decode_block_padded(dec, src, std::min<int64_t>(kQuantGroup, p.K - k0),
+                              panel + (c * kChunkBlocks + kb) * kVB);
+        }
+      for (int64_t r0 = 0; r0 < m; r0 += kDMR) {
+        const DV* arow[kDMR];
+        const float* sa[kDMR];
+        const int mr = int(std::min<int64_t>(kDMR, m - r0));
+        for (int r = 0; r < mr; ++r) {
+          arow[r] = a_dec + ((r0 + r) * p.KB + kb0) * kVB;
+          sa[r] = p.a_scale + (seg.r0 + r0 + r) * p.KB + kb0;
+        }
+        if (mr == kDMR)
+          tile_rows<kDMR>(arow, panel, nb, sa, sbrow + kb0, tot, exact, r0);
+        else
+          tile_rows<1>(arow, panel, nb, sa, sbrow + kb0, tot, exact, r0);
+      }
+    }
+    for (int64_t r = 0; r < m; ++r)
+      for (int c = 0; c < nc; ++c) store_out(p, seg.r0 + r, c0 + c, dv_hsum(tot[r][c]) + exact[r][c]);
+  }
+}
+
+void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
+  if (segs.empty()) return;
+  const BlockDecoder dec;
+  std::vector<int64_t> first(segs.size() + 1, 0);
+  for (size_t i = 0; i < segs.size(); ++i) first[i + 1] = first[i] + (segs[i].r1 - segs[i].r0);
+  const int64_t rows = first.back(), per_row = p.KB * kVB;
+  // std::vector<float> (instantiated for the baseline target, see variants.h), aligned by hand
+  std::vector<float> a_store(size_t(rows * per_row) * (sizeof(DV) / sizeof(float)) + 16);
+  DV* a_dec = reinterpret_cast<DV*>((reinterpret_cast<uintptr_t>(a_store.data()) + 63) & ~uintptr_t(63));
+  std::vector<std::pair<int64_t, int64_t>> items;  // (segment, first column)
+  for (size_t i = 0; i < segs.size(); ++i)
+    for (int64_t n0 = 0; n0 < p.N; n0 += kColsPerItem) items.push_back({int64_t(i), n0});
+  const int64_t n_items = int64_t(items.size());
+  std::atomic<int64_t> next_item{0};
+  // One parallel region: decode the rows of a, then take work items from a shared counter.
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+      const size_t s = size_t(std::upper_bound(first.begin(), first.end(), i) - first.begin() - 1);
+      const uint8_t* src = p.a + (segs[s].r0 + (i - first[s])) * p.K;
+      for (int64_t kb = 0; kb < p.KB; ++kb)
+        decode_block_padded(dec, src + kb * kQuantGroup, std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup),
+                            a_dec + i * per_row + kb * kVB);
+    }
+    for (;;) {
+      const int64_t it = next_item.fetch_add(1);
+      if (it >= n_items) break;
+      const Segment& seg = segs[size_t(items[it].first)];
+      decode_item(p, dec, a_dec + first[size_t(items[it].first)] * per_row, seg, items[it].second,
+                  std::min(p.N, items[it].second + kColsPerItem));
+    }
+  }
+}
+
+
+// Segments with many rows per weight group (prefill): the row-tiled kernels.
+void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
+  const int64_t N = p.N, K = p.K, KB = p.KB;
+  const uint8_t* a = p.a;
+  const Decoder dec;
+  PackedA pa;
+  std::vector<WorkItem> items;
+#if LK_ISA >= 3
+  // 16-row tiles of every segment, then items of up to kTilesPerItem tiles x kNTile columns.
+  std::vector<std::pair<int64_t, int64_t>> tiles;  // (first row, rows)
+  for (const Segment& s : segs) {
+    const int64_t first_tile = int64_t(tiles.size());
+    for (int64_t r0 = s.r0; r0 < s.r1; r0 += kTileRows) tiles.push_back({r0, std::min<int64_t>(kTileRows, s.r1 - r0)});
+    for (int64_t r0 = s.r0; r0 < s.r1; r0 += kTilesPerItem * kTileRows)
+      for (int64_t n0 = 0; n0 < N; n0 += kNTile)
+        items.push_back({s.group, r0, std::min(s.r1, r0 + kTilesPerItem * kTileRows), n0,
+                         first_tile + (r0 - s.r0) / kTileRows});
+  }
+  const int64_t n_tiles = int64_t(tiles.size());
+  pa.a_t.resize(size_t(n_tiles) * KB * kSlots * kTileRows);
+  pa.sa_t.resize(size_t(n_tiles) * KB * kTileRows);
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < n_tiles; ++t)
+    pack_a_tile(dec, a, p.a_scale, tiles[t].first, tiles[t].second, K, KB,
+                pa.a_t.data() + t * KB * kSlots * kTileRows, pa.sa_t.data() + t * KB * kTileRows);
+#else
+  for (const Segment& s : segs)
+    for (int64_t r0 = s.r0; r0 < s.r1; r0 += kMTile)
+      for (int64_t n0 = 0; n0 < N; n0 += kNTile)
+        items.push_back({s.group, r0, std::min(s.r1, r0 + kMTile), n0, 0});
+  pa.Kp = KB * kQuantGroup;
+  pa.a_dec.resize(size_t(R) * pa.Kp);
+  for (const Segment& s : segs) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = s.r0; r < s.r1; ++r) decode_row(dec, a + r * K, K, pa.Kp, pa.a_dec.data() + r * pa.Kp);
+  }
+#endif
+
+  const int64_t n_items = int64_t(items.size());
+  constexpr int64_t kChunk = 4;
+  std::atomic<int64_t> next_item{0};
+#pragma omp parallel
+  {
+    Scratch scratch;
+    for (;;) {
+      const int64_t begin = next_item.fetch_add(kChunk);
+      if (begin >= n_items) break;
+      for (int64_t it = begin; it < std::min(n_items, begin + kChunk); ++it)
+        process_item(p, dec, pa, items[it], scratch);
+    }
+  }
+}
+
+}  // namespace
+
+void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const uint8_t* b,
+              const float* b_scale, const int32_t* groups, int64_t num_groups, int64_t M,
+              int64_t N, int64_t K, void* out, DType out_dtype) {
+  LK_CHECK(M >= 0 && N >= 0 && K >= 0 && num_groups >= 0, "negative size");
+  LK_CHECK(out_dtype == DType::f32 || out_dtype == DType::bf16, "out dtype must be f32 or bf16");
+  LK_CHECK(layout == GemmLayout::dense || groups != nullptr, "grouped layouts need group sizes");
+  LK_CHECK(layout != GemmLayout::dense || num_groups == 1, "dense layout has one group");
+  const std::vector<Segment> segs = segments(layout, groups, num_groups, M);
+  if (segs.empty() || N == 0) return;
+  const int64_t KB = ceil_div(K, kQuantGroup), NB = ceil_div(N, kQuantGroup);
+  const Problem p{a, a_scale, b, b_scale, N, K, KB, NB, out, out_dtype};
+  if (K == 0) {  // empty block sums: the product is exactly zero (a and b are never read)
+    for (const Segment& s : segs)
+      for (int64_t r = s.r0; r < s.r1; ++r)
+        for (int64_t n = 0; n < N; ++n) store_out(p, r, n, 0.0f);
+    return;
+  }
+  // Few rows per weight group (decode): vectorised along K; the rest: the row-tiled kernels.
+  std::vector<Segment> small, large;
+  for (const Segment& s : segs) (s.r1 - s.r0 <= kDecodeMaxRows ? small : large).push_back(s);
+  gemm_decode(p, small);
+  if (large.empty()) return;
+  gemm_rows(p, large, layout == GemmLayout::masked ? num_groups * M : M);
+}
+
+}  // namespace lk::cpu::LK_NS

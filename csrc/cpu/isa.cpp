@@ -1,0 +1,59 @@
+// Run-time choice of the CPU path (see isa.h). Compiled for the baseline target only.
+#include "cpu/isa.h"
+
+#include <atomic>
+
+namespace lk::cpu {
+namespace {
+
+int detect() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  // libgcc's cpu model checks XGETBV too: a feature counts only if the OS saves its registers.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool bf16 = avx512 && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bf16");
+  // F16C is not in GCC 12's __builtin_cpu_supports list; every AVX2 CPU made has it (Haswell+, Zen+).
+  return bf16 ? 3 : avx512 ? 2 : avx2 ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+std::atomic<int>& active() {
+  static std::atomic<int> level{isa_supported()};
+  return level;
+}
+
+}  // namespace
+
+const char* isa_name(int level) {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const char* names[kIsaLevels] = {"generic", "avx2", "avx512", "avx512bf16"};
+#else
+  static const char* names[kIsaLevels] = {"generic", nullptr, nullptr, nullptr};
+#endif
+  return level >= 0 && level < kIsaLevels ? names[level] : nullptr;
+}
+
+int isa_supported() {
+  static const int level = detect();
+  return level;
+}
+
+int isa_active() { return active().load(std::memory_order_relaxed); }
+
+bool set_isa(int level) {
+  if (level < 0 || level > isa_supported()) return false;
+  active().store(level, std::memory_order_relaxed);
+  return true;
+}
+
+int isa_from_name(const std::string& name) {
+  for (int l = 0; l < kIsaLevels; ++l)
+    if (isa_name(l) && name == isa_name(l)) return l;
+  return -1;
+}
+
+}  // namespace lk::cpu

@@ -1,0 +1,381 @@
+// FP8 (e4m3) block quantization on the CPU.
+//
+// What: x [batch, rows, K] (fp32/bf16/fp16, row-strided) -> e4m3 bytes + one fp32 scale per
+// block_rows x 128 group, scale = max(amax, 1e-4) / 448 (optionally rounded up to 2^k).
+// Output is bit-identical to reference.quantize_fp8 (= PyTorch's own x / s, clamp, .to(e4m3)).
+//
+// How: OpenMP (static) over (batch, row block). With AVX-512 or AVX2 enabled at compile time
+// (-march=native builds) an explicit SIMD codec runs on every full 128-wide group:
+//  * 1x128: fused. A group is loaded and widened once into 8 zmm (16 ymm) registers (bf16 ->
+//    fp32 is a zero-extend + shift, fp16 is vcvtph2ps, both exact), reduced to its |x| max on
+//    the raw bits (integer max, NaN-propagating), turned into a scale and encoded from the same
+//    registers: one read of x, one write of q, no scratch row.
+//  * 128x128: pass 1 keeps a per-group lane-wise |x| max over the block's 128 rows, pass 2
+//    re-reads each row and encodes (2 reads + 1 byte write per element).
+//  * codec (AVX-512): the quotient is the IEEE vdivps (fp32 scales keep the division, as torch
+//    does); a finite UE8M0 scale is 2^k, so x * 2^-k is the same correctly rounded number and
+//    is used instead. For a finite group |x / s| rounds to < 464, so the clamp and the NaN
+//    (>= 480) branch of fp8e4m3_from_f32 cannot change a code and are left out; normal
+//    rounding is integer ops on the fp32 bits, the subnormal one the FPU's (|v| + 2^14), the
+//    sign goes in with one vpternlogd and vpmovdb packs the low bytes.
+//  * groups whose scale is NaN/Inf (a NaN or Inf inside) and the K % 128 tail go through the
+//    portable scalar codec (common/fp8.h, shared with CUDA); so does everything in builds
+//    without AVX2 (e.g. -DLEANKERNELS_NATIVE=OFF), which is the previous, slower code.
+//
+// Measured (2-core AMD EPYC Zen 4, bf16 in, min of 7, shared/noisy machine; ms):
+//                                 before        after    torch.compile(reference)
+//   1x128   4096x7168  1 thread    19.9           9.0        16.6 - 20.8
+//                      2 threads   16.1 (noisy)   4.6 - 5.9   9.2 - 14.0
+//   128x128 7168x2048  1 thread    10.9           4.2 - 4.7  21.0 - 24.9
+//                      2 threads    5.9           2.3 - 2.6  12.8 - 13.9
+// (ranges: several runs of the same script while another agent ran tests; 2-thread runs
+// suffer most, a descheduled OpenMP thread stalls the static split. schedule(dynamic, 8) was
+// no better on a quiet run, so the static split stays.)
+// (python call incl. allocating q; ~1.8 ms of the 1x128 time is first-touching the 29 MB
+// output.) Kernel alone, 1 thread: 1x128 19.6 -> ~8.5-9 ms, of which ~3.3 ms is reading and
+// reducing x: the encode (~13 vector ops per 16 values, 8 vdivps per group) dominates.
+// Tried and dropped: software prefetch (no gain), skipping the subnormal path per vector behind
+// a branch (slower than the branch-free blend), 256-bit codec on Zen 4 (AVX2 path: 11-19 ms),
+// a bf16 path doing the |x| max on 16-bit words and widening by even/odd split (bit-exact,
+// no measurable gain).
+// Compiled once per CPU level by quant.cpp (cpu/variants.h): no include guard, LK_ISA selects code.
+
+namespace lk::cpu::LK_NS {
+namespace {
+
+// ------------------------------------------------------------------------ portable scalar
+// Used for the K % 128 tail, for groups whose scale is not finite (NaN/Inf inside), and as
+// the whole kernel when neither AVX-512 nor AVX2 is enabled at compile time.
+uint32_t group_amax_scalar(const float* v, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t k = 0; k < n; ++k) m = std::max(m, abs_bits(v[k]));
+  return m;
+}
+
+void encode_scalar(const float* v, int64_t n, float s, uint8_t* q) {
+  for (int64_t k = 0; k < n; ++k) q[k] = fp8_quantize_value(v[k], s);
+}
+
+// A scale is "finite" when its group held only finite values: then every |x / s| <= ~448,
+// nothing is NaN, and the SIMD codec below needs neither the NaN nor the >= 480 branch.
+inline bool finite_scale(float s) { return (f32_bits(s) & 0x7f800000u) != 0x7f800000u; }
+
+#if LK_ISA >= 2
+// ------------------------------------------------------------------------ AVX-512 codec
+constexpr int kLanes = 16;
+using VecF = __m512;
+
+// 16 consecutive elements -> fp32 (bf16: zero-extend and shift, exact; fp16: vcvtph2ps, exact).
+inline VecF load16(const void* x, DType dt, int64_t off) {
+  switch (dt) {
+    case DType::bf16: {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + off));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    case DType::f16: {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + off));
+      return _mm512_cvtph_ps(h);
+    }
+    default:
+      return _mm512_loadu_ps(static_cast<const float*>(x) + off);
+  }
+}
+
+inline __m512i abs_bits_v(VecF v) {
+  return _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff));
+}
+
+inline uint32_t hmax_u32(__m512i m) { return _mm512_reduce_max_epu32(m); }
+
+// e4m3 codes of x / s for 16 lanes of a group with a finite scale, written as 16 bytes.
+// Same result as fp8_quantize_value (the quotient is the IEEE one: a division, or for UE8M0 a
+// multiplication by the exact reciprocal), computed with fewer instructions because
+//  * every lane is finite and |x| <= m with m = max(amax, 1e-4), s = RN(m / 448) >= m / 448 /
+//    (1 + 2^-24), so |x / s| rounds to at most 448 + ulp(448) < 464: the clamp to 448 and the
+//    NaN (>= 480) branch of fp8e4m3_from_f32 cannot change a code and are left out;
+//  * the subnormal rounding (|v| < 2^-6) is only done for vectors that have such a lane (rare
+//    in real data: |x| < amax / 28672); its code is the low byte of bits(|v| + 2^14);
+//  * vpmovdb keeps the low byte of each lane, so the rebias/shift results need no masking.
+template <bool kMul>
+inline void encode16(VecF x, VecF s, uint8_t* q) {
+  const __m512i v = _mm512_castps_si512(kMul ? _mm512_mul_ps(x, s) : _mm512_div_ps(x, s));
+  const __m512i a = _mm512_and_si512(v, _mm512_set1_epi32(0x7fffffff));
+  // normal: rebias the exponent and round half to even on the 20 dropped mantissa bits
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(a, 20), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(a, _mm512_set1_epi32(int((uint32_t(7 - 127) << 23) + 0x7ffffu)));
+  r = _mm512_srli_epi32(_mm512_add_epi32(r, lsb), 20);
+  const __mmask16 is_sub = _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(121 << 23));
+  // subnormal: adding 2^14 makes the FPU round at the e4m3 subnormal step 2^-9
+  const __m512i sub = _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(16384.0f)));
+  r = _mm512_mask_mov_epi32(r, is_sub, sub);
+  // r | (sign >> 24 & 0x80): the code's sign bit
+  r = _mm512_ternarylogic_epi32(r, _mm512_srli_epi32(v, 24), _mm512_set1_epi32(0x80), 0xf8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(r));
+}
+
+inline void store16(VecF v, float* out) { _mm512_storeu_ps(out, v); }
+inline VecF splat(float s) { return _mm512_set1_ps(s); }
+inline __m512i vmax(__m512i a, __m512i b) { return _mm512_max_epu32(a, b); }
+inline __m512i vzero() { return _mm512_setzero_si512(); }
+#define LK_QUANT_SIMD 1
+
+#elif LK_ISA >= 1
+// ------------------------------------------------------------------------ AVX2 codec
+constexpr int kLanes = 8;
+using VecF = __m256;
+
+inline VecF load16(const void* x, DType dt, int64_t off) {
+  switch (dt) {
+    case DType::bf16: {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + off));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+#if LK_ISA >= 1
+    case DType::f16: {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + off));
+      return _mm256_cvtph_ps(h);
+    }
+#else
+    case DType::f16: {
+      alignas(32) float t[8];
+      const uint16_t* p = static_cast<const uint16_t*>(x) + off;
+      for (int i = 0; i < 8; ++i) t[i] = f16_to_f32(p[i]);
+      return _mm256_load_ps(t);
+    }
+#endif
+    default:
+      return _mm256_loadu_ps(static_cast<const float*>(x) + off);
+  }
+}
+
+inline __m256i abs_bits_v(VecF v) {
+  return _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff));
+}
+
+inline uint32_t hmax_u32(__m256i m) {
+  __m128i t = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+  t = _mm_max_epu32(t, _mm_shuffle_epi32(t, 0x4e));
+  t = _mm_max_epu32(t, _mm_shuffle_epi32(t, 0xb1));
+  return uint32_t(_mm_cvtsi128_si32(t));
+}
+
+// Codes as 32-bit lanes (0..255); packed to bytes by the caller four vectors at a time.
+template <bool kMul>
+inline __m256i codes8(VecF x, VecF s) {
+  const __m256i v = _mm256_castps_si256(kMul ? _mm256_mul_ps(x, s) : _mm256_div_ps(x, s));
+  const __m256i sign = _mm256_and_si256(v, _mm256_set1_epi32(int(0x80000000u)));
+  const __m256i a = _mm256_min_epu32(_mm256_xor_si256(v, sign), _mm256_set1_epi32(0x43e00000));
+  __m256i nrm = _mm256_add_epi32(a, _mm256_set1_epi32(int((uint32_t(7 - 127) << 23) + 0x7ffffu)));
+  nrm = _mm256_add_epi32(nrm, _mm256_and_si256(_mm256_srli_epi32(a, 20), _mm256_set1_epi32(1)));
+  nrm = _mm256_srli_epi32(nrm, 20);
+  const __m256i sub = _mm256_sub_epi32(
+      _mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(a), _mm256_set1_ps(16384.0f))),
+      _mm256_set1_epi32(141 << 23));
+  // a < 2^-6 as a signed compare is fine: a has no sign bit
+  const __m256i is_sub = _mm256_cmpgt_epi32(_mm256_set1_epi32(121 << 23), a);
+  const __m256i r = _mm256_blendv_epi8(nrm, sub, is_sub);
+  return _mm256_or_si256(r, _mm256_srli_epi32(sign, 24));
+}
+
+inline VecF splat(float s) { return _mm256_set1_ps(s); }
+inline __m256i vmax(__m256i a, __m256i b) { return _mm256_max_epu32(a, b); }
+inline __m256i vzero() { return _mm256_setzero_si256(); }
+#define LK_QUANT_SIMD 1
+#endif
+
+#ifdef LK_QUANT_SIMD
+constexpr int kVecs = kQuantGroup / kLanes;  // vectors per 128-wide group
+
+// Encode one full group held in registers.
+template <bool kMul>
+inline void encode_group(const VecF* v, VecF s, uint8_t* q) {
+#if LK_ISA >= 2
+  for (int i = 0; i < kVecs; ++i) encode16<kMul>(v[i], s, q + i * kLanes);
+#else
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int i = 0; i < kVecs; i += 4) {
+    const __m256i ab = _mm256_packus_epi32(codes8<kMul>(v[i], s), codes8<kMul>(v[i + 1], s));
+    const __m256i cd = _mm256_packus_epi32(codes8<kMul>(v[i + 2], s), codes8<kMul>(v[i + 3], s));
+    const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), perm);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * kLanes), b);
+  }
+#endif
+}
+
+// A finite UE8M0 scale is a power of two 2^k (k in [-21, 127]) whose reciprocal 2^-k is exact
+// (2^-127 as a subnormal), so x * (1/s) and x / s are the same real number rounded once: the
+// same bits. An fp32 scale keeps the IEEE division, as PyTorch does.
+inline void encode_group_scaled(const VecF* v, float s, bool ue8m0, uint8_t* q) {
+  if (ue8m0)
+    encode_group<true>(v, splat(1.0f / s), q);
+  else
+    encode_group<false>(v, splat(s), q);
+}
+
+inline void load_group(const void* x, DType dt, int64_t off, VecF* v) {
+  for (int i = 0; i < kVecs; ++i) v[i] = load16(x, dt, off + i * kLanes);
+}
+
+inline uint32_t group_amax_v(const VecF* v) {
+  auto m = vzero();
+  for (int i = 0; i < kVecs; ++i) m = vmax(m, abs_bits_v(v[i]));
+  return hmax_u32(m);
+}
+
+#if LK_ISA >= 2
+using VecI = __m512i;
+inline VecI ldi(const uint32_t* p) { return _mm512_loadu_si512(p); }
+inline void sti(uint32_t* p, VecI v) { _mm512_storeu_si512(p, v); }
+#else
+using VecI = __m256i;
+inline VecI ldi(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void sti(uint32_t* p, VecI v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+#endif
+
+inline void spill_group(const VecF* v, float* out) {
+#if LK_ISA >= 2
+  for (int i = 0; i < kVecs; ++i) _mm512_storeu_ps(out + i * kLanes, v[i]);
+#else
+  for (int i = 0; i < kVecs; ++i) _mm256_storeu_ps(out + i * kLanes, v[i]);
+#endif
+}
+#endif  // LK_QUANT_SIMD
+
+}  // namespace
+
+void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64_t K,
+                  int64_t batch_stride, int64_t row_stride, int64_t block_rows, uint8_t* q,
+                  float* scale, bool ue8m0) {
+  LK_CHECK(block_rows == 1 || block_rows == kQuantGroup, "block_rows must be 1 or 128");
+  LK_CHECK(batch >= 0 && rows >= 0 && K >= 0, "negative size");
+  LK_CHECK(dtype == DType::f32 || dtype == DType::bf16 || dtype == DType::f16,
+           "input must be float32, bfloat16 or float16");
+  if (batch == 0 || rows == 0 || K == 0) return;
+  const int64_t row_blocks = ceil_div(rows, block_rows);
+  const int64_t groups = ceil_div(K, kQuantGroup);
+  const int64_t units = batch * row_blocks;
+#ifdef LK_QUANT_SIMD
+  const int64_t full = K / kQuantGroup;  // groups handled by the SIMD codec
+#else
+  const int64_t full = 0;
+#endif
+  const int64_t tail0 = full * kQuantGroup;  // first element of the scalar part of a row
+
+#pragma omp parallel
+  {
+    std::vector<float> buf(K - tail0 > kQuantGroup ? K - tail0 : kQuantGroup);
+    std::vector<uint32_t> amax(groups);
+    std::vector<float> sc(groups);
+#ifdef LK_QUANT_SIMD
+    std::vector<uint32_t> amax_lanes(block_rows == 1 ? 0 : full * kLanes);
+    VecF v[kVecs];
+#endif
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t b = u / row_blocks, rb = u % row_blocks;
+      const int64_t r0 = rb * block_rows, r1 = std::min(rows, r0 + block_rows);
+      float* srow = scale + u * groups;
+#ifdef LK_QUANT_SIMD
+      if (block_rows == 1) {
+        // Fused: each group is loaded once into registers, reduced, scaled and encoded.
+        const int64_t off = b * batch_stride + r0 * row_stride;
+        uint8_t* qrow = q + (b * rows + r0) * K;
+        for (int64_t g = 0; g < full; ++g) {
+          load_group(x, dtype, off + g * kQuantGroup, v);
+          const float s = fp8_scale_from_amax(f32_from_bits(group_amax_v(v)), ue8m0);
+          srow[g] = s;
+          if (finite_scale(s)) {
+            encode_group_scaled(v, s, ue8m0, qrow + g * kQuantGroup);
+          } else {
+            spill_group(v, buf.data());
+            encode_scalar(buf.data(), kQuantGroup, s, qrow + g * kQuantGroup);
+          }
+        }
+        if (tail0 < K) {
+          widen_row(x, dtype, off + tail0, K - tail0, buf.data());
+          const float s = fp8_scale_from_amax(f32_from_bits(group_amax_scalar(buf.data(), K - tail0)), ue8m0);
+          srow[full] = s;
+          encode_scalar(buf.data(), K - tail0, s, qrow + tail0);
+        }
+        continue;
+      }
+      std::fill(amax_lanes.begin(), amax_lanes.end(), 0u);
+#endif
+      std::fill(amax.begin(), amax.end(), 0u);
+      // Pass 1: |x| max per group over the block's rows (lane-wise, reduced once at the end).
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t off = b * batch_stride + r * row_stride;
+#ifdef LK_QUANT_SIMD
+        for (int64_t g = 0; g < full; ++g) {
+          load_group(x, dtype, off + g * kQuantGroup, v);
+          VecI m = ldi(&amax_lanes[g * kLanes]);
+          for (int i = 0; i < kVecs; ++i) m = vmax(m, abs_bits_v(v[i]));
+          sti(&amax_lanes[g * kLanes], m);
+        }
+#endif
+        if (tail0 < K) {
+          widen_row(x, dtype, off + tail0, K - tail0, buf.data());
+          for (int64_t g0 = 0, g = full; tail0 + g0 < K; g0 += kQuantGroup, ++g)
+            amax[g] = std::max(amax[g], group_amax_scalar(buf.data() + g0,
+                                                           std::min<int64_t>(kQuantGroup, K - tail0 - g0)));
+        }
+      }
+#ifdef LK_QUANT_SIMD
+      for (int64_t g = 0; g < full; ++g) amax[g] = hmax_u32(ldi(&amax_lanes[g * kLanes]));
+#endif
+      for (int64_t g = 0; g < groups; ++g) {
+        sc[g] = fp8_scale_from_amax(f32_from_bits(amax[g]), ue8m0);
+        srow[g] = sc[g];
+      }
+      // Pass 2: re-read (and re-widen) each row and encode it.
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t off = b * batch_stride + r * row_stride;
+        uint8_t* qrow = q + (b * rows + r) * K;
+#ifdef LK_QUANT_SIMD
+        for (int64_t g = 0; g < full; ++g) {
+          load_group(x, dtype, off + g * kQuantGroup, v);
+          if (finite_scale(sc[g])) {
+            encode_group_scaled(v, sc[g], ue8m0, qrow + g * kQuantGroup);
+          } else {
+            spill_group(v, buf.data());
+            encode_scalar(buf.data(), kQuantGroup, sc[g], qrow + g * kQuantGroup);
+          }
+        }
+#endif
+        if (tail0 < K) {
+          widen_row(x, dtype, off + tail0, K - tail0, buf.data());
+          for (int64_t g0 = 0, g = full; tail0 + g0 < K; g0 += kQuantGroup, ++g)
+            encode_scalar(buf.data() + g0, std::min<int64_t>(kQuantGroup, K - tail0 - g0), sc[g],
+                          qrow + tail0 + g0);
+        }
+      }
+    }
+  }
+}
+
+void dequantize_fp8(const uint8_t* q, const float* scale, int64_t batch, int64_t rows, int64_t K,
+                    int64_t block_rows, float* out) {
+  LK_CHECK(block_rows == 1 || block_rows == kQuantGroup, "block_rows must be 1 or 128");
+  if (batch == 0 || rows == 0 || K == 0) return;
+  float table[256];
+  for (int i = 0; i < 256; ++i) table[i] = fp8e4m3_to_f32(uint8_t(i));
+  const int64_t row_blocks = ceil_div(rows, block_rows);
+  const int64_t groups = ceil_div(K, kQuantGroup);
+  const int64_t total_rows = batch * rows;
+
+#pragma omp parallel for schedule(static)
+  for (int64_t br = 0; br < total_rows; ++br) {
+    const int64_t b = br / rows, r = br % rows;
+    const float* srow = scale + (b * row_blocks + r / block_rows) * groups;
+    const uint8_t* qrow = q + br * K;
+    float* orow = out + br * K;
+    for (int64_t g0 = 0, g = 0; g0 < K; g0 += kQuantGroup, ++g) {
+      const int64_t n = std::min<int64_t>(kQuantGroup, K - g0);
+      const float s = srow[g];
+      for (int64_t k = 0; k < n; ++k) orow[g0 + k] = table[qrow[g0 + k]] * s;
+    }
+  }
+}
+
+}  // namespace lk::cpu::LK_NS
+#undef LK_QUANT_SIMD

@@ -1,0 +1,96 @@
+// Compiles one kernel body once per CPU level (see isa.h). Use, in a kernel's .cpp file, after
+// every standard header the body needs (and <immintrin.h> on x86):
+//
+//   #define LK_VARIANT_BODY "cpu/gemm_body.h"
+//   #include "cpu/variants.h"
+//
+// The body defines its functions inside `namespace lk::cpu::LK_NS` and selects code with
+// `#if LK_ISA >= n` (3 avx512bf16, 2 avx512, 1 avx2, 0 generic), never with __AVX512F__ and
+// friends: in C++ GCC does not update those macros under `#pragma GCC target`.
+// The .cpp then forwards each entry point with LK_CPU_DISPATCH.
+//
+// NOTES: target regions (`#pragma GCC target`), not one translation unit per -m flag: inline
+// functions and template instantiations shared by several units (std::vector<float>,
+// lk::f32_to_bf16, ...) would be emitted once per unit and the linker could keep the AVX-512
+// copy for everyone (SIGILL on an AVX2 CPU). In a region, only functions defined there get the
+// target; headers included before it keep the baseline for their out-of-line copies, and the
+// OpenMP bodies outlined from a region inherit its target.
+// No include guard: included once per kernel file.
+#ifndef LK_VARIANT_BODY
+#error "define LK_VARIANT_BODY before including cpu/variants.h"
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define LK_VARIANTS_X86 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512vbmi,avx512bf16"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512vbmi,avx512bf16")
+#endif
+#define LK_ISA 3
+#define LK_NS avx512bf16
+#include LK_VARIANT_BODY
+#undef LK_ISA
+#undef LK_NS
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd")
+#endif
+#define LK_ISA 2
+#define LK_NS avx512
+#include LK_VARIANT_BODY
+#undef LK_ISA
+#undef LK_NS
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#endif
+#define LK_ISA 1
+#define LK_NS avx2
+#include LK_VARIANT_BODY
+#undef LK_ISA
+#undef LK_NS
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // x86
+
+#define LK_ISA 0
+#define LK_NS generic
+#include LK_VARIANT_BODY
+#undef LK_ISA
+#undef LK_NS
+#undef LK_VARIANT_BODY
+
+#ifndef LK_CPU_DISPATCH
+#ifdef LK_VARIANTS_X86
+#define LK_CPU_DISPATCH(fn, ...)                                    \
+  switch (::lk::cpu::isa_active()) {                                \
+    case 3: return ::lk::cpu::avx512bf16::fn(__VA_ARGS__);          \
+    case 2: return ::lk::cpu::avx512::fn(__VA_ARGS__);              \
+    case 1: return ::lk::cpu::avx2::fn(__VA_ARGS__);                \
+    default: return ::lk::cpu::generic::fn(__VA_ARGS__);            \
+  }
+#else
+#define LK_CPU_DISPATCH(fn, ...) return ::lk::cpu::generic::fn(__VA_ARGS__);
+#endif
+#endif

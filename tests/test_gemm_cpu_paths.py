@@ -1,0 +1,105 @@
+"""The CPU GEMM on every CPU path this machine can run (csrc/cpu/isa.h), in one process, against
+leankernels.reference: the decode kernel (few rows per weight group, vectorised along K) and the
+row-tiled kernels (many rows), hostile bytes included (NaN codes beside finite scales, e4m3
+subnormals, Inf and huge scales, K and N tails)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leankernels as lk
+from leankernels import reference as ref
+from conftest import gemm_diff, poison, randn
+
+PATHS = lk.cpu_paths()
+
+
+@pytest.fixture(params=PATHS)
+def cpu_path(request):
+    old = lk.cpu_path()
+    lk.set_cpu_path(request.param)
+    yield request.param
+    lk.set_cpu_path(old)
+
+
+def _close(got, want):
+    if want.numel() == 0:
+        assert got.numel() == 0
+        return
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(got[want.isinf()], want[want.isinf()])
+    got, want = got[finite], want[finite]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert gemm_diff(got, want) < 1e-9
+
+
+def _weights(E, N, K, seed):
+    return lk.quantize_fp8(randn(E, N, K, seed=seed, scale=0.05), (128, 128))
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 264, 896), (2, 200, 300), (3, 7, 33), (8, 132, 1024), (16, 130, 129),
+                                   (17, 64, 256), (40, 96, 384)])
+def test_dense_every_path(cpu_path, M, N, K):
+    a, sa = lk.quantize_fp8(randn(M, K, seed=M))
+    b, sb = lk.quantize_fp8(randn(N, K, seed=N, scale=0.05), (128, 128))
+    want = ref.fp8_gemm(a, sa, b, sb, torch.float32)
+    _close(lk.fp8_gemm(a, sa, b, sb, out_dtype=torch.float32), want)
+    torch.testing.assert_close(lk.fp8_gemm(a, sa, b, sb), want.bfloat16(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_grouped_mixed_segments_every_path(cpu_path):
+    """One call with empty experts, 1-2 row experts (decode kernel) and a 40-row expert (row
+    kernels); rows past offs[-1] untouched."""
+    counts = [1, 0, 2, 40, 3, 0, 16, 9]
+    E, N, K = len(counts), 136, 300
+    offs = torch.tensor(counts).cumsum(0).int()
+    M = int(offs[-1]) + 3
+    a, sa = lk.quantize_fp8(randn(M, K, seed=3))
+    b, sb = _weights(E, N, K, 4)
+    out = poison(torch.empty(M, N))
+    got = lk.fp8_grouped_gemm(a, sa, b, sb, offs, out_dtype=torch.float32)
+    want = ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32, out=out.clone())
+    _close(got[: int(offs[-1])], want[: int(offs[-1])])
+    masked = torch.tensor([1, 0, 2, 5, 16, 3, 0, 1], dtype=torch.int32)
+    a3, sa3 = lk.quantize_fp8(randn(E, 16, K, seed=5))
+    got3 = lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, masked, out_dtype=torch.float32)
+    want3 = ref.fp8_grouped_gemm_masked(a3, sa3, b, sb, masked, torch.float32)
+    for e, m in enumerate(masked.tolist()):
+        _close(got3[e, :m], want3[e, :m])
+
+
+def test_hostile_bytes_every_path(cpu_path):
+    """NaN codes (0x7f / 0xff) with finite scales, every e4m3 subnormal, Inf, NaN and > 2**100
+    scales: the same non-finite pattern and values as the reference."""
+    M, N, K = 3, 260, 640
+    a, sa = lk.quantize_fp8(randn(M, K, seed=7))
+    b, sb = lk.quantize_fp8(randn(N, K, seed=8, scale=0.05), (128, 128))
+    bu, au = b.view(torch.uint8), a.view(torch.uint8)
+    bu[3, 70] = 0x7F          # NaN code beside finite scales (the shift decode's 480 must not leak)
+    bu[9, 300] = 0xFF
+    bu[11, 128:136] = torch.arange(8, dtype=torch.uint8)             # +subnormals (and zero)
+    bu[12, 128:136] = torch.arange(8, dtype=torch.uint8) | 0x80      # -subnormals
+    au[1, 128:136] = torch.arange(1, 9, dtype=torch.uint8)
+    sa[0, 2] = float("inf")   # row 0: +-inf (reference: block sum * inf), never inf - inf = NaN
+    sa[2, 1] = 2.0 ** 101 / sb[0, 1]  # scale product 2**101: finite result, exact order needed
+    sb[1, 4] = float("nan")   # columns 128..255: NaN
+    want = ref.fp8_gemm(a, sa, b, sb, torch.float32)
+    assert torch.isnan(want).any() and torch.isinf(want).any() and torch.isfinite(want).any()
+    assert torch.isfinite(want[2, 20:30]).all() and want[2, 20:30].abs().max() > 2.0 ** 100
+    _close(lk.fp8_gemm(a, sa, b, sb, out_dtype=torch.float32), want)
+    # the same bytes as a decode-shaped grouped call
+    offs = torch.tensor([1, 3], dtype=torch.int32)
+    bb, sbb = torch.stack([b, b]), torch.stack([sb, sb])
+    _close(lk.fp8_grouped_gemm(a, sa, bb, sbb, offs, out_dtype=torch.float32),
+           ref.fp8_grouped_gemm(a, sa, bb, sbb, offs, torch.float32))
+
+
+def test_paths_listed_and_forced():
+    assert PATHS[-1] == "generic" and lk.cpu_path() in PATHS
+    with pytest.raises(ValueError, match="CPU path must be one of"):
+        lk.set_cpu_path("sse9")
+    for name in ("avx512bf16", "avx512", "avx2"):
+        if name not in PATHS:
+            with pytest.raises(ValueError, match="cannot run"):
+                lk.set_cpu_path(name)
