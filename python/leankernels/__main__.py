@@ -58,7 +58,10 @@ def cmd_info(args) -> int:
     else:
         why = "no CUDA build" if not info["cuda"] else "no usable CUDA device or driver"
         print(f"device           none ({why}); ops run on the CPU kernels")
-    print(f"CPU              {_cpu_model()}; features: {_cpu_features()}; kernels tuned: {info['cpu_tune']}")
+    print(f"CPU              {_cpu_model()}; features: {_cpu_features()}")
+    forced = os.environ.get("LEANKERNELS_CPU", "").strip()
+    print(f"CPU kernels      {lk.cpu_path()} ({'forced by LEANKERNELS_CPU' if forced else 'chosen by cpuid'}); "
+          f"this CPU runs: {', '.join(lk.cpu_paths())}; build: {info['cpu_tune']}")
     print(f"threads          OpenMP {info['omp_max_threads'] if info['openmp'] else 'off'}, "
           f"torch {torch.get_num_threads()}, hardware {info['hardware_threads']}")
     if args.check and nvcc and not info["cuda"]:
