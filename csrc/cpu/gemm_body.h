@@ -4,36 +4,39 @@
 // with each block sum in fp32 (e4m3 x e4m3 products are exact in fp32), one 128-wide K block
 // at a time: exactly the contract of reference.fp8_gemm.
 //
-// Work split (both paths): work items are (group, row tile, column tile); threads take chunks
-// of items from a shared counter (dynamic: a core shared with another process does not hold
-// the other back), so a decode step with a few rows per expert still keeps every core busy
-// (the parallelism is then over N).
+// Two kernels, chosen per weight group (segment) by its row count m:
 //
-// AVX512_BF16 path (Zen 4, Sapphire Rapids, ...): every e4m3 value is exact in bf16, so the
-// products run on `vdpbf16ps` (32 multiply-adds per instruction, fp32 accumulate).
-//  - Decode: e4m3 -> bf16 by two 128-entry byte-table lookups (`vpermt2b`, 64 values each,
-//    NaN and subnormals included) plus the sign bit: ~8 instructions per 64 values.
-//  - Vectorised over rows: each 16-row tile of a is decoded and transposed once per call into
-//    [k-pair][16 rows] (a_t, with its scales sa_t). The weights stay K-major as stored: per
-//    128-wide K block an item (<= 64 rows x 24 columns) decodes its 24 weight rows into a 6 KiB
-//    L1 panel, and the micro-kernel keeps 24 zmm accumulators (24 columns x 16 rows): per
-//    k-pair one a_t load and 24 broadcast-dot-products, no transpose of b and no horizontal
-//    sums. After each block, totals += block sums * (a_scale * b_scale): 24 FMAs per 1536 dots.
-//  - Weight rows of the next K blocks are prefetched while the current block computes.
-//  The micro-kernel runs at ~85% of the measured vdpbf16ps peak; the rest of the time at the
-//  decode shape is the weight decode and the DRAM stream of the weights.
-// Portable path (any other CPU): rows decoded to fp32 (table), a 4x3 dot-product micro-kernel
-// with 16-lane arrays that compilers turn into SIMD FMAs, same numerics.
+// 1. Decode kernel (m <= kDecodeMaxRows: 8 on the avx512bf16 path, 16 elsewhere), vectorised
+//    along K. At decode shapes (1-16 rows per expert) the GEMM is bound by reading its weights,
+//    so the kernel's job is to decode each weight byte once, cheaply, and use it for all m rows.
+//    Work items are (segment, 16 output columns); threads take them from a shared counter.
+//    Groups of 4 weight rows are walked along K: each 128-wide block is decoded into registers
+//    (m <= 2: decoded and used at once) or into a 4-block L1 panel that register tiles of 2 rows
+//    reuse (m > 2). Lanes of an accumulator are K positions; per block the partial sums are
+//    scaled lane-wise (see "decode path" below for why that matches the reference), and one
+//    horizontal sum per output remains at the end. a's rows are decoded once per call.
+//    Decode per CPU level: avx512bf16 e4m3 -> bf16 by two vpermt2b byte tables (exact) and
+//    vdpbf16ps; avx512/avx2 e4m3 -> fp16 by a shift (the 2^-8 offset folded into the scale,
+//    subnormals exact) and vcvtph2ps, then FMAs; generic a table.
+//    Bound at V2-Lite T=1 (6 experts x N=2816 x K=2048, 34.6 MB fp8): the DRAM read of the
+//    weights, ~1 ms at 37 GB/s on 2 Zen 4 cores; the decode costs ~12 vector ops per 64 bytes.
 //
-// Bound at the MoE decode shape (8 experts x 16 rows, N=4096, K=7168): 7.5 GFLOP and 235 MB of
-// fp8 weights. On 2 Zen 4 cores the weight stream is ~11 ms at ~22 GB/s and the dot products
-// ~17 ms at one 512-bit vdpbf16ps per cycle (~226 GFLOP/s per core measured): compute bound.
-// torch's bf16 F.grouped_mm must stream twice the bytes, fp32 bmm four times.
-// Last measurement (bench/bench_gemm.py, 2-core Zen 4 VM shared with other jobs, so noisy): decode
-// shape 30-68 ms; in the same runs F.grouped_mm (bf16) 46-131 ms (1.5-1.9x slower) and fp32
-// bmm on the dequantized weights 122-316 ms (4-5x slower). In a quiet run F.grouped_mm reached
-// 37 ms, i.e. it is near its own bf16 weight-stream bound; 3x faster than that (12 ms) is below
-// the dot-product floor above, so the remaining gap is not closable on 2 cores.
+// 2. Row-tiled kernels (m larger: prefill), vectorised over rows. Work items are (group, row
+//    tile, column tile) from a shared counter.
+//    AVX512_BF16 path (Zen 4, Sapphire Rapids, ...): every e4m3 value is exact in bf16, so the
+//    products run on `vdpbf16ps` (32 multiply-adds per instruction, fp32 accumulate).
+//    - Each 16-row tile of a is decoded and transposed once per call into [k-pair][16 rows]
+//      (a_t, with its scales sa_t). The weights stay K-major as stored: per 128-wide K block an
+//      item (<= 64 rows x 24 columns) decodes its 24 weight rows into a 6 KiB L1 panel, and the
+//      micro-kernel keeps 24 zmm accumulators (24 columns x 16 rows): per k-pair one a_t load and
+//      24 broadcast-dot-products, no transpose of b and no horizontal sums. After each block,
+//      totals += block sums * (a_scale * b_scale): 24 FMAs per 1536 dots.
+//    - Weight rows of the next K blocks are prefetched while the current block computes.
+//    The micro-kernel runs at ~85% of the measured vdpbf16ps peak.
+//    Other levels: rows decoded to fp32 (table), a 4x3 dot-product micro-kernel with 16-lane
+//    arrays that the compiler turns into the level's SIMD FMAs, same numerics.
+//
+// Measured figures: BENCHMARKS.md ("CPU decode GEMMs").
 // Compiled once per CPU level by gemm.cpp (cpu/variants.h): no include guard, LK_ISA selects code.
 
 namespace lk::cpu::LK_NS {
@@ -391,37 +394,43 @@ void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const
 // the exact order (horizontal block sum, then the scale), so Inf/NaN come out as the reference's.
 #if LK_ISA >= 3
 using DV = __m512;
-constexpr int kVB = 4;              // DVs per 128-wide K block
+constexpr int kChunk = 64;          // bytes per decode step
+constexpr int kVC = 2;              // DVs per chunk (32 bf16 each)
 constexpr float kFix = 1.0f;        // decoded values are exact
-constexpr int kDMR = 2;              // rows per register tile
+constexpr int kDMR = 2;             // rows per register tile
 inline DV dv_zero() { return _mm512_setzero_ps(); }
 inline DV dv_dot(DV acc, DV a, DV w) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)w); }
 inline DV dv_fma(DV x, float s, DV acc) { return _mm512_fmadd_ps(x, _mm512_set1_ps(s), acc); }
 inline float dv_hsum(DV v) { return _mm512_reduce_add_ps(v); }
-struct BlockDecoder {
+struct ChunkDecoder {
   Decoder dec;
-  void operator()(const uint8_t* src, DV* out) const {  // 128 readable bytes
-    for (int half = 0; half < 2; ++half) {
-      __m512i w0, w1;
-      dec(_mm512_loadu_si512(src + 64 * half), &w0, &w1);
-      out[2 * half] = _mm512_castsi512_ps(w0);
-      out[2 * half + 1] = _mm512_castsi512_ps(w1);
-    }
+  void operator()(const uint8_t* src, DV* out) const {  // kChunk readable bytes
+    __m512i w0, w1;
+    dec(_mm512_loadu_si512(src), &w0, &w1);
+    out[0] = _mm512_castsi512_ps(w0);
+    out[1] = _mm512_castsi512_ps(w1);
   }
 };
 #elif LK_ISA >= 1
+constexpr int kChunk = 32;
+constexpr float kFix = 65536.0f;    // each decoded value is value * 2^-8
 #if LK_ISA >= 2
 using DV = __m512;
+constexpr int kVC = 2;
 constexpr int kDMR = 2;
 inline DV dv_zero() { return _mm512_setzero_ps(); }
 inline DV dv_dot(DV acc, DV a, DV w) { return _mm512_fmadd_ps(a, w, acc); }
 inline DV dv_fma(DV x, float s, DV acc) { return _mm512_fmadd_ps(x, _mm512_set1_ps(s), acc); }
 inline float dv_hsum(DV v) { return _mm512_reduce_add_ps(v); }
-inline void dv_from_f16(__m256i h, DV* out) { out[0] = _mm512_cvtph_ps(h); }
-constexpr int kPerF16 = 1;          // DVs per 16 fp16 values
+inline void dv_from_bytes(__m256i x, DV* out) {  // 32 e4m3 -> 32 fp32 (value * 2^-8)
+  const __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(x), 7), _mm512_set1_epi16(int16_t(0xbfff)));
+  out[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+  out[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+}
 #else
 using DV = __m256;
-constexpr int kDMR = 1;              // 16 ymm registers: one row's 4 sums + 4 totals
+constexpr int kVC = 4;
+constexpr int kDMR = 1;             // 16 ymm registers: one row's 4 sums + 4 totals + 4 weights
 inline DV dv_zero() { return _mm256_setzero_ps(); }
 inline DV dv_dot(DV acc, DV a, DV w) { return _mm256_fmadd_ps(a, w, acc); }
 inline DV dv_fma(DV x, float s, DV acc) { return _mm256_fmadd_ps(x, _mm256_set1_ps(s), acc); }
@@ -430,80 +439,133 @@ inline float dv_hsum(DV v) {
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
-inline void dv_from_f16(__m256i h, DV* out) {
-  out[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
-  out[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+inline void dv_from_bytes(__m256i x, DV* out) {
+  const __m256i keep = _mm256_set1_epi16(int16_t(0xbfff));
+  for (int h = 0; h < 2; ++h) {
+    const __m128i bytes = h == 0 ? _mm256_castsi256_si128(x) : _mm256_extracti128_si256(x, 1);
+    const __m256i f16 = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7), keep);
+    out[2 * h] = _mm256_cvtph_ps(_mm256_castsi256_si128(f16));
+    out[2 * h + 1] = _mm256_cvtph_ps(_mm256_extracti128_si256(f16, 1));
+  }
 }
-constexpr int kPerF16 = 2;
 #endif
-constexpr int kVB = 8 * kPerF16;
-constexpr float kFix = 65536.0f;    // each decoded value is value * 2^-8
-struct BlockDecoder {
+struct ChunkDecoder {
   float table[256];                 // value * 2^-8, for chunks holding a NaN code
-  BlockDecoder() {
+  ChunkDecoder() {
     for (int i = 0; i < 256; ++i) table[i] = fp8e4m3_to_f32(uint8_t(i)) * 0.00390625f;
   }
-  void operator()(const uint8_t* src, DV* out) const {  // 128 readable bytes
-    const __m256i mag = _mm256_set1_epi8(0x7f), keep = _mm256_set1_epi16(int16_t(0xbfff));
-    for (int c = 0; c < 4; ++c) {   // 32-byte chunks
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * c));
-      DV* o = out + c * 2 * kPerF16;
-      if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_and_si256(x, mag), mag)) != 0) {
-        alignas(64) float v[32];
-        for (int i = 0; i < 32; ++i) v[i] = table[src[32 * c + i]];
-        for (int j = 0; j < 2 * kPerF16; ++j) memcpy(&o[j], v + j * (32 / (2 * kPerF16)), sizeof(DV));
-        continue;
-      }
-      for (int h = 0; h < 2; ++h) {
-        const __m128i bytes = h == 0 ? _mm256_castsi256_si128(x) : _mm256_extracti128_si256(x, 1);
-        const __m256i f16 = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7), keep);
-        dv_from_f16(f16, o + h * kPerF16);
-      }
+  void operator()(const uint8_t* src, DV* out) const {  // kChunk readable bytes
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    const __m256i mag = _mm256_set1_epi8(0x7f);
+    if (__builtin_expect(_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_and_si256(x, mag), mag)) != 0, 0)) {
+      alignas(64) float v[kChunk];
+      for (int i = 0; i < kChunk; ++i) v[i] = table[src[i]];
+      memcpy(out, v, sizeof(v));
+      return;
     }
+    dv_from_bytes(x, out);
   }
 };
 #else
 typedef float DV __attribute__((vector_size(16)));
-constexpr int kVB = 32;
+constexpr int kChunk = 16;
+constexpr int kVC = 4;
 constexpr float kFix = 1.0f;
 constexpr int kDMR = 1;
 inline DV dv_zero() { return DV{}; }
 inline DV dv_dot(DV acc, DV a, DV w) { return acc + a * w; }
 inline DV dv_fma(DV x, float s, DV acc) { return acc + x * s; }
 inline float dv_hsum(DV v) { return (v[0] + v[1]) + (v[2] + v[3]); }
-struct BlockDecoder {
+struct ChunkDecoder {
   float table[256];
-  BlockDecoder() {
+  ChunkDecoder() {
     for (int i = 0; i < 256; ++i) table[i] = fp8e4m3_to_f32(uint8_t(i));
   }
   void operator()(const uint8_t* src, DV* out) const {
-    for (int v = 0; v < kVB; ++v) out[v] = DV{table[src[4 * v]], table[src[4 * v + 1]], table[src[4 * v + 2]], table[src[4 * v + 3]]};
+    for (int v = 0; v < kVC; ++v) out[v] = DV{table[src[4 * v]], table[src[4 * v + 1]], table[src[4 * v + 2]], table[src[4 * v + 3]]};
   }
 };
 #endif
 
-constexpr int kNC = 4;                       // weight rows (output columns) per group
-constexpr int64_t kChunkBlocks = 4;          // K blocks per L1 panel
-constexpr int64_t kColsPerItem = 16;         // output columns per work item
+constexpr int kCB = kQuantGroup / kChunk;  // chunks per 128-wide K block
+constexpr int kVB = kCB * kVC;             // DVs per block
+constexpr int kNC = 4;                     // weight rows (output columns) per group
+constexpr int64_t kChunkBlocks = 4;        // K blocks per L1 panel (rows > kDMR)
+constexpr int64_t kColsPerItem = 16;       // output columns per work item
 constexpr int64_t kDecodeMaxRows = LK_ISA >= 3 ? 8 : 16;  // above: the row-tiled kernels
 
 // Decode one 128-wide K block of `src` (kv <= 128 valid bytes; the rest decode as zero).
-inline void decode_block_padded(const BlockDecoder& dec, const uint8_t* src, int64_t kv, DV* out) {
-  if (kv == kQuantGroup) {
-    dec(src, out);
-  } else {
-    alignas(64) uint8_t buf[kQuantGroup] = {};
+inline void decode_block(const ChunkDecoder& dec, const uint8_t* src, int64_t kv, DV* out) {
+  alignas(64) uint8_t buf[kQuantGroup];
+  if (kv < kQuantGroup) {
+    memset(buf, 0, sizeof(buf));
     memcpy(buf, src, size_t(kv));
-    dec(buf, out);
+    src = buf;
+  }
+  for (int c = 0; c < kCB; ++c) dec(src + c * kChunk, out + c * kVC);
+}
+
+using Totals = DV[kDecodeMaxRows][kNC];
+using Exact = float[kDecodeMaxRows][kNC];
+
+// Adds one K block's sums blk[r][c] (lanes: partial sums) times a_scale * b_scale to the totals.
+template <int MR>
+inline void scale_block(DV (&blk)[MR][kNC], const float* sa, int64_t sa_stride, float sb, DV (&t)[MR][kNC],
+                        Exact& exact, int64_t r0) {
+  for (int r = 0; r < MR; ++r) {
+    const float s = sa[r * sa_stride] * sb;
+    if (__builtin_expect(std::fabs(s) <= kSafeScale, 1)) {
+      for (int c = 0; c < kNC; ++c) t[r][c] = dv_fma(blk[r][c], s * kFix, t[r][c]);
+    } else {  // Inf / NaN / huge: the reference's order, (block sum) * scale
+      for (int c = 0; c < kNC; ++c) exact[r0 + r][c] += (dv_hsum(blk[r][c]) * kFix) * s;
+    }
   }
 }
 
-// One register tile: MR rows x kNC columns over the panel's nb blocks, totals in registers.
-// panel: [kNC][kChunkBlocks][kVB]; arow[r]: the row's decoded blocks from the panel's first;
-// sa[r] / sb: a_scale / b_scale of those blocks.
+// Few rows (m <= kDMR): every weight chunk is decoded into registers and used at once.
 template <int MR>
-inline void tile_rows(const DV* const* arow, const DV* panel, int64_t nb, const float* const* sa, const float* sb,
-                      DV (&tot)[kDecodeMaxRows][kNC], float (&exact)[kDecodeMaxRows][kNC], int64_t r0) {
+void fused_rows(const ChunkDecoder& dec, const uint8_t* const* col, const Problem& p, const DV* a_dec,
+                const float* sa, const float* sbrow, Totals& tot, Exact& exact) {
+  DV t[MR][kNC];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < kNC; ++c) t[r][c] = dv_zero();
+  const int64_t per_row = p.KB * kVB;
+  for (int64_t kb = 0; kb < p.KB; ++kb) {
+    const int64_t k0 = kb * kQuantGroup, kv = std::min<int64_t>(kQuantGroup, p.K - k0);
+    alignas(64) uint8_t tail[kNC][kQuantGroup];
+    const uint8_t* src[kNC];
+    for (int c = 0; c < kNC; ++c) {
+      src[c] = col[c] + k0;
+      if (kv < kQuantGroup) {
+        memset(tail[c], 0, kQuantGroup);
+        memcpy(tail[c], src[c], size_t(kv));
+        src[c] = tail[c];
+      } else {
+        __builtin_prefetch(src[c] + 4 * kQuantGroup, 0, 0);
+        __builtin_prefetch(src[c] + 4 * kQuantGroup + 64, 0, 0);
+      }
+    }
+    DV blk[MR][kNC];
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < kNC; ++c) blk[r][c] = dv_zero();
+    for (int ch = 0; ch < kCB; ++ch)
+      for (int c = 0; c < kNC; ++c) {
+        DV w[kVC];
+        dec(src[c] + ch * kChunk, w);
+        for (int v = 0; v < kVC; ++v)
+          for (int r = 0; r < MR; ++r) blk[r][c] = dv_dot(blk[r][c], a_dec[r * per_row + kb * kVB + ch * kVC + v], w[v]);
+      }
+    scale_block<MR>(blk, sa + kb, p.KB, sbrow[kb], t, exact, 0);
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < kNC; ++c) tot[r][c] = t[r][c];
+}
+
+// More rows: per chunk of K blocks the kNC weight rows are decoded once into an L1 panel
+// [kNC][kChunkBlocks][kVB], then register tiles of MR rows run over it, totals in registers.
+template <int MR>
+inline void panel_rows(const DV* const* arow, const DV* panel, int64_t nb, const float* const* sa, const float* sb,
+                       Totals& tot, Exact& exact, int64_t r0) {
   DV t[MR][kNC];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < kNC; ++c) t[r][c] = tot[r0 + r][c];
@@ -519,28 +581,22 @@ inline void tile_rows(const DV* const* arow, const DV* panel, int64_t nb, const 
         for (int r = 0; r < MR; ++r) blk[r][c] = dv_dot(blk[r][c], av[r], w);
       }
     }
-    for (int r = 0; r < MR; ++r) {
-      const float s = sa[r][kb] * sb[kb];
-      if (__builtin_expect(std::fabs(s) <= kSafeScale, 1)) {
-        for (int c = 0; c < kNC; ++c) t[r][c] = dv_fma(blk[r][c], s * kFix, t[r][c]);
-      } else {  // Inf / NaN / huge: the reference's order, (block sum) * scale
-        for (int c = 0; c < kNC; ++c) exact[r0 + r][c] += (dv_hsum(blk[r][c]) * kFix) * s;
-      }
-    }
+    for (int r = 0; r < MR; ++r) scale_block<1>(reinterpret_cast<DV(&)[1][kNC]>(blk[r]), sa[r] + kb, 0, sb[kb],
+                                                reinterpret_cast<DV(&)[1][kNC]>(t[r]), exact, r0 + r);
   }
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < kNC; ++c) tot[r0 + r][c] = t[r][c];
 }
 
 // Output columns [n0, n1) of one small segment; a_dec: its rows, decoded.
-void decode_item(const Problem& p, const BlockDecoder& dec, const DV* a_dec, const Segment& seg, int64_t n0,
+void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, const Segment& seg, int64_t n0,
                  int64_t n1) {
   const int64_t m = seg.r1 - seg.r0;
   const uint8_t* bg = p.b + seg.group * p.N * p.K;
   const float* sbg = p.b_scale + seg.group * p.NB * p.KB;
   alignas(64) DV panel[kNC * kChunkBlocks * kVB];
-  DV tot[kDecodeMaxRows][kNC];
-  float exact[kDecodeMaxRows][kNC];
+  Totals tot;
+  Exact exact;
   for (int64_t c0 = n0; c0 < n1; c0 += kNC) {
     const int nc = int(std::min<int64_t>(kNC, n1 - c0));
     const uint8_t* col[kNC];
@@ -548,31 +604,37 @@ void decode_item(const Problem& p, const BlockDecoder& dec, const DV* a_dec, con
     const float* sbrow = sbg + (c0 / kQuantGroup) * p.KB;  // kNC divides 128: one weight block row
     for (int64_t r = 0; r < m; ++r)
       for (int c = 0; c < kNC; ++c) tot[r][c] = dv_zero(), exact[r][c] = 0.0f;
-    for (int64_t kb0 = 0; kb0 < p.KB; kb0 += kChunkBlocks) {
-      const int64_t nb = std::min(kChunkBlocks, p.KB - kb0);
-      for (int c = 0; c < kNC; ++c)
-        for (int64_t kb = 0; kb < nb; ++kb) {
-          const int64_t k0 = (kb0 + kb) * kQuantGroup;
-          const uint8_t* src = col[c] + k0;
-          if (kb0 + kb + kChunkBlocks < p.KB) {  // the next panel's bytes
-            __builtin_prefetch(src + kChunkBlocks * kQuantGroup, 0, 0);
-            __builtin_prefetch(src + kChunkBlocks * kQuantGroup + 64, 0, 0);
+    const float* sa0 = p.a_scale + seg.r0 * p.KB;
+    if (m == kDMR) {
+      fused_rows<kDMR>(dec, col, p, a_dec, sa0, sbrow, tot, exact);
+    } else if (m == 1) {
+      fused_rows<1>(dec, col, p, a_dec, sa0, sbrow, tot, exact);
+    } else {
+      for (int64_t kb0 = 0; kb0 < p.KB; kb0 += kChunkBlocks) {
+        const int64_t nb = std::min(kChunkBlocks, p.KB - kb0);
+        for (int c = 0; c < kNC; ++c)
+          for (int64_t kb = 0; kb < nb; ++kb) {
+            const int64_t k0 = (kb0 + kb) * kQuantGroup;
+            const uint8_t* src = col[c] + k0;
+            if (kb0 + kb + kChunkBlocks < p.KB) {  // the next panel's bytes
+              __builtin_prefetch(src + kChunkBlocks * kQuantGroup, 0, 0);
+              __builtin_prefetch(src + kChunkBlocks * kQuantGroup + 64, 0, 0);
+            }
+            decode_block(dec, src, std::min<int64_t>(kQuantGroup, p.K - k0), panel + (c * kChunkBlocks + kb) * kVB);
           }
-          decode_block_padded(dec, src, std::min<int64_t>(kQuantGroup, p.K - k0),
-                              panel + (c * kChunkBlocks + kb) * kVB);
+        for (int64_t r0 = 0; r0 < m; r0 += kDMR) {
+          const DV* arow[kDMR];
+          const float* sa[kDMR];
+          const int mr = int(std::min<int64_t>(kDMR, m - r0));
+          for (int r = 0; r < mr; ++r) {
+            arow[r] = a_dec + ((r0 + r) * p.KB + kb0) * kVB;
+            sa[r] = sa0 + (r0 + r) * p.KB + kb0;
+          }
+          if (mr == kDMR)
+            panel_rows<kDMR>(arow, panel, nb, sa, sbrow + kb0, tot, exact, r0);
+          else
+            panel_rows<1>(arow, panel, nb, sa, sbrow + kb0, tot, exact, r0);
         }
-      for (int64_t r0 = 0; r0 < m; r0 += kDMR) {
-        const DV* arow[kDMR];
-        const float* sa[kDMR];
-        const int mr = int(std::min<int64_t>(kDMR, m - r0));
-        for (int r = 0; r < mr; ++r) {
-          arow[r] = a_dec + ((r0 + r) * p.KB + kb0) * kVB;
-          sa[r] = p.a_scale + (seg.r0 + r0 + r) * p.KB + kb0;
-        }
-        if (mr == kDMR)
-          tile_rows<kDMR>(arow, panel, nb, sa, sbrow + kb0, tot, exact, r0);
-        else
-          tile_rows<1>(arow, panel, nb, sa, sbrow + kb0, tot, exact, r0);
       }
     }
     for (int64_t r = 0; r < m; ++r)
@@ -582,7 +644,7 @@ void decode_item(const Problem& p, const BlockDecoder& dec, const DV* a_dec, con
 
 void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
   if (segs.empty()) return;
-  const BlockDecoder dec;
+  const ChunkDecoder dec;
   std::vector<int64_t> first(segs.size() + 1, 0);
   for (size_t i = 0; i < segs.size(); ++i) first[i + 1] = first[i] + (segs[i].r1 - segs[i].r0);
   const int64_t rows = first.back(), per_row = p.KB * kVB;
@@ -602,7 +664,7 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
       const size_t s = size_t(std::upper_bound(first.begin(), first.end(), i) - first.begin() - 1);
       const uint8_t* src = p.a + (segs[s].r0 + (i - first[s])) * p.K;
       for (int64_t kb = 0; kb < p.KB; ++kb)
-        decode_block_padded(dec, src + kb * kQuantGroup, std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup),
+        decode_block(dec, src + kb * kQuantGroup, std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup),
                             a_dec + i * per_row + kb * kVB);
     }
     for (;;) {
