@@ -104,6 +104,32 @@ def test_non_contiguous_inputs(device):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_infinite_scale_gives_inf_like_the_reference(device, out_dtype):
+    # Issue 16: an infinite scale must give the reference's +-inf, not NaN (a kernel that scales
+    # each of its per-lane partial sums makes 0 * inf and inf - inf). The non-native (portable)
+    # CPU path did; the native one already matched.
+    a, s = _quant_a(randn(1, 128, seed=71, device=device))
+    b, t = _quant_b(randn(1, 128, seed=72, device=device))
+    s[0, 0] = float("inf")
+    got = lk.fp8_gemm(a, s, b, t, out_dtype=out_dtype).cpu()
+    want = ref.fp8_gemm(a.cpu(), s.cpu(), b.cpu(), t.cpu(), out_dtype)
+    assert want.isinf().all()
+    assert torch.equal(got, want), (got, want)
+    # Several rows and K blocks: +-inf where a row's scale is infinite, finite elsewhere.
+    M, N, K = 20, 24, 256
+    _, _, a, s, b, t = _operands(M, N, K, seed=73, device=device)
+    s[3, 1], s[7, 0] = float("inf"), -float("inf")
+    got = lk.fp8_gemm(a, s, b, t, out_dtype=torch.float32).cpu()
+    want = ref.fp8_gemm(a.cpu(), s.cpu(), b.cpu(), t.cpu(), torch.float32)
+    inf_rows = torch.zeros(M, dtype=torch.bool)
+    inf_rows[[3, 7]] = True
+    assert want[inf_rows].isinf().all() and want[~inf_rows].isfinite().all()
+    assert torch.equal(got[inf_rows], want[inf_rows])
+    _close_f32(got[~inf_rows], want[~inf_rows])
+
+
 def _offs(counts, device):
     return torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 
 import pytest
 
@@ -220,3 +221,25 @@ def test_bad_arguments():
         C().sm90_schedule("masked", 64, 64, 128, [], SMS, 64, 64)
     with pytest.raises(ValueError, match="num_groups"):
         C().sm90_gemm_config(64, 64, 128, 0, SMS)
+
+
+def test_absurd_sizes_raise_naming_the_argument():
+    # Issue 16: sizes whose tile counts overflowed int64 (undefined behaviour, garbage configs)
+    # are a ValueError naming the argument; the largest accepted ones still give sane answers.
+    big = 2**62
+    for args, layout, arg in [((big, 7168, 7168, 1), "dense", "M"),
+                              ((64, big, 7168, 1), "dense", "N"),
+                              ((2**40, 2**40, 128, 1), "dense", "M"),
+                              ((64, 64, 128, 2**40), "contiguous", "num_groups"),
+                              ((2**20, 2**20, 128, 2**12), "masked", "M * num_groups")]:
+        with pytest.raises(ValueError, match=re.escape(arg)):
+            C().sm90_gemm_config(*args, SMS, layout=layout)
+    with pytest.raises(ValueError, match="M"):
+        C().sm90_gemm_config(-1, 64, 128, 1, SMS)
+    with pytest.raises(ValueError, match=re.escape("M * num_groups")):
+        C().sm90_schedule("masked", 2**30 - 1, 2**30 - 1, 128, [0] * 8, 1, 1, 1)
+    top = 2**31 - 1
+    for layout, M, E in (("dense", top, 1), ("contiguous", top, top), ("masked", top // 512, 512)):
+        cfg = C().sm90_gemm_config(M, top, 128, E, SMS, layout=layout)
+        assert cfg["grid"] == SMS and cfg["tiles_bound"] > 0
+        assert 1 <= cfg["band"] <= _cdiv(top, cfg["block_n"])

@@ -298,6 +298,29 @@ def test_update_bias(device, cdtype):
     assert torch.equal(leankernels.update_bias(bias, balanced, 0.1), bias)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_bias_huge_counts(device):
+    # Issue 16: sum(counts) and E * counts_e overflowed int64 (undefined behaviour) for counts
+    # near 2**62. The sign is now exact for any int64 counts. First case: mean = 0.75 * 2**62,
+    # so expert 0 goes up and the others down (int64 wrap-around gave expert 0 the wrong sign).
+    bias = torch.zeros(4, device=device)
+    big = 2**62
+    for counts, sign in (([0, big, big, big], [1, -1, -1, -1]),
+                         ([big, big], [0, 0]),
+                         ([2**63 - 1, 2**63 - 1, 2**63 - 2], [-1, -1, 1]),
+                         ([-big, big, big, 0], [1, -1, -1, 1])):
+        c = torch.tensor(counts, dtype=torch.int64, device=device)
+        b = bias[: len(counts)]
+        want = torch.tensor(sign, dtype=torch.float32) * 0.5
+        got = leankernels.update_bias(b, c, 0.5)
+        assert torch.equal(got.cpu(), want), (counts, got)
+        assert torch.equal(got.cpu(), ref.update_bias(b.cpu(), c.cpu(), 0.5))
+    # int32 counts at their extremes: sum and E * count overflow int32, stay exact
+    c = torch.tensor([2**31 - 1] * 3 + [0], dtype=torch.int32, device=device)
+    got = leankernels.update_bias(bias, c, 0.5)
+    assert torch.equal(got.cpu(), torch.tensor([-0.5, -0.5, -0.5, 0.5]))
+
+
 # --------------------------------------------------------------------- torch integration
 def _sample_args(device):
     logits = _logits(24, 64, seed=61, device=device)

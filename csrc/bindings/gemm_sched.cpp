@@ -31,6 +31,8 @@ void register_gemm_sched(py::module_& m) {
         const auto kind = parse_layout(layout);
         LK_CHECK(M >= 0 && N > 0 && K > 0, "sm90_gemm_config: M >= 0, N > 0 and K > 0 are required");
         LK_CHECK(num_groups >= 1 && num_sms >= 1, "sm90_gemm_config: num_groups and num_sms must be >= 1");
+        // bounds M, N, num_groups so that the tile counts below cannot overflow
+        sched::sm90_check_sizes("sm90_gemm_config", kind, M, N, num_groups);
         const sched::Sm90GemmConfig c = sched::sm90_pick_config(kind, M, N, K, num_groups, num_sms);
         const int64_t num_n = sched::cdiv64(N, c.block_n);
         py::dict d;
@@ -72,6 +74,7 @@ void register_gemm_sched(py::module_& m) {
         LK_CHECK(num_sms >= 1 && block_m > 0 && block_n > 0, "sm90_schedule: num_sms, block_m, block_n > 0");
         const int G = kind == sched::GemmLayoutKind::dense ? 1 : int(group_info.size());
         LK_CHECK(G >= 1, "sm90_schedule: group_info must not be empty for grouped layouts");
+        sched::sm90_check_sizes("sm90_schedule", kind, M, N, G);
         std::vector<int> ends(G), prefix(G + 1, 0);
         for (int g = 0; g < G; ++g) {
           int64_t raw = kind == sched::GemmLayoutKind::dense ? 0 : group_info[g];
@@ -81,7 +84,14 @@ void register_gemm_sched(py::module_& m) {
           if (kind == sched::GemmLayoutKind::contiguous && g > 0 && ends[g] < ends[g - 1]) ends[g] = ends[g - 1];
         }
         auto rows_of = [&](int g) { return sched::group_rows(kind, M, g, ends[g], g ? ends[g - 1] : 0); };
-        for (int g = 0; g < G; ++g) prefix[g + 1] = prefix[g] + sched::mblocks_of(rows_of(g), block_m);
+        // m-block prefix in int64, checked before it narrows to the kernel's int table (an int
+        // running sum overflowed for many large groups)
+        int64_t run = 0;
+        for (int g = 0; g < G; ++g) {
+          run += sched::mblocks_of(rows_of(g), block_m);
+          LK_CHECK(run < INT32_MAX, "sm90_schedule: too many tiles");
+          prefix[g + 1] = int(run);
+        }
         const int num_n = int(sched::cdiv64(N, block_n));
         const int band = sched::sm90_band_width(num_sms, block_m, block_n, num_n);
         const sched::Sm90GemmConfig c{block_m, block_n, 1, 1};

@@ -20,6 +20,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "common/common.h"
 
@@ -48,11 +49,30 @@ LK_HD Sm90GemmConfig sm90_config(int i) {
   return table[i];
 }
 
-LK_HD int64_t cdiv64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ceil(a / b) for b > 0. Written so that it cannot overflow near INT64_MAX (a + b - 1 did); the
+// same value as (a + b - 1) / b wherever that did not overflow, a <= 0 included.
+LK_HD int64_t cdiv64(int64_t a, int64_t b) { return a > 0 ? (a - 1) / b + 1 : (a + b - 1) / b; }
+
+// Sizes the host-side helpers below accept: M, N and num_groups below 2^31, and below 2^31 rows
+// in all for the masked layout (M * num_groups). The kernel's own limits (fp8_gemm_supported)
+// are tighter. Within these, every count below fits int64 for any block size >= 1: m-blocks
+// < 2^32, n-blocks < 2^31, tiles < 2^63. Larger sizes would overflow them (undefined
+// behaviour), so they throw ArgError naming the argument (a ValueError in Python). Host only.
+constexpr int64_t kSm90SizeLimit = int64_t(1) << 31;  // exclusive
+inline void sm90_check_sizes(const char* who, GemmLayoutKind layout, int64_t M, int64_t N, int64_t num_groups) {
+  auto fail = [&](const std::string& what) { throw ArgError(std::string("leankernels: ") + who + ": " + what); };
+  if (M < 0 || M >= kSm90SizeLimit) fail("M must be in [0, 2^31); got " + std::to_string(M));
+  if (N < 1 || N >= kSm90SizeLimit) fail("N must be in [1, 2^31); got " + std::to_string(N));
+  if (num_groups < 1 || num_groups >= kSm90SizeLimit)
+    fail("num_groups must be in [1, 2^31); got " + std::to_string(num_groups));
+  if (layout == GemmLayoutKind::masked && M * num_groups >= kSm90SizeLimit)
+    fail("M * num_groups (the masked layout's rows) must be below 2^31; got M=" + std::to_string(M) +
+         ", num_groups=" + std::to_string(num_groups));
+}
 
 // Upper bound of the m-blocks a problem has before the device knows the group sizes:
 // dense ceil(M/BM); contiguous ceil(M/BM) plus one partial block per expert boundary;
-// masked E * ceil(M_max/BM) (every expert full).
+// masked E * ceil(M_max/BM) (every expert full). Sizes as sm90_check_sizes accepts.
 inline int64_t sm90_mblocks_bound(GemmLayoutKind layout, int64_t M, int64_t num_groups, int block_m) {
   if (layout == GemmLayoutKind::contiguous) return cdiv64(M, block_m) + (num_groups - 1);
   if (layout == GemmLayoutKind::masked) return num_groups * cdiv64(M, block_m);
@@ -69,6 +89,7 @@ inline int64_t sm90_mblocks_bound(GemmLayoutKind layout, int64_t M, int64_t num_
 inline Sm90GemmConfig sm90_pick_config(GemmLayoutKind layout, int64_t M, int64_t N, int64_t K, int64_t num_groups,
                                        int num_sms) {
   (void)K;  // every tile runs the same K steps: K scales all candidates alike
+  sm90_check_sizes("sm90_pick_config", layout, M, N, num_groups);
   Sm90GemmConfig best = sm90_config(0);
   double best_cost = -1;
   int64_t best_tiles = 0;
@@ -90,11 +111,12 @@ inline Sm90GemmConfig sm90_pick_config(GemmLayoutKind layout, int64_t M, int64_t
 
 // Band width in n-blocks: about sqrt(num_sms * BM / BN), which balances the A rows and B
 // columns one wave touches (num_sms/band * BM vs band * BN rows of K bytes each).
+// (Clamped in int64 before narrowing: the rounded root reaches 2^31 for absurd block shapes.)
 inline int sm90_band_width(int num_sms, int block_m, int block_n, int64_t num_n_blocks) {
-  int band = int(std::lround(std::sqrt(double(num_sms) * block_m / block_n)));
+  int64_t band = std::llround(std::sqrt(double(num_sms) * block_m / block_n));
   if (band < 1) band = 1;
-  if (band > num_n_blocks) band = int(num_n_blocks);
-  return band < 1 ? 1 : band;
+  if (band > num_n_blocks) band = num_n_blocks;
+  return band < 1 ? 1 : int(band);
 }
 
 // Rows of group g: [begin, end) in the group's own row numbering, and the row of the A / out
@@ -178,6 +200,7 @@ LK_HD TileCoord tile_coord(int t, const int* prefix, int num_groups, int num_n, 
 // largest (the grouped layouts' real tile count is only known on the device).
 inline int sm90_grid(GemmLayoutKind layout, int64_t M, int64_t N, int64_t num_groups, Sm90GemmConfig c,
                      int num_sms) {
+  sm90_check_sizes("sm90_grid", layout, M, N, num_groups);
   int64_t bound = sm90_mblocks_bound(layout, M, num_groups, c.block_m) * cdiv64(N, c.block_n);
   int64_t grid = bound < num_sms ? bound : num_sms;
   return grid < 1 ? 1 : int(grid);

@@ -322,6 +322,9 @@ void unpermute(const void* y, DType dtype, int64_t R, int64_t H, const int32_t* 
   }
 }
 
+#if !defined(__SIZEOF_INT128__)
+#error "update_bias needs __int128 (GCC or Clang on a 64-bit target)"
+#endif
 void update_bias(const float* bias, const void* counts, DType counts_dtype, int64_t E, float rate,
                  float* out) {
   LK_CHECK(counts_dtype == DType::i32 || counts_dtype == DType::i64, "update_bias: counts must be int32 or int64");
@@ -329,10 +332,13 @@ void update_bias(const float* bias, const void* counts, DType counts_dtype, int6
     return counts_dtype == DType::i32 ? int64_t(static_cast<const int32_t*>(counts)[e])
                                       : static_cast<const int64_t*>(counts)[e];
   };
-  int64_t sum = 0;
+  // sign(mean - count_e) == sign(sum - E * count_e), exactly, in 128-bit integers: |sum| and
+  // |E * count_e| are below 2^126 for any E < 2^63 and int64 counts, so nothing can overflow
+  // (int64 overflowed for counts near 2^62 and gave the wrong sign).
+  __int128 sum = 0;
   for (int64_t e = 0; e < E; ++e) sum += count(e);
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t d = sum - E * count(e);
+    const __int128 d = sum - static_cast<__int128>(E) * count(e);
     const float sign = d > 0 ? 1.0f : (d < 0 ? -1.0f : 0.0f);
     out[e] = bias[e] + rate * sign;
   }

@@ -438,8 +438,9 @@ template <typename C>
 __global__ void __launch_bounds__(256) update_bias_kernel(const float* __restrict__ bias,
                                                           const C* __restrict__ counts, int64_t E,
                                                           float rate, float* __restrict__ out) {
-  __shared__ long long partial[256];
-  long long s = 0;
+  // Exact in 128-bit integers, as the CPU kernel: sign(sum - E * count_e) cannot overflow.
+  __shared__ __int128 partial[256];
+  __int128 s = 0;
   for (int64_t e = threadIdx.x; e < E; e += blockDim.x) s += counts[e];
   partial[threadIdx.x] = s;
   __syncthreads();
@@ -447,9 +448,9 @@ __global__ void __launch_bounds__(256) update_bias_kernel(const float* __restric
     if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
     __syncthreads();
   }
-  const long long sum = partial[0];
+  const __int128 sum = partial[0];
   for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
-    const long long d = sum - E * (long long)counts[e];
+    const __int128 d = sum - (__int128)E * (long long)counts[e];
     const float sign = d > 0 ? 1.0f : (d < 0 ? -1.0f : 0.0f);
     out[e] = bias[e] + rate * sign;
   }

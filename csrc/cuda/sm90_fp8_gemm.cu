@@ -489,6 +489,7 @@ bool fp8_gemm_supported(GemmLayout layout, int64_t M, int64_t N, int64_t K, bool
   if (M < 0 || N <= 0 || K <= 0) return false;
   if (K % 16 != 0 || N % 8 != 0) return false;  // TMA: global row strides are multiples of 16 B
   if (!aligned16(a) || !aligned16(b) || !aligned16(out)) return false;
+  if (M >= INT_MAX || N >= INT_MAX || K >= INT_MAX) return false;  // first: the products below stay in int64
   const int64_t rows = layout == GemmLayout::masked ? M * num_groups : M;
   if (rows >= INT_MAX || N * num_groups >= INT_MAX || K >= INT_MAX) return false;
   const int64_t tiles = (sched::cdiv64(M, 64) + num_groups) * num_groups * sched::cdiv64(N, 32);

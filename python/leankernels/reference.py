@@ -234,9 +234,12 @@ def unpermute(y: torch.Tensor, token_row: torch.Tensor, weights: torch.Tensor) -
 def update_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float = 1e-3) -> torch.Tensor:
     """DeepSeek aux-loss-free balancing: bias_e + rate * sign(mean(counts) - counts_e), in fp32.
 
-    The sign is taken exactly in integers: sign(sum(counts) - E * counts_e)."""
+    The sign is taken exactly in integers: sign(sum(counts) - E * counts_e), in Python's
+    unbounded ints (int64 arithmetic would wrap for counts near 2**62 and flip the sign)."""
     E = counts.numel()
-    s = torch.sign(counts.long().sum() - counts.long() * E).float()
+    c = counts.long().cpu().tolist()
+    total = sum(c)
+    s = torch.tensor([(total > E * x) - (total < E * x) for x in c], dtype=torch.float32, device=bias.device)
     return bias.float() + torch.tensor(rate, dtype=torch.float32, device=bias.device) * s
 # -------------------------------------------------------------------------------------- mla
 # DeepSeek-V3 MLA dims: kv_lora_rank 512 (the latent, also the value), rope dim 64.
