@@ -71,6 +71,10 @@ def test_quick_bench_json_is_complete(quick_run):
     ceil = results["ceilings"]
     assert ceil["copy"]["kind"] == "memory" and ceil["copy"]["value"] > 0
     assert ceil["bf16_matmul"]["kind"] == "compute" and ceil["bf16_matmul"]["value"] > 0
+    assert ceil["read"]["kind"] == "memory" and ceil["read"]["value"] > 0
+    for r in results["rows"]:   # cases that only stream weights are measured against "read"
+        if r["ceiling"] == "read":
+            assert r["pct_ceiling"] > 0 and r["x_ceiling_time"] > 0
     quant = [r for r in results["rows"] if r["domain"] == "quant"]
     assert {r["case"].split()[1] for r in quant} == {"1x128", "128x128"}
     for r in quant:
@@ -177,6 +181,38 @@ def test_run_case_reports_failed_check_and_errors():
     assert any("correctness check failed" in p for p in problems)
     assert any("baseline broke" in p for p in problems)
     assert report.format_table(res).count("ERROR") == 1
+
+
+def test_run_case_setup_and_teardown():
+    cfg = TimingConfig(warmup=0, min_reps=3, max_reps=5, budget_s=0.01)
+    log = []
+    state = {}
+
+    def setup():
+        log.append("setup")
+        state["x"] = 1
+
+    def teardown():
+        log.append("teardown")
+        state.clear()
+
+    def check():
+        log.append("check")
+        return state.get("x") == 1
+
+    rows = runner.run_case(_case(setup=setup, teardown=teardown, check=check, ours=lambda: state["x"]),
+                           "cpu", cfg, None, _ceil())
+    assert log[:2] == ["setup", "check"] and log[-1] == "teardown" and log.count("teardown") == 1
+    assert rows[0]["check"] is True and rows[0]["error"] is None and state == {}
+
+    def bad_setup():
+        raise MemoryError("needs 99 GB")
+
+    log.clear()
+    rows = runner.run_case(_case(setup=bad_setup, teardown=teardown), "cpu", cfg, None, _ceil())
+    assert log == ["teardown"]
+    assert "setup failed" in rows[0]["error"] and "needs 99 GB" in rows[0]["error"]
+    assert rows[0]["ours_s"] is None and rows[0]["ratio"] is None
 
 
 def test_rows_rates_and_ceiling():

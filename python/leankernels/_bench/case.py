@@ -1,6 +1,6 @@
 """The benchmark case contract shared by every domain's case module.
 
-Each domain module in this package (quant.py, gemm.py, routing.py, mla.py) exposes
+Each domain module in this package (quant.py, gemm.py, routing.py, mla.py, nn.py) exposes
 ``cases(device: str, quick: bool) -> list[Case]``. The runner times ``ours`` and every
 baseline in the same process, with the same inputs, and reports ratios against them.
 """
@@ -29,6 +29,11 @@ class Case:
     ceiling: Optional[str] = None    # name of the measured ceiling the "% of ceiling" is taken
     #   against ("copy", "bf16_matmul", "fp8_matmul", ...); default: "copy" when bound is
     #   "memory", else the best matmul rate measured on the device
+    setup: Optional[Callable[[], None]] = None     # allocate the case's big inputs; the runner
+    #   calls it right before the case's check and timing (cases() then only describes the
+    #   case, so a domain's cases do not all hold their weights at once)
+    teardown: Optional[Callable[[], None]] = None  # free what setup allocated; called after the
+    #   case, also when it failed
 
 
 class InputSets:

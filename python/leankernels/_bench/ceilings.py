@@ -2,6 +2,11 @@
 
 - ``copy``: device memory bandwidth seen by a plain copy of a large buffer (GPU: device to
   device ``copy_``; CPU: ``copy_`` between two large tensors), counting bytes read + written.
+- ``read``: the bandwidth of a large read-only pass (a reduction torch runs at memory speed
+  with negligible compute: the best of fp32 sum, fp32 amax and int64 sum over 512 MiB on the
+  CPU, 1 GiB on GPUs, a quarter of that with --quick; median time of each), counting bytes
+  read. Decode-shaped GEMMs and the batch-1 MoE only read their weights, so their "% of
+  ceiling" is against this one.
 - ``bf16_matmul``: the best rate ``torch.matmul`` reaches in bf16 over a few large square shapes.
 - ``fp32_matmul`` (CPU only): the same in fp32 (CPUs without bf16 units reach more in fp32).
 - ``fp8_matmul`` (GPU sm_89+): ``torch._scaled_mm`` e4m3 x e4m3 -> bf16, per-tensor scales.
@@ -45,6 +50,23 @@ def _copy(device: str, quick: bool, cfg: TimingConfig, flusher) -> Ceiling:
     m = time_one(lambda: dst.copy_(src), device, config=cfg, flusher=flusher)
     gbs = 2 * src.numel() * 4 / m.median / 1e9
     return Ceiling("copy", "memory", gbs, f"copy_ of {mib} MiB fp32 (read + write counted)")
+
+
+def _read(device: str, quick: bool, cfg: TimingConfig, flusher) -> Ceiling:
+    cuda = device.startswith("cuda")
+    mib = (256 if quick else 1024) if cuda else (128 if quick else 512)
+    src = torch.ones((mib << 20) // 4, dtype=torch.float32, device=device)  # written: no zero pages
+    ops = {"fp32 sum": lambda: src.sum(), "fp32 amax": lambda: src.amax(),
+           "int64 sum": lambda: src.view(torch.int64).sum()}
+    best, best_op = 0.0, None
+    for name, fn in ops.items():
+        m = time_one(fn, device, config=cfg, flusher=flusher)
+        gbs = src.numel() * 4 / m.median / 1e9
+        if gbs > best:
+            best, best_op = gbs, name
+    del src
+    return Ceiling("read", "memory", best, f"read-only pass over {mib} MiB (bytes read counted): best of "
+                   f"{' / '.join(ops)} (best: {best_op})")
 
 
 def _matmul(device: str, dtype: torch.dtype, sizes, cfg: TimingConfig, flusher) -> Optional[Ceiling]:
@@ -98,8 +120,8 @@ def measure(device: str, quick: bool = False, flusher: Optional[L2Flusher] = Non
     if cuda and flusher is None:
         flusher = L2Flusher(device)
     out = {}
-    c = _copy(device, quick, cfg, flusher)
-    out[c.name] = c
+    for c in (_copy(device, quick, cfg, flusher), _read(device, quick, cfg, flusher)):
+        out[c.name] = c
     if cuda:
         sizes = (4096, 8192) if quick else (4096, 8192, 16384)
         for c in (_matmul(device, torch.bfloat16, sizes, cfg, flusher), _fp8_matmul(device, sizes, cfg, flusher)):

@@ -7,19 +7,29 @@ Baselines, measured in the same run on the same data:
   GPU support it), ``F.scaled_grouped_mm`` with row-wise scales and ``F.grouped_mm`` in bf16
   (grouped). A baseline that this torch/GPU cannot run is left out (probed once here).
 Shapes: DeepSeek-V3 (DESIGN "Benchmarks") on GPU; on CPU the MoE decode step (8 experts x 16
-rows, N=4096, K=7168) plus scaled-down ones.
+rows, N=4096, K=7168) plus scaled-down ones, and (decode_cases) the decode-shaped GEMMs of
+DESIGN "CPU builds": DeepSeek-V2-Lite and DeepSeek-V3 experts and a dense N=4096 K=14336 at
+T = 1, 4, 16 tokens against torch bf16 and torch int8 weight-only on the same experts, with
+GB/s on the FP8 weight bytes touched and % of the "read" ceiling; the V2-Lite T=1 gate/up GEMM
+on every CPU path (lk.cpu_paths()); one large-M (prefill) dense GEMM against torch bf16.
 """
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from .. import _lib
 from .. import gemm as lkg
 from .. import quant
 from .. import reference as ref
+from .. import routing
 from .case import Case
+from .timing import LLC_FLUSH
 
 GROUP = 128
 
@@ -123,7 +133,8 @@ def _diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum().clamp_min(1e-300))
 
 
-def _dense_case(device: str, M: int, N: int, K: int, seed: int = 0) -> Case:
+def _dense_case(device: str, M: int, N: int, K: int, seed: int = 0, name: str = "fp8_gemm dense",
+                bound: Optional[str] = None, ceiling: Optional[str] = None) -> Case:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g).to(device)
     w = (torch.randn(N, K, generator=g) * 0.02).to(device)
@@ -147,29 +158,465 @@ def _dense_case(device: str, M: int, N: int, K: int, seed: int = 0) -> Case:
             a, b.t(), sa_t, F.ScalingType.BlockWise1x128, sb, F.ScalingType.BlockWise128x128,
             output_dtype=torch.bfloat16))
     baselines = {k: v for k, v in baselines.items() if v is not None}
-    return Case(domain="gemm", name="fp8_gemm dense", shape=f"M={M} N={N} K={K}", ours=ours, baselines=baselines,
+    return Case(domain="gemm", name=name, shape=f"M={M} N={N} K={K}", ours=ours, baselines=baselines,
                 flops=2.0 * M * N * K, bytes=float(_bytes(M, N, K, 1)), check=check,
-                bound="compute" if device != "cpu" and M >= 1024 else "memory")
+                bound=bound or ("compute" if device != "cpu" and M >= 1024 else "memory"), ceiling=ceiling)
 
 
 DEEPSEEK_NK = [(2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168), (7168, 2048)]
 MOE_NK = [(4096, 7168), (7168, 2048)]
 
 
-def cases(device: str, quick: bool) -> list[Case]:
+# ------------------------------------------------------------------ decode-shaped CPU cases
+#
+# One decode step's routed rows through one expert projection, as real decode lays them out:
+# T tokens, each routed to top_k distinct experts drawn at random (seeded), rows sorted by
+# expert with lk.plan / lk.permute(quantize=True). Timed: the GEMM alone (ours on the FP8 rows,
+# the baselines on the same rows in bf16). Bytes: the FP8 weight bytes of the experts that got
+# >= 1 row (what a decode GEMM must read), against the "read" ceiling. The LLC is flushed before
+# every call (Case.rotate): in a real decode step every other layer's weights pass through the
+# cache between two calls of this one.
+#
+# Weights: BANK distinct random experts per projection, quantized once per format; expert e of
+# the pool holds a copy of bank[e % BANK] (its own memory: the values only feed the checks, and
+# building 64-256 random experts per case would dominate the run). Experts of DeepSeek-V3 (256 x
+# 29 MB FP8 for gate/up, 7.5 GB, twice that in bf16) do not fit beside their bf16 and int8
+# copies: a V3 case allocates only the experts its tokens chose plus SPARE_EXPERTS unused ones
+# and renumbers the ids (said in its shape); even so the V3 T=16 gate/up case holds ~12 GB
+# (~100 chosen experts in FP8, bf16 and int8), and a case raises MemoryError (its row shows the
+# error) when the machine has less than that available. Weights are allocated in Case.setup and
+# freed in Case.teardown, so only one case holds them at a time.
+#
+# Baselines: torch bf16 F.grouped_mm on the same rows and offs (empty experts included, as a
+# model would call it) and torch int8 weight-only, a Python loop of _weight_int8pack_mm over the
+# experts with rows (row ranges read on the host once, at setup; ours reads offs on the device
+# and its wrapper's offs check is part of our time). The masked cases (T=1: M_max = 1) use the
+# same contiguous baselines on the same rows.
+
+@dataclass(frozen=True)
+class MoeShape:
+    model: str
+    E: int                     # routed experts
+    top_k: int
+    projs: tuple               # ((projection, N, K), ...)
+    remap: bool                # allocate only the chosen experts (+ SPARE_EXPERTS), ids renumbered
+
+
+V2_LITE = MoeShape("V2-Lite", 64, 6, (("gate/up", 2816, 2048), ("down", 2048, 1408)), remap=False)
+V3_EXPERTS = MoeShape("V3", 256, 8, (("gate/up", 4096, 7168), ("down", 7168, 2048)), remap=True)
+DENSE_DECODE_NK = (4096, 14336)
+PREFILL_MNK = (512, 4096, 7168)
+DECODE_T = (1, 4, 16)
+DECODE_T_QUICK = (1, 16)    # --quick: stand-in shapes (an eighth of N and K) at these T
+SPARE_EXPERTS = 4
+BANK = 4
+
+BF16_BASELINE = "torch bf16 F.grouped_mm"
+INT8_BASELINE = "torch int8 weight-only (_weight_int8pack_mm per expert)"
+BF16_DENSE = "torch bf16 F.linear"
+INT8_DENSE = "torch int8 weight-only (_weight_int8pack_mm)"
+
+_ELEM = {"fp8": 1, "bf16": 2, "int8": 1}   # bytes per weight element
+_FLUSH = LLC_FLUSH
+
+
+def _quick_dim(d: int) -> int:
+    """The --quick stand-in of a dimension: an eighth, rounded up to a multiple of 128."""
+    return max(GROUP, _cdiv(d // 8, GROUP) * GROUP)
+
+
+def _available_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _ensure_memory(need: float, what: str) -> None:
+    """MemoryError (reported as the case's error) rather than the OOM killer ending the run."""
+    avail = _available_bytes()
+    if avail is not None and need > 0.85 * avail:
+        raise MemoryError(f"{what} needs ~{need / 1e9:.1f} GB of weights; {avail / 1e9:.1f} GB available")
+
+
+def _int8_weight(w: torch.Tensor):
+    """Per-output-channel symmetric int8 (what _weight_int8pack_mm takes): q [N, K] int8, s [N] bf16."""
+    s = (w.abs().amax(dim=1).clamp_min(1e-8) / 127).bfloat16()
+    q = (w / s.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, s
+
+
+def _bank(n: int, N: int, K: int, formats, seed: int) -> list:
+    """n distinct random [N, K] weights (std 1/sqrt(K)) in each of ``formats``."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        w = torch.randn(N, K, generator=g) / math.sqrt(K)
+        d = {}
+        if "fp8" in formats:
+            d["fp8"] = quant.quantize_fp8(w, (GROUP, GROUP))
+        if "bf16" in formats:
+            d["bf16"] = w.bfloat16()
+        if "int8" in formats:
+            d["int8"] = _int8_weight(w)
+        out.append(d)
+        del w
+    return out
+
+
+def random_ids(T: int, E: int, top_k: int, seed: int) -> torch.Tensor:
+    """[T, top_k] int32: top_k distinct experts per token, uniformly at random (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(T, E, generator=g).topk(top_k, dim=1).indices.to(torch.int32)
+
+
+class GroupedDecode:
+    """The prepared inputs of one decode-shaped grouped GEMM (see the section comment above).
+
+    ``formats``: the weight formats to allocate in setup(): "fp8" (ours), "bf16" and "int8"
+    (the torch baselines). ``masked``: ours is fp8_grouped_gemm_masked on an [E, M_max, K] copy
+    of the same rows (M_max = the most rows any expert got; 1 at T=1)."""
+
+    def __init__(self, shape: MoeShape, proj: str, N: int, K: int, T: int, masked: bool = False,
+                 formats=("fp8", "bf16", "int8"), seed: int = 0):
+        self.shape, self.proj, self.N, self.K, self.T = shape, proj, N, K, T
+        self.masked, self.formats, self.seed = masked, tuple(formats), seed
+        E = shape.E
+        ids = random_ids(T, E, shape.top_k, seed)
+        used = torch.unique(ids)
+        if shape.remap:
+            g = torch.Generator().manual_seed(seed + 1)
+            mask = torch.ones(E, dtype=torch.bool)
+            mask[used.long()] = False
+            rest = torch.nonzero(mask).flatten()
+            spare = rest[torch.randperm(rest.numel(), generator=g)[:SPARE_EXPERTS]]
+            pool = torch.sort(torch.cat([used.long(), spare])).values
+            lut = torch.full((E,), -1, dtype=torch.int32)
+            lut[pool] = torch.arange(pool.numel(), dtype=torch.int32)
+            ids = lut[ids.long()]
+        self.P = int(pool.numel()) if shape.remap else E
+        self.used = int(used.numel())
+        self.ids = ids
+        self.plan = routing.plan(ids, self.P)
+        self.offs = self.plan.offs
+        counts, ends = self.plan.counts.tolist(), self.offs.tolist()
+        self.segments = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts, ends)) if c]
+        self.rows = T * shape.top_k
+        gx = torch.Generator().manual_seed(seed + 2)
+        x = torch.randn(T, K, generator=gx).bfloat16()
+        self.a, self.sa = routing.permute(x, self.plan, quantize=True)
+        self.xr = routing.permute(x, self.plan)          # the same rows in bf16, for the baselines
+        if masked:
+            m_max = max(c for c in counts)
+            kb = _cdiv(K, GROUP)
+            self.a3 = torch.zeros(self.P, m_max, K, dtype=torch.uint8).view(torch.float8_e4m3fn)
+            self.sa3 = torch.ones(self.P, m_max, kb)
+            for e, lo, hi in self.segments:
+                self.a3[e, : hi - lo] = self.a[lo:hi]
+                self.sa3[e, : hi - lo] = self.sa[lo:hi]
+            self.masked_m = self.plan.counts.clone()
+        self.b = self.sb = self.wb = self.wbt = self.qi = self.si = self.out = self.out_i8 = None
+
+    # -- sizes
+    def touched_bytes(self, fmt: str = "fp8") -> int:
+        """Weight bytes of the experts with >= 1 row (scales not counted)."""
+        return self.used * self.N * self.K * _ELEM[fmt]
+
+    def pool_bytes(self) -> int:
+        return self.P * self.N * self.K * sum(_ELEM[f] for f in self.formats)
+
+    # -- lifetime
+    def setup(self) -> None:
+        if self.b is not None:
+            return
+        P, N, K = self.P, self.N, self.K
+        nb = min(BANK, P)
+        _ensure_memory(self.pool_bytes() + nb * N * K * (4 + sum(_ELEM[f] for f in self.formats)),
+                       f"{self.shape.model} {self.proj} ({P} experts allocated)")
+        bank = _bank(nb, N, K, self.formats, seed=1000 + self.seed)
+        self.b = torch.empty(P, N, K, dtype=torch.float8_e4m3fn)
+        self.sb = torch.empty(P, _cdiv(N, GROUP), _cdiv(K, GROUP))
+        for e in range(P):
+            q, sc = bank[e % nb]["fp8"]
+            self.b[e].copy_(q)
+            self.sb[e].copy_(sc)
+        if "bf16" in self.formats:
+            self.wb = torch.empty(P, N, K, dtype=torch.bfloat16)
+            for e in range(P):
+                self.wb[e].copy_(bank[e % nb]["bf16"])
+            self.wbt = self.wb.transpose(-2, -1)   # F.grouped_mm takes [E, K, N]; the [E, N, K] view
+        if "int8" in self.formats:
+            self.qi = torch.empty(P, N, K, dtype=torch.int8)
+            self.si = torch.empty(P, N, dtype=torch.bfloat16)
+            for e in range(P):
+                q, sc = bank[e % nb]["int8"]
+                self.qi[e].copy_(q)
+                self.si[e].copy_(sc)
+            self.i8_segments = [(lo, hi, self.qi[e], self.si[e]) for e, lo, hi in self.segments]
+            self.out_i8 = torch.empty(self.rows, N, dtype=torch.bfloat16)
+        del bank
+        if self.masked:
+            self.out = torch.empty(P, self.a3.shape[1], N, dtype=torch.bfloat16)
+        else:
+            self.out = torch.empty(self.rows, N, dtype=torch.bfloat16)
+
+    def teardown(self) -> None:
+        self.b = self.sb = self.wb = self.wbt = self.qi = self.si = self.out = self.out_i8 = None
+        self.i8_segments = None
+
+    # -- the timed calls
+    def ours(self) -> torch.Tensor:
+        if self.masked:
+            return lkg.fp8_grouped_gemm_masked(self.a3, self.sa3, self.b, self.sb, self.masked_m, out=self.out)
+        return lkg.fp8_grouped_gemm(self.a, self.sa, self.b, self.sb, self.offs, out=self.out)
+
+    def bf16(self) -> torch.Tensor:
+        return F.grouped_mm(self.xr, self.wbt, offs=self.offs)
+
+    def int8(self) -> torch.Tensor:
+        out = self.out_i8
+        for lo, hi, q, sc in self.i8_segments:
+            out[lo:hi] = torch.ops.aten._weight_int8pack_mm(self.xr[lo:hi], q, sc)
+        return out
+
+    # -- the check
+    def _rows(self, out: torch.Tensor) -> torch.Tensor:
+        """Ours in contiguous row order [R, N] (the masked output gathered back)."""
+        if not self.masked:
+            return out
+        return torch.cat([out[e, : hi - lo] for e, lo, hi in self.segments])
+
+    def check(self, fn=None) -> bool:
+        """Ours (or ``fn``, a variant of ours) against leankernels.reference on the first 256
+        output columns of the first and last expert with rows; the torch baselines against ours
+        on every row (loosely: their weights are bf16 / int8, ours FP8)."""
+        got = self._rows((fn or self.ours)().float())
+        n = min(self.N, 2 * GROUP)
+        for e, lo, hi in (self.segments[0], self.segments[-1]):
+            want = ref.fp8_gemm(self.a[lo:hi], self.sa[lo:hi], self.b[e, :n], self.sb[e, : _cdiv(n, GROUP)],
+                                torch.float32)
+            if not _diff(got[lo:hi, :n], want) < 1e-4:
+                return False
+        if fn is None:
+            if "bf16" in self.formats and not _diff(self.bf16().float(), got) < 1e-2:
+                return False
+            if "int8" in self.formats and not _diff(self.int8().float(), got) < 1e-2:
+                return False
+        return True
+
+
+class DenseDecode:
+    """T rows through one dense [N, K] weight: ours fp8_gemm, torch bf16 F.linear and int8
+    weight-only on the same weight; prepared like GroupedDecode (weights in setup())."""
+
+    def __init__(self, T: int, N: int, K: int, seed: int = 0):
+        self.T, self.N, self.K, self.seed = T, N, K, seed
+        g = torch.Generator().manual_seed(seed + 2)
+        self.x = torch.randn(T, K, generator=g).bfloat16()
+        self.a, self.sa = quant.quantize_fp8(self.x, (1, GROUP))
+        self.b = self.sb = self.wb = self.qi = self.si = None
+
+    def touched_bytes(self, fmt: str = "fp8") -> int:
+        return self.N * self.K * _ELEM[fmt]
+
+    def setup(self) -> None:
+        if self.b is not None:
+            return
+        _ensure_memory(8 * self.N * self.K, f"dense N={self.N} K={self.K}")
+        d = _bank(1, self.N, self.K, ("fp8", "bf16", "int8"), seed=2000 + self.seed)[0]
+        (self.b, self.sb), self.wb, (self.qi, self.si) = d["fp8"], d["bf16"], d["int8"]
+
+    def teardown(self) -> None:
+        self.b = self.sb = self.wb = self.qi = self.si = None
+
+    def ours(self) -> torch.Tensor:
+        return lkg.fp8_gemm(self.a, self.sa, self.b, self.sb)
+
+    def bf16(self) -> torch.Tensor:
+        return F.linear(self.x, self.wb)
+
+    def int8(self) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(self.x, self.qi, self.si)
+
+    def check(self) -> bool:
+        got = self.ours().float()
+        n = min(self.N, 2 * GROUP)
+        want = ref.fp8_gemm(self.a, self.sa, self.b[:n], self.sb[: _cdiv(n, GROUP)], torch.float32)
+        return (_diff(got[:, :n], want) < 1e-4 and _diff(self.bf16().float(), got) < 1e-2
+                and _diff(self.int8().float(), got) < 1e-2)
+
+
+def _model(shape: MoeShape, quick: bool) -> MoeShape:
+    if not quick:
+        return shape
+    return MoeShape(shape.model + " stand-in", shape.E, shape.top_k,
+                    tuple((p, _quick_dim(N), _quick_dim(K)) for p, N, K in shape.projs), shape.remap)
+
+
+def _extra(st, key: str) -> dict:
+    return {"id": key, "bytes are": "FP8 weight bytes of the experts with >= 1 row (scales not counted)",
+            "weight bytes fp8 touched": st.touched_bytes("fp8"),
+            "weight bytes bf16 touched": st.touched_bytes("bf16"),
+            "weight bytes int8 touched": st.touched_bytes("int8")}
+
+
+def grouped_decode_case(shape: MoeShape, proj: str, T: int, masked: bool = False, quick: bool = False) -> Case:
+    shape = _model(shape, quick)
+    N, K = next((n, k) for p, n, k in shape.projs if p == proj)
+    st = GroupedDecode(shape, proj, N, K, T, masked=masked)
+    layout = "masked" if masked else "contiguous"
+    where = f" ({st.P} of {shape.E} allocated)" if shape.remap else ""
+    extra = _extra(st, f"{shape.model.split()[0]}-{proj.replace('/', '')}-T{T}-{layout}")
+    extra.update({"experts used": st.used, "experts allocated": st.P, "rows": st.rows, "layout": layout})
+    if masked:
+        extra["M_max"] = int(st.a3.shape[1])
+    return Case(domain="gemm", name=f"fp8_grouped_gemm{'_masked' if masked else ''} decode {shape.model} {proj}",
+                shape=f"T={T} top{shape.top_k} E={shape.E} N={N} K={K}: {st.used} experts, {st.rows} rows{where}",
+                ours=st.ours, baselines={BF16_BASELINE: st.bf16, INT8_BASELINE: st.int8},
+                flops=2.0 * st.rows * N * K, bytes=float(st.touched_bytes()), check=st.check, bound="memory",
+                ceiling="read", rotate=_FLUSH, setup=st.setup, teardown=st.teardown, extra=extra)
+
+
+def dense_decode_case(T: int, quick: bool = False) -> Case:
+    N, K = DENSE_DECODE_NK
+    if quick:
+        N, K = _quick_dim(N), _quick_dim(K)
+    st = DenseDecode(T, N, K)
+    return Case(domain="gemm", name="fp8_gemm decode dense" + (" stand-in" if quick else ""),
+                shape=f"T={T} N={N} K={K}", ours=st.ours, baselines={BF16_DENSE: st.bf16, INT8_DENSE: st.int8},
+                flops=2.0 * T * N * K, bytes=float(st.touched_bytes()), check=st.check, bound="memory",
+                ceiling="read", rotate=_FLUSH, setup=st.setup, teardown=st.teardown,
+                extra=_extra(st, f"dense-T{T}"))
+
+
+def cpu_paths_case(quick: bool = False) -> Optional[Case]:
+    """The V2-Lite T=1 gate/up GEMM on the CPU path in use (ours) and on every other path this
+    CPU runs (lk.set_cpu_path, forced per call, the path in use restored after): ratio = that
+    path's time / the path in use's time, so "AVX2 within 1.5x of the best path" reads as the
+    avx2 row's ratio <= 1.5x when the path in use is the fastest (a row below 1x: that forced
+    path beat the one in use). None when the CPU runs only one path."""
+    cur, paths = _lib.cpu_path(), _lib.cpu_paths()
+    others = [p for p in paths if p != cur]
+    if not others:
+        return None
+    shape = _model(V2_LITE, quick)
+    proj, N, K = shape.projs[0]
+    st = GroupedDecode(shape, proj, N, K, 1, formats=("fp8",))
+
+    def on(path):
+        def run():
+            _lib.set_cpu_path(path)
+            try:
+                return st.ours()
+            finally:
+                _lib.set_cpu_path(cur)
+        return run
+
+    def check():
+        return all(st.check(on(p)) for p in paths)
+
+    extra = _extra(st, "cpu-paths")
+    extra.update({"path in use": cur, "paths": paths})
+    return Case(domain="gemm", name=f"fp8_grouped_gemm decode {shape.model} {proj}, CPU path {cur} (in use)",
+                shape=f"T=1 top{shape.top_k} E={shape.E} N={N} K={K}: {st.used} experts, {st.rows} rows",
+                ours=on(cur), baselines={f"leankernels {p} path (forced)": on(p) for p in others},
+                flops=2.0 * st.rows * N * K, bytes=float(st.touched_bytes()), check=check, bound="memory",
+                ceiling="read", rotate=_FLUSH, setup=st.setup, teardown=st.teardown, extra=extra)
+
+
+def prefill_case(quick: bool = False) -> Case:
+    """Large M stays near torch's bf16 matmul rate: ratio = torch bf16 time / ours = our rate as a
+    fraction of torch bf16's on this shape; % of ceiling against the measured bf16 matmul rate."""
+    M, N, K = PREFILL_MNK
+    if quick:
+        M, N, K = M // 4, _quick_dim(N), _quick_dim(K)
+    c = _dense_case("cpu", M, N, K, name="fp8_gemm prefill dense", bound="compute", ceiling="bf16_matmul")
+    c.extra["ratio is"] = "our rate / torch bf16 matmul rate on this shape"
+    return c
+
+
+def decode_specs(quick: bool = False) -> list[tuple]:
+    """(kind, args) of every decode-shaped CPU case, in run order; kind in "grouped", "masked", "dense"."""
+    Ts = DECODE_T_QUICK if quick else DECODE_T
+    out = [("grouped", (V2_LITE, proj, T)) for T in Ts for proj, _, _ in V2_LITE.projs]
+    out += [("grouped", (V3_EXPERTS, proj, T)) for T in Ts for proj, _, _ in V3_EXPERTS.projs]
+    out += [("masked", (V3_EXPERTS, proj, 1)) for proj, _, _ in V3_EXPERTS.projs]
+    out += [("dense", (T,)) for T in Ts]
+    return out
+
+
+def spec_id(spec: tuple) -> str:
+    kind, args = spec
+    if kind == "dense":
+        return f"dense-T{args[0]}"
+    shape, proj, T = args
+    return f"{shape.model}-{proj.replace('/', '')}-T{T}-{'masked' if kind == 'masked' else 'contiguous'}"
+
+
+def decode_case(spec: tuple, quick: bool = False) -> Case:
+    kind, args = spec
+    if kind == "dense":
+        return dense_decode_case(*args, quick=quick)
+    return grouped_decode_case(*args, masked=kind == "masked", quick=quick)
+
+
+def decode_cases(device: str, quick: bool) -> list[Case]:
+    """The decode-shaped CPU cases (none on GPUs): see the section comment above. Each case
+    allocates its weights only while it runs."""
+    if device != "cpu":
+        return []
+    out = [decode_case(spec, quick) for spec in decode_specs(quick)]
+    paths = cpu_paths_case(quick)
+    if paths is not None:
+        out.append(paths)
+    out.append(prefill_case(quick))
+    return out
+
+
+def base_specs(device: str, quick: bool) -> list[tuple]:
+    """(kind, args, kwargs) of the other GEMM cases ("grouped": _grouped_case, "dense":
+    _dense_case), so a caller can build them one at a time (base_case)."""
+    G, D = "grouped", "dense"
     if device == "cpu":
         if quick:
-            return [_grouped_case("cpu", 4, 16, 512, 896), _dense_case("cpu", 32, 512, 896)]
+            return [(G, ("cpu", 4, 16, 512, 896), {}), (D, ("cpu", 32, 512, 896), {})]
         return [
-            _grouped_case("cpu", 8, 16, 4096, 7168),              # MoE decode step (the judged shape)
-            _grouped_case("cpu", 8, 16, 4096, 7168, masked=True),
-            _grouped_case("cpu", 4, 128, 1024, 1792),             # prefill, DeepSeek-V3 / 4
-            _dense_case("cpu", 64, 2112, 7168),
-            _dense_case("cpu", 128, 896, 2048),
+            (G, ("cpu", 8, 16, 4096, 7168), {}),                  # MoE decode step (the judged shape)
+            (G, ("cpu", 8, 16, 4096, 7168), {"masked": True}),
+            (G, ("cpu", 4, 128, 1024, 1792), {}),                 # prefill, DeepSeek-V3 / 4
+            (D, ("cpu", 64, 2112, 7168), {}),
+            (D, ("cpu", 128, 896, 2048), {}),
         ]
     if quick:
-        return [_grouped_case(device, 4, 256, 4096, 7168), _dense_case(device, 128, 4096, 7168)]
-    out = [_dense_case(device, M, N, K) for M in (64, 128, 4096) for N, K in DEEPSEEK_NK]
-    out += [_grouped_case(device, E, m, N, K) for E, m in ((4, 8192), (8, 4096)) for N, K in MOE_NK]
-    out += [_grouped_case(device, E, m, N, K, masked=True) for E, m in ((1, 1024), (2, 512), (4, 256)) for N, K in MOE_NK]
+        return [(G, (device, 4, 256, 4096, 7168), {}), (D, (device, 128, 4096, 7168), {})]
+    out = [(D, (device, M, N, K), {}) for M in (64, 128, 4096) for N, K in DEEPSEEK_NK]
+    out += [(G, (device, E, m, N, K), {}) for E, m in ((4, 8192), (8, 4096)) for N, K in MOE_NK]
+    out += [(G, (device, E, m, N, K), {"masked": True}) for E, m in ((1, 1024), (2, 512), (4, 256)) for N, K in MOE_NK]
     return out
+
+
+def base_label(spec: tuple) -> str:
+    """The "name shape" the case of ``spec`` will have, without building it."""
+    kind, args, kw = spec
+    if kind == "dense":
+        _, M, N, K = args
+        return f"fp8_gemm dense M={M} N={N} K={K}"
+    _, E, m, N, K = args
+    return f"fp8_grouped_gemm {'masked' if kw.get('masked') else 'contiguous'} {E}x{m} N={N} K={K}"
+
+
+def base_case(spec: tuple) -> Case:
+    kind, args, kw = spec
+    return (_dense_case if kind == "dense" else _grouped_case)(*args, **kw)
+
+
+def base_cases(device: str, quick: bool) -> list[Case]:
+    return [base_case(spec) for spec in base_specs(device, quick)]
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    return base_cases(device, quick) + decode_cases(device, quick)

@@ -4,7 +4,13 @@ layers in plain PyTorch (leankernels.nn.plain: bf16 nn.Linear, a Python loop ove
 naive MLA over an MHA-style cache of decompressed K/V), same weights, same inputs.
 
 Shapes: the demo's (leankernels._demo.block): the CPU block on the CPU, the GPU block on CUDA.
-To run them add "nn" to runner.DOMAINS.
+
+On the CPU also a batch-1 decode step of leankernels.nn.MoE with DeepSeek-V2-Lite shapes (64
+routed experts, top-6, hidden 2048, moe_intermediate 1408, 2 shared experts, softmax gate),
+against the plain PyTorch MoE on the same weights, with its bytes = its active FP8 weights (the
+6 routed experts' gate/up/down plus the shared experts; the router's fp32 [64, 2048] and the
+block scales not counted): "% of ceiling" is against the "read" ceiling and the table's notes
+give its time as a multiple of the time to read those bytes at that ceiling.
 """
 from __future__ import annotations
 
@@ -12,9 +18,11 @@ import math
 
 import torch
 
+from .. import routing
 from ..mla import LatentCache
-from ..nn import DecoderBlock, plain
+from ..nn import DecoderBlock, DeepSeekConfig, MoE, plain
 from .case import Case
+from .timing import LLC_FLUSH
 
 
 def _setup(device: str, quick: bool):
@@ -42,7 +50,113 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(1 - 2 * (a * b).sum() / (a * a + b * b).sum())
 
 
+# DeepSeek-V2-Lite's MoE layer (transformers' DeepseekV2 config: softmax gate, no groups, no
+# renormalisation, routed_scaling_factor 1.0).
+V2_LITE_MOE = DeepSeekConfig(hidden_size=2048, n_routed_experts=64, num_experts_per_tok=6, moe_intermediate_size=1408,
+                             n_shared_experts=2, n_group=1, topk_group=1, scoring_func="softmax",
+                             norm_topk_prob=False, routed_scaling_factor=1.0)
+BANK = 4   # distinct random experts; the others copy them (own memory; values only feed the check)
+
+
+class MoeDecode:
+    """leankernels.nn.MoE and plain.PlainMoE on the same weights, one token; the weights are
+    built in setup() and freed in teardown(). The token and the router are made in __init__, so
+    the experts it picks (and the active bytes) are known before any expert weight exists."""
+
+    def __init__(self, cfg: DeepSeekConfig, seed: int = 0):
+        self.cfg = cfg
+        H = cfg.hidden_size
+        g = torch.Generator().manual_seed(seed)
+        self.gate = torch.randn(cfg.n_routed_experts, H, generator=g) / H ** 0.5
+        self.x = torch.randn(1, H, generator=g).bfloat16()
+        self.seed = seed
+        _, ids = routing.route(torch.nn.functional.linear(self.x.float(), self.gate), cfg.num_experts_per_tok,
+                               cfg.scoring_func, None, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
+                               float(cfg.routed_scaling_factor))
+        self.ids = sorted(set(ids.flatten().tolist()))
+        I, Is = cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.routed_bytes = len(self.ids) * 3 * I * H       # gate, up, down of each chosen expert, FP8
+        self.shared_bytes = 3 * Is * H
+        self.ours = self.ref = None
+
+    @property
+    def active_bytes(self) -> int:
+        return self.routed_bytes + self.shared_bytes
+
+    def setup(self) -> None:
+        if self.ours is not None:
+            return
+        cfg, H, I = self.cfg, self.cfg.hidden_size, self.cfg.moe_intermediate_size
+        with torch.device("meta"):
+            ref = plain.PlainMoE(cfg, dtype=torch.bfloat16)
+        ref = ref.to_empty(device="cpu")
+        g = torch.Generator().manual_seed(self.seed + 1)
+
+        def rnd(n, k):
+            return (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
+
+        bank = [(rnd(I, H), rnd(I, H), rnd(H, I)) for _ in range(BANK)]
+        with torch.no_grad():
+            ref.gate.weight.copy_(self.gate)
+            for e, mlp in enumerate(ref.experts):
+                wg, wu, wd = bank[e % BANK]
+                mlp.gate_proj.weight.copy_(wg)
+                mlp.up_proj.weight.copy_(wu)
+                mlp.down_proj.weight.copy_(wd)
+            sh = ref.shared_experts
+            Is = sh.gate_proj.weight.shape[0]
+            sh.gate_proj.weight.copy_(rnd(Is, H))
+            sh.up_proj.weight.copy_(rnd(Is, H))
+            sh.down_proj.weight.copy_(rnd(H, Is))
+        del bank
+        self.ref, self.ours = ref, MoE.from_float(ref)
+        with torch.inference_mode():
+            _, ids = self.ours.route(self.x)
+        if sorted(set(ids.flatten().tolist())) != self.ids:
+            raise RuntimeError("MoE.route chose other experts than the case's bytes were counted for")
+
+    def teardown(self) -> None:
+        self.ours = self.ref = None
+
+    def run_ours(self):
+        with torch.inference_mode():
+            return self.ours(self.x)
+
+    def run_ref(self):
+        with torch.inference_mode():
+            return self.ref(self.x)
+
+    def check(self) -> bool:
+        return _diff(self.run_ours().float(), self.run_ref().float()) < 2e-2
+
+
+def moe_decode_case(quick: bool) -> Case:
+    cfg = V2_LITE_MOE
+    if quick:  # stand-in: an eighth of the widths (rounded up to 128), the same routing
+        cfg = cfg.replace(hidden_size=256, moe_intermediate_size=256)
+    st = MoeDecode(cfg)
+    label = "V2-Lite" + (" stand-in" if quick else "")
+    shape = (f"T=1 hidden={cfg.hidden_size} E={cfg.n_routed_experts} top{cfg.num_experts_per_tok} "
+             f"I={cfg.moe_intermediate_size} shared={cfg.n_shared_experts}")
+    return Case("nn", f"MoE decode step {label} batch 1", shape, st.run_ours,
+                {"plain PyTorch MoE (expert loop, bf16)": st.run_ref}, bytes=float(st.active_bytes),
+                check=st.check, bound="memory", ceiling="read", rotate=LLC_FLUSH, setup=st.setup,
+                teardown=st.teardown,
+                extra={"bytes are": "active FP8 weights: the chosen routed experts' gate/up/down + the shared "
+                                    "experts (router and block scales not counted)",
+                       "active weight bytes": st.active_bytes, "routed expert bytes": st.routed_bytes,
+                       "shared expert bytes": st.shared_bytes, "experts chosen": st.ids,
+                       "x_ceiling_note": "its active weights"})
+
+
 def cases(device: str, quick: bool) -> list[Case]:
+    out = _block_cases(device, quick)
+    if device == "cpu":
+        out.append(moe_decode_case(quick))
+    return out
+
+
+def _block_cases(device: str, quick: bool) -> list[Case]:
     cfg, B, P, ref, ours, cache, table, xd = _setup(device, quick)
     start = torch.full((B,), P, dtype=torch.int64, device=device)
     shape = (f"B={B} ctx={P} hidden={cfg.hidden_size} heads={cfg.num_attention_heads} "

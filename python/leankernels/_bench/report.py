@@ -86,8 +86,25 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _row_notes(results: dict) -> list[str]:
+    """For cases that ask for it (extra["x_ceiling_note"]): our time as a multiple of the time
+    to move the case's bytes at its memory ceiling (e.g. a layer against reading its weights)."""
+    out, seen = [], set()
+    ceil = results.get("ceilings", {})
+    for r in results.get("rows", []):
+        what = (r.get("extra") or {}).get("x_ceiling_note")
+        key = (r["case"], r["shape"])
+        if not what or key in seen or r.get("x_ceiling_time") is None:
+            continue
+        seen.add(key)
+        c = ceil.get(r.get("ceiling"), {})
+        out.append(f"{r['case']} {r['shape']}: {fmt_num(r['x_ceiling_time'])}x the time to read {what} "
+                   f"({fmt_num(r['bytes'] / 1e6)} MB) at the {r['ceiling']} ceiling ({fmt_num(c.get('value'))} GB/s)")
+    return out
+
+
 def _domain_notes(results: dict) -> list[str]:
-    out = []
+    out = _row_notes(results)
     for d, info in results.get("domains", {}).items():
         if info.get("status") != "ok":
             out.append(f"{d}: {info['status']}: {info.get('reason', '').splitlines()[0] if info.get('reason') else ''}")

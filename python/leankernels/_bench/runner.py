@@ -162,6 +162,8 @@ def make_rows(case: Case, ours: Optional[Measurement], base: dict, check, check_
         "intensity": (case.flops / case.bytes) if case.flops and case.bytes else None,
         "bound": case.bound, "ceiling": ceil.name if ceil is not None else None,
         "tflops": tflops, "gbs": gbs, "pct_ceiling": _pct(case, tflops, gbs, ceil),
+        # ours / the time to move `bytes` at the memory ceiling (1.3 = 1.3x the read time)
+        "x_ceiling_time": (ceil.value / gbs) if (gbs and ceil is not None and ceil.kind == "memory") else None,
         "check": check, "check_error": check_error, "error": error,
         "extra": _jsonable(case.extra),
     }
@@ -196,6 +198,24 @@ def _jsonable(x):
 
 
 def run_case(case: Case, device: str, cfg: TimingConfig, flusher, ceilings: dict) -> list[dict]:
+    if case.setup is not None:
+        try:
+            case.setup()
+        except Exception as e:  # noqa: BLE001 - e.g. not enough memory: report, run the rest
+            _teardown(case)
+            return make_rows(case, None, {}, None, None, f"setup failed: {type(e).__name__}: {e}", ceilings)
+    try:
+        return _run_case(case, device, cfg, flusher, ceilings)
+    finally:
+        _teardown(case)
+
+
+def _teardown(case: Case) -> None:
+    if case.teardown is not None:
+        case.teardown()
+
+
+def _run_case(case: Case, device: str, cfg: TimingConfig, flusher, ceilings: dict) -> list[dict]:
     check, check_error = None, None
     if case.check is not None:
         try:
@@ -319,6 +339,7 @@ def run(domains: Iterable[str], device: str, quick: bool, *, progress: bool = Tr
                 continue
             bar.update((di + ci / max(1, len(cases))) / n, f"{domain} {ci + 1}/{len(cases)}: {case.name} {case.shape}")
             results["rows"].extend(run_case(case, device, cfg, flusher, ceil))
+            cases[ci] = case = None   # free its inputs before the next case builds its own
             if on_update is not None:
                 on_update(results)
         results["domains"][domain]["seconds"] = round(time.perf_counter() - t0, 2)

@@ -113,6 +113,43 @@ class L2Flusher:
         self.buffer.zero_()
 
 
+def llc_bytes() -> int:
+    """Size of the CPU's largest (last-level) cache in bytes, from sysfs; 32 MiB if unknown."""
+    import glob
+    best = 0
+    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(f"{d}/size") as f:
+                text = f.read().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            best = max(best, int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            continue
+    return best or (32 << 20)
+
+
+class LLCFlusher:
+    """Evicts the CPU caches by reading and writing a buffer of twice the last-level cache (at
+    least 64 MiB), so weights a decode-shaped case just read are cold again on the next call,
+    as in a real decode step (every other layer's weights stream through the cache in between).
+    Call it (or pass it as ``Case.rotate``) outside the timed region. Allocated on first use."""
+
+    def __init__(self, nbytes: Optional[int] = None):
+        self.nbytes = int(nbytes or max(2 * llc_bytes(), 64 << 20))
+        self.buffer: Optional[torch.Tensor] = None
+
+    def __call__(self) -> None:
+        if self.buffer is None:
+            self.buffer = torch.ones(self.nbytes // 4, dtype=torch.int32)
+        self.buffer.add_(1)   # read-modify-write: a plain fill may use non-temporal stores
+
+
+LLC_FLUSH = LLCFlusher()   # one shared instance: its buffer is allocated once, on first use
+
+
 def synchronize(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
