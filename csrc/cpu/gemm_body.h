@@ -541,8 +541,10 @@ void fused_rows(const ChunkDecoder& dec, const uint8_t* const* col, const Proble
         memcpy(tail[c], src[c], size_t(kv));
         src[c] = tail[c];
       } else {
-        __builtin_prefetch(src[c] + 4 * kQuantGroup, 0, 0);
-        __builtin_prefetch(src[c] + 4 * kQuantGroup + 64, 0, 0);
+        // NOTES: the next group of kNC weight rows (kNC * K bytes on), same block: the 4 streams
+        // of a group are short (K bytes each) and the hardware prefetcher would start each cold.
+        __builtin_prefetch(src[c] + kNC * p.K, 0, 3);
+        __builtin_prefetch(src[c] + kNC * p.K + 64, 0, 3);
       }
     }
     DV blk[MR][kNC];
@@ -616,10 +618,8 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
           for (int64_t kb = 0; kb < nb; ++kb) {
             const int64_t k0 = (kb0 + kb) * kQuantGroup;
             const uint8_t* src = col[c] + k0;
-            if (kb0 + kb + kChunkBlocks < p.KB) {  // the next panel's bytes
-              __builtin_prefetch(src + kChunkBlocks * kQuantGroup, 0, 0);
-              __builtin_prefetch(src + kChunkBlocks * kQuantGroup + 64, 0, 0);
-            }
+            __builtin_prefetch(src + kNC * p.K, 0, 3);  // the next group of weight rows (see fused_rows)
+            __builtin_prefetch(src + kNC * p.K + 64, 0, 3);
             decode_block(dec, src, std::min<int64_t>(kQuantGroup, p.K - k0), panel + (c * kChunkBlocks + kb) * kVB);
           }
         for (int64_t r0 = 0; r0 < m; r0 += kDMR) {

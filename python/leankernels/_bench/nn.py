@@ -149,10 +149,88 @@ def moe_decode_case(quick: bool) -> Case:
                        "x_ceiling_note": "its active weights"})
 
 
+class GenerateV2Lite:
+    """transformers ``generate()`` on a DeepSeek-V2-Lite-shaped DeepseekV3ForCausalLM (hidden 2048,
+    16 heads, kv_lora 512, no q_lora, 64 experts top-6 + 2 shared, moe_intermediate 1408, dense
+    intermediate 10944, 4 layers, an 8k vocabulary, random bf16 weights): the same model patched
+    with ``patch_deepseek_v3`` (FP8 experts, route, MLA latent cache) against transformers'
+    default experts path. Greedy, a 4-token prompt and ``NEW`` new tokens per call."""
+
+    NEW = 16
+
+    def __init__(self, batch: int):
+        self.batch = batch
+        self.model = None
+
+    def setup(self):
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+        import leankernels.integrations.transformers as lkt
+        self.lkt = lkt
+        cfg = DeepseekV3Config(
+            vocab_size=8192, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+            num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
+            n_routed_experts=64, routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None,
+            qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=1, topk_group=1,
+            num_experts_per_tok=6, first_k_dense_replace=1, max_position_embeddings=4096, norm_topk_prob=False)
+        torch.manual_seed(0)
+        with torch.device("cpu"):
+            self.model = DeepseekV3ForCausalLM(cfg).eval().to(torch.bfloat16)
+        self.default_impl = self.model.config._experts_implementation
+        self.ids = torch.randint(0, cfg.vocab_size, (self.batch, 4), generator=torch.Generator().manual_seed(1))
+
+    def teardown(self):
+        self.model = None
+
+    def _generate(self, patched: bool):
+        m = self.model
+        if patched:
+            self.lkt.patch_deepseek_v3(m)
+        else:
+            self.lkt.unpatch_deepseek_v3(m, self.default_impl)
+        with torch.inference_mode():
+            return m.generate(self.ids, attention_mask=torch.ones_like(self.ids), max_new_tokens=self.NEW,
+                              min_new_tokens=self.NEW, do_sample=False)
+
+    def run_ours(self):
+        return self._generate(True)
+
+    def run_ref(self):
+        return self._generate(False)
+
+    def check(self) -> bool:
+        # FP8 experts change logits slightly; most greedy tokens agree (a flip changes the rest)
+        with self.lkt.experts_mode("bf16"):
+            same = torch.equal(self.run_ours(), self.run_ref())
+        return same
+
+
+def generate_cases(quick: bool) -> list[Case]:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return []
+    if quick:
+        return []
+    out = []
+    for batch in (1, 8):
+        st = GenerateV2Lite(batch)
+        out.append(Case(
+            "nn", f"transformers generate() V2-Lite-shaped batch {batch}",
+            f"4 layers, 64 experts top-6, bf16 weights, 4-token prompt + {st.NEW} new tokens",
+            st.run_ours, {f"transformers default experts ({'grouped_mm'})": st.run_ref},
+            check=st.check, bound="memory", setup=st.setup, teardown=st.teardown,
+            extra={"tokens per call": batch * st.NEW,
+                   "ours": "patch_deepseek_v3: FP8 grouped-GEMM experts, route, MLA latent cache + mla_decode",
+                   "check": "bf16 experts mode gives the unpatched model's greedy tokens"}))
+    return out
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     out = _block_cases(device, quick)
     if device == "cpu":
         out.append(moe_decode_case(quick))
+        out.extend(generate_cases(quick))
     return out
 
 
