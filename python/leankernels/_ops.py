@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as _fwad
 
-from ._lib import FP8, GROUP, _C, device_args, dtype_code
+from ._lib import _DTYPE_CODES, FP8, GROUP, _C, device_args, dtype_code
 
 # ------------------------------------------------------------------------- the eager fast path
 _Tensor, _Parameter, _strided = torch.Tensor, torch.nn.Parameter, torch.strided
@@ -110,17 +110,25 @@ def _quant_scale_shape(shape, block_rows: int):
 
 
 def quantize_fp8_impl(x, block_rows, ue8m0):
-    shape, dev = x.shape, x.device
-    q = torch.empty(shape, dtype=FP8, device=dev)
-    scale = torch.empty(_quant_scale_shape(shape, block_rows), dtype=_F32, device=dev)
+    dev = x.device
+    if block_rows == 1 and x.dim() == 2:  # [T, K] activations (the decode case): ints, no reshape
+        T, K = x.shape
+        q = torch.empty(T, K, dtype=FP8, device=dev)
+        scale = torch.empty(T, -(-K // GROUP), dtype=_F32, device=dev)
+    else:
+        shape = x.shape
+        q = torch.empty(shape, dtype=FP8, device=dev)
+        scale = torch.empty(_quant_scale_shape(shape, block_rows), dtype=_F32, device=dev)
     if x.numel() == 0:
         return q, scale
-    if block_rows == 1 and x.dim() == 2 and x.stride(1) == 1:  # [T, K] rows: the decode case, no reshape
-        xv, batch, rows, K, bstride, rstride = x, 1, shape[0], shape[1], 0, x.stride(0)
+    if block_rows == 1 and x.dim() == 2 and x.is_contiguous():
+        xv, batch, rows, K, bstride, rstride = x, 1, T, K, 0, K
+    elif block_rows == 1 and x.dim() == 2 and x.stride(1) == 1:
+        xv, batch, rows, K, bstride, rstride = x, 1, T, K, 0, x.stride(0)
     else:
         xv, batch, rows, K, bstride, rstride = _quant_layout(x, block_rows)
     device, stream = (-1, 0) if x.is_cpu else device_args(x)
-    _C.quantize_fp8(xv.data_ptr(), dtype_code(x.dtype), batch, rows, K, bstride, rstride, block_rows,
+    _C.quantize_fp8(xv.data_ptr(), _DTYPE_CODES[x.dtype], batch, rows, K, bstride, rstride, block_rows,
                     q.data_ptr(), scale.data_ptr(), ue8m0, device, stream)
     return q, scale
 
@@ -192,10 +200,15 @@ def route_impl(logits, top_k, sigmoid, bias, n_group, topk_group, renormalize, s
     ids = torch.empty(T, top_k, dtype=_I32, device=dev)
     if T == 0:
         return weights, ids
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
+    # (is_contiguous is a cheaper call than stride(); a contiguous [T, E] has row stride E)
+    if logits.is_contiguous():
+        row_stride = E
+    else:
+        if logits.stride(1) != 1:
+            logits = logits.contiguous()
+        row_stride = logits.stride(0)
     device, stream = (-1, 0) if logits.is_cpu else device_args(logits)
-    _C.route(logits.data_ptr(), dtype_code(logits.dtype), T, E, logits.stride(0),
+    _C.route(logits.data_ptr(), _DTYPE_CODES[logits.dtype], T, E, row_stride,
              0 if bias is None else bias.data_ptr(), sigmoid, top_k, n_group, topk_group, renormalize,
              float(scale), weights.data_ptr(), ids.data_ptr(), device, stream)
     return weights, ids
@@ -219,10 +232,11 @@ def _(logits, top_k, sigmoid, bias, n_group, topk_group, renormalize, scale):
     return (logits.new_empty((T, top_k), dtype=torch.float32), logits.new_empty((T, top_k), dtype=torch.int32))
 
 
-def plan_impl(ids, num_experts, align):
-    """ids: contiguous int32 [T, top_k]."""
+def plan_impl(ids, num_experts, align, R=None):
+    """ids: contiguous int32 [T, top_k]; R: plan_rows(T, top_k, num_experts, align) if known."""
     T, K = ids.shape
-    R = plan_rows(T, K, num_experts, align)
+    if R is None:
+        R = plan_rows(T, K, num_experts, align)
     new = ids.new_empty  # int32 on ids' device (cheaper than torch.empty with dtype and device)
     counts, offs, row_token, token_row = new(num_experts), new(num_experts), new(R), new(T, K)
     device, stream = (-1, 0) if ids.is_cpu else device_args(ids)
@@ -292,10 +306,14 @@ def permute_fp8_impl(x, row_token, ue8m0):
     scale = torch.empty(R, -(-H // GROUP), dtype=_F32, device=dev)
     if R == 0 or H == 0:
         return q, scale
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    if x.is_contiguous():
+        row_stride = H
+    else:
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        row_stride = x.stride(0)
     device, stream = (-1, 0) if x.is_cpu else device_args(x)
-    _C.permute_fp8(x.data_ptr(), dtype_code(x.dtype), T, H, x.stride(0), row_token.data_ptr(), R,
+    _C.permute_fp8(x.data_ptr(), _DTYPE_CODES[x.dtype], T, H, row_stride, row_token.data_ptr(), R,
                    q.data_ptr(), scale.data_ptr(), ue8m0, device, stream)
     return q, scale
 
@@ -320,11 +338,14 @@ def unpermute_impl(y, token_row, weights):
     out = y.new_empty(T, H)
     if T == 0 or H == 0:
         return out
-    y = y.contiguous()
-    token_row = token_row.contiguous()
-    weights = weights.contiguous()
+    if not y.is_contiguous():
+        y = y.contiguous()
+    if not token_row.is_contiguous():
+        token_row = token_row.contiguous()
+    if not weights.is_contiguous():
+        weights = weights.contiguous()
     device, stream = (-1, 0) if y.is_cpu else device_args(y)
-    _C.unpermute(y.data_ptr(), dtype_code(y.dtype), R, H, token_row.data_ptr(), weights.data_ptr(), T, K,
+    _C.unpermute(y.data_ptr(), _DTYPE_CODES[y.dtype], R, H, token_row.data_ptr(), weights.data_ptr(), T, K,
                  out.data_ptr(), device, stream)
     return out
 

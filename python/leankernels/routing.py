@@ -98,9 +98,11 @@ def route(logits, top_k: int, score: str = "softmax", bias=None, n_group: int = 
     if logits.is_cuda:
         _cuda_checked("logits", logits)
     T, E = logits.shape
-    top_k = _int("top_k", top_k, 1)
-    n_group = _int("n_group", n_group, 1)
-    topk_group = _int("topk_group", topk_group, 1)
+    if not (type(top_k) is int and type(n_group) is int and type(topk_group) is int
+            and top_k >= 1 and n_group >= 1 and topk_group >= 1):
+        top_k = _int("top_k", top_k, 1)
+        n_group = _int("n_group", n_group, 1)
+        topk_group = _int("topk_group", topk_group, 1)
     if E < 1:
         raise ValueError("logits must have at least one expert (shape [T, E] with E >= 1)")
     if score not in _SCORES:
@@ -163,8 +165,9 @@ def plan(ids, num_experts: int, align: int = 1) -> RoutePlan:
     _checks.tensor("ids", ids, _IDS, dim=2)
     if ids.is_cuda:
         _cuda_checked("ids", ids)
-    num_experts = _int("num_experts", num_experts, 1)
-    align = _int("align", align, 1)
+    if not (type(num_experts) is int and type(align) is int and num_experts >= 1 and align >= 1):
+        num_experts = _int("num_experts", num_experts, 1)
+        align = _int("align", align, 1)
     R = _ops.plan_rows(ids.shape[0], ids.shape[1], num_experts, align)
     if R >= 2**31 or num_experts >= 2**31:
         raise ValueError(f"ids with num_experts={num_experts}, align={align} routes {R} rows; plan indexes "
@@ -174,7 +177,7 @@ def plan(ids, num_experts: int, align: int = 1) -> RoutePlan:
     if ids.dtype != torch.int32:
         ids = ids.clamp(-1, num_experts).to(torch.int32)
     if _ops.direct(ids):
-        return RoutePlan(*_ops.plan_impl(ids.contiguous(), num_experts, align))
+        return RoutePlan(*_ops.plan_impl(ids if ids.is_contiguous() else ids.contiguous(), num_experts, align, R))
     return RoutePlan(*_ops.plan(ids, num_experts, align))
 
 
@@ -228,7 +231,8 @@ def permute(x, plan: RoutePlan, quantize: bool = False, scale_fmt: str = "fp32")
         if src is x:
             return q, s
         return _interop.like_input(q, src), _interop.like_input(s, src)
-    return _interop.like_input((_ops.permute_impl if fast else _ops.permute)(x, row_token), src)
+    out = (_ops.permute_impl if fast else _ops.permute)(x, row_token)
+    return out if src is x else _interop.like_input(out, src)
 
 
 def unpermute(y, plan: RoutePlan, weights):
@@ -259,8 +263,10 @@ def unpermute(y, plan: RoutePlan, weights):
     _checks.shape("weights", weights, plan.token_row.shape)
     if weights.dtype is not _F32:
         weights = weights.float()
-    op = _ops.unpermute_impl if _ops.direct(y, plan.token_row, weights) else _ops.unpermute
-    return _interop.like_input(op(y, plan.token_row, weights), src)
+    token_row = plan.token_row
+    op = _ops.unpermute_impl if _ops.direct(y, token_row, weights) else _ops.unpermute
+    out = op(y, token_row, weights)
+    return out if src is y else _interop.like_input(out, src)
 
 
 def update_bias(bias, counts, rate: float = 1e-3):

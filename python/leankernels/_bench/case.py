@@ -29,6 +29,9 @@ class Case:
     ceiling: Optional[str] = None    # name of the measured ceiling the "% of ceiling" is taken
     #   against ("copy", "bf16_matmul", "fp8_matmul", ...); default: "copy" when bound is
     #   "memory", else the best matmul rate measured on the device
+    calls: int = 1                   # for microsecond calls: each timed sample runs ours (and
+    #   each baseline) this many times back to back and the runner reports the time per call,
+    #   so ours and the baselines are measured alike (steady state, timer overhead amortised)
 
 
 class InputSets:
