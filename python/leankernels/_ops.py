@@ -21,13 +21,18 @@ from ._lib import _DTYPE_CODES, FP8, GROUP, _C, device_args, dtype_code
 
 # ------------------------------------------------------------------------- the eager fast path
 _Tensor, _Parameter, _strided = torch.Tensor, torch.nn.Parameter, torch.strided
-_is_compiling = torch.compiler.is_compiling
-_function_mode_on = torch._C._is_torch_function_mode_enabled
-_dispatch_modes = torch._C._len_torch_dispatch_stack
 _grad_on = torch.is_grad_enabled
-_profiler_on = torch.autograd._profiler_enabled
-_jit_tracing = torch._C._get_tracing_state
-_functorch_level = torch._C._functorch.peek_interpreter_stack
+try:  # private torch hooks; should one be missing in some torch release, every call takes the op
+    _is_compiling = torch.compiler.is_compiling
+    _function_mode_on = torch._C._is_torch_function_mode_enabled
+    _dispatch_modes = torch._C._len_torch_dispatch_stack
+    _profiler_on = torch.autograd._profiler_enabled
+    _jit_tracing = torch._C._get_tracing_state
+    _functorch_level = torch._C._functorch.peek_interpreter_stack
+    _fwad._current_level  # noqa: B018
+except AttributeError:  # pragma: no cover
+    def _is_compiling():
+        return True
 
 
 def direct(*tensors) -> bool:
