@@ -225,6 +225,27 @@ def test_rows_rates_and_ceiling():
     assert math.isclose(r["intensity"], 2e9 / 1e6)
 
 
+def test_run_case_calls_per_sample():
+    """Case.calls: each sample runs ours and every baseline that many times; times are per call."""
+    cfg = TimingConfig(warmup=1, min_reps=3, max_reps=5, budget_s=0.01)
+    count = {"ours": 0, "base": 0}
+
+    def ours():
+        count["ours"] += 1
+        time.sleep(0.001)
+
+    def base():
+        count["base"] += 1
+        time.sleep(0.002)
+
+    (r,) = runner.run_case(_case(ours=ours, baselines={"b": base}, calls=4), "cpu", cfg, None, _ceil())
+    assert r["calls_per_sample"] == 4
+    assert count["ours"] % 4 == 0 and count["base"] % 4 == 0
+    assert count["ours"] == 4 * (cfg.warmup + r["ours_reps"]) and count["base"] == 4 * (cfg.warmup + r["baseline_reps"])
+    assert 0.001 <= r["ours_s"] < 0.004 and 0.002 <= r["baseline_s"] < 0.008  # per call, not per 4 calls
+    assert 1.0 < r["ratio"] < 4.0
+
+
 def test_missing_and_broken_domains(monkeypatch):
     status, reason, cases = runner.load_cases("no_such_domain", "cpu", True)
     assert status == "skipped" and cases == [] and "no_such_domain" in reason

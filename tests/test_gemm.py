@@ -249,12 +249,14 @@ def test_bad_inputs_dense():
         lk.fp8_gemm([1, 2], sa, b[0], sb[0])
 
 
-def test_bad_inputs_grouped():
+def test_bad_inputs_grouped(monkeypatch):
     a, sa, b, sb, offs = _bad_setup()
+    monkeypatch.setenv("LEANKERNELS_DEBUG", "1")  # offs values are read on the host only in debug mode
     with pytest.raises(ValueError, match="offs must be non-decreasing"):
         lk.fp8_grouped_gemm(a, sa, b, sb, torch.tensor([12, 8], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"offs\[-1\] = 21 exceeds"):
         lk.fp8_grouped_gemm(a, sa, b, sb, torch.tensor([8, 21], dtype=torch.int32))
+    monkeypatch.delenv("LEANKERNELS_DEBUG")
     with pytest.raises(TypeError, match="offs must have dtype int32"):
         lk.fp8_grouped_gemm(a, sa, b, sb, offs.long())
     with pytest.raises(ValueError, match="offs must have shape"):
@@ -271,14 +273,18 @@ def test_bad_inputs_grouped():
         lk.fp8_grouped_gemm(a, sa, b, sb, offs, out=torch.empty(64, 20).T)
 
 
-def test_bad_inputs_masked():
+def test_bad_inputs_masked(monkeypatch):
     a, sa, b, sb, _ = _bad_setup()
     a3, sa3 = a.view(2, 10, 256), sa.view(2, 10, 2)
     mm = torch.tensor([3, 10], dtype=torch.int32)
+    monkeypatch.setenv("LEANKERNELS_DEBUG", "1")  # masked_m values are read on the host only in debug mode
     with pytest.raises(ValueError, match="masked_m values must lie in"):
         lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, torch.tensor([3, 11], dtype=torch.int32))
     with pytest.raises(ValueError, match="masked_m values must lie in"):
         lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, torch.tensor([-1, 1], dtype=torch.int32))
+    monkeypatch.delenv("LEANKERNELS_DEBUG")
+    with pytest.raises(ValueError, match="b must hold at least one expert"):
+        lk.fp8_grouped_gemm_masked(a3[:0], sa3[:0], b[:0], sb[:0], mm[:0])
     with pytest.raises(ValueError, match="a has 1 groups but b has 2"):
         lk.fp8_grouped_gemm_masked(a3[:1], sa3[:1], b, sb, mm)
     with pytest.raises(ValueError, match="a must have 3 dimensions"):
@@ -305,6 +311,30 @@ def test_cuda_debug_offs_check(monkeypatch):
     monkeypatch.setenv("LEANKERNELS_DEBUG", "1")
     with pytest.raises(ValueError, match="offs must be non-decreasing"):
         lk.fp8_grouped_gemm(a, sa, b, sb, bad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unchecked_group_sizes_follow_the_reference(device, monkeypatch):
+    """Without LEANKERNELS_DEBUG, offs / masked_m are never read on the host (no copy, no sync):
+    decreasing, negative or too-large values are clamped by the kernel, as in the reference, and
+    rows no expert owns are left untouched (NaN-poisoned out stays NaN there)."""
+    monkeypatch.delenv("LEANKERNELS_DEBUG", raising=False)
+    _, _, a, sa, b, sb = _operands(40, 136, 257, E=4, seed=41, device=device)
+    for ends in ([12, 8, 30, 35], [-3, 20, 50, 7], [0, 0, 0, 2**31 - 1], [41, 41, 41, 41]):
+        offs = torch.tensor(ends, dtype=torch.int32, device=device)
+        out = poison(torch.empty(40, 136, device=device))
+        lk.fp8_grouped_gemm(a, sa, b, sb, offs, out=out)
+        want = ref.fp8_grouped_gemm(a, sa, b, sb, offs, out=poison(torch.empty(40, 136, device=device)))
+        assert torch.equal(out.isnan(), want.isnan()), ends
+        _close_f32(torch.nan_to_num(out), torch.nan_to_num(want))
+    a3, sa3 = a.view(4, 10, 257), sa.view(4, 10, -1)
+    for mm in ([11, -1, 10, 3], [2**31 - 1, -2**31, 0, 10]):
+        masked_m = torch.tensor(mm, dtype=torch.int32, device=device)
+        out = poison(torch.empty(4, 10, 136, device=device))
+        lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, masked_m, out=out)
+        want = ref.fp8_grouped_gemm_masked(a3, sa3, b, sb, masked_m, out=poison(torch.empty(4, 10, 136, device=device)))
+        assert torch.equal(out.isnan(), want.isnan()), mm
+        _close_f32(torch.nan_to_num(out), torch.nan_to_num(want))
 
 
 # ------------------------------------------------------------------------ torch integration

@@ -256,10 +256,26 @@ def _grouped(out=None, offs=None, **over):
     return fn
 
 
+def _env(fn, debug: bool):
+    """fn run with LEANKERNELS_DEBUG=1 (debug) or unset: group sizes are value-checked only in debug."""
+    def run():
+        old = os.environ.pop("LEANKERNELS_DEBUG", None)
+        if debug:
+            os.environ["LEANKERNELS_DEBUG"] = "1"
+        try:
+            return fn()
+        finally:
+            os.environ.pop("LEANKERNELS_DEBUG", None)
+            if old is not None:
+                os.environ["LEANKERNELS_DEBUG"] = old
+
+    return run
+
+
 I32 = torch.int32
-err("grouped_offs_decreasing", "offs", _grouped(offs=torch.tensor([5, 2, 9], dtype=I32)))
-err("grouped_offs_gt_m", "offs", _grouped(offs=torch.tensor([2, 2, 10], dtype=I32)))
-err("grouped_offs_negative", "offs", _grouped(offs=torch.tensor([-1, 2, 9], dtype=I32)))
+err("grouped_offs_decreasing", "offs", _env(_grouped(offs=torch.tensor([5, 2, 9], dtype=I32)), debug=True))
+err("grouped_offs_gt_m", "offs", _env(_grouped(offs=torch.tensor([2, 2, 10], dtype=I32)), debug=True))
+err("grouped_offs_negative", "offs", _env(_grouped(offs=torch.tensor([-1, 2, 9], dtype=I32)), debug=True))
 err("grouped_offs_int64", "offs", _grouped(offs=torch.tensor([2, 2, 9])))
 err("grouped_offs_len", "offs", _grouped(offs=torch.tensor([2, 9], dtype=I32)))
 err("grouped_offs_list", "offs", _grouped(offs=[2, 2, 9]))
@@ -283,6 +299,24 @@ def _():
     _close(out[:7], ref[:7], 1e-4)
 
 
+@case("grouped_offs_unchecked_guarded", "ok")
+def _():
+    """Without LEANKERNELS_DEBUG bad offs are not read on the host: the kernel clamps them and
+    follows the reference rule (row r to the first expert whose running-max end exceeds r),
+    writing nothing outside out."""
+    lk = _lk()
+    a, a_s, b, b_s = _gemm_args(M=9, E=3)
+    for ends in ([5, 2, 9], [2, 2, 10], [-1, 2, 9], [-4, 99, -3], [2147483647, 0, 1]):
+        offs = torch.tensor(ends, dtype=I32)
+        out, check = _guarded((9, 136), torch.float32)
+        _env(lambda: lk.fp8_grouped_gemm(a, a_s, b, b_s, offs, out=out), debug=False)()
+        check()
+        want = lk.reference.fp8_grouped_gemm(a, a_s, b, b_s, offs, out=torch.full((9, 136), float("nan")))
+        assert torch.equal(torch.isnan(out), torch.isnan(want)), ends
+        m = ~torch.isnan(want)
+        _close(out[m], want[m], 1e-4)
+
+
 def _masked(masked_m, out=None, **over):
     def fn():
         a, a_s, b, b_s = _gemm_args(M=4, E=2, masked=True)
@@ -295,8 +329,25 @@ def _masked(masked_m, out=None, **over):
     return fn
 
 
-err("masked_m_gt_mmax", "masked_m", _masked(torch.tensor([5, 1], dtype=I32)))
-err("masked_m_negative", "masked_m", _masked(torch.tensor([-1, 1], dtype=I32)))
+err("masked_m_gt_mmax", "masked_m", _env(_masked(torch.tensor([5, 1], dtype=I32)), debug=True))
+err("masked_m_negative", "masked_m", _env(_masked(torch.tensor([-1, 1], dtype=I32)), debug=True))
+
+
+@case("masked_m_unchecked_guarded", "ok")
+def _():
+    """Without LEANKERNELS_DEBUG masked_m is clamped to [0, M_max] in the kernel (reference rule)."""
+    lk = _lk()
+    a, a_s, b, b_s = _gemm_args(M=4, E=2, masked=True)
+    for mm in ([5, 1], [-1, 4], [2147483647, -2147483648]):
+        masked_m = torch.tensor(mm, dtype=I32)
+        out, check = _guarded((2, 4, 136), torch.float32)
+        _env(lambda: lk.fp8_grouped_gemm_masked(a, a_s, b, b_s, masked_m, out=out), debug=False)()
+        check()
+        want = lk.reference.fp8_grouped_gemm_masked(a, a_s, b, b_s, masked_m,
+                                                     out=torch.full((2, 4, 136), float("nan")))
+        assert torch.equal(torch.isnan(out), torch.isnan(want)), mm
+        m = ~torch.isnan(want)
+        _close(out[m], want[m], 1e-4)
 err("masked_m_len", "masked_m", _masked(torch.tensor([1], dtype=I32)))
 err("masked_m_float", "masked_m", _masked(torch.tensor([1.0, 1.0])))
 err("masked_a_groups", "a", _masked(torch.tensor([1, 1], dtype=I32), a=lambda d: d["a"][:1],
@@ -719,6 +770,9 @@ _raw_err("gemm_a_scale_bf16", "a_scale", _raw_gemm("fp8_gemm", {1: lambda a: a[1
 _raw_err("gemm_b_scale_small", "b_scale", _raw_gemm("fp8_gemm", {3: torch.ones(1, 1)}))
 _raw_err("gemm_k_mismatch", "K", _raw_gemm("fp8_gemm", {0: lambda a: a[0][:, :64].contiguous()}))
 _raw_err("gemm_a_fp32", "a", _raw_gemm("fp8_gemm", {0: lambda a: torch.zeros(5, 40)}))
+_raw_err("gemm_out_dtype_f16", "out_dtype", lambda: _ops().fp8_gemm(*_gemm_args(), torch.float16))
+_raw_err("grouped_out_dtype_f16", "out_dtype", lambda: _ops().fp8_grouped_gemm(
+    *_gemm_args(M=9, E=3), torch.tensor([2, 2, 9], dtype=I32), torch.float16))
 _raw_err("grouped_offs_short", "offs", _raw_gemm("fp8_grouped_gemm", {4: torch.tensor([9], dtype=I32)}, True))
 _raw_err("grouped_offs_int64", "offs", _raw_gemm("fp8_grouped_gemm", {4: torch.tensor([2, 2, 9])}, True))
 _raw_err("grouped_out_small", "out", _raw_gemm("fp8_grouped_gemm_out", {5: torch.empty(2, 8)}, True))
@@ -866,24 +920,24 @@ def _():
 
     @_hyp_settings()
     @given(M=st.integers(0, 12), E=st.integers(1, 3), offs=st.lists(st.integers(-3, 15), min_size=1, max_size=4),
-           K=st.sampled_from([16, 130]), N=st.sampled_from([8, 129]))
-    def prop(M, E, offs, K, N):
+           K=st.sampled_from([16, 130]), N=st.sampled_from([8, 129]), debug=st.booleans())
+    def prop(M, E, offs, K, N, debug):
         a, a_s, b, b_s = _gemm_args(M=M, N=N, K=K, E=E)
         offs_t = torch.tensor(offs[:E] + [offs[-1]] * (E - len(offs)), dtype=I32)
+        good = offs_t.tolist()
+        bad = any(x < 0 for x in good) or good != sorted(good) or good[-1] > M
         out, check = _guarded((M, N), torch.float32)
-        try:
-            lk.fp8_grouped_gemm(a, a_s, b, b_s, offs_t, out=out)
+        try:  # offs values are checked on the host only with LEANKERNELS_DEBUG=1
+            _env(lambda: lk.fp8_grouped_gemm(a, a_s, b, b_s, offs_t, out=out), debug)()
         except ValueError as e:
-            assert "offs" in str(e), e
-            good = offs_t.tolist()
-            assert any(x < 0 for x in good) or good != sorted(good) or good[-1] > M
+            assert "offs" in str(e) and debug and bad, e
             check()
             return
+        assert not (debug and bad), "LEANKERNELS_DEBUG=1 must reject bad offs"
         check()
-        end = int(offs_t[-1])
-        ref = lk.reference.fp8_grouped_gemm(a, a_s, b, b_s, offs_t, out_dtype=torch.float32)
-        _close(out[:end], ref[:end], 1e-4)
-        assert bool(torch.isnan(out[end:]).all())
+        # Unchecked bad offs follow the reference rule; rows no expert owns stay untouched (NaN).
+        ref = lk.reference.fp8_grouped_gemm(a, a_s, b, b_s, offs_t, out=torch.full((M, N), float("nan")))
+        _close(out, ref, 1e-4)
 
     prop()
 
@@ -895,22 +949,22 @@ def _():
     lk = _lk()
 
     @_hyp_settings()
-    @given(M=st.integers(0, 5), mm=st.lists(st.integers(-2, 7), min_size=2, max_size=2))
-    def prop(M, mm):
+    @given(M=st.integers(0, 5), mm=st.lists(st.integers(-2, 7), min_size=2, max_size=2), debug=st.booleans())
+    def prop(M, mm, debug):
         a, a_s, b, b_s = _gemm_args(M=M, N=8, K=16, E=2, masked=True)
         masked_m = torch.tensor(mm, dtype=I32)
+        bad = min(mm) < 0 or max(mm) > M
         out, check = _guarded((2, M, 8), torch.float32)
-        try:
-            lk.fp8_grouped_gemm_masked(a, a_s, b, b_s, masked_m, out=out)
+        try:  # masked_m values are checked on the host only with LEANKERNELS_DEBUG=1
+            _env(lambda: lk.fp8_grouped_gemm_masked(a, a_s, b, b_s, masked_m, out=out), debug)()
         except ValueError as e:
-            assert "masked_m" in str(e) and (min(mm) < 0 or max(mm) > M), e
+            assert "masked_m" in str(e) and debug and bad, e
             check()
             return
+        assert not (debug and bad), "LEANKERNELS_DEBUG=1 must reject bad masked_m"
         check()
-        ref = lk.reference.fp8_grouped_gemm_masked(a, a_s, b, b_s, masked_m, out_dtype=torch.float32)
-        for e_, m in enumerate(mm):
-            _close(out[e_, :m], ref[e_, :m], 1e-4)
-            assert bool(torch.isnan(out[e_, m:]).all())
+        ref = lk.reference.fp8_grouped_gemm_masked(a, a_s, b, b_s, masked_m, out=torch.full((2, M, 8), float("nan")))
+        _close(out, ref, 1e-4)
 
     prop()
 

@@ -1,16 +1,26 @@
-"""Argument validation shared by the public wrappers: every error names the argument."""
+"""Argument validation shared by the public wrappers: every error names the argument.
+
+These run on every eager call (a decode step makes thousands), so the passing path is kept to
+a few attribute reads; the messages are only built when a check fails.
+"""
 from __future__ import annotations
 
 from typing import Iterable
 
 import torch
 
+_Tensor = torch.Tensor
+
 
 def tensor(name: str, t, dtypes: Iterable[torch.dtype] | None = None, dim: int | Iterable[int] | None = None):
-    if not isinstance(t, torch.Tensor):
+    if (isinstance(t, _Tensor) and (dtypes is None or (type(dtypes) is tuple and t.dtype in dtypes))
+            and (dim is None or t.dim() == dim) and (t.is_cpu or t.is_cuda or t.is_meta)):
+        return t  # the common case in one expression; anything else takes the checks below
+    if not isinstance(t, _Tensor):
         raise TypeError(f"{name} must be a torch.Tensor (or a CuPy array), got {type(t).__name__}")
     if dtypes is not None:
-        dtypes = tuple(dtypes)
+        if type(dtypes) is not tuple:
+            dtypes = tuple(dtypes)
         if t.dtype not in dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
             raise TypeError(f"{name} must have dtype {names}; got {str(t.dtype).replace('torch.', '')}")
@@ -18,7 +28,7 @@ def tensor(name: str, t, dtypes: Iterable[torch.dtype] | None = None, dim: int |
         dims = (dim,) if isinstance(dim, int) else tuple(dim)
         if t.dim() not in dims:
             raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions; got shape {tuple(t.shape)}")
-    if t.device.type not in ("cpu", "cuda", "meta"):
+    if not (t.is_cpu or t.is_cuda or t.is_meta):
         raise ValueError(f"{name} is on {t.device}; leankernels runs on cpu and cuda tensors")
     return t
 
@@ -32,6 +42,14 @@ def same_device(**tensors: torch.Tensor) -> torch.device:
     return first.device
 
 
+def same_device2(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """same_device for two tensors, without building keyword dicts (the hot path of the ops)."""
+    if a.is_cpu and b.is_cpu:
+        return
+    if b.device != a.device:
+        raise ValueError(f"{name_b} is on {b.device} but {name_a} is on {a.device}; all tensors must share one device")
+
+
 def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
-    if tuple(t.shape) != tuple(expected):
+    if t.shape != expected and tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}; got {tuple(t.shape)}")

@@ -24,7 +24,7 @@ def is_foreign(x) -> bool:
 
 def to_torch(x, fp8: bool = False):
     """A torch view of a DLPack array (no copy); uint8 reinterpreted as e4m3fn when fp8."""
-    if not is_foreign(x):
+    if isinstance(x, torch.Tensor) or not is_foreign(x):
         return x
     t = torch.from_dlpack(x)
     if fp8 and t.dtype == torch.uint8:
@@ -34,7 +34,7 @@ def to_torch(x, fp8: bool = False):
 
 def like_input(t: torch.Tensor, template):
     """Return t as the same kind of array as template (CuPy in, CuPy out)."""
-    if not is_foreign(template):
+    if isinstance(template, torch.Tensor) or not is_foreign(template):
         return t
     import cupy  # only reached when a CuPy array came in
 

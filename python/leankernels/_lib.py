@@ -33,9 +33,9 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 def device_args(t: torch.Tensor) -> tuple[int, int]:
     """(device index, stream handle) for a launch: (-1, 0) on the CPU, else the current stream."""
-    if t.device.type == "cpu":
+    if t.is_cpu:
         return -1, 0
-    if t.device.type == "cuda":
+    if t.is_cuda:
         if not build_info()["cuda"]:
             raise RuntimeError(
                 "leankernels was built without CUDA kernels, so it cannot run on CUDA tensors; "

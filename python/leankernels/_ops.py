@@ -1,15 +1,63 @@
 """torch.library definitions of every leankernels op and their fake (meta) kernels.
 
-Each op takes tensors already validated by the public wrapper (quant.py, gemm.py, ...),
-allocates its outputs and calls the framework-free C++ core with raw pointers on the
-current CUDA stream, so ops work in eager mode, under torch.compile(fullgraph=True) and
-inside CUDA graphs. The fake kernels give shapes and dtypes for tracing.
+Each op is two functions: ``<op>_impl`` allocates the outputs and calls the framework-free C++
+core with raw pointers on the current CUDA stream, trusting its arguments; the torch.library
+op ``<op>`` (``torch.ops.leankernels.<op>``) checks what would make the C++ core read or write
+out of bounds, then runs ``<op>_impl``. The ops work in eager mode, under
+torch.compile(fullgraph=True) and inside CUDA graphs; the fake kernels give shapes and dtypes
+for tracing.
+
+The public wrappers (quant.py, gemm.py, routing.py, mla.py) validate every argument fully
+(errors name it) and then, when nothing needs the op boundary (see ``direct``), call
+``<op>_impl`` straight away: an eager call at decode size then costs a few microseconds
+instead of the ~15 us of the torch.library dispatch plus a second round of checks.
 """
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
-from ._lib import C, FP8, GROUP, device_args, dtype_code
+from ._lib import _DTYPE_CODES, FP8, GROUP, _C, device_args, dtype_code
+
+# ------------------------------------------------------------------------- the eager fast path
+_Tensor, _Parameter, _strided = torch.Tensor, torch.nn.Parameter, torch.strided
+_grad_on = torch.is_grad_enabled
+try:  # private torch hooks; should one be missing in some torch release, every call takes the op
+    _is_compiling = torch.compiler.is_compiling
+    _function_mode_on = torch._C._is_torch_function_mode_enabled
+    _dispatch_modes = torch._C._len_torch_dispatch_stack
+    _profiler_on = torch.autograd._profiler_enabled
+    _jit_tracing = torch._C._get_tracing_state
+    _functorch_level = torch._C._functorch.peek_interpreter_stack
+    _fwad._current_level  # noqa: B018
+except AttributeError:  # pragma: no cover
+    def _is_compiling():
+        return True
+
+
+def direct(*tensors) -> bool:
+    """Whether an eager call may run an op's ``*_impl`` directly instead of through
+    torch.library: True only when nothing would see, transform or record the op.
+
+    False (so the op is called, and everything that hooks the dispatcher sees it) under
+    torch.compile / torch.export tracing, with a TorchFunctionMode or TorchDispatchMode
+    active (FakeTensorMode, make_fx, user modes), inside torch.func transforms, jit tracing,
+    forward-mode AD or the profiler (its traces name the op), when an input is not a plain
+    dense tensor (a subclass such as FakeTensor or DTensor, a meta or sparse tensor), and
+    when autograd needs the op (grad mode on and an input requires grad). ``None`` entries
+    (optional arguments) are skipped. The arguments must already be validated as tensors.
+    """
+    if (_is_compiling() or _function_mode_on() or _dispatch_modes() or _profiler_on()
+            or _functorch_level() is not None or _jit_tracing() is not None or _fwad._current_level >= 0):
+        return False
+    grad = _grad_on()
+    for t in tensors:
+        if t is None:
+            continue
+        if (type(t) is not _Tensor and type(t) is not _Parameter) or t.is_meta or t.layout is not _strided \
+                or (grad and t.requires_grad):
+            return False
+    return True
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -20,6 +68,7 @@ def _cdiv(a: int, b: int) -> int:
 # validate fully; these keep a direct torch.ops.leankernels.* call memory-safe (each names the
 # argument). Only shapes/dtypes/strides: no data-dependent value is inspected here.
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_F32, _I32 = torch.float32, torch.int32
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -65,20 +114,36 @@ def _quant_scale_shape(shape, block_rows: int):
     return (*shape[:-2], _cdiv(shape[-2], GROUP), _cdiv(K, GROUP))
 
 
+def quantize_fp8_impl(x, block_rows, ue8m0):
+    dev = x.device
+    if block_rows == 1 and x.dim() == 2:  # [T, K] activations (the decode case): ints, no reshape
+        T, K = x.shape
+        q = torch.empty(T, K, dtype=FP8, device=dev)
+        scale = torch.empty(T, -(-K // GROUP), dtype=_F32, device=dev)
+    else:
+        shape = x.shape
+        q = torch.empty(shape, dtype=FP8, device=dev)
+        scale = torch.empty(_quant_scale_shape(shape, block_rows), dtype=_F32, device=dev)
+    if x.numel() == 0:
+        return q, scale
+    if block_rows == 1 and x.dim() == 2 and x.is_contiguous():
+        xv, batch, rows, K, bstride, rstride = x, 1, T, K, 0, K
+    elif block_rows == 1 and x.dim() == 2 and x.stride(1) == 1:
+        xv, batch, rows, K, bstride, rstride = x, 1, T, K, 0, x.stride(0)
+    else:
+        xv, batch, rows, K, bstride, rstride = _quant_layout(x, block_rows)
+    device, stream = (-1, 0) if x.is_cpu else device_args(x)
+    _C.quantize_fp8(xv.data_ptr(), _DTYPE_CODES[x.dtype], batch, rows, K, bstride, rstride, block_rows,
+                    q.data_ptr(), scale.data_ptr(), ue8m0, device, stream)
+    return q, scale
+
+
 @torch.library.custom_op("leankernels::quantize_fp8", mutates_args=())
 def quantize_fp8(x: torch.Tensor, block_rows: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _need(block_rows in (1, GROUP), f"block_rows must be 1 or 128; got {block_rows}")
     _need_t("x", x, _FLOATS)
     _need(x.dim() >= 1 if block_rows == 1 else x.dim() in (2, 3), f"x has a bad shape {tuple(x.shape)}")
-    q = torch.empty(x.shape, dtype=FP8, device=x.device)
-    scale = torch.empty(_quant_scale_shape(x.shape, block_rows), dtype=torch.float32, device=x.device)
-    if x.numel() == 0:
-        return q, scale
-    xv, batch, rows, K, bstride, rstride = _quant_layout(x, block_rows)
-    device, stream = device_args(x)
-    C().quantize_fp8(xv.data_ptr(), dtype_code(x.dtype), batch, rows, K, bstride, rstride, block_rows,
-                     q.data_ptr(), scale.data_ptr(), ue8m0, device, stream)
-    return q, scale
+    return quantize_fp8_impl(x, block_rows, ue8m0)
 
 
 @quantize_fp8.register_fake
@@ -87,12 +152,7 @@ def _(x, block_rows, ue8m0):
             x.new_empty(_quant_scale_shape(x.shape, block_rows), dtype=torch.float32))
 
 
-@torch.library.custom_op("leankernels::dequantize_fp8", mutates_args=())
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block_rows: int) -> torch.Tensor:
-    _need(block_rows in (1, GROUP), f"block_rows must be 1 or 128; got {block_rows}")
-    _need_t("q", q, (FP8,))
-    _need(q.dim() >= 1 if block_rows == 1 else q.dim() in (2, 3), f"q has a bad shape {tuple(q.shape)}")
-    _need_t("scale", scale, (torch.float32,), shape=_quant_scale_shape(q.shape, block_rows))
+def dequantize_fp8_impl(q, scale, block_rows):
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out
@@ -105,8 +165,17 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block_rows: int) -> tor
         batch = q.shape[0] if q.dim() == 3 else 1
         rows = q.shape[-2]
     device, stream = device_args(q)
-    C().dequantize_fp8(q.data_ptr(), scale.data_ptr(), batch, rows, K, block_rows, out.data_ptr(), device, stream)
+    _C.dequantize_fp8(q.data_ptr(), scale.data_ptr(), batch, rows, K, block_rows, out.data_ptr(), device, stream)
     return out
+
+
+@torch.library.custom_op("leankernels::dequantize_fp8", mutates_args=())
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block_rows: int) -> torch.Tensor:
+    _need(block_rows in (1, GROUP), f"block_rows must be 1 or 128; got {block_rows}")
+    _need_t("q", q, (FP8,))
+    _need(q.dim() >= 1 if block_rows == 1 else q.dim() in (2, 3), f"q has a bad shape {tuple(q.shape)}")
+    _need_t("scale", scale, (torch.float32,), shape=_quant_scale_shape(q.shape, block_rows))
+    return dequantize_fp8_impl(q, scale, block_rows)
 
 
 @dequantize_fp8.register_fake
@@ -121,7 +190,33 @@ from typing import Optional  # noqa: E402  (op schemas read the annotation)
 def plan_rows(num_tokens: int, top_k: int, num_experts: int, align: int) -> int:
     """Static permuted-row count: T*top_k + min(E, T*top_k) * (align - 1) (see reference.plan_rows)."""
     n = num_tokens * top_k
+    if align == 1:
+        return n
+    if type(n) is int and type(num_experts) is int:
+        return n + min(num_experts, n) * (align - 1)
     return n + torch.sym_min(num_experts, n) * (align - 1)  # sym_min: T may be symbolic when traced
+
+
+def route_impl(logits, top_k, sigmoid, bias, n_group, topk_group, renormalize, scale):
+    """bias: None or a contiguous float32 [E]."""
+    T, E = logits.shape
+    dev = logits.device
+    weights = torch.empty(T, top_k, dtype=_F32, device=dev)
+    ids = torch.empty(T, top_k, dtype=_I32, device=dev)
+    if T == 0:
+        return weights, ids
+    # (is_contiguous is a cheaper call than stride(); a contiguous [T, E] has row stride E)
+    if logits.is_contiguous():
+        row_stride = E
+    else:
+        if logits.stride(1) != 1:
+            logits = logits.contiguous()
+        row_stride = logits.stride(0)
+    device, stream = (-1, 0) if logits.is_cpu else device_args(logits)
+    _C.route(logits.data_ptr(), _DTYPE_CODES[logits.dtype], T, E, row_stride,
+             0 if bias is None else bias.data_ptr(), sigmoid, top_k, n_group, topk_group, renormalize,
+             float(scale), weights.data_ptr(), ids.data_ptr(), device, stream)
+    return weights, ids
 
 
 @torch.library.custom_op("leankernels::route", mutates_args=())
@@ -133,17 +228,7 @@ def route(logits: torch.Tensor, top_k: int, sigmoid: bool, bias: Optional[torch.
     if bias is not None:
         _need_t("bias", bias, (torch.float32,), shape=(E,))
         bias = bias.contiguous()
-    weights = torch.empty((T, top_k), dtype=torch.float32, device=logits.device)
-    ids = torch.empty((T, top_k), dtype=torch.int32, device=logits.device)
-    if T == 0:
-        return weights, ids
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    device, stream = device_args(logits)
-    C().route(logits.data_ptr(), dtype_code(logits.dtype), T, E, logits.stride(0),
-              0 if bias is None else bias.data_ptr(), sigmoid, top_k, n_group, topk_group, renormalize,
-              float(scale), weights.data_ptr(), ids.data_ptr(), device, stream)
-    return weights, ids
+    return route_impl(logits, top_k, sigmoid, bias, n_group, topk_group, renormalize, scale)
 
 
 @route.register_fake
@@ -152,26 +237,30 @@ def _(logits, top_k, sigmoid, bias, n_group, topk_group, renormalize, scale):
     return (logits.new_empty((T, top_k), dtype=torch.float32), logits.new_empty((T, top_k), dtype=torch.int32))
 
 
+def plan_impl(ids, num_experts, align, R=None):
+    """ids: contiguous int32 [T, top_k]; R: plan_rows(T, top_k, num_experts, align) if known."""
+    T, K = ids.shape
+    if R is None:
+        R = plan_rows(T, K, num_experts, align)
+    new = ids.new_empty  # int32 on ids' device (cheaper than torch.empty with dtype and device)
+    counts, offs, row_token, token_row = new(num_experts), new(num_experts), new(R), new(T, K)
+    device, stream = (-1, 0) if ids.is_cpu else device_args(ids)
+    ws_size, ws_ptr = 0, 0
+    if device >= 0:  # the CUDA kernel's workspace (the CPU needs none)
+        ws_size = _C.plan_workspace_size(T, K, num_experts)
+        ws = new(max(ws_size, 1))
+        ws_ptr = ws.data_ptr()
+    _C.plan(ids.data_ptr(), T, K, num_experts, align, R, counts.data_ptr(), offs.data_ptr(),
+            row_token.data_ptr(), token_row.data_ptr(), ws_ptr, ws_size, device, stream)
+    return counts, offs, row_token, token_row
+
+
 @torch.library.custom_op("leankernels::plan", mutates_args=())
 def plan(ids: torch.Tensor, num_experts: int, align: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _need_t("ids", ids, (torch.int32,), dim=2)
     _need(num_experts >= 1, f"num_experts must be >= 1; got {num_experts}")
     _need(align >= 1, f"align must be >= 1; got {align}")
-    T, K = ids.shape
-    dev = ids.device
-    R = plan_rows(T, K, num_experts, align)
-    i32 = torch.int32
-    counts = torch.empty((num_experts,), dtype=i32, device=dev)
-    offs = torch.empty((num_experts,), dtype=i32, device=dev)
-    row_token = torch.empty((R,), dtype=i32, device=dev)
-    token_row = torch.empty((T, K), dtype=i32, device=dev)
-    ids = ids.contiguous()
-    device, stream = device_args(ids)
-    ws_size = C().plan_workspace_size(T, K, num_experts) if device >= 0 else 0
-    ws = torch.empty((max(ws_size, 1),), dtype=i32, device=dev)
-    C().plan(ids.data_ptr(), T, K, num_experts, align, R, counts.data_ptr(), offs.data_ptr(),
-             row_token.data_ptr(), token_row.data_ptr(), ws.data_ptr(), ws_size, device, stream)
-    return counts, offs, row_token, token_row
+    return plan_impl(ids.contiguous(), num_experts, align)
 
 
 @plan.register_fake
@@ -187,21 +276,25 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@torch.library.custom_op("leankernels::permute", mutates_args=())
-def permute(x: torch.Tensor, row_token: torch.Tensor) -> torch.Tensor:
-    _need(x.dim() == 2, f"x must be [T, H]; got shape {tuple(x.shape)}")
-    _need_t("row_token", row_token, (torch.int32,), dim=1)
-    row_token = row_token.contiguous()
+def permute_impl(x, row_token):
+    """row_token: contiguous int32 [R]."""
     T, H = x.shape
     R = row_token.shape[0]
-    out = torch.empty((R, H), dtype=x.dtype, device=x.device)
+    out = torch.empty(R, H, dtype=x.dtype, device=x.device)
     if R == 0 or H == 0:
         return out
     x = _rows_view(x)
     device, stream = device_args(x)
-    C().permute(x.data_ptr(), x.element_size(), T, H, x.stride(0), row_token.data_ptr(), R, out.data_ptr(),
-                device, stream)
+    _C.permute(x.data_ptr(), x.element_size(), T, H, x.stride(0), row_token.data_ptr(), R, out.data_ptr(),
+               device, stream)
     return out
+
+
+@torch.library.custom_op("leankernels::permute", mutates_args=())
+def permute(x: torch.Tensor, row_token: torch.Tensor) -> torch.Tensor:
+    _need(x.dim() == 2, f"x must be [T, H]; got shape {tuple(x.shape)}")
+    _need_t("row_token", row_token, (torch.int32,), dim=1)
+    return permute_impl(x, row_token.contiguous())
 
 
 @permute.register_fake
@@ -209,22 +302,32 @@ def _(x, row_token):
     return x.new_empty((row_token.shape[0], x.shape[1]))
 
 
+def permute_fp8_impl(x, row_token, ue8m0):
+    """row_token: contiguous int32 [R]."""
+    T, H = x.shape
+    R = row_token.shape[0]
+    dev = x.device
+    q = torch.empty(R, H, dtype=FP8, device=dev)
+    scale = torch.empty(R, -(-H // GROUP), dtype=_F32, device=dev)
+    if R == 0 or H == 0:
+        return q, scale
+    if x.is_contiguous():
+        row_stride = H
+    else:
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        row_stride = x.stride(0)
+    device, stream = (-1, 0) if x.is_cpu else device_args(x)
+    _C.permute_fp8(x.data_ptr(), _DTYPE_CODES[x.dtype], T, H, row_stride, row_token.data_ptr(), R,
+                   q.data_ptr(), scale.data_ptr(), ue8m0, device, stream)
+    return q, scale
+
+
 @torch.library.custom_op("leankernels::permute_fp8", mutates_args=())
 def permute_fp8(x: torch.Tensor, row_token: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _need_t("x", x, _FLOATS, dim=2)
     _need_t("row_token", row_token, (torch.int32,), dim=1)
-    row_token = row_token.contiguous()
-    T, H = x.shape
-    R = row_token.shape[0]
-    q = torch.empty((R, H), dtype=FP8, device=x.device)
-    scale = torch.empty((R, _cdiv(H, GROUP)), dtype=torch.float32, device=x.device)
-    if R == 0 or H == 0:
-        return q, scale
-    x = _rows_view(x)
-    device, stream = device_args(x)
-    C().permute_fp8(x.data_ptr(), dtype_code(x.dtype), T, H, x.stride(0), row_token.data_ptr(), R,
-                    q.data_ptr(), scale.data_ptr(), ue8m0, device, stream)
-    return q, scale
+    return permute_fp8_impl(x, row_token.contiguous(), ue8m0)
 
 
 @permute_fp8.register_fake
@@ -233,23 +336,31 @@ def _(x, row_token, ue8m0):
     return x.new_empty((R, H), dtype=FP8), x.new_empty((R, _cdiv(H, GROUP)), dtype=torch.float32)
 
 
+def unpermute_impl(y, token_row, weights):
+    """weights: float32 of token_row's shape."""
+    R, H = y.shape
+    T, K = token_row.shape
+    out = y.new_empty(T, H)
+    if T == 0 or H == 0:
+        return out
+    if not y.is_contiguous():
+        y = y.contiguous()
+    if not token_row.is_contiguous():
+        token_row = token_row.contiguous()
+    if not weights.is_contiguous():
+        weights = weights.contiguous()
+    device, stream = (-1, 0) if y.is_cpu else device_args(y)
+    _C.unpermute(y.data_ptr(), _DTYPE_CODES[y.dtype], R, H, token_row.data_ptr(), weights.data_ptr(), T, K,
+                 out.data_ptr(), device, stream)
+    return out
+
+
 @torch.library.custom_op("leankernels::unpermute", mutates_args=())
 def unpermute(y: torch.Tensor, token_row: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     _need_t("y", y, _FLOATS, dim=2)
     _need_t("token_row", token_row, (torch.int32,), dim=2)
     _need_t("weights", weights, (torch.float32,), shape=token_row.shape)
-    R, H = y.shape
-    T, K = token_row.shape
-    out = torch.empty((T, H), dtype=y.dtype, device=y.device)
-    if T == 0 or H == 0:
-        return out
-    y = y.contiguous()
-    token_row = token_row.contiguous()
-    weights = weights.contiguous()
-    device, stream = device_args(y)
-    C().unpermute(y.data_ptr(), dtype_code(y.dtype), R, H, token_row.data_ptr(), weights.data_ptr(), T, K,
-                  out.data_ptr(), device, stream)
-    return out
+    return unpermute_impl(y, token_row, weights)
 
 
 @unpermute.register_fake
@@ -257,10 +368,7 @@ def _(y, token_row, weights):
     return y.new_empty((token_row.shape[0], y.shape[1]))
 
 
-@torch.library.custom_op("leankernels::update_bias", mutates_args=())
-def update_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
-    _need_t("bias", bias, (torch.float32,), dim=1)
-    _need_t("counts", counts, (torch.int32, torch.int64), shape=bias.shape)
+def update_bias_impl(bias, counts, rate):
     out = torch.empty_like(bias, memory_format=torch.contiguous_format)
     E = bias.shape[0]
     if E == 0:
@@ -268,9 +376,16 @@ def update_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.
     bias = bias.contiguous()
     counts = counts.contiguous()
     device, stream = device_args(bias)
-    C().update_bias(bias.data_ptr(), counts.data_ptr(), dtype_code(counts.dtype), E, float(rate),
-                    out.data_ptr(), device, stream)
+    _C.update_bias(bias.data_ptr(), counts.data_ptr(), dtype_code(counts.dtype), E, float(rate),
+                   out.data_ptr(), device, stream)
     return out
+
+
+@torch.library.custom_op("leankernels::update_bias", mutates_args=())
+def update_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
+    _need_t("bias", bias, (torch.float32,), dim=1)
+    _need_t("counts", counts, (torch.int32, torch.int64), shape=bias.shape)
+    return update_bias_impl(bias, counts, rate)
 
 
 @update_bias.register_fake
@@ -317,11 +432,29 @@ def _mla_cache_geometry(cache: torch.Tensor):
     return fp8, cache.shape[0], cache.shape[1], cache.stride(0) * cache.element_size()
 
 
+def mla_append_impl(cache, kv_c, k_pe, slot_mapping, norm_weight, eps, cos, sin, positions):
+    fp8 = cache.dtype != torch.bfloat16
+    nb, bs, bstride = cache.shape[0], cache.shape[1], cache.stride(0) * cache.element_size()
+    T = kv_c.shape[0]
+    if T == 0 or cache.numel() == 0:
+        return
+    debug = _mla_debug()
+    flag = _mla_error_flag(cache, debug)
+    device, stream = device_args(cache)
+    _C.mla_append(
+        kv_c.data_ptr(), dtype_code(kv_c.dtype), kv_c.stride(0), k_pe.data_ptr(), dtype_code(k_pe.dtype),
+        k_pe.stride(0), slot_mapping.data_ptr(), T, norm_weight.data_ptr() if norm_weight is not None else 0,
+        eps, cos.data_ptr() if cos is not None else 0, sin.data_ptr() if sin is not None else 0,
+        positions.data_ptr() if positions is not None else 0, cos.shape[0] if cos is not None else 0,
+        cache.data_ptr(), fp8, nb, bs, bstride, debug, flag.data_ptr() if flag is not None else 0, device, stream)
+    _mla_raise_flag(flag)
+
+
 @torch.library.custom_op("leankernels::mla_append", mutates_args=("cache",))
 def mla_append(cache: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor,
                norm_weight: Optional[torch.Tensor], eps: float, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
                positions: Optional[torch.Tensor]) -> None:
-    fp8, nb, bs, bstride = _mla_cache_geometry(cache)
+    _mla_cache_geometry(cache)
     _need_t("kv_c", kv_c, _FLOATS, dim=2)
     T = kv_c.shape[0]
     _need(kv_c.shape[1] == MLA_LATENT and kv_c.stride(1) == 1, f"kv_c must be [T, 512] with unit column stride")
@@ -345,18 +478,7 @@ def mla_append(cache: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, slot
         _need(cos is not None, "positions needs cos and sin")
         _need_t("positions", positions, (torch.int64,), shape=(T,))
         _need(positions.is_contiguous(), "positions must be contiguous")
-    if T == 0 or cache.numel() == 0:
-        return
-    debug = _mla_debug()
-    flag = _mla_error_flag(cache, debug)
-    device, stream = device_args(cache)
-    C().mla_append(
-        kv_c.data_ptr(), dtype_code(kv_c.dtype), kv_c.stride(0), k_pe.data_ptr(), dtype_code(k_pe.dtype),
-        k_pe.stride(0), slot_mapping.data_ptr(), T, norm_weight.data_ptr() if norm_weight is not None else 0,
-        eps, cos.data_ptr() if cos is not None else 0, sin.data_ptr() if sin is not None else 0,
-        positions.data_ptr() if positions is not None else 0, cos.shape[0] if cos is not None else 0,
-        cache.data_ptr(), fp8, nb, bs, bstride, debug, flag.data_ptr() if flag is not None else 0, device, stream)
-    _mla_raise_flag(flag)
+    mla_append_impl(cache, kv_c, k_pe, slot_mapping, norm_weight, eps, cos, sin, positions)
 
 
 @mla_append.register_fake
@@ -364,26 +486,18 @@ def _(cache, kv_c, k_pe, slot_mapping, norm_weight, eps, cos, sin, positions):
     return None
 
 
-@torch.library.custom_op("leankernels::mla_decode", mutates_args=())
-def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seqlens: torch.Tensor,
-               softmax_scale: float, causal: bool, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _need_t("q", q, (torch.bfloat16,), dim=4)
-    _need(q.shape[3] == MLA_DIM, f"q must be [B, s_q, H, 576]; got {tuple(q.shape)}")
+def mla_decode_impl(q, cache, block_table, seqlens, softmax_scale, causal, num_splits):
+    """seqlens contiguous, block_table with unit column stride."""
     B, s_q, H, _ = q.shape
-    fp8, nb, bs, bstride = _mla_cache_geometry(cache)
-    _need_t("block_table", block_table, (torch.int32,), dim=2)
-    _need(block_table.shape[0] == B and block_table.stride(1) == 1 and block_table.stride(0) >= 0,
-          f"block_table must be [B={B}, max_blocks] with unit column stride; got {tuple(block_table.shape)}")
-    _need_t("seqlens", seqlens, (torch.int32,), shape=(B,))
-    seqlens = seqlens.contiguous()
-    _need(num_splits >= 1, f"num_splits must be >= 1; got {num_splits}")
+    fp8 = cache.dtype != torch.bfloat16
+    nb, bs, bstride = cache.shape[0], cache.shape[1], cache.stride(0) * cache.element_size()
     num_splits = min(num_splits, max(1, block_table.shape[1] * bs))  # more splits than keys: empty ones
     out = torch.empty(B, s_q, H, MLA_LATENT, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, s_q, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     q = q.contiguous()
-    if q.device.type == "cuda" and q.data_ptr() % 16:
+    if q.is_cuda and q.data_ptr() % 16:
         q = q.clone()  # a contiguous view at an odd offset: the CUDA kernel loads q in 16-byte chunks
     rows = s_q * H
     if num_splits > 1:
@@ -394,13 +508,29 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     debug = _mla_debug()
     flag = _mla_error_flag(q, debug)
     device, stream = device_args(q)
-    C().mla_decode(
+    _C.mla_decode(
         q.data_ptr(), B, s_q, H, cache.data_ptr(), fp8, nb, bs, bstride, block_table.data_ptr(),
         block_table.shape[1], block_table.stride(0), seqlens.data_ptr(), softmax_scale, causal, num_splits,
         o_part.data_ptr() if o_part is not None else 0, lse_part.data_ptr() if lse_part is not None else 0,
         out.data_ptr(), lse.data_ptr(), flag.data_ptr() if flag is not None else 0, device, stream)
     _mla_raise_flag(flag)
     return out, lse
+
+
+@torch.library.custom_op("leankernels::mla_decode", mutates_args=())
+def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seqlens: torch.Tensor,
+               softmax_scale: float, causal: bool, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _need_t("q", q, (torch.bfloat16,), dim=4)
+    _need(q.shape[3] == MLA_DIM, f"q must be [B, s_q, H, 576]; got {tuple(q.shape)}")
+    B, s_q, H, _ = q.shape
+    _mla_cache_geometry(cache)
+    _need_t("block_table", block_table, (torch.int32,), dim=2)
+    _need(block_table.shape[0] == B and block_table.stride(1) == 1 and block_table.stride(0) >= 0,
+          f"block_table must be [B={B}, max_blocks] with unit column stride; got {tuple(block_table.shape)}")
+    _need_t("seqlens", seqlens, (torch.int32,), shape=(B,))
+    seqlens = seqlens.contiguous()
+    _need(num_splits >= 1, f"num_splits must be >= 1; got {num_splits}")
+    return mla_decode_impl(q, cache, block_table, seqlens, softmax_scale, causal, num_splits)
 
 
 @mla_decode.register_fake
@@ -418,7 +548,7 @@ def mla_schedule(seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, t
     num_splits = torch.empty(B + 1, dtype=torch.int32, device=seqlens.device)
     seqlens = seqlens.contiguous()
     device, stream = device_args(seqlens)
-    C().mla_schedule(seqlens.data_ptr(), B, num_parts, metadata.data_ptr(), num_splits.data_ptr(), device, stream)
+    _C.mla_schedule(seqlens.data_ptr(), B, num_parts, metadata.data_ptr(), num_splits.data_ptr(), device, stream)
     return metadata, num_splits
 
 
@@ -431,8 +561,9 @@ def _(seqlens, num_parts):
 _GEMM_DENSE, _GEMM_CONTIGUOUS, _GEMM_MASKED = 0, 1, 2
 
 
-def _gemm_launch(layout: int, a, a_scale, b, b_scale, groups, M: int, out: torch.Tensor) -> None:
-    """Call the C++ core. a is [R, K] (or [G, M, K] for masked), b [G, N, K]; out preallocated."""
+def _gemm_checks(layout: int, a, a_scale, b, b_scale, groups, out=None, out_dtype=None) -> None:
+    """What the C++ core needs of a GEMM's operands (a direct torch.ops call is memory-safe):
+    the given ``out``, or (out=None) the output the op allocates with ``out_dtype``."""
     dense, masked = layout == _GEMM_DENSE, layout == _GEMM_MASKED
     _need_t("a", a, (FP8,), dim=3 if masked else 2)
     _need_t("b", b, (FP8,), dim=2 if dense else 3)
@@ -446,11 +577,20 @@ def _gemm_launch(layout: int, a, a_scale, b, b_scale, groups, M: int, out: torch
         _need(b.shape[0] >= 1, "b must hold at least one expert")
     if masked:
         _need(a.shape[0] == b.shape[0], f"a has {a.shape[0]} groups but b has {b.shape[0]} experts")
+    if out is None:
+        if out_dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"leankernels: out_dtype must be torch.bfloat16 or torch.float32; got {out_dtype}")
+        return
     _need_t("out", out, (torch.bfloat16, torch.float32), shape=(*a.shape[:-1], N))
+    if out.numel() and not out.is_contiguous():
+        raise ValueError("out must be contiguous (the kernel writes rows in place)")
+
+
+def _gemm_launch(layout: int, a, a_scale, b, b_scale, groups, M: int, out: torch.Tensor) -> None:
+    """Call the C++ core on checked operands. a is [R, K] (or [G, M, K] for masked), b [G, N, K]
+    (or [N, K]); group sizes stay on the device: the kernels clamp them (see gemm.py)."""
     if out.numel() == 0:
         return
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous (the kernel writes rows in place)")
     a, a_scale, b, b_scale = a.contiguous(), a_scale.contiguous(), b.contiguous(), b_scale.contiguous()
     G, N, K = (1, b.shape[0], b.shape[1]) if b.dim() == 2 else (b.shape[0], b.shape[1], b.shape[2])
     gptr = 0
@@ -458,16 +598,21 @@ def _gemm_launch(layout: int, a, a_scale, b, b_scale, groups, M: int, out: torch
         groups = groups.contiguous()
         gptr = groups.data_ptr()
     device, stream = device_args(a)
-    C().fp8_gemm(layout, a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(), gptr, G, M, N, K,
-                 out.data_ptr(), dtype_code(out.dtype), device, stream)
+    _C.fp8_gemm(layout, a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(), gptr, G, M, N, K,
+                out.data_ptr(), dtype_code(out.dtype), device, stream)
+
+
+def fp8_gemm_impl(a, a_scale, b, b_scale, out_dtype):
+    out = torch.empty(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
+    _gemm_launch(_GEMM_DENSE, a, a_scale, b, b_scale, None, a.shape[0], out)
+    return out
 
 
 @torch.library.custom_op("leankernels::fp8_gemm", mutates_args=())
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
              out_dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
-    _gemm_launch(_GEMM_DENSE, a, a_scale, b, b_scale, None, a.shape[0], out)
-    return out
+    _gemm_checks(_GEMM_DENSE, a, a_scale, b, b_scale, None, out_dtype=out_dtype)
+    return fp8_gemm_impl(a, a_scale, b, b_scale, out_dtype)
 
 
 @fp8_gemm.register_fake
@@ -475,13 +620,18 @@ def _(a, a_scale, b, b_scale, out_dtype):
     return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
 
 
-@torch.library.custom_op("leankernels::fp8_grouped_gemm", mutates_args=())
-def fp8_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                     offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def fp8_grouped_gemm_impl(a, a_scale, b, b_scale, offs, out_dtype):
     # Zeros, so rows past offs[-1] (unknown on the host without a sync) are defined.
     out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
     _gemm_launch(_GEMM_CONTIGUOUS, a, a_scale, b, b_scale, offs, a.shape[0], out)
     return out
+
+
+@torch.library.custom_op("leankernels::fp8_grouped_gemm", mutates_args=())
+def fp8_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                     offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    _gemm_checks(_GEMM_CONTIGUOUS, a, a_scale, b, b_scale, offs, out_dtype=out_dtype)
+    return fp8_grouped_gemm_impl(a, a_scale, b, b_scale, offs, out_dtype)
 
 
 @fp8_grouped_gemm.register_fake
@@ -489,10 +639,15 @@ def _(a, a_scale, b, b_scale, offs, out_dtype):
     return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
 
 
+def fp8_grouped_gemm_out_impl(a, a_scale, b, b_scale, offs, out):
+    _gemm_launch(_GEMM_CONTIGUOUS, a, a_scale, b, b_scale, offs, a.shape[0], out)
+
+
 @torch.library.custom_op("leankernels::fp8_grouped_gemm_out", mutates_args=("out",))
 def fp8_grouped_gemm_out(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                          offs: torch.Tensor, out: torch.Tensor) -> None:
-    _gemm_launch(_GEMM_CONTIGUOUS, a, a_scale, b, b_scale, offs, a.shape[0], out)
+    _gemm_checks(_GEMM_CONTIGUOUS, a, a_scale, b, b_scale, offs, out)
+    fp8_grouped_gemm_out_impl(a, a_scale, b, b_scale, offs, out)
 
 
 @fp8_grouped_gemm_out.register_fake
@@ -500,12 +655,17 @@ def _(a, a_scale, b, b_scale, offs, out):
     return None
 
 
-@torch.library.custom_op("leankernels::fp8_grouped_gemm_masked", mutates_args=())
-def fp8_grouped_gemm_masked(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                            masked_m: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def fp8_grouped_gemm_masked_impl(a, a_scale, b, b_scale, masked_m, out_dtype):
     out = torch.zeros(a.shape[0], a.shape[1], b.shape[1], dtype=out_dtype, device=a.device)
     _gemm_launch(_GEMM_MASKED, a, a_scale, b, b_scale, masked_m, a.shape[1], out)
     return out
+
+
+@torch.library.custom_op("leankernels::fp8_grouped_gemm_masked", mutates_args=())
+def fp8_grouped_gemm_masked(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                            masked_m: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    _gemm_checks(_GEMM_MASKED, a, a_scale, b, b_scale, masked_m, out_dtype=out_dtype)
+    return fp8_grouped_gemm_masked_impl(a, a_scale, b, b_scale, masked_m, out_dtype)
 
 
 @fp8_grouped_gemm_masked.register_fake
@@ -513,10 +673,15 @@ def _(a, a_scale, b, b_scale, masked_m, out_dtype):
     return a.new_empty(a.shape[0], a.shape[1], b.shape[1], dtype=out_dtype)
 
 
+def fp8_grouped_gemm_masked_out_impl(a, a_scale, b, b_scale, masked_m, out):
+    _gemm_launch(_GEMM_MASKED, a, a_scale, b, b_scale, masked_m, a.shape[1], out)
+
+
 @torch.library.custom_op("leankernels::fp8_grouped_gemm_masked_out", mutates_args=("out",))
 def fp8_grouped_gemm_masked_out(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                                 masked_m: torch.Tensor, out: torch.Tensor) -> None:
-    _gemm_launch(_GEMM_MASKED, a, a_scale, b, b_scale, masked_m, a.shape[1], out)
+    _gemm_checks(_GEMM_MASKED, a, a_scale, b, b_scale, masked_m, out)
+    fp8_grouped_gemm_masked_out_impl(a, a_scale, b, b_scale, masked_m, out)
 
 
 @fp8_grouped_gemm_masked_out.register_fake

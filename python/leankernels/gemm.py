@@ -25,12 +25,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_values(t: torch.Tensor) -> bool:
-    """Whether to inspect device-resident group sizes: always for CPU tensors, on CUDA only with
-    LEANKERNELS_DEBUG=1 (it synchronises); never while torch.compile traces (data-dependent)."""
+def _check_values() -> bool:
+    """Whether to inspect the device-resident group sizes (offs, masked_m) on the host: only with
+    LEANKERNELS_DEBUG=1 (a copy to the host, a synchronisation on CUDA, ~40 us even on the CPU),
+    never while torch.compile traces (data-dependent). Unchecked values are safe: the CPU and
+    CUDA kernels clamp every end / count to [0, rows] and give row r to the first expert whose
+    (running-maximum) end exceeds r, so no value reads or writes outside a, out or b."""
     if torch.compiler.is_compiling():
         return False
-    return t.device.type == "cpu" or os.environ.get("LEANKERNELS_DEBUG", "0") not in ("", "0")
+    return os.environ.get("LEANKERNELS_DEBUG", "0") not in ("", "0")
 
 
 def _out_dtype(out_dtype) -> torch.dtype:
@@ -49,7 +52,9 @@ def _operands(a, a_scale, b, b_scale, a_dims: int, b_dims: int):
     _checks.tensor("a_scale", a_scale, (torch.float32,))
     _checks.tensor("b", b, (FP8,), b_dims)
     _checks.tensor("b_scale", b_scale, (torch.float32,))
-    _checks.same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale)
+    _checks.same_device2("a", a, "a_scale", a_scale)
+    _checks.same_device2("a", a, "b", b)
+    _checks.same_device2("a", a, "b_scale", b_scale)
     K = a.shape[-1]
     N, Kb = b.shape[-2], b.shape[-1]
     if Kb != K:
@@ -62,7 +67,7 @@ def _operands(a, a_scale, b, b_scale, a_dims: int, b_dims: int):
 def _group_sizes(name: str, t, a: torch.Tensor, E: int) -> torch.Tensor:
     t = _interop.to_torch(t)
     _checks.tensor(name, t, (torch.int32,), 1)
-    _checks.same_device(a=a, **{name: t})
+    _checks.same_device2("a", a, name, t)
     _checks.shape(name, t, (E,))
     return t
 
@@ -94,7 +99,8 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.bfloat16):
     src = a
     out_dtype = _out_dtype(out_dtype)
     a, a_scale, b, b_scale, N, K = _operands(a, a_scale, b, b_scale, 2, 2)
-    return _interop.like_input(_ops.fp8_gemm(a, a_scale, b, b_scale, out_dtype), src)
+    op = _ops.fp8_gemm_impl if _ops.direct(a, a_scale, b, b_scale) else _ops.fp8_gemm
+    return _interop.like_input(op(a, a_scale, b, b_scale, out_dtype), src)
 
 
 def fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dtype = torch.bfloat16, out=None):
@@ -108,11 +114,12 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dtype = torc
         a: float8_e4m3fn ``[M_total, K]``; a_scale: float32 ``[M_total, ceil(K/128)]``.
         b: float8_e4m3fn ``[E, N, K]``; b_scale: float32 ``[E, ceil(N/128), ceil(K/128)]``.
         offs: int32 ``[E]``, cumulative END offsets (``F.grouped_mm`` convention), on a's
-            device, non-decreasing, ``offs[-1] <= M_total``. offs stays on the device (no host
-            synchronisation): on CPU tensors monotonicity and the bound are always checked; on
-            CUDA only when ``LEANKERNELS_DEBUG=1`` (that check synchronises). Unchecked bad
-            offs never cause out-of-bounds access: ends are clamped to ``M_total`` and row r
-            goes to the first expert whose end exceeds r.
+            device, non-decreasing, ``offs[-1] <= M_total``. offs stays on the device and is
+            not read on the host (no synchronisation, no copy): monotonicity and the bound are
+            checked (ValueError) only with ``LEANKERNELS_DEBUG=1``, on any device. Unchecked
+            bad offs never cause out-of-bounds access: the kernels clamp ends to
+            ``[0, M_total]`` and give row r to the first expert whose end (running maximum)
+            exceeds r, as ``reference.fp8_grouped_gemm`` does.
         out_dtype: ``torch.bfloat16`` (default) or ``torch.float32`` (ignored when ``out`` is given).
         out: optional contiguous ``[M_total, N]`` bf16/fp32 tensor written in place. Rows past
             ``offs[-1]`` are left untouched, so the caller controls them (and no zero fill is
@@ -127,7 +134,7 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dtype = torc
     offs = _group_sizes("offs", offs, a, E)
     if E == 0:
         raise ValueError("b must hold at least one expert (E >= 1)")
-    if _check_values(offs):
+    if _check_values():
         ends = offs.cpu()
         if bool((ends[1:] < ends[:-1]).any()) or int(ends[0]) < 0:
             raise ValueError(f"offs must be non-decreasing and >= 0 (cumulative end offsets); got {ends.tolist()}")
@@ -135,10 +142,12 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dtype = torc
             raise ValueError(f"offs[-1] = {int(ends[-1])} exceeds the number of rows of a ({a.shape[0]})")
     if out is not None:
         out = _check_out(_interop.to_torch(out), (a.shape[0], N), a.device)
-        _ops.fp8_grouped_gemm_out(a, a_scale, b, b_scale, offs, out)
+        fast = _ops.direct(a, a_scale, b, b_scale, offs, out)
+        (_ops.fp8_grouped_gemm_out_impl if fast else _ops.fp8_grouped_gemm_out)(a, a_scale, b, b_scale, offs, out)
         return _interop.like_input(out, src)
     out_dtype = _out_dtype(out_dtype)
-    return _interop.like_input(_ops.fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype), src)
+    op = _ops.fp8_grouped_gemm_impl if _ops.direct(a, a_scale, b, b_scale, offs) else _ops.fp8_grouped_gemm
+    return _interop.like_input(op(a, a_scale, b, b_scale, offs, out_dtype), src)
 
 
 def fp8_grouped_gemm_masked(a, a_scale, b, b_scale, masked_m, out_dtype: torch.dtype = torch.bfloat16, out=None):
@@ -152,7 +161,7 @@ def fp8_grouped_gemm_masked(a, a_scale, b, b_scale, masked_m, out_dtype: torch.d
         b: float8_e4m3fn ``[E, N, K]``; b_scale: float32 ``[E, ceil(N/128), ceil(K/128)]``.
         masked_m: int32 ``[E]`` valid rows per expert, on a's device, read there (no host
             synchronisation). Values are clamped to ``[0, M_max]``; with ``LEANKERNELS_DEBUG=1``
-            (or on CPU tensors) values outside that range raise.
+            values outside that range raise ValueError (on any device).
         out_dtype: ``torch.bfloat16`` (default) or ``torch.float32`` (ignored when ``out`` is given).
         out: optional contiguous ``[E, M_max, N]`` tensor written in place; rows past
             ``masked_m[e]`` are left untouched. Without ``out`` they are zero.
@@ -166,13 +175,18 @@ def fp8_grouped_gemm_masked(a, a_scale, b, b_scale, masked_m, out_dtype: torch.d
     if a.shape[0] != E:
         raise ValueError(f"a has {a.shape[0]} groups but b has {E} experts; a is [E, M_max, K], b is [E, N, K]")
     masked_m = _group_sizes("masked_m", masked_m, a, E)
-    if _check_values(masked_m):
+    if E == 0:
+        raise ValueError("b must hold at least one expert (E >= 1)")
+    if _check_values():
         m = masked_m.cpu()
-        if E and (int(m.min()) < 0 or int(m.max()) > a.shape[1]):
+        if int(m.min()) < 0 or int(m.max()) > a.shape[1]:
             raise ValueError(f"masked_m values must lie in [0, M_max={a.shape[1]}]; got {m.tolist()}")
     if out is not None:
         out = _check_out(_interop.to_torch(out), (E, a.shape[1], N), a.device)
-        _ops.fp8_grouped_gemm_masked_out(a, a_scale, b, b_scale, masked_m, out)
+        fast = _ops.direct(a, a_scale, b, b_scale, masked_m, out)
+        (_ops.fp8_grouped_gemm_masked_out_impl if fast else _ops.fp8_grouped_gemm_masked_out)(
+            a, a_scale, b, b_scale, masked_m, out)
         return _interop.like_input(out, src)
     out_dtype = _out_dtype(out_dtype)
-    return _interop.like_input(_ops.fp8_grouped_gemm_masked(a, a_scale, b, b_scale, masked_m, out_dtype), src)
+    op = _ops.fp8_grouped_gemm_masked_impl if _ops.direct(a, a_scale, b, b_scale, masked_m) else _ops.fp8_grouped_gemm_masked
+    return _interop.like_input(op(a, a_scale, b, b_scale, masked_m, out_dtype), src)

@@ -214,15 +214,32 @@ def mla_append(cache, kv_c, k_pe, slot_mapping, norm_weight=None, eps: float = 1
                         cos=cos, sin=sin, positions=positions)
     slot_mapping = slot_mapping.to(torch.int64).contiguous()
     eps = _float_arg("eps", eps)
-    _ops.mla_append(cache, kv_c, k_pe, slot_mapping, norm_weight, eps, cos, sin, positions)
+    fast = _ops.direct(cache, kv_c, k_pe, slot_mapping, norm_weight, cos, sin, positions)
+    (_ops.mla_append_impl if fast else _ops.mla_append)(cache, kv_c, k_pe, slot_mapping, norm_weight, eps, cos, sin,
+                                                        positions)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result without importing torch._dynamo at import time
+    (that import alone costs ~1 s, most of `import leankernels`). The decorator only marks the
+    function (``fn._dynamo_marked_constant = True``, torch 2.1 to 2.13) for dynamo to read when
+    it traces a call; when dynamo is already loaded the real decorator is used.
+    tests/test_import.py checks the mark is what the real decorator sets."""
+    import sys
+
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        return dynamo.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _cpu_threads() -> int:
     return max(1, int(build_info()["omp_max_threads"]))
 
@@ -290,7 +307,8 @@ def mla_decode(q, cache, block_table, seqlens, softmax_scale: float, causal: boo
         causal = bool(causal)
     except (RuntimeError, TypeError, ValueError):
         raise TypeError(f"causal must be a bool; got {type(causal).__name__}") from None
-    return _ops.mla_decode(q, cache, block_table, seqlens, softmax_scale, causal, int(num_splits))
+    op = _ops.mla_decode_impl if _ops.direct(q, cache, block_table, seqlens) else _ops.mla_decode
+    return op(q, cache, block_table, seqlens, softmax_scale, causal, int(num_splits))
 
 
 __all__ = ["LatentCache", "PagedLatentCache", "mla_append", "mla_decode", "mla_num_splits"]

@@ -15,7 +15,14 @@ _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SCALE_FMTS = ("fp32", "ue8m0")
 
 
+_BLOCK_ROWS = {(1, GROUP): 1, (GROUP, GROUP): GROUP}
+
+
 def _block_rows(block) -> int:
+    if type(block) is tuple and len(block) == 2 and type(block[0]) is int and type(block[1]) is int:
+        rows = _BLOCK_ROWS.get(block)
+        if rows is not None:  # the common case; anything else gets the checks below
+            return rows
     try:
         b = tuple(block)
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in b):
@@ -62,7 +69,10 @@ def quantize_fp8(x, block=(1, 128), scale_fmt: str = "fp32"):
         raise ValueError("x must have at least 1 dimension for block (1, 128); got a scalar")
     if block_rows == GROUP and x.dim() not in (2, 3):
         raise ValueError(f"x must be [N, K] or [E, N, K] for block (128, 128); got shape {tuple(x.shape)}")
-    q, scale = _ops.quantize_fp8(x, block_rows, scale_fmt == "ue8m0")
+    op = _ops.quantize_fp8_impl if _ops.direct(x) else _ops.quantize_fp8
+    q, scale = op(x, block_rows, scale_fmt == "ue8m0")
+    if src is x:
+        return q, scale
     return _interop.like_input(q, src), _interop.like_input(scale, src)
 
 
@@ -87,4 +97,5 @@ def dequantize_fp8(x_fp8, scale, block=(1, 128)):
     if block_rows == GROUP and x_fp8.dim() not in (2, 3):
         raise ValueError(f"x_fp8 must be [N, K] or [E, N, K] for block (128, 128); got shape {tuple(x_fp8.shape)}")
     _checks.shape("scale", scale, _ops._quant_scale_shape(x_fp8.shape, block_rows))
-    return _interop.like_input(_ops.dequantize_fp8(x_fp8, scale, block_rows), src)
+    op = _ops.dequantize_fp8_impl if _ops.direct(x_fp8, scale) else _ops.dequantize_fp8
+    return _interop.like_input(op(x_fp8, scale, block_rows), src)

@@ -25,6 +25,8 @@ _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 _IDS = (torch.int32, torch.int64)
 _SCORES = ("softmax", "sigmoid")
 MAX_TOP_K = 32
+_INT32, _F32 = torch.int32, torch.float32
+_I32 = (_INT32,)
 
 
 class RoutePlan(NamedTuple):
@@ -43,7 +45,12 @@ class RoutePlan(NamedTuple):
     token_row: torch.Tensor
 
 
+_PLAN_FIELDS = tuple(f"plan.{name}" for name in RoutePlan._fields)
+
+
 def _int(name: str, v, lo: int = None) -> int:
+    if type(v) is int and (lo is None or v >= lo):
+        return v
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name} must be an int; got {type(v).__name__}")
     if lo is not None and v < lo:
@@ -52,7 +59,7 @@ def _int(name: str, v, lo: int = None) -> int:
 
 
 def _cuda_checked(name: str, t: torch.Tensor) -> None:
-    if t.device.type == "cuda" and not build_info()["cuda"]:
+    if t.is_cuda and not build_info()["cuda"]:
         raise ValueError(f"{name} is on {t.device} but this leankernels build has no CUDA kernels")
 
 
@@ -88,11 +95,14 @@ def route(logits, top_k: int, score: str = "softmax", bias=None, n_group: int = 
     src = logits
     logits = _interop.to_torch(logits)
     _checks.tensor("logits", logits, _FLOAT, dim=2)
-    _cuda_checked("logits", logits)
+    if logits.is_cuda:
+        _cuda_checked("logits", logits)
     T, E = logits.shape
-    top_k = _int("top_k", top_k, 1)
-    n_group = _int("n_group", n_group, 1)
-    topk_group = _int("topk_group", topk_group, 1)
+    if not (type(top_k) is int and type(n_group) is int and type(topk_group) is int
+            and top_k >= 1 and n_group >= 1 and topk_group >= 1):
+        top_k = _int("top_k", top_k, 1)
+        n_group = _int("n_group", n_group, 1)
+        topk_group = _int("topk_group", topk_group, 1)
     if E < 1:
         raise ValueError("logits must have at least one expert (shape [T, E] with E >= 1)")
     if score not in _SCORES:
@@ -108,23 +118,29 @@ def route(logits, top_k: int, score: str = "softmax", bias=None, n_group: int = 
     G = E // n_group
     if n_group > 1 and top_k > topk_group * G:
         raise ValueError(f"top_k ({top_k}) exceeds the {topk_group * G} experts of the topk_group={topk_group} kept groups")
-    if logits.device.type == "cuda" and E > 12288:
+    if logits.is_cuda and E > 12288:
         raise ValueError(f"logits has {E} experts; the CUDA route kernel supports up to 12288")
     if bias is not None:
         bias = _interop.to_torch(bias)
         _checks.tensor("bias", bias, _FLOAT, dim=1)
         _checks.shape("bias", bias, (E,))
-        _checks.same_device(logits=logits, bias=bias)
+        _checks.same_device2("logits", logits, "bias", bias)
         if n_group > 1 and G < 2:
             raise ValueError("bias with n_group > 1 needs at least 2 experts per group (groups score their top-2)")
-        bias = bias.float().contiguous()
+        if bias.dtype != torch.float32:
+            bias = bias.float()
+        if not bias.is_contiguous():
+            bias = bias.contiguous()
     if not isinstance(renormalize, bool):
         raise TypeError(f"renormalize must be a bool; got {type(renormalize).__name__}")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+    if type(scale) is not float and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
         raise TypeError(f"scale must be a float; got {type(scale).__name__}")
     if abs(scale) > 3.4e38:
         raise ValueError(f"scale must fit float32; got {scale}")
-    w, ids = _ops.route(logits, top_k, score == "sigmoid", bias, n_group, topk_group, renormalize, float(scale))
+    op = _ops.route_impl if _ops.direct(logits, bias) else _ops.route
+    w, ids = op(logits, top_k, score == "sigmoid", bias, n_group, topk_group, renormalize, float(scale))
+    if src is logits:
+        return w, ids
     return _interop.like_input(w, src), _interop.like_input(ids, src)
 
 
@@ -147,26 +163,32 @@ def plan(ids, num_experts: int, align: int = 1) -> RoutePlan:
     """
     ids = _interop.to_torch(ids)
     _checks.tensor("ids", ids, _IDS, dim=2)
-    _cuda_checked("ids", ids)
-    num_experts = _int("num_experts", num_experts, 1)
-    align = _int("align", align, 1)
+    if ids.is_cuda:
+        _cuda_checked("ids", ids)
+    if not (type(num_experts) is int and type(align) is int and num_experts >= 1 and align >= 1):
+        num_experts = _int("num_experts", num_experts, 1)
+        align = _int("align", align, 1)
     R = _ops.plan_rows(ids.shape[0], ids.shape[1], num_experts, align)
     if R >= 2**31 or num_experts >= 2**31:
         raise ValueError(f"ids with num_experts={num_experts}, align={align} routes {R} rows; plan indexes "
                          "rows and experts with int32 (< 2**31)")
-    if ids.device.type == "cuda" and num_experts > 12288:
+    if ids.is_cuda and num_experts > 12288:
         raise ValueError(f"num_experts ({num_experts}) exceeds 12288, the CUDA plan kernel's limit")
     if ids.dtype != torch.int32:
         ids = ids.clamp(-1, num_experts).to(torch.int32)
+    if _ops.direct(ids):
+        return RoutePlan(*_ops.plan_impl(ids if ids.is_contiguous() else ids.contiguous(), num_experts, align, R))
     return RoutePlan(*_ops.plan(ids, num_experts, align))
 
 
 def _check_plan(plan) -> RoutePlan:
     if not isinstance(plan, tuple) or len(plan) != 4:
         raise TypeError(f"plan must be the RoutePlan returned by leankernels.plan; got {type(plan).__name__}")
-    plan = RoutePlan(*plan)
-    for name in RoutePlan._fields:
-        _checks.tensor(f"plan.{name}", getattr(plan, name), (torch.int32,))
+    if type(plan) is not RoutePlan:
+        plan = RoutePlan(*plan)
+    for name, t in zip(_PLAN_FIELDS, plan):
+        if not (isinstance(t, torch.Tensor) and t.dtype is _INT32 and (t.is_cpu or t.is_cuda)):
+            _checks.tensor(name, t, _I32)  # raises, naming the field (or accepts a meta tensor)
     if plan.row_token.dim() != 1 or plan.token_row.dim() != 2:
         raise ValueError("plan has the wrong shapes; pass the RoutePlan returned by leankernels.plan")
     return plan
@@ -191,18 +213,26 @@ def permute(x, plan: RoutePlan, quantize: bool = False, scale_fmt: str = "fp32")
     x = _interop.to_torch(x)
     _checks.tensor("x", x, _FLOAT, dim=2)
     plan = _check_plan(plan)
-    _checks.same_device(x=x, row_token=plan.row_token)
-    _cuda_checked("x", x)
+    _checks.same_device2("x", x, "row_token", plan.row_token)
+    if x.is_cuda:
+        _cuda_checked("x", x)
     if x.shape[0] != plan.token_row.shape[0]:
         raise ValueError(f"x has {x.shape[0]} tokens but plan was made for {plan.token_row.shape[0]}")
     if not isinstance(quantize, bool):
         raise TypeError(f"quantize must be a bool; got {type(quantize).__name__}")
     if scale_fmt not in ("fp32", "ue8m0"):
         raise ValueError(f"scale_fmt must be 'fp32' or 'ue8m0'; got {scale_fmt!r}")
+    row_token = plan.row_token
+    fast = _ops.direct(x, row_token)
+    if fast:
+        row_token = row_token.contiguous()
     if quantize:
-        q, s = _ops.permute_fp8(x, plan.row_token, scale_fmt == "ue8m0")
+        q, s = (_ops.permute_fp8_impl if fast else _ops.permute_fp8)(x, row_token, scale_fmt == "ue8m0")
+        if src is x:
+            return q, s
         return _interop.like_input(q, src), _interop.like_input(s, src)
-    return _interop.like_input(_ops.permute(x, plan.row_token), src)
+    out = (_ops.permute_impl if fast else _ops.permute)(x, row_token)
+    return out if src is x else _interop.like_input(out, src)
 
 
 def unpermute(y, plan: RoutePlan, weights):
@@ -224,12 +254,19 @@ def unpermute(y, plan: RoutePlan, weights):
     _checks.tensor("y", y, _FLOAT, dim=2)
     plan = _check_plan(plan)
     _checks.tensor("weights", weights, _FLOAT, dim=2)
-    _checks.same_device(y=y, token_row=plan.token_row, weights=weights)
-    _cuda_checked("y", y)
+    _checks.same_device2("y", y, "token_row", plan.token_row)
+    _checks.same_device2("y", y, "weights", weights)
+    if y.is_cuda:
+        _cuda_checked("y", y)
     if y.shape[0] != plan.row_token.shape[0]:
         raise ValueError(f"y has {y.shape[0]} rows but plan has {plan.row_token.shape[0]}")
-    _checks.shape("weights", weights, tuple(plan.token_row.shape))
-    return _interop.like_input(_ops.unpermute(y, plan.token_row, weights.float()), src)
+    _checks.shape("weights", weights, plan.token_row.shape)
+    if weights.dtype is not _F32:
+        weights = weights.float()
+    token_row = plan.token_row
+    op = _ops.unpermute_impl if _ops.direct(y, token_row, weights) else _ops.unpermute
+    out = op(y, token_row, weights)
+    return out if src is y else _interop.like_input(out, src)
 
 
 def update_bias(bias, counts, rate: float = 1e-3):
@@ -258,4 +295,5 @@ def update_bias(bias, counts, rate: float = 1e-3):
         raise TypeError(f"rate must be a float; got {type(rate).__name__}")
     if abs(rate) > 3.4e38:
         raise ValueError(f"rate must fit float32; got {rate}")
-    return _interop.like_input(_ops.update_bias(bias, counts, float(rate)), src)
+    op = _ops.update_bias_impl if _ops.direct(bias, counts) else _ops.update_bias
+    return _interop.like_input(op(bias, counts, float(rate)), src)

@@ -34,6 +34,9 @@ class Case:
     #   case, so a domain's cases do not all hold their weights at once)
     teardown: Optional[Callable[[], None]] = None  # free what setup allocated; called after the
     #   case, also when it failed
+    calls: int = 1                   # for microsecond calls: each timed sample runs ours (and
+    #   each baseline) this many times back to back and the runner reports the time per call,
+    #   so ours and the baselines are measured alike (steady state, timer overhead amortised)
 
 
 class InputSets:

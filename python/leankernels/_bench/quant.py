@@ -50,6 +50,31 @@ def quant_bytes(shape, block, in_bytes: int = 2) -> float:
     return float(numel * in_bytes + numel * 1 + n_scales * 4)
 
 
+def _call_cases(device: str, quick: bool) -> list[Case]:
+    """One decode token (T=1): the cost of one quantize_fp8 call, mostly fixed cost, against
+    torch.topk on a [1, 256] row in the same run (issue target: ours <= 3x, ratio >= 0.33x)."""
+    import leankernels
+    from .. import reference
+    from .routing import CALLS_PER_SAMPLE, TOPK_BASELINE, topk_baseline
+
+    out = []
+    for H in ([7168] if quick else [2048, 7168]):
+        g = torch.Generator().manual_seed(H)
+        x = torch.randn(1, H, generator=g).to(device=device, dtype=torch.bfloat16)
+
+        def check(x=x):
+            q, s = leankernels.quantize_fp8(x)
+            rq, rs = reference.quantize_fp8(x)
+            return bool(torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs))
+
+        out.append(Case("quant", "quantize_fp8 1x128 T=1 call", f"1x{H} bf16",
+                        lambda x=x: leankernels.quantize_fp8(x), {TOPK_BASELINE: topk_baseline(device)},
+                        bytes=quant_bytes((1, H), (1, 128)), check=check, bound="memory",
+                        extra={"T": 1, "target": "ours <= 3x torch.topk (ratio >= 0.33x)"},
+                        calls=CALLS_PER_SAMPLE))
+    return out
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     import leankernels
     from .. import reference
@@ -59,7 +84,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     compiled = None if quick else _compiled_reference()
     gen = torch.Generator(device=device)
     gen.manual_seed(1234)
-    out = []
+    out = _call_cases(device, quick)
     for block, shape in _shapes(device, quick):
         sets = InputSets([torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(torch.bfloat16)
                           for _ in range(n_sets)])

@@ -165,6 +165,7 @@ def make_rows(case: Case, ours: Optional[Measurement], base: dict, check, check_
         # ours / the time to move `bytes` at the memory ceiling (1.3 = 1.3x the read time)
         "x_ceiling_time": (ceil.value / gbs) if (gbs and ceil is not None and ceil.kind == "memory") else None,
         "check": check, "check_error": check_error, "error": error,
+        "calls_per_sample": max(1, int(getattr(case, "calls", 1) or 1)),
         "extra": _jsonable(case.extra),
     }
     rows = []
@@ -222,17 +223,32 @@ def _run_case(case: Case, device: str, cfg: TimingConfig, flusher, ceilings: dic
             check = bool(case.check())
         except Exception as e:  # noqa: BLE001
             check, check_error = False, f"{type(e).__name__}: {e}"
-    fns = [case.ours] + list(case.baselines.values())
+    calls = max(1, int(getattr(case, "calls", 1) or 1))
+
+    def repeated(fn):
+        if calls == 1:
+            return fn
+
+        def run():
+            for _ in range(calls):
+                fn()
+        return run
+
+    def per_call(m):
+        return m if calls == 1 or m is None else Measurement([s / calls for s in m.samples])
+
+    fns = [repeated(case.ours)] + [repeated(f) for f in case.baselines.values()]
     ours, base, error, base_errors = None, {}, None, {}
     try:
-        ms = time_callables(fns, device, rotate=case.rotate, config=cfg, flusher=flusher)
+        ms = [per_call(m) for m in time_callables(fns, device, rotate=case.rotate, config=cfg, flusher=flusher)]
         ours = ms[0]
         base = dict(zip(case.baselines, ms[1:]))
     except Exception:  # noqa: BLE001 - one broken callable must not sink the table
         # find the culprit: time each callable on its own, keep what works
         def alone(fn):
             try:
-                return time_callables([fn], device, rotate=case.rotate, config=cfg, flusher=flusher)[0], None
+                return per_call(time_callables([repeated(fn)], device, rotate=case.rotate, config=cfg,
+                                               flusher=flusher)[0]), None
             except Exception as e:  # noqa: BLE001
                 return None, f"{type(e).__name__}: {e}"
         ours, error = alone(case.ours)

@@ -284,6 +284,12 @@ def m_grouped_fp8_gemm_nt_masked(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[
         raise ValueError(f"expected_m must be an int >= 0; got {expected_m!r}")
     a, sa, b, sb, N = _a_b(a, b, 3, 3)
     d = _out(d, (a.shape[0], a.shape[1], N), a.device)
+    if isinstance(masked_m, torch.Tensor) and masked_m.dtype == torch.int32 and masked_m.numel() and _debug(masked_m):
+        # leankernels.fp8_grouped_gemm_masked reads masked_m on the host only with
+        # LEANKERNELS_DEBUG=1; this shim keeps checking CPU values, like its m_indices.
+        mm = masked_m.cpu()
+        if int(mm.min()) < 0 or int(mm.max()) > a.shape[1]:
+            raise ValueError(f"masked_m values must lie in [0, M_max={a.shape[1]}]; got {mm.tolist()}")
     if d.is_contiguous():
         fp8_grouped_gemm_masked(a, sa, b, sb, masked_m, out=d)
     else:

@@ -1,0 +1,261 @@
+"""The eager fast path: a public op called eagerly runs its implementation directly (no
+torch.library dispatch), while anything that needs the op boundary (a dispatch or function mode,
+torch.compile, autograd, FakeTensor/meta inputs, the profiler, ...) still goes through
+``torch.ops.leankernels.*``; both paths give bitwise the same results.
+
+The op boundary is observed two ways: a TorchDispatchMode that records every ``func`` it sees,
+and counters wrapped around ``_ops.<op>`` (the torch.library entry the wrappers call) and
+``_ops.<op>_impl`` (the implementation both paths end in).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import leankernels as lk
+from leankernels import _ops
+from conftest import randn
+
+FP8 = torch.float8_e4m3fn
+
+
+class Recorder(TorchDispatchMode):
+    """Passes every op through, remembering which leankernels ops it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "leankernels":
+            self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class FunctionRecorder(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+# ------------------------------------------------------------------------------ the op table
+def _moe():
+    logits = randn(3, 64, seed=1)
+    bias = randn(64, seed=2, scale=0.05)
+    w, ids = lk.route(logits, 4, "sigmoid", bias, 4, 2, True, 2.5)
+    p = lk.plan(ids, 64, align=2)
+    x = randn(3, 300, seed=3, dtype=torch.bfloat16)
+    y = randn(p.row_token.shape[0], 300, seed=4, dtype=torch.bfloat16)
+    return logits, bias, w, ids, p, x, y
+
+
+def _gemm():
+    a, sa = lk.quantize_fp8(randn(10, 200, seed=5))
+    b, sb = lk.quantize_fp8(randn(3, 136, 200, seed=6, scale=0.05), (128, 128))
+    offs = torch.tensor([4, 4, 10], dtype=torch.int32)
+    mm = torch.tensor([2, 0, 1], dtype=torch.int32)
+    a3, sa3 = lk.quantize_fp8(randn(3, 2, 200, seed=7))
+    return a, sa, b, sb, offs, a3, sa3, mm
+
+
+def _mla():
+    cache = torch.zeros(4, 16, 576, dtype=torch.bfloat16)
+    kv_c, k_pe = randn(3, 512, seed=8), randn(3, 64, seed=9)
+    w = randn(512, seed=10).abs() + 0.5
+    ang = randn(3, 32, seed=11)
+    slots = torch.tensor([0, 17, 40])
+    q = randn(2, 1, 8, 576, seed=12, dtype=torch.bfloat16)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    seqlens = torch.tensor([18, 9], dtype=torch.int32)
+    return cache, kv_c, k_pe, w, ang.cos(), ang.sin(), slots, q, table, seqlens
+
+
+def _cases():
+    """(name of the _ops entry, call of the public API returning a tuple of tensors)."""
+    logits, bias, w, ids, p, x, y = _moe()
+    a, sa, b, sb, offs, a3, sa3, mm = _gemm()
+    cache, kv_c, k_pe, nw, cos, sin, slots, q, table, seqlens = _mla()
+
+    def append():
+        c = cache.clone()
+        lk.mla_append(c, kv_c, k_pe, slots, norm_weight=nw, cos=cos, sin=sin)
+        return (c,)
+
+    def grouped_out():
+        out = torch.full((10, 136), float("nan"))
+        lk.fp8_grouped_gemm(a, sa, b, sb, offs, out=out)
+        return (out,)
+
+    def masked_out():
+        out = torch.full((3, 2, 136), float("nan"))
+        lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, mm, out=out)
+        return (out,)
+
+    return [
+        ("route", lambda: lk.route(logits, 4, "sigmoid", bias, 4, 2, True, 2.5)),
+        ("plan", lambda: tuple(lk.plan(ids, 64, align=2))),
+        ("permute", lambda: (lk.permute(x, p),)),
+        ("permute_fp8", lambda: lk.permute(x, p, quantize=True)),
+        ("unpermute", lambda: (lk.unpermute(y, p, w),)),
+        ("update_bias", lambda: (lk.update_bias(bias, p.counts, 1e-3),)),
+        ("quantize_fp8", lambda: lk.quantize_fp8(x)),
+        ("dequantize_fp8", lambda: (lk.dequantize_fp8(a, sa),)),
+        ("fp8_gemm", lambda: (lk.fp8_gemm(a, sa, b[0], sb[0]),)),
+        ("fp8_grouped_gemm", lambda: (lk.fp8_grouped_gemm(a, sa, b, sb, offs),)),
+        ("fp8_grouped_gemm_out", grouped_out),
+        ("fp8_grouped_gemm_masked", lambda: (lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, mm),)),
+        ("fp8_grouped_gemm_masked_out", masked_out),
+        ("mla_append", append),
+        ("mla_decode", lambda: lk.mla_decode(q, cache, table, seqlens, 0.1)),
+    ]
+
+
+CASES = _cases()
+
+
+@contextlib.contextmanager
+def counting(monkeypatch, name):
+    """Count calls of _ops.<name> (the torch.library entry) and _ops.<name>_impl."""
+    calls = {"op": 0, "impl": 0}
+    op, impl = getattr(_ops, name), getattr(_ops, name + "_impl")
+
+    def op_counted(*args, **kwargs):
+        calls["op"] += 1
+        return op(*args, **kwargs)
+
+    def impl_counted(*args, **kwargs):
+        calls["impl"] += 1
+        return impl(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(_ops, name, op_counted)
+        m.setattr(_ops, name + "_impl", impl_counted)
+        yield calls
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes (fp8 / bf16 / NaN-safe comparison)."""
+    return t.detach().contiguous().view(torch.uint8)
+
+
+def _assert_bitwise(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert torch.equal(_bits(g), _bits(w))
+
+
+# ------------------------------------------------------------------------------ the two paths
+@pytest.mark.parametrize("name,call", CASES, ids=[c[0] for c in CASES])
+def test_eager_skips_the_dispatch_and_modes_see_the_op(name, call, monkeypatch):
+    with counting(monkeypatch, name) as calls:
+        eager = call()
+        assert calls == {"op": 0, "impl": 1}, f"eager {name} must call the implementation directly: {calls}"
+        with Recorder() as mode:
+            seen = call()
+        assert calls["op"] == 1 and calls["impl"] == 2, calls  # the op, whose body runs the impl
+    assert getattr(torch.ops.leankernels, name).default in mode.seen
+    _assert_bitwise(eager, seen)
+
+
+@pytest.mark.parametrize("name,call", CASES[:8], ids=[c[0] for c in CASES[:8]])
+def test_torch_function_mode_sees_the_op(name, call, monkeypatch):
+    with counting(monkeypatch, name) as calls:
+        eager = call()
+        with FunctionRecorder() as mode:
+            seen = call()
+        assert calls["op"] == 1, calls
+    assert any(str(f).startswith(f"leankernels.{name}.") for f in mode.seen)
+    _assert_bitwise(eager, seen)
+
+
+def test_torch_compile_fullgraph_sees_the_ops():
+    """Under torch.compile the wrappers trace into the graph as the torch.library ops."""
+    logits, bias, w, ids, p, x, y = _moe()
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def moe(logits, bias, x):
+        w, ids = lk.route(logits, 4, "sigmoid", bias, 4, 2, True, 2.5)
+        p = lk.plan(ids, 64, align=2)
+        q, s = lk.permute(x, p, quantize=True)
+        yq = lk.dequantize_fp8(q, s).to(torch.bfloat16)
+        return lk.unpermute(yq, p, w), lk.quantize_fp8(x)
+
+    eager = moe(logits, bias, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(moe, fullgraph=True, backend=backend)(logits, bias, x)
+    ops = torch.ops.leankernels
+    for op in (ops.route, ops.plan, ops.permute_fp8, ops.dequantize_fp8, ops.unpermute, ops.quantize_fp8):
+        assert op.default in targets, (op, targets)
+    _assert_bitwise((eager[0], *eager[1]), (compiled[0], *compiled[1]))
+
+
+def test_autograd_goes_through_the_op(monkeypatch):
+    """An input that requires grad (grad mode on) takes the op path: autograd sees the op (today
+    its backward raises, naming it; formulas come later). Under no_grad the fast path is back."""
+    logits = randn(2, 16, seed=13).requires_grad_()
+    with counting(monkeypatch, "route") as calls:
+        w, ids = lk.route(logits, 2)
+        assert calls["op"] == 1 and w.grad_fn is not None
+        with pytest.raises(RuntimeError, match="leankernels.route"):
+            w.sum().backward()
+        with torch.no_grad():
+            w2, ids2 = lk.route(logits, 2)
+        assert calls["op"] == 1 and calls["impl"] == 2 and w2.grad_fn is None
+    _assert_bitwise((w, ids), (w2, ids2))
+
+
+# ------------------------------------------------------------------------------ when direct() is False
+def test_direct_conditions():
+    x = randn(2, 3)
+    assert _ops.direct(x) and _ops.direct(x, None) and _ops.direct(torch.nn.Parameter(x, requires_grad=False))
+    assert not _ops.direct(x.to("meta"))
+    assert not _ops.direct(x, x.to_sparse())
+    req = x.clone().requires_grad_()
+    assert not _ops.direct(x, req)
+    with torch.no_grad():
+        assert _ops.direct(x, req)
+    with torch.inference_mode():
+        assert _ops.direct(x)
+    with Recorder():
+        assert not _ops.direct(x)
+    with FunctionRecorder():
+        assert not _ops.direct(x)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as fake_mode:
+        fake = fake_mode.from_tensor(x)
+    assert not _ops.direct(fake)  # a FakeTensor outside its mode: a subclass
+    with torch.autograd.profiler.profile():
+        assert not _ops.direct(x)
+    import torch.autograd.forward_ad as fwad
+    with fwad.dual_level():
+        assert not _ops.direct(x)
+    seen = []
+    torch.func.vmap(lambda t: seen.append(_ops.direct(t)) or t)(x)
+    assert seen == [False]
+    torch.jit.trace(lambda t: (seen.append(_ops.direct(t)), t * 2)[1], (x,), check_trace=False)
+    assert seen[-1] is False
+    assert _ops.direct(x)  # and back to the fast path after all of them
+
+
+def test_meta_and_fake_inputs_take_the_op_path():
+    """Meta and fake tensors get shapes from the fake kernels through the op, as before."""
+    logits = randn(3, 64, seed=1)
+    w, ids = lk.route(logits.to("meta"), 4)
+    assert w.device.type == "meta" and w.shape == (3, 4) and ids.dtype == torch.int32
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        q, s = lk.quantize_fp8(mode.from_tensor(randn(4, 300)))
+    assert q.shape == (4, 300) and s.shape == (4, 3) and q.dtype == FP8
