@@ -43,6 +43,10 @@ namespace lk::cpu::LK_NS {
 namespace {
 
 constexpr float kSafeScale = 0x1p100f;  // lane-wise block scaling cannot overflow below this
+// NOTES: below this many multiply-adds a call runs on the calling thread: an OpenMP region
+// costs microseconds on an idle machine but can cost milliseconds when another process holds a
+// core (the region's end waits for a descheduled thread), which a decode step cannot afford.
+constexpr int64_t kParallelBytes = int64_t(1) << 20;
 
 struct Segment {
   int64_t group, r0, r1;  // rows [r0, r1) of a use b[group]
@@ -657,7 +661,8 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
   const int64_t n_items = int64_t(items.size());
   std::atomic<int64_t> next_item{0};
   // One parallel region: decode the rows of a, then take work items from a shared counter.
-#pragma omp parallel
+  // Small problems run on the calling thread (see kParallelBytes).
+#pragma omp parallel if (rows * p.N * p.K >= kParallelBytes)
   {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
@@ -711,7 +716,7 @@ void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
   pa.Kp = KB * kQuantGroup;
   pa.a_dec.resize(size_t(R) * pa.Kp);
   for (const Segment& s : segs) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (s.r1 - s.r0 >= 64)
     for (int64_t r = s.r0; r < s.r1; ++r) decode_row(dec, a + r * K, K, pa.Kp, pa.a_dec.data() + r * pa.Kp);
   }
 #endif
@@ -719,7 +724,7 @@ void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
   const int64_t n_items = int64_t(items.size());
   constexpr int64_t kChunk = 4;
   std::atomic<int64_t> next_item{0};
-#pragma omp parallel
+#pragma omp parallel if (n_items > 1)
   {
     Scratch scratch;
     for (;;) {

@@ -43,6 +43,8 @@
 namespace lk::cpu::LK_NS {
 namespace {
 
+constexpr int64_t kParallelElems = 1 << 16;  // below this, one thread (see quantize_fp8)
+
 // ------------------------------------------------------------------------ portable scalar
 // Used for the K % 128 tail, for groups whose scale is not finite (NaN/Inf inside), and as
 // the whole kernel when neither AVX-512 nor AVX2 is enabled at compile time.
@@ -261,7 +263,11 @@ void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64
 #endif
   const int64_t tail0 = full * kQuantGroup;  // first element of the scalar part of a row
 
-#pragma omp parallel
+  // NOTES: small inputs (decode: one token) run on the calling thread. An OpenMP region costs
+  // microseconds on an idle machine but milliseconds when a core is busy with another process
+  // (the region waits for a descheduled thread).
+  const bool parallel = batch * rows * K >= kParallelElems;
+#pragma omp parallel if (parallel)
   {
     std::vector<float> buf(K - tail0 > kQuantGroup ? K - tail0 : kQuantGroup);
     std::vector<uint32_t> amax(groups);
@@ -363,7 +369,7 @@ void dequantize_fp8(const uint8_t* q, const float* scale, int64_t batch, int64_t
   const int64_t groups = ceil_div(K, kQuantGroup);
   const int64_t total_rows = batch * rows;
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (batch * rows * K >= kParallelElems)
   for (int64_t br = 0; br < total_rows; ++br) {
     const int64_t b = br / rows, r = br % rows;
     const float* srow = scale + (b * row_blocks + r / block_rows) * groups;
