@@ -29,6 +29,9 @@ namespace lk::cpu::LK_NS {
 namespace {
 
 constexpr int kTile = 32;         // keys per tile
+// Below this many (key row x 16-row group) pairs a decode call runs on the calling thread: an
+// OpenMP region costs microseconds idle but milliseconds when another process holds a core.
+constexpr int64_t kParallelKeys = 2048;
 constexpr int kRowsPerUnit = 16;  // query rows sharing one tile
 static_assert(kTile % 4 == 0 && kRowsPerUnit % 4 == 0, "4 x 4 blocks may run past n and nr");
 
@@ -299,7 +302,9 @@ int64_t mla_append(const void* kv_c, DType kv_dtype, int64_t kv_stride, const vo
   const int64_t num_slots = cache.num_blocks * cache.block_size;
   int64_t skipped = 0;
   int64_t first_bad = -1;
-#pragma omp parallel for schedule(static) reduction(+ : skipped)
+  // NOTES: a decode step appends one token per sequence: too little work for an OpenMP region,
+  // which costs milliseconds when another process holds a core (see kParallelKeys).
+#pragma omp parallel for schedule(static) reduction(+ : skipped) if (T >= 64)
   for (int64_t t = 0; t < T; ++t) {
     const int64_t slot = slot_mapping[t];
     if (slot < 0) continue;
@@ -391,7 +396,9 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
   const float* f8 = fp8_table().v;
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
-#pragma omp parallel
+  int64_t total_keys = 0;  // key rows read by all units: small calls stay on this thread
+  for (int64_t b = 0; b < B; ++b) total_keys += int64_t(seqlens[b]) * groups;
+#pragma omp parallel if (units > 1 && total_keys >= kParallelKeys)
   {
     std::unique_ptr<TileEngine> eng(new TileEngine());
     std::vector<float> accbuf(kRowsPerUnit * kMlaLatent);
@@ -477,7 +484,7 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
   if (num_splits == 1) return;
 
   // Combine: out = sum_s exp(lse_s - lse) o_s, lse = log sum_s exp(lse_s).
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (total_keys >= kParallelKeys)
   for (int64_t br = 0; br < B * rows; ++br) {
     const int64_t b = br / rows, row = br % rows, i = row / H, h = row % H;
     float mx = neg_inf;

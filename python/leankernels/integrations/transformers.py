@@ -100,7 +100,7 @@ if _version_tuple(transformers.__version__) > TESTED_RANGE[1]:
 CACHE_ARG = "cache" if "cache" in __import__("inspect").signature(
     _dsv3.DeepseekV3Attention.forward).parameters else "past_key_values"
 
-from ..gemm import fp8_grouped_gemm
+from ..gemm import fp8_gemm, fp8_grouped_gemm
 from ..mla import DIM, LATENT, ROPE, LatentCache, mla_append, mla_decode
 from ..quant import quantize_fp8
 from ..reference import mla_cache_dequantize
@@ -224,6 +224,39 @@ def register() -> None:
 
 
 register()
+
+# ---------------------------------------------------------------------------------- linears
+
+
+def _fp8_linear_weight(linear):
+    """``(w, scale)``: the module's weight in FP8 with 128x128 block scales, cached on the module
+    (a plain attribute, not in state_dict) and re-quantized when the weight changes."""
+    key = _weight_key(linear.weight)
+    cached = linear.__dict__.get("_leankernels_fp8")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, quantize_fp8(linear.weight.detach(), (128, 128)))
+        linear.__dict__["_leankernels_fp8"] = cached
+    return cached[1]
+
+
+class LeanKernelsFp8Linear(torch.nn.Linear):
+    """``nn.Linear`` whose forward runs ``fp8_gemm``: the weight quantized once to FP8 with 128x128
+    block scales (cached, re-quantized when it changes), activations per call with 1x128 scales,
+    fp32 accumulation, bias added in fp32. Same parameters and state_dict as the ``nn.Linear``;
+    calls that need gradients use ``nn.Linear``'s own forward. At decode shapes (a few rows) it
+    reads half the bytes of a bf16 ``F.linear`` (BENCHMARKS.md: ~2.9x at T=1 on a 2-core Zen 4)."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return super().forward(x)
+        w, w_scale = _fp8_linear_weight(self)
+        a, a_scale = quantize_fp8(x.reshape(-1, self.in_features), (1, 128))
+        y = fp8_gemm(a, a_scale, w, w_scale, out_dtype=torch.float32)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
 
 # ------------------------------------------------------------------------------------ router
 
@@ -531,6 +564,7 @@ class LeanKernelsDeepseekV3Attention(_dsv3.DeepseekV3Attention):
 _SWAPS = {
     "router": (_dsv3.DeepseekV3TopkRouter, LeanKernelsDeepseekV3TopkRouter),
     "attention": (_dsv3.DeepseekV3Attention, LeanKernelsDeepseekV3Attention),
+    "linears": (torch.nn.Linear, LeanKernelsFp8Linear),
 }
 
 
@@ -547,7 +581,7 @@ def _generate_cache_hook(model, original):
 
 def patch_deepseek_v3(model, experts: bool = True, router: bool = True, attention: bool = True,
                       experts_mode: str | None = None, cache_block_size: int = 64, fp8_cache: bool = False,
-                      decode_num_splits: int | None = None):
+                      decode_num_splits: int | None = None, linears: bool = False):
     """Run a transformers DeepSeek-V3 model (``DeepseekV3ForCausalLM`` / ``DeepseekV3Model``) on
     leankernels, in place; returns the model.
 
@@ -561,6 +595,10 @@ def patch_deepseek_v3(model, experts: bool = True, router: bool = True, attentio
             (None: the process-wide ``set_experts_mode`` default).
         cache_block_size, fp8_cache, decode_num_splits: the ``MLALatentCache`` that
             ``generate()`` creates (its block_size, fp8 and num_splits).
+        linears: also run every ``nn.Linear`` of the decoder layers (attention projections,
+            dense and shared-expert MLPs) and ``lm_head`` in FP8 (``LeanKernelsFp8Linear``). Off by
+            default: it changes every projection's numerics (FP8 round-off), not only the
+            experts'; on a CPU it is what makes a whole decode step memory-light.
 
     Swaps change the modules' classes only: parameters, buffers, state_dict keys and hooks are
     untouched; ``unpatch_deepseek_v3`` reverts them.
@@ -575,7 +613,7 @@ def patch_deepseek_v3(model, experts: bool = True, router: bool = True, attentio
                          f"(the MLA kernels' 576-value rows); got {config.kv_lora_rank} and {config.qk_rope_head_dim}")
     if experts:
         model.set_experts_implementation(IMPLEMENTATION)
-    wanted = {"router": router, "attention": attention}
+    wanted = {"router": router, "attention": attention, "linears": linears}
     for m in model.modules():
         for kind, (old, new) in _SWAPS.items():
             if wanted[kind] and type(m) is old:
@@ -605,5 +643,6 @@ def unpatch_deepseek_v3(model, experts_implementation: str | None = None):
 __all__ = [
     "IMPLEMENTATION", "set_experts_mode", "get_experts_mode", "experts_mode", "fp8_expert_weights",
     "leankernels_experts_forward", "register", "LeanKernelsDeepseekV3TopkRouter", "LeanKernelsDeepseekV3Attention",
+    "LeanKernelsFp8Linear",
     "LatentCacheLayer", "MLALatentCache", "patch_deepseek_v3", "unpatch_deepseek_v3",
 ]
