@@ -204,8 +204,10 @@ class GenerateV2Lite:
         return self._generate(False)
 
     def check(self) -> bool:
-        if self.variant != "experts":  # FP8 in every projection: no exact mode to compare
-            return bool((self.run_ours() >= 0).all())
+        if self.variant != "experts":  # FP8 in every projection: no exact mode to compare here;
+            # tests/test_transformers.py::test_fp8_linears_option checks its logits
+            out = self.run_ours()
+            return tuple(out.shape) == (self.batch, self.ids.shape[1] + self.NEW)
         # The first new token comes from the prefill, which the patch computes like transformers
         # (bf16 experts mode: exact matmuls); later steps read the bf16 latent cache and may
         # flip a near-tie on random weights, after which the sequences part.
@@ -232,7 +234,8 @@ def generate_cases(quick: bool) -> list[Case]:
             check=st.check, bound="memory", setup=st.setup, teardown=st.teardown,
             extra={"tokens per call": batch * st.NEW,
                    "ours": f"patch_deepseek_v3({st.VARIANTS[variant]})",
-                   "check": "bf16 experts mode: the first new token equals the unpatched model's"}))
+                   "check": ("bf16 experts mode: the first new token equals the unpatched model's"
+                             if variant == "experts" else "output shape only (logits: tests/test_transformers.py)")}))
     return out
 
 
