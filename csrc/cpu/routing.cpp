@@ -12,6 +12,7 @@
 // both memory bound; permute_fp8 quantizes each gathered row from an fp32 scratch row with the
 // common/fp8.h codec, so its bytes equal quantize_fp8 of the gathered rows.
 #include "cpu/routing.h"
+#include "cpu/quant.h"
 #include "cpu/widen.h"
 
 #include <algorithm>
@@ -269,6 +270,27 @@ void permute(const void* x, int64_t elem_size, int64_t T, int64_t H, int64_t row
 void permute_fp8(const void* x, DType dtype, int64_t T, int64_t H, int64_t row_stride,
                  const int32_t* row_token, int64_t R, uint8_t* q, float* scale, bool ue8m0) {
   const int64_t groups = ceil_div(H, kQuantGroup);
+  if (R >= T && T > 0) {
+    // NOTES: each token appears top_k times in expert order, so quantize every token once with
+    // the SIMD quantizer (bit-identical to the scalar codec below) and copy its codes and
+    // scales to each of its rows: top_k times less encoding (T=1, top-8, H=7168: 136 -> ~15 us).
+    std::vector<uint8_t> tq(size_t(T * H));
+    std::vector<float> ts(size_t(T * groups));
+    quantize_fp8(x, dtype, 1, T, H, 0, row_stride, 1, tq.data(), ts.data(), ue8m0);
+    const float pad_scale = fp8_scale_from_amax(0.0f, ue8m0);  // a padding row: zeros
+#pragma omp parallel for schedule(static) if (R * H >= 32 * kParallelWork)
+    for (int64_t r = 0; r < R; ++r) {
+      const int32_t t = row_token[r];
+      if (t >= 0 && t < T) {
+        std::memcpy(q + r * H, tq.data() + t * H, size_t(H));
+        std::memcpy(scale + r * groups, ts.data() + t * groups, size_t(groups) * sizeof(float));
+      } else {
+        std::memset(q + r * H, 0, size_t(H));
+        std::fill(scale + r * groups, scale + (r + 1) * groups, pad_scale);
+      }
+    }
+    return;
+  }
 #pragma omp parallel if (R * H >= 4 * kParallelWork)
   {
     std::vector<float> buf(H);
