@@ -285,8 +285,10 @@ def test_generate_identical_all_patched(monkeypatch):
     identical on this fp32 model (DeepSeek's initializer_range 0.02). The prefill is exact; decode
     steps differ from the unpatched model by bf16 rounding of the cached latents (max logit
     difference ~3e-3), which cannot flip a greedy choice here: at every step the reference's
-    top-2 margin is > 4x (measured 6.9x) the change of that top-2 difference. Identical tokens are
-    a property of this model (checked below), not a guarantee for every model."""
+    top-2 margin exceeds the change of that top-2 difference (measured: at least 6.9x on the
+    avx512bf16 CPU path, 1.3-1.7x on the avx512 / avx2 / generic paths, whose fp32 attention is
+    closer to the reference but moves these logits differently). Identical tokens are a property
+    of this model (checked below), not a guarantee for every model."""
     model = tiny_model(seed=5)
     ids = prompt(2, seed=6)
     want = greedy(model, ids)
@@ -304,7 +306,7 @@ def test_generate_identical_all_patched(monkeypatch):
     forced = teacher_forced(patched, want.sequences[:, :-1], lkt.MLALatentCache(patched.config, num_splits=1))
     top2 = ref.topk(2, dim=-1)
     moved = (forced - ref).gather(-1, top2.indices)
-    assert (top2.values[..., 0] - top2.values[..., 1] > 4 * (moved[..., 0] - moved[..., 1]).abs()).all()
+    assert (top2.values[..., 0] - top2.values[..., 1] > 1.1 * (moved[..., 0] - moved[..., 1]).abs()).all()
     # unpatching restores transformers' own path
     lkt.unpatch_deepseek_v3(patched)
     assert type(patched.model.layers[0].self_attn) is dsv3.DeepseekV3Attention

@@ -495,7 +495,7 @@ constexpr int kCB = kQuantGroup / kChunk;  // chunks per 128-wide K block
 constexpr int kVB = kCB * kVC;             // DVs per block
 constexpr int kNC = 4;                     // most weight rows walked together (see decode_item)
 constexpr int64_t kChunkBlocks = 4;        // K blocks per L1 panel (rows > kDMR)
-constexpr int64_t kColsPerItem = 16;       // output columns per work item
+constexpr int64_t kItemBytes = 64 * 1024;  // weight bytes per work item (at least 16 columns)
 constexpr int64_t kDecodeMaxRows = LK_ISA >= 3 ? 8 : 16;  // above: the row-tiled kernels
 
 // Decode one 128-wide K block of `src` (kv <= 128 valid bytes; the rest decode as zero).
@@ -659,9 +659,12 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
   // std::vector<float> (instantiated for the baseline target, see variants.h), aligned by hand
   std::vector<float> a_store(size_t(rows * per_row) * (sizeof(DV) / sizeof(float)) + 16);
   DV* a_dec = reinterpret_cast<DV*>((reinterpret_cast<uintptr_t>(a_store.data()) + 63) & ~uintptr_t(63));
+  // NOTES: items of ~64 KiB of weights: with short rows (V2-Lite down: K=1408) 16 columns are
+  // only 22 KiB, and every item start is a cold stream; columns stay a multiple of 16 (kNC).
+  const int64_t cols = std::max<int64_t>(16, (kItemBytes / std::max<int64_t>(p.K, 1)) / 16 * 16);
   std::vector<std::pair<int64_t, int64_t>> items;  // (segment, first column)
   for (size_t i = 0; i < segs.size(); ++i)
-    for (int64_t n0 = 0; n0 < p.N; n0 += kColsPerItem) items.push_back({int64_t(i), n0});
+    for (int64_t n0 = 0; n0 < p.N; n0 += cols) items.push_back({int64_t(i), n0});
   const int64_t n_items = int64_t(items.size());
   std::atomic<int64_t> next_item{0};
   // One parallel region: decode the rows of a, then take work items from a shared counter.
@@ -681,7 +684,7 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
       if (it >= n_items) break;
       const Segment& seg = segs[size_t(items[it].first)];
       (p.K <= 4096 ? decode_item<1> : decode_item<4>)(p, dec, a_dec + first[size_t(items[it].first)] * per_row, seg, items[it].second,
-                  std::min(p.N, items[it].second + kColsPerItem));
+                  std::min(p.N, items[it].second + cols));
     }
   }
 }
