@@ -6,7 +6,7 @@ set -euo pipefail
 # the interpreter binary itself (qemu-user runs ELF files, not pyenv-style shim scripts)
 PY=$("${PYTHON:-python}" -c "import sys; print(sys.executable)")
 if ! command -v qemu-x86_64 >/dev/null; then
-  apt-get install -y -q qemu-user >/dev/null
+  apt-get install -y -q qemu-user >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q qemu-user >/dev/null; }
 fi
 smoke=$(mktemp --suffix=.py)
 trap 'rm -f "$smoke"' EXIT

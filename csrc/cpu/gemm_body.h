@@ -534,6 +534,7 @@ void fused_rows(const ChunkDecoder& dec, const uint8_t* const* col, const Proble
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NC; ++c) t[r][c] = dv_zero();
   const int64_t per_row = p.KB * kVB;
+  const int64_t ahead = NC * p.K;  // prefetch distance: the next group (2-8 KiB further: no gain)
   for (int64_t kb = 0; kb < p.KB; ++kb) {
     const int64_t k0 = kb * kQuantGroup, kv = std::min<int64_t>(kQuantGroup, p.K - k0);
     alignas(64) uint8_t tail[NC][kQuantGroup];
@@ -547,8 +548,8 @@ void fused_rows(const ChunkDecoder& dec, const uint8_t* const* col, const Proble
       } else {
         // NOTES: the next group of NC weight rows (NC * K bytes on), same block: the 4 streams
         // of a group are short (K bytes each) and the hardware prefetcher would start each cold.
-        __builtin_prefetch(src[c] + NC * p.K, 0, 3);
-        __builtin_prefetch(src[c] + NC * p.K + 64, 0, 3);
+        __builtin_prefetch(src[c] + ahead, 0, 3);
+        __builtin_prefetch(src[c] + ahead + 64, 0, 3);
       }
     }
     DV blk[MR][NC];
