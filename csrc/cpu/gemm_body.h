@@ -9,8 +9,9 @@
 // 1. Decode kernel (m <= kDecodeMaxRows: 8 on the avx512bf16 path, 16 elsewhere), vectorised
 //    along K. At decode shapes (1-16 rows per expert) the GEMM is bound by reading its weights,
 //    so the kernel's job is to decode each weight byte once, cheaply, and use it for all m rows.
-//    Work items are (segment, 16 output columns); threads take them from a shared counter.
-//    Groups of 4 weight rows are walked along K: each 128-wide block is decoded into registers
+//    Work items are (segment, ~64 KiB of weight rows); threads take them from a shared counter.
+//    Weight rows are walked along K one at a time (K <= 4096: one sequential sweep) or four at a
+//    time (longer rows share each load of a): each 128-wide block is decoded into registers
 //    (m <= 2: decoded and used at once) or into a 4-block L1 panel that register tiles of 2 rows
 //    reuse (m > 2). Lanes of an accumulator are K positions; per block the partial sums are
 //    scaled lane-wise (see "decode path" below for why that matches the reference), and one
@@ -36,7 +37,7 @@
 //    Other levels: rows decoded to fp32 (table), a 4x3 dot-product micro-kernel with 16-lane
 //    arrays that the compiler turns into the level's SIMD FMAs, same numerics.
 //
-// Measured figures: BENCHMARKS.md ("CPU decode GEMMs").
+// Measured figures: BENCHMARKS.md ("CPU (2026-11-30)", the "decode" rows).
 // Compiled once per CPU level by gemm.cpp (cpu/variants.h): no include guard, LK_ISA selects code.
 
 namespace lk::cpu::LK_NS {
@@ -46,7 +47,7 @@ constexpr float kSafeScale = 0x1p100f;  // lane-wise block scaling cannot overfl
 // NOTES: below this many multiply-adds a call runs on the calling thread: an OpenMP region
 // costs microseconds on an idle machine but can cost milliseconds when another process holds a
 // core (the region's end waits for a descheduled thread), which a decode step cannot afford.
-constexpr int64_t kParallelBytes = int64_t(1) << 20;
+constexpr int64_t kParallelMacs = int64_t(1) << 20;
 
 struct Segment {
   int64_t group, r0, r1;  // rows [r0, r1) of a use b[group]
@@ -390,7 +391,7 @@ void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const
 //               fp16 of value * 2^-8, subnormals included (an e4m3 subnormal becomes an fp16
 //               subnormal), and vcvtph2ps widens it exactly; the 2^16 of a product of two such
 //               values goes into the block scale. NaN codes (0x7f/0xff) would decode as 480, so
-//               a 64-byte chunk holding one takes the table decode instead (one compare per chunk).
+//               a 32-byte chunk holding one takes the table decode instead (one compare per chunk).
 //   generic:    a 256-entry float table.
 // Per 128-wide K block and (row, column) the lanes hold partial block sums; they are scaled by
 // a_scale * b_scale lane-wise. That equals the reference's (block sum) * scale up to rounding
@@ -498,14 +499,19 @@ constexpr int64_t kChunkBlocks = 4;        // K blocks per L1 panel (rows > kDMR
 constexpr int64_t kItemBytes = 64 * 1024;  // weight bytes per work item (at least 16 columns)
 constexpr int64_t kDecodeMaxRows = LK_ISA >= 3 ? 8 : 16;  // above: the row-tiled kernels
 
+// A 128-wide K block of `src` with kv <= 128 valid bytes, readable in full: `src` itself when
+// the block is whole, else a copy in `buf` zero-padded past kv (the K tail).
+inline const uint8_t* whole_block(const uint8_t* src, int64_t kv, uint8_t* buf) {
+  if (kv == kQuantGroup) return src;
+  memset(buf, 0, kQuantGroup);
+  memcpy(buf, src, size_t(kv));
+  return buf;
+}
+
 // Decode one 128-wide K block of `src` (kv <= 128 valid bytes; the rest decode as zero).
 inline void decode_block(const ChunkDecoder& dec, const uint8_t* src, int64_t kv, DV* out) {
   alignas(64) uint8_t buf[kQuantGroup];
-  if (kv < kQuantGroup) {
-    memset(buf, 0, sizeof(buf));
-    memcpy(buf, src, size_t(kv));
-    src = buf;
-  }
+  src = whole_block(src, kv, buf);
   for (int c = 0; c < kCB; ++c) dec(src + c * kChunk, out + c * kVC);
 }
 
@@ -540,17 +546,11 @@ void fused_rows(const ChunkDecoder& dec, const uint8_t* const* col, const Proble
     alignas(64) uint8_t tail[NC][kQuantGroup];
     const uint8_t* src[NC];
     for (int c = 0; c < NC; ++c) {
-      src[c] = col[c] + k0;
-      if (kv < kQuantGroup) {
-        memset(tail[c], 0, kQuantGroup);
-        memcpy(tail[c], src[c], size_t(kv));
-        src[c] = tail[c];
-      } else {
-        // NOTES: the next group of NC weight rows (NC * K bytes on), same block: the 4 streams
-        // of a group are short (K bytes each) and the hardware prefetcher would start each cold.
-        __builtin_prefetch(src[c] + ahead, 0, 3);
-        __builtin_prefetch(src[c] + ahead + 64, 0, 3);
-      }
+      src[c] = whole_block(col[c] + k0, kv, tail[c]);
+      // NOTES: the next group of NC weight rows (NC * K bytes on), same block: the streams of a
+      // group are short (K bytes each) and the hardware prefetcher would start each cold.
+      __builtin_prefetch(col[c] + k0 + ahead, 0, 3);
+      __builtin_prefetch(col[c] + k0 + ahead + 64, 0, 3);
     }
     DV blk[MR][NC];
     for (int r = 0; r < MR; ++r)
@@ -570,9 +570,11 @@ void fused_rows(const ChunkDecoder& dec, const uint8_t* const* col, const Proble
 
 // More rows: per chunk of K blocks the NC weight rows are decoded once into an L1 panel
 // [NC][kChunkBlocks][kVB], then register tiles of MR rows run over it, totals in registers.
+// arow / sa: the tile's first row of decoded a / a_scale at the panel's first block; rows are
+// a_stride DVs / sa_stride floats apart.
 template <int MR, int NC>
-inline void panel_rows(const DV* const* arow, const DV* panel, int64_t nb, const float* const* sa, const float* sb,
-                       Totals& tot, Exact& exact, int64_t r0) {
+inline void panel_rows(const DV* arow, int64_t a_stride, const DV* panel, int64_t nb, const float* sa,
+                       int64_t sa_stride, const float* sb, Totals& tot, Exact& exact, int64_t r0) {
   DV t[MR][NC];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NC; ++c) t[r][c] = tot[r0 + r][c];
@@ -582,14 +584,13 @@ inline void panel_rows(const DV* const* arow, const DV* panel, int64_t nb, const
       for (int c = 0; c < NC; ++c) blk[r][c] = dv_zero();
     for (int v = 0; v < kVB; ++v) {
       DV av[MR];
-      for (int r = 0; r < MR; ++r) av[r] = arow[r][kb * kVB + v];
+      for (int r = 0; r < MR; ++r) av[r] = arow[r * a_stride + kb * kVB + v];
       for (int c = 0; c < NC; ++c) {
         const DV w = panel[(c * kChunkBlocks + kb) * kVB + v];
         for (int r = 0; r < MR; ++r) blk[r][c] = dv_dot(blk[r][c], av[r], w);
       }
     }
-    for (int r = 0; r < MR; ++r) scale_block<1, NC>(reinterpret_cast<DV(&)[1][NC]>(blk[r]), sa[r] + kb, 0, sb[kb],
-                                                reinterpret_cast<DV(&)[1][NC]>(t[r]), exact, r0 + r);
+    scale_block<MR, NC>(blk, sa + kb, sa_stride, sb[kb], t, exact, r0);
   }
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NC; ++c) tot[r0 + r][c] = t[r][c];
@@ -631,18 +632,14 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
             __builtin_prefetch(src + NC * p.K + 64, 0, 3);
             decode_block(dec, src, std::min<int64_t>(kQuantGroup, p.K - k0), panel + (c * kChunkBlocks + kb) * kVB);
           }
+        const int64_t per_row = p.KB * kVB;
         for (int64_t r0 = 0; r0 < m; r0 += kDMR) {
-          const DV* arow[kDMR];
-          const float* sa[kDMR];
-          const int mr = int(std::min<int64_t>(kDMR, m - r0));
-          for (int r = 0; r < mr; ++r) {
-            arow[r] = a_dec + ((r0 + r) * p.KB + kb0) * kVB;
-            sa[r] = sa0 + (r0 + r) * p.KB + kb0;
-          }
-          if (mr == kDMR)
-            panel_rows<kDMR, NC>(arow, panel, nb, sa, sbrow + kb0, tot, exact, r0);
+          const DV* arow = a_dec + r0 * per_row + kb0 * kVB;
+          const float* sa = sa0 + r0 * p.KB + kb0;
+          if (m - r0 >= kDMR)
+            panel_rows<kDMR, NC>(arow, per_row, panel, nb, sa, p.KB, sbrow + kb0, tot, exact, r0);
           else
-            panel_rows<1, NC>(arow, panel, nb, sa, sbrow + kb0, tot, exact, r0);
+            panel_rows<1, NC>(arow, per_row, panel, nb, sa, p.KB, sbrow + kb0, tot, exact, r0);
         }
       }
     }
@@ -669,8 +666,8 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
   const int64_t n_items = int64_t(items.size());
   std::atomic<int64_t> next_item{0};
   // One parallel region: decode the rows of a, then take work items from a shared counter.
-  // Small problems run on the calling thread (see kParallelBytes).
-#pragma omp parallel if (rows * p.N * p.K >= kParallelBytes)
+  // Small problems run on the calling thread (see kParallelMacs).
+#pragma omp parallel if (rows * p.N * p.K >= kParallelMacs)
   {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {

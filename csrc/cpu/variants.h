@@ -22,56 +22,18 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define LK_VARIANTS_X86 1
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512vbmi,avx512bf16"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512vbmi,avx512bf16")
-#endif
 #define LK_ISA 3
 #define LK_NS avx512bf16
-#include LK_VARIANT_BODY
-#undef LK_ISA
-#undef LK_NS
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd")
-#endif
+#define LK_TARGET "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512vbmi,avx512bf16"
+#include "cpu/variant_region.h"
 #define LK_ISA 2
 #define LK_NS avx512
-#include LK_VARIANT_BODY
-#undef LK_ISA
-#undef LK_NS
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-#endif
+#define LK_TARGET "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd"
+#include "cpu/variant_region.h"
 #define LK_ISA 1
 #define LK_NS avx2
-#include LK_VARIANT_BODY
-#undef LK_ISA
-#undef LK_NS
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#define LK_TARGET "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"
+#include "cpu/variant_region.h"
 #endif  // x86
 
 #define LK_ISA 0

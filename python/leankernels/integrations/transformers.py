@@ -100,8 +100,9 @@ if _version_tuple(transformers.__version__) > TESTED_RANGE[1]:
 CACHE_ARG = "cache" if "cache" in __import__("inspect").signature(
     _dsv3.DeepseekV3Attention.forward).parameters else "past_key_values"
 
-from ..gemm import fp8_gemm, fp8_grouped_gemm
+from ..gemm import fp8_grouped_gemm
 from ..mla import DIM, LATENT, ROPE, LatentCache, mla_append, mla_decode
+from ..nn.layers import fp8_linear_forward
 from ..quant import quantize_fp8
 from ..reference import mla_cache_dequantize
 from ..routing import permute, plan, route, unpermute
@@ -157,20 +158,26 @@ def _weight_key(t: torch.Tensor):
     return (id(t), t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
 
 
+def _cached_on(module, name: str, weights, build):
+    """``build()`` (run without grad), cached on ``module`` as a plain attribute (not in
+    state_dict) and rebuilt when any of ``weights`` changes: a new tensor, an in-place update,
+    load_state_dict, ``.to()``."""
+    key = tuple(_weight_key(w) for w in weights)
+    cached = module.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, build())
+        module.__dict__[name] = cached
+    return cached[1]
+
+
 def fp8_expert_weights(experts):
     """``(gate_up, gate_up_scale, down, down_scale)``: the module's expert weights in FP8 with
     128x128 block scales, quantized on first use and cached on the module; a new or modified
     weight tensor (in-place update, load_state_dict, .to()) is re-quantized on the next call."""
     gu, dn = experts.gate_up_proj, experts.down_proj
-    key = (_weight_key(gu), _weight_key(dn))
-    cached = experts.__dict__.get("_leankernels_fp8")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            w1, s1 = quantize_fp8(gu.detach(), (128, 128))
-            w2, s2 = quantize_fp8(dn.detach(), (128, 128))
-        cached = (key, (w1, s1, w2, s2))
-        experts.__dict__["_leankernels_fp8"] = cached  # a plain attribute: not in state_dict
-    return cached[1]
+    return _cached_on(experts, "_leankernels_fp8", (gu, dn),
+                      lambda: (*quantize_fp8(gu.detach(), (128, 128)), *quantize_fp8(dn.detach(), (128, 128))))
 
 
 def _dense_grouped(experts, x: torch.Tensor, p) -> torch.Tensor:
@@ -230,14 +237,9 @@ register()
 
 def _fp8_linear_weight(linear):
     """``(w, scale)``: the module's weight in FP8 with 128x128 block scales, cached on the module
-    (a plain attribute, not in state_dict) and re-quantized when the weight changes."""
-    key = _weight_key(linear.weight)
-    cached = linear.__dict__.get("_leankernels_fp8")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, quantize_fp8(linear.weight.detach(), (128, 128)))
-        linear.__dict__["_leankernels_fp8"] = cached
-    return cached[1]
+    and re-quantized when the weight changes."""
+    w = linear.weight
+    return _cached_on(linear, "_leankernels_fp8", (w,), lambda: quantize_fp8(w.detach(), (128, 128)))
 
 
 class LeanKernelsFp8Linear(torch.nn.Linear):
@@ -245,17 +247,13 @@ class LeanKernelsFp8Linear(torch.nn.Linear):
     block scales (cached, re-quantized when it changes), activations per call with 1x128 scales,
     fp32 accumulation, bias added in fp32. Same parameters and state_dict as the ``nn.Linear``;
     calls that need gradients use ``nn.Linear``'s own forward. At decode shapes (a few rows) it
-    reads half the bytes of a bf16 ``F.linear`` (BENCHMARKS.md: ~2.9x at T=1 on a 2-core Zen 4)."""
+    reads half the bytes of a bf16 ``F.linear`` (BENCHMARKS.md: 2.9-3.5x at T=1 on a 2-core Zen 4)."""
 
     def forward(self, x):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return super().forward(x)
         w, w_scale = _fp8_linear_weight(self)
-        a, a_scale = quantize_fp8(x.reshape(-1, self.in_features), (1, 128))
-        y = fp8_gemm(a, a_scale, w, w_scale, out_dtype=torch.float32)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return fp8_linear_forward(x, w, w_scale, self.bias, x.dtype)
 
 
 # ------------------------------------------------------------------------------------ router
@@ -517,16 +515,11 @@ class LeanKernelsDeepseekV3Attention(_dsv3.DeepseekV3Attention):
         query in latent space, latent_out @ w_uv_t the per-head value output. Cached on the
         module and rebuilt when kv_b_proj.weight changes."""
         w = self.kv_b_proj.weight
-        key = _weight_key(w)
-        cached = self.__dict__.get("_leankernels_absorbed")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                w3 = w.detach().float().view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-                w_uk = w3[:, : self.qk_nope_head_dim].contiguous()
-                w_uv_t = w3[:, self.qk_nope_head_dim:].transpose(1, 2).contiguous()
-            cached = (key, (w_uk, w_uv_t))
-            self.__dict__["_leankernels_absorbed"] = cached
-        return cached[1]
+
+        def build():
+            w3 = w.detach().float().view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+            return w3[:, : self.qk_nope_head_dim].contiguous(), w3[:, self.qk_nope_head_dim:].transpose(1, 2).contiguous()
+        return _cached_on(self, "_leankernels_absorbed", (w,), build)
 
     def _decode(self, layer, q_pass, q_rot, num_splits):
         B, H, S, _ = q_pass.shape

@@ -27,6 +27,19 @@ def _cdiv(a: int, b: int) -> int:
 
 
 # ------------------------------------------------------------------------------ Fp8Linear
+def fp8_linear_forward(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias, out_dtype):
+    """``x [..., K] @ weight.T (+ bias)`` in ``out_dtype``: x quantized per call in 1x128 groups,
+    ``weight`` float8_e4m3fn ``[N, K]`` with 128x128 ``weight_scale``, fp32 accumulation, the bias
+    added in fp32. Shared by ``Fp8Linear`` and the transformers integration's FP8 linears."""
+    a, s = quantize_fp8(x.reshape(-1, x.shape[-1]))
+    if bias is None and out_dtype in _OUT:
+        y = fp8_gemm(a, s, weight, weight_scale, out_dtype)
+    else:
+        y = fp8_gemm(a, s, weight, weight_scale, torch.float32)
+        y = (y if bias is None else y + bias.float()).to(out_dtype)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 class Fp8Linear(nn.Module):
     """``y = x @ W.T (+ bias)`` with W stored as float8_e4m3fn in 128x128 blocks (quantized
     once, at load) and x quantized per call in 1x128 groups, multiplied by ``fp8_gemm``.
@@ -103,13 +116,7 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dim {self.in_features}; got shape {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        a, s = quantize_fp8(x.reshape(-1, self.in_features))
-        if self.bias is None:
-            y = fp8_gemm(a, s, self.weight, self.weight_scale_inv, self.dtype)
-        else:
-            y = (fp8_gemm(a, s, self.weight, self.weight_scale_inv, torch.float32) + self.bias.float()).to(self.dtype)
-        return y.view(*lead, self.out_features)
+        return fp8_linear_forward(x, self.weight, self.weight_scale_inv, self.bias, self.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8 128x128"
