@@ -339,7 +339,7 @@ def test_opcheck(device):
     torch.library.opcheck(_ops.route, (logits, 4, True, bias, 4, 2, True, 2.5))
     torch.library.opcheck(_ops.route, (logits.bfloat16(), 4, False, None, 1, 1, False, 1.0))
     torch.library.opcheck(_ops.plan, (ids, 64, 4))
-    torch.library.opcheck(_ops.permute, (x, p.row_token))
+    torch.library.opcheck(_ops.permute, (x, p.row_token, p.token_row))
     torch.library.opcheck(_ops.permute_fp8, (x, p.row_token, False))
     torch.library.opcheck(_ops.unpermute, (y, p.token_row, w))
     torch.library.opcheck(_ops.update_bias, (bias, p.counts, 1e-3))

@@ -11,6 +11,7 @@ from .quant import dequantize_fp8, quantize_fp8  # noqa: E402
 from .routing import RoutePlan, permute, plan, route, unpermute, update_bias  # noqa: E402
 from .mla import LatentCache, PagedLatentCache, mla_append, mla_decode  # noqa: E402
 from .gemm import fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_masked  # noqa: E402
+from .linear import fp8_grouped_linear, fp8_linear  # noqa: E402
 from . import nn, reference  # noqa: E402
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "fp8_gemm",
     "fp8_grouped_gemm",
     "fp8_grouped_gemm_masked",
+    "fp8_linear",
+    "fp8_grouped_linear",
     "reference",
     "nn",
     "LatentCache",

@@ -291,14 +291,17 @@ def permute_impl(x, row_token):
 
 
 @torch.library.custom_op("leankernels::permute", mutates_args=())
-def permute(x: torch.Tensor, row_token: torch.Tensor) -> torch.Tensor:
+def permute(x: torch.Tensor, row_token: torch.Tensor, token_row: torch.Tensor) -> torch.Tensor:
+    """token_row (the plan's inverse map) is only read by the backward."""
     _need(x.dim() == 2, f"x must be [T, H]; got shape {tuple(x.shape)}")
     _need_t("row_token", row_token, (torch.int32,), dim=1)
+    _need_t("token_row", token_row, (torch.int32,), dim=2)
+    _need(token_row.shape[0] == x.shape[0], f"token_row has {token_row.shape[0]} tokens but x has {x.shape[0]}")
     return permute_impl(x, row_token.contiguous())
 
 
 @permute.register_fake
-def _(x, row_token):
+def _(x, row_token, token_row):
     return x.new_empty((row_token.shape[0], x.shape[1]))
 
 
@@ -687,3 +690,208 @@ def fp8_grouped_gemm_masked_out(a: torch.Tensor, a_scale: torch.Tensor, b: torch
 @fp8_grouped_gemm_masked_out.register_fake
 def _(a, a_scale, b, b_scale, masked_m, out):
     return None
+
+
+# ------------------------------------------------------------------------------- training
+# Autograd for the differentiable ops. DeepSeek-V3's FP8 recipe (fp8_linear, fp8_grouped_linear):
+#   Fprop  y  = x(1x128) . W(128x128)
+#   Dgrad  dx = dy(1x128) . W^T, where W^T's 128x128 blocks are W's blocks transposed (the FP8
+#               bytes and the block scales are transposed; nothing is requantized)
+#   Wgrad  dW = dy^T . x, both quantized in 1x128 groups along the tokens (a group never spans
+#               two experts), fp32 accumulation, the result in the weight's dtype
+# Quantization is straight-through. Backward formulas call the ops through torch.ops so that
+# torch.compile and AOTAutograd trace them like any other op.
+_ops = torch.ops.leankernels
+
+
+def _transpose_blocks(w: torch.Tensor, scale: torch.Tensor):
+    """W^T from W's FP8 bytes and 128x128 scales: [(E,) N, K] -> [(E,) K, N], exact."""
+    wt = w.view(torch.uint8).transpose(-1, -2).contiguous().view(FP8)
+    return wt, scale.transpose(-1, -2).contiguous()
+
+
+def _linear_checks(x, weight, bias, weight_fp8, weight_scale, grouped: bool) -> None:
+    _need_t("x", x, _FLOATS)
+    _need_t("weight", weight, _FLOATS, dim=3 if grouped else 2)
+    if grouped:
+        _need(x.dim() == 2, f"x must be [M, K]; got shape {tuple(x.shape)}")
+    else:
+        _need(x.dim() >= 1, "x must have at least one dimension")
+    N, K = weight.shape[-2], weight.shape[-1]
+    _need(x.shape[-1] == K, f"x has last dim {x.shape[-1]} but weight has K = {K}")
+    if bias is not None:
+        _need_t("bias", bias, _FLOATS, shape=(N,))
+    _need((weight_fp8 is None) == (weight_scale is None), "weight_fp8 and weight_scale come together")
+    if weight_fp8 is not None:
+        _need_t("weight_fp8", weight_fp8, (FP8,), shape=weight.shape)
+        _need_t("weight_scale", weight_scale, (torch.float32,), shape=_quant_scale_shape(weight.shape, GROUP))
+
+
+def _linear_out(y32: torch.Tensor, bias, dtype) -> torch.Tensor:
+    if bias is not None:
+        y32 = y32 + bias.float()
+    return y32 if y32.dtype == dtype else y32.to(dtype)
+
+
+def _gemm_dtype(x: torch.Tensor, bias) -> torch.dtype:
+    """The GEMM writes the output dtype itself when it can (bf16/fp32, no bias to add in fp32)."""
+    return x.dtype if bias is None and x.dtype in (torch.bfloat16, torch.float32) else torch.float32
+
+
+def fp8_linear_impl(x, weight, bias, weight_fp8, weight_scale):
+    K, N = x.shape[-1], weight.shape[0]
+    a, s = quantize_fp8_impl(x.reshape(-1, K), 1, False)
+    if weight_fp8 is None:
+        weight_fp8, weight_scale = quantize_fp8_impl(weight, GROUP, False)
+    y = fp8_gemm_impl(a, s, weight_fp8, weight_scale, _gemm_dtype(x, bias))
+    return _linear_out(y, bias, x.dtype).view(*x.shape[:-1], N)
+
+
+@torch.library.custom_op("leankernels::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               weight_fp8: Optional[torch.Tensor], weight_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    _linear_checks(x, weight, bias, weight_fp8, weight_scale, False)
+    return fp8_linear_impl(x, weight, bias, weight_fp8, weight_scale)
+
+
+@fp8_linear.register_fake
+def _(x, weight, bias, weight_fp8, weight_scale):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def fp8_grouped_linear_impl(x, weight, offs, weight_fp8, weight_scale):
+    a, s = quantize_fp8_impl(x, 1, False)
+    if weight_fp8 is None:
+        weight_fp8, weight_scale = quantize_fp8_impl(weight, GROUP, False)
+    y = fp8_grouped_gemm_impl(a, s, weight_fp8, weight_scale, offs, _gemm_dtype(x, None))
+    return _linear_out(y, None, x.dtype)
+
+
+@torch.library.custom_op("leankernels::fp8_grouped_linear", mutates_args=())
+def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor,
+                       weight_fp8: Optional[torch.Tensor], weight_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    _linear_checks(x, weight, None, weight_fp8, weight_scale, True)
+    _need_t("offs", offs, (torch.int32,), shape=(weight.shape[0],))
+    _need(weight.shape[0] >= 1, "weight must hold at least one expert")
+    return fp8_grouped_linear_impl(x, weight, offs.contiguous(), weight_fp8, weight_scale)
+
+
+@fp8_grouped_linear.register_fake
+def _(x, weight, offs, weight_fp8, weight_scale):
+    return x.new_empty((x.shape[0], weight.shape[1]))
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    x, weight, bias, weight_fp8, weight_scale = inputs
+    ctx.save_for_backward(x, weight, None, weight_fp8, weight_scale)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _grouped_linear_setup(ctx, inputs, output) -> None:
+    x, weight, offs, weight_fp8, weight_scale = inputs
+    ctx.save_for_backward(x, weight, offs, weight_fp8, weight_scale)
+
+
+def _linear_backward(ctx, grad, grouped: bool):
+    x, weight, offs, wq, ws = ctx.saved_tensors
+    K, N = weight.shape[-1], weight.shape[-2]
+    g = grad.reshape(-1, N)
+    x2 = x.reshape(-1, K)
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        if wq is None:
+            wq, ws = _ops.quantize_fp8(weight, GROUP, False)
+        wt, wts = _transpose_blocks(wq, ws)
+        gq, gs = _ops.quantize_fp8(g, 1, False)
+        if grouped:
+            dx = _ops.fp8_grouped_gemm(gq, gs, wt, wts, offs, torch.float32)
+        else:
+            dx = _ops.fp8_gemm(gq, gs, wt, wts, torch.float32)
+        dx = dx.to(x.dtype).view(x.shape)
+    if ctx.needs_input_grad[1]:
+        gt, gts = _ops.quantize_fp8_transposed(g, offs, False)
+        xt, xts = _ops.quantize_fp8_transposed(x2, offs, False)
+        dw = _ops.fp8_k_grouped_gemm(gt, gts, xt, xts, offs, torch.float32).to(weight.dtype)
+    if not grouped and ctx.needs_input_grad[2]:
+        db = g.float().sum(0).to(ctx.bias_dtype)
+    return dx, dw, db, None, None
+
+
+fp8_linear.register_autograd(lambda ctx, grad: _linear_backward(ctx, grad, False), setup_context=_linear_setup)
+fp8_grouped_linear.register_autograd(lambda ctx, grad: _linear_backward(ctx, grad, True),
+                                     setup_context=_grouped_linear_setup)
+
+
+def _route_setup(ctx, inputs, output) -> None:
+    logits, _top_k, sigmoid, _bias, _n_group, _topk_group, renormalize, scale = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.sigmoid, ctx.renormalize, ctx.scale = sigmoid, renormalize, scale
+
+
+def _route_backward(ctx, grad_weights, _grad_ids):
+    """weights = scale * s[ids] / sum(s[ids]) (or without the division), s = sigmoid or softmax
+    of the logits: the chain rule through the chosen experts; the bias only chose, so it has no
+    gradient, and ids are integers."""
+    logits, ids = ctx.saved_tensors
+    if grad_weights is None:
+        return (None,) * 8
+    z = logits.float()
+    s = torch.sigmoid(z) if ctx.sigmoid else torch.softmax(z, dim=-1)
+    idx = ids.long()
+    g = grad_weights.float() * ctx.scale
+    if ctx.renormalize:
+        w = s.gather(1, idx)
+        total = w.sum(1, keepdim=True)
+        g = (g - (g * w).sum(1, keepdim=True) / total) / total
+    gs = torch.zeros_like(s).scatter_add(1, idx, g)
+    gz = gs * s * (1 - s) if ctx.sigmoid else s * (gs - (gs * s).sum(1, keepdim=True))
+    return gz.to(logits.dtype), None, None, None, None, None, None, None
+
+
+route.register_autograd(_route_backward, setup_context=_route_setup)
+
+
+def _permute_setup(ctx, inputs, output) -> None:
+    x, _row_token, token_row = inputs
+    ctx.save_for_backward(token_row)
+    ctx.x_dtype = x.dtype
+
+
+def _permute_backward(ctx, grad):
+    """dx[t] = sum over k of grad[token_row[t, k]]: the gather's adjoint, which is unpermute with
+    unit weights (a gather, so deterministic: no scatter-add)."""
+    (token_row,) = ctx.saved_tensors
+    ones = torch.ones(token_row.shape, dtype=torch.float32, device=token_row.device)
+    return _ops.unpermute(grad.to(ctx.x_dtype), token_row, ones), None, None
+
+
+permute.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+def _unpermute_setup(ctx, inputs, output) -> None:
+    y, token_row, weights = inputs
+    ctx.save_for_backward(y, token_row, weights)
+
+
+def _unpermute_backward(ctx, grad):
+    """dy[token_row[t, k]] = weights[t, k] * grad[t] (each row has at most one source, so a plain
+    indexed write, with dropped pairs sent to a spare row); dweights[t, k] = grad[t] . y[row]."""
+    y, token_row, weights = ctx.saved_tensors
+    T, K = token_row.shape
+    R, H = y.shape
+    g = grad.float()
+    flat = token_row.reshape(-1).long()
+    valid = flat >= 0
+    dy = dw = None
+    if ctx.needs_input_grad[0]:
+        vals = (weights.reshape(-1, 1) * g.repeat_interleave(K, dim=0)).to(y.dtype)
+        vals = torch.where(valid[:, None], vals, torch.zeros((), dtype=y.dtype, device=y.device))
+        dy = y.new_zeros(R + 1, H).index_copy(0, torch.where(valid, flat, R), vals)[:R]
+    if ctx.needs_input_grad[2]:
+        rows = y.index_select(0, flat.clamp(0, max(R - 1, 0))).float().view(T, K, H) if R else \
+            y.new_zeros(T, K, H, dtype=torch.float32)
+        dw = torch.where(valid.view(T, K), (rows * g[:, None, :]).sum(-1), torch.zeros((), device=y.device))
+    return dy, None, dw
+
+
+unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)

@@ -442,3 +442,79 @@ def fp8_grouped_gemm_masked(a, a_scale, b, b_scale, masked_m, out_dtype=torch.bf
         if m:
             out[e, :m] = _fp8_gemm_rows(a[e, :m], a_scale[e, :m], b[e], b_scale[e]).to(out.dtype)
     return out
+# --------------------------------------------------------------------------------- training
+def _qdq(x: torch.Tensor, block=(1, 128)) -> torch.Tensor:
+    """x quantized to e4m3 with block scales and dequantized again (fp32): what FP8 keeps of x."""
+    q, s = quantize_fp8(x, block)
+    return dequantize_fp8(q, s, block)
+
+
+def _qdq_tokens(x: torch.Tensor, ends) -> torch.Tensor:
+    """fp32 [M, K]: x quantized in 1x128 groups along the rows (tokens) of each segment
+    [ends[e-1], ends[e]) separately (a group never spans two segments), dequantized. Rows past
+    the last end are zero."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    start = 0
+    for end in ends:
+        for g0 in range(start, end, GROUP):
+            g1 = min(end, g0 + GROUP)
+            out[g0:g1] = _qdq(x[g0:g1].t().contiguous()).t()   # one group per column
+        start = max(start, end)
+    return out
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """Forward of DeepSeek-V3's FP8 linear: x(1x128) . W(128x128) with both dequantized, fp32,
+    plus bias, in x's dtype."""
+    K = x.shape[-1]
+    y = _qdq(x.reshape(-1, K)) @ _qdq(weight, (GROUP, GROUP)).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs) -> torch.Tensor:
+    """Forward of the grouped FP8 linear: rows [offs[e-1], offs[e]) of x times expert e's
+    weight (each quantized as in fp8_linear); rows past offs[-1] are zero."""
+    y = torch.zeros(x.shape[0], weight.shape[1], dtype=torch.float32, device=x.device)
+    xq = _qdq(x)
+    start = 0
+    for e, end in enumerate(int(v) for v in offs.tolist()):
+        if end > start:
+            y[start:end] = xq[start:end] @ _qdq(weight[e], (GROUP, GROUP)).T
+        start = max(start, end)
+    return y.to(x.dtype)
+
+
+def fp8_linear_grads(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, offs=None):
+    """The backward of DeepSeek-V3's FP8 recipe, written out: ``(dx, dW)`` in fp32.
+
+    Dgrad: dy quantized in 1x128 groups along N, times the 128x128-block-quantized weight (its
+    blocks read transposed; the values are the forward's). Wgrad: dy^T . x with dy and x both
+    quantized in 1x128 groups along the tokens of each expert's segment. x ``[M, K]``, dy ``[M, N]``;
+    weight ``[N, K]`` (offs None) or ``[E, N, K]`` with offs int32 ``[E]`` cumulative ends.
+    """
+    M = x.shape[0]
+    if offs is None:
+        wq = _qdq(weight, (GROUP, GROUP))
+        dx = _qdq(dy) @ wq
+        ends = [M]
+    else:
+        ends = [int(v) for v in offs.tolist()]
+        dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        dyq = _qdq(dy)
+        start = 0
+        for e, end in enumerate(ends):
+            if end > start:
+                dx[start:end] = dyq[start:end] @ _qdq(weight[e], (GROUP, GROUP))
+            start = max(start, end)
+    dyt, xt = _qdq_tokens(dy, ends), _qdq_tokens(x, ends)
+    if offs is None:
+        return dx, dyt.T @ xt
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            dw[e] = dyt[start:end].T @ xt[start:end]
+        start = max(start, end)
+    return dx, dw

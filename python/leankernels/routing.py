@@ -231,7 +231,7 @@ def permute(x, plan: RoutePlan, quantize: bool = False, scale_fmt: str = "fp32")
         if src is x:
             return q, s
         return _interop.like_input(q, src), _interop.like_input(s, src)
-    out = (_ops.permute_impl if fast else _ops.permute)(x, row_token)
+    out = _ops.permute_impl(x, row_token) if fast else _ops.permute(x, row_token, plan.token_row)
     return out if src is x else _interop.like_input(out, src)
 
 
