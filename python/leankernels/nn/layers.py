@@ -2,9 +2,15 @@
 
 Each module loads from plain bf16/fp32 weights (``from_float`` takes the matching module of
 leankernels.nn.plain, whose parameter names follow transformers' DeepseekV3 modules) and is
-tested against that plain-PyTorch layer. Inference modules: the ops have no autograd, so the
-parameters are created with requires_grad=False; run them under torch.no_grad() or
-torch.inference_mode(). No forward waits for the host (torch.compile(fullgraph=True) traces them).
+tested against that plain-PyTorch layer. No forward waits for the host (torch.compile(fullgraph=True)
+traces them).
+
+Inference (the default): FP8 weights only, parameters with requires_grad=False; a forward whose
+input requires grad raises (there is nothing to train). Training: ``from_float(...,
+trainable=True)`` keeps master weights as Parameters (as many trainable elements as the plain
+layer) and runs DeepSeek-V3's FP8 recipe through ``fp8_linear`` / ``fp8_grouped_linear`` and
+the differentiable routing ops; the FP8 copies are re-quantized only when a master weight
+changes (its version counter moves, e.g. after an optimizer step).
 """
 from __future__ import annotations
 
@@ -13,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..gemm import fp8_gemm, fp8_grouped_gemm
+from ..linear import fp8_grouped_linear, fp8_linear
 from ..mla import LATENT, ROPE, LatentCache, mla_append, mla_decode
 from ..quant import quantize_fp8
-from ..routing import permute, plan, route, unpermute
+from ..routing import permute, plan, route, unpermute, update_bias
 from . import plain
 from .config import DeepSeekConfig, rope_interleaved, rope_tables
 
@@ -24,6 +31,31 @@ _OUT = (torch.bfloat16, torch.float32)
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _no_grad_needed(module: nn.Module, x: torch.Tensor) -> None:
+    """An inference module refuses an input that requires grad at forward time (its FP8
+    weights have no gradient; the error would otherwise come at backward time)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{type(module).__name__} was built for inference (FP8 weights, no master weights) "
+                           f"but its input requires grad; build it with from_float(..., trainable=True) to "
+                           f"train, or run it under torch.no_grad()")
+
+
+def _fp8_copy(master: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, key: list):
+    """``(q, scale)``: the 128x128 FP8 copy of a master weight, re-quantized into the buffers only
+    when the master changed since the last call (``key`` holds its storage and version). While
+    torch.compile traces, returns ``(None, None)``: the op then quantizes inside the graph."""
+    if torch.compiler.is_compiling():
+        return None, None
+    now = (master.data_ptr(), master._version)
+    if key[0] != now:
+        with torch.no_grad():
+            wq, ws = quantize_fp8(master.detach(), (128, 128))
+            q.copy_(wq)
+            scale.copy_(ws)
+        key[0] = (master.data_ptr(), master._version)
+    return q, scale
 
 
 # ------------------------------------------------------------------------------ Fp8Linear
@@ -53,6 +85,10 @@ class Fp8Linear(nn.Module):
     Buffers: ``weight`` float8_e4m3fn ``[N, K]`` and ``weight_scale_inv`` float32
     ``[ceil(N/128), ceil(K/128)]`` (the dequantization multiplier, as in DeepSeek-V3's FP8
     checkpoints, which load directly with ``from_fp8``).
+
+    Trainable (``from_float(linear, trainable=True)``): ``master_weight`` fp32 ``[N, K]`` and
+    ``bias`` are Parameters; the forward is ``fp8_linear`` (FP8 forward and backward) on x cast
+    to ``dtype``; ``weight``/``weight_scale_inv`` follow the master, re-quantized when it changes.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None,
@@ -66,18 +102,20 @@ class Fp8Linear(nn.Module):
                                                             dtype=torch.float32, device=device))
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
+        self.register_parameter("master_weight", None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, dtype: torch.dtype | None = None) -> "Fp8Linear":
-        """Quantize an ``nn.Linear`` (any float dtype) to a new Fp8Linear on the same device."""
+    def from_float(cls, linear: nn.Linear, dtype: torch.dtype | None = None, trainable: bool = False) -> "Fp8Linear":
+        """Quantize an ``nn.Linear`` (any float dtype) to a new Fp8Linear on the same device;
+        ``trainable=True`` also keeps its weight (fp32) and bias as trainable Parameters."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear; got {type(linear).__name__}")
-        return cls.from_weight(linear.weight, linear.bias, dtype=dtype)
+        return cls.from_weight(linear.weight, linear.bias, dtype=dtype, trainable=trainable)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    dtype: torch.dtype | None = None) -> "Fp8Linear":
-        """From a float ``[N, K]`` weight (and optional ``[N]`` bias)."""
+                    dtype: torch.dtype | None = None, trainable: bool = False) -> "Fp8Linear":
+        """From a float ``[N, K]`` weight (and optional ``[N]`` bias); see ``from_float``."""
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point:
             raise ValueError("weight must be a 2-D float tensor [out_features, in_features]")
         dtype = dtype or (weight.dtype if weight.dtype in _OUT else torch.bfloat16)
@@ -88,6 +126,11 @@ class Fp8Linear(nn.Module):
             m.weight_scale_inv.copy_(s)
             if bias is not None:
                 m.bias.copy_(bias.detach().to(dtype))
+        if trainable:
+            m.master_weight = nn.Parameter(weight.detach().float().clone())
+            m._fp8_key = [(m.master_weight.data_ptr(), m.master_weight._version)]
+            if m.bias is not None:
+                m.bias.requires_grad_(True)
         return m
 
     @classmethod
@@ -108,6 +151,10 @@ class Fp8Linear(nn.Module):
                 m.bias.copy_(bias.to(dtype))
         return m
 
+    @property
+    def trainable(self) -> bool:
+        return self.master_weight is not None
+
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the layer multiplies by, as fp32 ``[N, K]``."""
         s = self.weight_scale_inv.repeat_interleave(128, 0).repeat_interleave(128, 1)
@@ -116,30 +163,36 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dim {self.in_features}; got shape {tuple(x.shape)}")
+        if self.master_weight is not None:
+            q = _fp8_copy(self.master_weight, self.weight, self.weight_scale_inv, self._fp8_key)
+            return fp8_linear(x if x.dtype == self.dtype else x.to(self.dtype), self.master_weight, self.bias,
+                              quantized=None if q[0] is None else q)
+        _no_grad_needed(self, x)
         return fp8_linear_forward(x, self.weight, self.weight_scale_inv, self.bias, self.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8 128x128"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"fp8 128x128{', trainable' if self.trainable else ''}")
 
 
-def _linear(module: nn.Module, fp8: bool, dtype: torch.dtype) -> nn.Module:
-    """An nn.Linear as Fp8Linear (fp8=True) or as a dtype copy (fp8=False)."""
+def _linear(module: nn.Module, fp8: bool, dtype: torch.dtype, trainable: bool = False) -> nn.Module:
+    """An nn.Linear as Fp8Linear (fp8=True) or as a dtype copy (fp8=False); trainable or frozen."""
     if fp8:
-        return Fp8Linear.from_float(module, dtype)
+        return Fp8Linear.from_float(module, dtype, trainable)
     out = nn.Linear(module.in_features, module.out_features, module.bias is not None,
                     device=module.weight.device, dtype=dtype)
     with torch.no_grad():
         out.weight.copy_(module.weight)
         if module.bias is not None:
             out.bias.copy_(module.bias)
-    return out
+    return out.requires_grad_(trainable)
 
 
-def _norm(src: plain.RMSNorm) -> plain.RMSNorm:
+def _norm(src: plain.RMSNorm, trainable: bool = False) -> plain.RMSNorm:
     out = plain.RMSNorm(src.weight.shape[0], src.eps, src.weight.device)
     with torch.no_grad():
         out.weight.copy_(src.weight.float())
-    return out
+    return out.requires_grad_(trainable)
 
 
 # ------------------------------------------------------------------------------------ MoE
@@ -152,12 +205,12 @@ class SwiGLU(nn.Module):
         self.gate_up_proj, self.down_proj = gate_up, down
 
     @classmethod
-    def from_float(cls, mlp: plain.PlainMLP, fp8: bool = True, dtype=torch.bfloat16) -> "SwiGLU":
+    def from_float(cls, mlp: plain.PlainMLP, fp8: bool = True, dtype=torch.bfloat16, trainable: bool = False) -> "SwiGLU":
         fused = nn.Linear(mlp.gate_proj.in_features, 2 * mlp.gate_proj.out_features, bias=False,
                           device=mlp.gate_proj.weight.device, dtype=mlp.gate_proj.weight.dtype)
         with torch.no_grad():
             fused.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-        return cls(_linear(fused, fp8, dtype), _linear(mlp.down_proj, fp8, dtype))
+        return cls(_linear(fused, fp8, dtype, trainable), _linear(mlp.down_proj, fp8, dtype, trainable))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = getattr(self.down_proj, "weight", None)
@@ -182,6 +235,15 @@ class MoE(nn.Module):
     selection (DeepSeek-V3), ``"softmax"`` none; both with ``n_group``/``topk_group`` limits.
     Load with ``MoE.from_float(plain.PlainMoE)`` or ``MoE.from_weights(cfg, gate, bias,
     experts=[(w_gate, w_up, w_down), ...], shared=(w_gate, w_up, w_down))``.
+
+    Training (``trainable=True``): Parameters ``gate_weight`` ``[E, H]``, ``w13_master``
+    ``[E, 2I, H]`` and ``w2_master`` ``[E, H, I]`` (fp32) plus the shared experts' (as many
+    trainable elements as the plain layer); routed experts run ``route -> plan -> permute ->
+    fp8_grouped_linear -> SwiGLU -> fp8_grouped_linear -> unpermute``, all differentiable
+    (gradients reach the gate through the routing weights; the selection bias only chooses).
+    ``fp8_experts=False`` runs the same layer with bf16 ``F.grouped_mm`` experts (the baseline).
+    While training, tokens per expert accumulate in the ``load_counts`` buffer; ``balance()``
+    applies DeepSeek's aux-loss-free bias update from them between steps.
     """
 
     def __init__(self, cfg: DeepSeekConfig, device=None, dtype=torch.bfloat16, fp8_shared: bool = True):
@@ -195,6 +257,9 @@ class MoE(nn.Module):
         self.register_buffer("w13_scale", torch.ones(E, _cdiv(2 * I, 128), _cdiv(H, 128), device=device))
         self.register_buffer("w2", torch.zeros(E, H, I, dtype=torch.float8_e4m3fn, device=device))
         self.register_buffer("w2_scale", torch.ones(E, _cdiv(H, 128), _cdiv(I, 128), device=device))
+        self.register_parameter("w13_master", None)
+        self.register_parameter("w2_master", None)
+        self.fp8_experts = True
         self.shared_experts = None
         if cfg.n_shared_experts:
             Is = I * cfg.n_shared_experts
@@ -208,10 +273,14 @@ class MoE(nn.Module):
 
     @classmethod
     def from_weights(cls, cfg: DeepSeekConfig, gate: torch.Tensor, experts, bias=None, shared=None,
-                     dtype=torch.bfloat16, fp8_shared: bool = True) -> "MoE":
+                     dtype=torch.bfloat16, fp8_shared: bool = True, trainable: bool = False,
+                     fp8_experts: bool = True) -> "MoE":
         """From plain float weights: gate ``[E, H]``; experts: a list of E ``(w_gate [I, H],
         w_up [I, H], w_down [H, I])``; bias ``[E]`` (sigmoid gates); shared: one
-        ``(w_gate, w_up, w_down)`` triple (intermediate = I * n_shared_experts) or None."""
+        ``(w_gate, w_up, w_down)`` triple (intermediate = I * n_shared_experts) or None.
+        ``trainable``/``fp8_experts``: see the class docstring."""
+        if not fp8_experts and not trainable:
+            raise ValueError("fp8_experts=False (bf16 F.grouped_mm experts) is a training baseline: pass trainable=True")
         E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         if len(experts) != E:
             raise ValueError(f"experts must hold {E} (w_gate, w_up, w_down) triples; got {len(experts)}")
@@ -239,33 +308,86 @@ class MoE(nn.Module):
                 mlp.gate_proj.weight.copy_(shared[0])
                 mlp.up_proj.weight.copy_(shared[1])
                 mlp.down_proj.weight.copy_(shared[2])
-            m.shared_experts = SwiGLU.from_float(mlp, fp8_shared, dtype).requires_grad_(False)
+            m.shared_experts = SwiGLU.from_float(mlp, fp8_shared, dtype, trainable).requires_grad_(trainable)
+        if trainable:
+            m._make_trainable(experts, fp8_experts)
         return m
 
+    def _make_trainable(self, experts, fp8_experts: bool) -> None:
+        with torch.no_grad():
+            w13 = torch.stack([torch.cat([g, u]).float() for g, u, _ in experts])
+            w2 = torch.stack([d.float() for _, _, d in experts])
+        self.w13_master, self.w2_master = nn.Parameter(w13), nn.Parameter(w2)
+        self.gate_weight.requires_grad_(True)
+        self.fp8_experts = bool(fp8_experts)
+        self._fp8_keys = ([(w13.data_ptr(), w13._version)], [(w2.data_ptr(), w2._version)])
+        self.register_buffer("load_counts", torch.zeros(self.cfg.n_routed_experts, dtype=torch.int64,
+                                                        device=w13.device), persistent=False)
+
+    @property
+    def trainable(self) -> bool:
+        return self.w13_master is not None
+
     @classmethod
-    def from_float(cls, moe: plain.PlainMoE, dtype=torch.bfloat16, fp8_shared: bool = True) -> "MoE":
-        """From the plain-PyTorch (transformers-named) DeepSeek MoE."""
+    def from_float(cls, moe: plain.PlainMoE, dtype=torch.bfloat16, fp8_shared: bool = True, trainable: bool = False,
+                   fp8_experts: bool = True) -> "MoE":
+        """From the plain-PyTorch (transformers-named) DeepSeek MoE; ``trainable`` and
+        ``fp8_experts``: see the class docstring."""
         ex = [(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in moe.experts]
         sh = moe.shared_experts
         shared = (sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight) if sh is not None else None
-        return cls.from_weights(moe.cfg, moe.gate.weight, ex, moe.gate.e_score_correction_bias, shared, dtype, fp8_shared)
+        return cls.from_weights(moe.cfg, moe.gate.weight, ex, moe.gate.e_score_correction_bias, shared, dtype,
+                                fp8_shared, trainable, fp8_experts)
 
     def route(self, x: torch.Tensor):
         """(weights fp32 [T, top_k], ids int32 [T, top_k]) for tokens x [T, H]."""
         cfg = self.cfg
-        logits = F.linear(x.float(), self.gate_weight)
+        logits = F.linear(x.float(), self.gate_weight.float())
         return route(logits, cfg.num_experts_per_tok, cfg.scoring_func, self.e_score_correction_bias,
                      cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, float(cfg.routed_scaling_factor))
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The routed experts for tokens x [T, H] given the gate's choice; [T, H] in self.dtype."""
         p = plan(ids, self.cfg.n_routed_experts)
+        if self.trainable:
+            return self._train_experts(x, weights, p)
         a, s = permute(x, p, quantize=True)
         h = fp8_grouped_gemm(a, s, self.w13, self.w13_scale, p.offs, torch.float32)
         g, u = h.chunk(2, dim=-1)
         a, s = quantize_fp8(F.silu(g) * u)
         y = fp8_grouped_gemm(a, s, self.w2, self.w2_scale, p.offs, self.dtype)
         return unpermute(y, p, weights)
+
+    def _train_experts(self, x: torch.Tensor, weights: torch.Tensor, p) -> torch.Tensor:
+        if self.training:
+            self.load_counts += p.counts
+        xs = permute(x.to(self.dtype), p)
+        if self.fp8_experts:
+            w13 = _fp8_copy(self.w13_master, self.w13, self.w13_scale, self._fp8_keys[0])
+            w2 = _fp8_copy(self.w2_master, self.w2, self.w2_scale, self._fp8_keys[1])
+            h = fp8_grouped_linear(xs, self.w13_master, p.offs, quantized=None if w13[0] is None else w13)
+        else:
+            h = F.grouped_mm(xs.bfloat16(), self.w13_master.bfloat16().transpose(1, 2), offs=p.offs)
+        g, u = h.float().chunk(2, dim=-1)
+        a = (F.silu(g) * u).to(self.dtype)
+        if self.fp8_experts:
+            y = fp8_grouped_linear(a, self.w2_master, p.offs, quantized=None if w2[0] is None else w2)
+        else:
+            y = F.grouped_mm(a.bfloat16(), self.w2_master.bfloat16().transpose(1, 2), offs=p.offs).to(self.dtype)
+        return unpermute(y, p, weights)
+
+    @torch.no_grad()
+    def balance(self, rate: float = 1e-3) -> torch.Tensor:
+        """DeepSeek's aux-loss-free load balancing, between training steps: moves each expert's
+        selection bias by ``rate`` towards the mean load (``update_bias``) using the tokens per
+        expert counted since the last call, then resets the count. Returns those counts."""
+        if not self.trainable:
+            raise RuntimeError("balance() counts tokens in training forwards: build the MoE with trainable=True")
+        counts = self.load_counts.clone()
+        if self.e_score_correction_bias is not None:
+            self.e_score_correction_bias.copy_(update_bias(self.e_score_correction_bias, counts, rate))
+        self.load_counts.zero_()
+        return counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -274,6 +396,8 @@ class MoE(nn.Module):
             raise TypeError(f"x must be a float tensor; got {x.dtype}")
         if shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"x must have last dim hidden_size={self.cfg.hidden_size}; got shape {tuple(shape)}")
+        if not self.trainable:
+            _no_grad_needed(self, x)
         weights, ids = self.route(x2)
         out = self.experts(x2, weights, ids)
         if self.shared_experts is not None:
@@ -319,6 +443,11 @@ class MLAttention(nn.Module):
     Load with ``MLAttention.from_float(plain_mla)`` (plain.PlainMLA, transformers' names:
     load a checkpoint into it first), or ``load_state_dict`` of a saved MLAttention (then call
     ``_absorb_weights()``; from_float does it).
+
+    Training (``from_float(plain_mla, trainable=True)``): every projection and norm is a
+    trainable Parameter (FP8 projections as trainable Fp8Linear); ``forward(x, cache=None)`` is
+    the differentiable prefill (decompress path, causal over the S tokens, nothing cached). The
+    absorbed decode weights are re-derived from kv_b_proj when it has changed.
     """
 
     def __init__(self, cfg: DeepSeekConfig, device=None, dtype=torch.bfloat16, fp8: bool = True):
@@ -326,7 +455,7 @@ class MLAttention(nn.Module):
         if cfg.kv_lora_rank != LATENT or cfg.qk_rope_head_dim != ROPE:
             raise ValueError(f"MLAttention needs kv_lora_rank {LATENT} and qk_rope_head_dim {ROPE} (the latent-cache "
                              f"format); got {cfg.kv_lora_rank} and {cfg.qk_rope_head_dim}")
-        self.cfg, self.dtype, self.fp8 = cfg, dtype, bool(fp8)
+        self.cfg, self.dtype, self.fp8, self._trainable = cfg, dtype, bool(fp8), False
         H, nh, r = cfg.hidden_size, cfg.num_attention_heads, cfg.q_lora_rank
 
         def lin(k, n, fp8=self.fp8, dt=dtype):
@@ -358,33 +487,70 @@ class MLAttention(nn.Module):
         self.requires_grad_(False)
 
     @classmethod
-    def from_float(cls, attn: plain.PlainMLA, fp8: bool = True, dtype=torch.bfloat16) -> "MLAttention":
+    def from_float(cls, attn: plain.PlainMLA, fp8: bool = True, dtype=torch.bfloat16,
+                   trainable: bool = False) -> "MLAttention":
         """From the plain-PyTorch (transformers-named) MLA module; fp8: Fp8Linear projections
-        (True) or bf16 nn.Linear ones."""
+        (True) or bf16 nn.Linear ones; trainable: see the class docstring."""
         cfg = attn.cfg
         m = cls(cfg, attn.o_proj.weight.device, dtype, fp8)
         src = dict(attn.named_parameters())
         if m.fused_qkv_a_proj is not None:
             src["fused_qkv_a_proj.weight"] = torch.cat([attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight])
         with torch.no_grad():
-            for name, mod in m.named_children():
+            for name, mod in list(m.named_children()):
                 if isinstance(mod, Fp8Linear):
-                    new = Fp8Linear.from_weight(src[f"{name}.weight"], dtype=mod.dtype)
-                    mod.weight.copy_(new.weight)
-                    mod.weight_scale_inv.copy_(new.weight_scale_inv)
+                    new = Fp8Linear.from_weight(src[f"{name}.weight"], dtype=mod.dtype, trainable=trainable)
+                    setattr(m, name, new)
                 elif isinstance(mod, (nn.Linear, plain.RMSNorm)):
                     mod.weight.copy_(src[f"{name}.weight"])
+                    mod.requires_grad_(trainable)
         m._absorb_weights()
+        m._trainable = bool(trainable)
         return m
+
+    @property
+    def trainable(self) -> bool:
+        return self._trainable
 
     def _absorb_weights(self) -> None:
         cfg = self.cfg
+        self._absorbed_from = (self.kv_b_proj.weight.data_ptr(), self.kv_b_proj.weight._version)
         w = self.kv_b_proj.weight.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, LATENT)
         # W_UK [H, 128, 512] (q_nope @ W_UK -> latent query), W_UV^T [H, 512, 128] (latent out -> v)
         with torch.no_grad():
             self.register_buffer("w_uk", w[:, : cfg.qk_nope_head_dim].detach().contiguous(), persistent=False)
             self.register_buffer("w_uv_t", w[:, cfg.qk_nope_head_dim:].detach().transpose(1, 2).contiguous(),
                                  persistent=False)
+
+    def _decompressed_attention(self, q, q_pe, kv_c, k_pe, cos, sin) -> torch.Tensor:
+        """Causal attention of S new tokens over themselves with keys and values decompressed
+        through kv_b_proj: q [B, S, nh, 192], q_pe the rotated [B, S, nh, 64] fp32, kv_c
+        [B*S, 512], k_pe [B*S, 64] (not yet rotated); returns [B, S, nh * v_head_dim]."""
+        cfg = self.cfg
+        B, S, nh = q.shape[:3]
+        dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        c = self.kv_a_layernorm(kv_c.float()).to(torch.bfloat16)
+        kvb = self.kv_b_proj(c).view(B, S, nh, dn + dv)
+        k_pe_r = rope_interleaved(k_pe.float().view(B, S, dr), cos[:, :, 0], sin[:, :, 0])
+        k = torch.cat([kvb[..., :dn], k_pe_r.to(torch.bfloat16)[:, :, None, :].expand(B, S, nh, dr)], dim=-1)
+        qq = torch.cat([q[..., :dn].to(torch.bfloat16), q_pe.to(torch.bfloat16)], dim=-1)
+        o = F.scaled_dot_product_attention(qq.transpose(1, 2), k.transpose(1, 2), kvb[..., dn:].transpose(1, 2),
+                                           is_causal=True, scale=cfg.softmax_scale)          # [B, nh, S, dv]
+        return o.transpose(1, 2).reshape(B, S, nh * dv)
+
+    def _prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """The cache-free (training) prefill: positions 0 .. S-1 of each sequence."""
+        cfg = self.cfg
+        B, S, _ = x.shape
+        x = x.to(self.dtype)
+        q, kv = self._q_kv(x)
+        q = q.view(B, S, cfg.num_attention_heads, cfg.qk_head_dim)
+        cos, sin = self.cos[:S][None, :, None, :], self.sin[:S][None, :, None, :]
+        q_pe = rope_interleaved(q[..., cfg.qk_nope_head_dim:].float(), cos, sin)
+        kv = kv.reshape(B * S, LATENT + ROPE)
+        o = self._decompressed_attention(q, q_pe, kv[:, :LATENT], kv[:, LATENT:], cos.expand(B, S, 1, -1),
+                                         sin.expand(B, S, 1, -1))
+        return self.o_proj(o.to(self.dtype))
 
     def _q_kv(self, x: torch.Tensor):
         """(q [.., heads * 192], kv_a [.., 576]) for x [.., hidden]."""
@@ -397,12 +563,15 @@ class MLAttention(nn.Module):
             return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))), kv
         return self.q_proj(x), kv
 
-    def forward(self, x: torch.Tensor, cache, block_table: torch.Tensor, start, mode: str = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, block_table: torch.Tensor | None = None, start=0,
+                mode: str = "auto") -> torch.Tensor:
         """Attend S new tokens per sequence and append them to the cache.
 
         Args:
             x: ``[B, S, hidden]`` hidden states (after the input RMSNorm).
-            cache: the latent cache tensor (``LatentCache.kv``) or a LatentCache.
+            cache: the latent cache tensor (``LatentCache.kv``) or a LatentCache; None: a
+                training prefill (causal over the S tokens, nothing cached; block_table and
+                start unused, mode must be "auto" or "decompress").
             block_table: ``[B, max_blocks]`` int32 blocks of each sequence.
             start: tokens already cached per sequence: an int (same for all) or an int
                 tensor ``[B]`` on x's device. The new tokens take positions start .. start+S-1.
@@ -416,6 +585,14 @@ class MLAttention(nn.Module):
         kv_cache = cache.kv if isinstance(cache, LatentCache) else cache
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != cfg.hidden_size:
             raise ValueError(f"x must be [B, S, {cfg.hidden_size}]; got {tuple(getattr(x, 'shape', ()))}")
+        if not self.trainable:
+            _no_grad_needed(self, x)
+        if kv_cache is None:
+            if mode not in ("auto", "decompress"):
+                raise ValueError(f"cache=None (training prefill) runs the decompress path; got mode={mode!r}")
+            return self._prefill(x)
+        if (self.kv_b_proj.weight.data_ptr(), self.kv_b_proj.weight._version) != self._absorbed_from:
+            self._absorb_weights()
         B, S, _ = x.shape
         if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
             raise TypeError("block_table must be an int32 tensor [B, max_blocks]")
@@ -449,14 +626,7 @@ class MLAttention(nn.Module):
                    self.cos, self.sin, positions.reshape(-1))
 
         if decompress:
-            c = self.kv_a_layernorm(kv_c.float()).to(torch.bfloat16)
-            kvb = self.kv_b_proj(c).view(B, S, nh, dn + dv)
-            k_pe_r = rope_interleaved(k_pe.float().view(B, S, dr), cos[:, :, 0], sin[:, :, 0])
-            k = torch.cat([kvb[..., :dn], k_pe_r.to(torch.bfloat16)[:, :, None, :].expand(B, S, nh, dr)], dim=-1)
-            qq = torch.cat([q[..., :dn].to(torch.bfloat16), q_pe.to(torch.bfloat16)], dim=-1)
-            o = F.scaled_dot_product_attention(qq.transpose(1, 2), k.transpose(1, 2), kvb[..., dn:].transpose(1, 2),
-                                               is_causal=True, scale=cfg.softmax_scale)          # [B, nh, S, dv]
-            o = o.transpose(1, 2).reshape(B, S, nh * dv)
+            o = self._decompressed_attention(q, q_pe, kv_c, k_pe, cos, sin)
         else:
             q_nope = q[..., :dn].to(torch.bfloat16).reshape(B * S, nh, dn).transpose(0, 1)    # [nh, BS, dn]
             q_lat = torch.bmm(q_nope, self.w_uk)                                              # [nh, BS, 512]
@@ -480,11 +650,16 @@ class DecoderBlock(nn.Module):
         self.self_attn, self.mlp = attn, moe
 
     @classmethod
-    def from_float(cls, block: plain.PlainBlock, dtype=torch.bfloat16, fp8: bool = True) -> "DecoderBlock":
-        attn = MLAttention.from_float(block.self_attn, fp8, dtype)
-        moe = MoE.from_float(block.mlp, dtype, fp8_shared=fp8)
-        return cls(block.cfg, attn, moe, (_norm(block.input_layernorm), _norm(block.post_attention_layernorm)), dtype)
+    def from_float(cls, block: plain.PlainBlock, dtype=torch.bfloat16, fp8: bool = True,
+                   trainable: bool = False) -> "DecoderBlock":
+        """From a plain.PlainBlock; ``trainable``: every part trainable (fp8=False: bf16
+        projections and bf16 F.grouped_mm experts, the training baseline)."""
+        attn = MLAttention.from_float(block.self_attn, fp8, dtype, trainable)
+        moe = MoE.from_float(block.mlp, dtype, fp8_shared=fp8, trainable=trainable, fp8_experts=fp8 or not trainable)
+        norms = (_norm(block.input_layernorm, trainable), _norm(block.post_attention_layernorm, trainable))
+        return cls(block.cfg, attn, moe, norms, dtype)
 
-    def forward(self, x: torch.Tensor, cache, block_table: torch.Tensor, start, mode: str = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, block_table: torch.Tensor | None = None, start=0,
+                mode: str = "auto") -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cache, block_table, start, mode).to(x.dtype)
         return h + self.mlp(self.post_attention_layernorm(h)).to(x.dtype)
