@@ -1,7 +1,8 @@
-"""Command line: python -m leankernels {info,demo,bench}."""
+"""Command line: python -m leankernels {info,demo,train,bench}."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shutil
@@ -81,6 +82,14 @@ def cmd_demo(args) -> int:
                 block=not args.no_block, fp8_cache=args.fp8_cache)
 
 
+def cmd_train(args) -> int:
+    from ._train import main
+
+    r = main(quick=args.quick, steps=args.steps, json_path=args.json, plot_path=args.plot, layers_n=args.layers,
+             batch=args.batch, seq=args.seq, lr=args.lr, balance_rate=args.balance_rate, seed=args.seed)
+    return 0 if math.isfinite(r["fp8"]["held_out_loss"]) else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m leankernels", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -100,6 +109,18 @@ def main(argv=None) -> int:
     pd.add_argument("--plot", metavar="FILE.png", default=None, help="draw the figures (needs matplotlib)")
     pd.add_argument("--ops", action="store_true", help="also run the per-domain op sections (quant, gemm, routing, mla)")
     pd.add_argument("--no-block", action="store_true", help="skip the decoder-block job (with --ops: op sections only)")
+    pt = sub.add_parser("train", help="train a small DeepSeek-style LM in FP8 and bf16 side by side (CPU or GPU)")
+    pt.add_argument("--quick", action="store_true", help="a short run (about 5 minutes on 2 CPU cores)")
+    pt.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 600, --quick 120)")
+    pt.add_argument("--layers", type=int, default=None, help="decoder blocks (default 2)")
+    pt.add_argument("--batch", type=int, default=None, help="sequences per step (default 8)")
+    pt.add_argument("--seq", type=int, default=None, help="bytes per sequence (default 256, --quick 128)")
+    pt.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (warm-up, cosine decay)")
+    pt.add_argument("--balance-rate", type=float, default=1e-2,
+                    help="selection-bias update per step (DeepSeek's aux-loss-free balancing); 0 disables")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--json", metavar="FILE", default=None, help="write loss curves and figures as JSON")
+    pt.add_argument("--plot", metavar="FILE.png", default=None, help="draw the curves (needs matplotlib)")
     try:
         from ._bench import cli as bench_cli
     except ImportError:
@@ -112,6 +133,8 @@ def main(argv=None) -> int:
         return cmd_info(args)
     if args.cmd == "demo":
         return cmd_demo(args)
+    if args.cmd == "train":
+        return cmd_train(args)
     return bench_cli.main(args)
 
 

@@ -1,0 +1,244 @@
+"""Autograd of the FP8 training ops (fp8_linear, fp8_grouped_linear) and of the routing ops.
+
+Each gradient is checked twice on fresh random data: against the written-out FP8 recipe in
+reference.py (tight: same quantization, only the summation order differs) and against plain
+fp32 PyTorch autograd of the unquantized layer (DeepGEMM's diff metric; FP8's rounding bounds
+it, stated per tensor below).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import leankernels as lk
+from leankernels import _ops, reference as R
+from conftest import opcheck  # float8 inputs: see conftest
+
+RECIPE = 1e-9   # kernel vs the recipe reference (fp32 summation order)
+FP32 = 2e-3     # FP8 recipe vs unquantized fp32 autograd (typical 7e-4 per GEMM)
+
+
+def diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.detach().double(), y.detach().double()
+    denom = (x * x + y * y).sum()
+    return float(1 - 2 * (x * y).sum() / denom) if denom > 0 else 0.0
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 64, 128), (37, 130, 200), (300, 256, 384)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_grads(M, N, K, dtype):
+    g = torch.Generator().manual_seed(M * 7 + N)
+    x = _leaf(torch.randn(M, K, generator=g).to(dtype))
+    w = _leaf(torch.randn(N, K, generator=g) / K ** 0.5)
+    b = _leaf(torch.randn(N, generator=g))
+    y = lk.fp8_linear(x, w, b)
+    assert y.dtype == dtype and y.shape == (M, N)
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    y.backward(dy)
+    assert x.grad.dtype == dtype and w.grad.dtype == torch.float32
+    # the recipe, written out
+    assert diff(y, R.fp8_linear(x.detach(), w.detach(), b.detach())) < (RECIPE if dtype == torch.float32 else 1e-5)
+    dx, dw = R.fp8_linear_grads(x.detach(), w.detach(), dy)
+    assert diff(x.grad, dx) < (RECIPE if dtype == torch.float32 else 1e-5)
+    assert diff(w.grad, dw) < RECIPE
+    torch.testing.assert_close(b.grad, dy.float().sum(0), rtol=1e-5, atol=1e-4)
+    # plain fp32 autograd of the unquantized layer
+    x2, w2, b2 = _leaf(x.detach().float()), _leaf(w.detach()), _leaf(b.detach())
+    (x2 @ w2.T + b2).backward(dy.float())
+    assert diff(y, x2 @ w2.T + b2) < FP32
+    assert diff(x.grad, x2.grad) < FP32
+    assert diff(w.grad, w2.grad) < FP32
+
+
+def test_fp8_linear_batched_and_no_bias():
+    g = torch.Generator().manual_seed(3)
+    x = _leaf(torch.randn(2, 3, 5, 256, generator=g))
+    w = _leaf(torch.randn(96, 256, generator=g) / 16)
+    y = lk.fp8_linear(x, w)
+    assert y.shape == (2, 3, 5, 96)
+    y.backward(torch.ones_like(y))  # an expanded (stride-0) gradient
+    dx, dw = R.fp8_linear_grads(x.detach().reshape(-1, 256), w.detach(), torch.ones(30, 96))
+    assert diff(x.grad.reshape(-1, 256), dx) < RECIPE
+    assert diff(w.grad, dw) < RECIPE
+
+
+@pytest.mark.parametrize("counts", [[0, 1, 129, 0, 7], [256, 0, 0], [1], [3, 128, 127, 130]])
+def test_fp8_grouped_linear_grads(counts):
+    """Experts with 0, 1, odd and >128 rows; rows past offs[-1] get zero output and gradient."""
+    g = torch.Generator().manual_seed(sum(counts))
+    E, N, K = len(counts), 192, 320
+    M = sum(counts) + 5
+    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32)
+    x = _leaf(torch.randn(M, K, generator=g))
+    w = _leaf(torch.randn(E, N, K, generator=g) / K ** 0.5)
+    y = lk.fp8_grouped_linear(x, w, offs)
+    end = int(offs[-1])
+    assert torch.all(y[end:] == 0)
+    dy = torch.randn(M, N, generator=g)
+    y.backward(dy)
+    assert diff(y[:end], R.fp8_grouped_linear(x.detach(), w.detach(), offs)[:end]) < RECIPE
+    dx, dw = R.fp8_linear_grads(x.detach(), w.detach(), dy, offs)
+    assert diff(x.grad, dx) < RECIPE
+    assert torch.all(x.grad[end:] == 0)
+    assert diff(w.grad, dw) < RECIPE
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert torch.all(w.grad[e] == 0), "an expert with no rows gets a zero gradient"
+    # plain fp32 autograd
+    x2, w2 = _leaf(x.detach()), _leaf(w.detach())
+    start, outs = 0, []
+    for e in range(E):
+        outs.append(x2[start:int(offs[e])] @ w2[e].T)
+        start = int(offs[e])
+    y2 = torch.cat(outs + [x2.new_zeros(M - end, N)])
+    y2.backward(dy)
+    assert diff(x.grad, x2.grad) < FP32
+    assert diff(w.grad, w2.grad) < FP32
+
+
+def test_grads_propagate_nan():
+    x = _leaf(torch.randn(4, 128))
+    w = _leaf(torch.randn(64, 128))
+    dy = torch.randn(4, 64)
+    dy[1, 3] = float("nan")
+    lk.fp8_linear(x, w).backward(dy)
+    assert torch.isnan(x.grad[1]).all() and not torch.isnan(x.grad[[0, 2, 3]]).any()
+    assert torch.isnan(w.grad[3]).all() and not torch.isnan(w.grad[:3]).any()
+
+
+def test_requantize_uses_the_cached_copy():
+    """`quantized=` is used as given (a module's cached copy): a stale copy changes y."""
+    x = torch.randn(8, 128)
+    w = torch.randn(64, 128)
+    q = lk.quantize_fp8(w, (128, 128))
+    torch.testing.assert_close(lk.fp8_linear(x, w, quantized=q), lk.fp8_linear(x, w))
+    stale = lk.quantize_fp8(w * 2, (128, 128))
+    assert not torch.allclose(lk.fp8_linear(x, w, quantized=stale), lk.fp8_linear(x, w))
+
+
+def test_bad_inputs():
+    x, w = torch.randn(4, 128), torch.randn(64, 128)
+    with pytest.raises(ValueError, match="weight"):
+        lk.fp8_linear(x, torch.randn(64, 100))
+    with pytest.raises(TypeError, match="x"):
+        lk.fp8_linear(x.int(), w)
+    with pytest.raises(ValueError, match="bias"):
+        lk.fp8_linear(x, w, torch.randn(65))
+    with pytest.raises(TypeError, match="quantized"):
+        lk.fp8_linear(x, w, quantized=w)
+    with pytest.raises(ValueError, match=r"quantized\[1\]"):
+        lk.fp8_linear(x, w, quantized=(lk.quantize_fp8(w, (128, 128))[0], torch.ones(2, 2)))
+    with pytest.raises(ValueError, match="offs"):
+        lk.fp8_grouped_linear(x, torch.randn(3, 64, 128), torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(TypeError, match="offs"):
+        lk.fp8_grouped_linear(x, torch.randn(3, 64, 128), torch.tensor([1, 2, 4]))
+    with pytest.raises(ValueError, match="weight"):
+        lk.fp8_grouped_linear(x, torch.randn(3, 64, 127), torch.tensor([1, 2, 4], dtype=torch.int32))
+
+
+def test_opcheck_linear_ops():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 200, generator=g, requires_grad=True)
+    w = torch.randn(130, 200, generator=g, requires_grad=True)
+    b = torch.randn(130, generator=g, requires_grad=True)
+    opcheck(torch.ops.leankernels.fp8_linear.default, (x, w, b, None, None))
+    wq, ws = lk.quantize_fp8(w.detach(), (128, 128))
+    opcheck(torch.ops.leankernels.fp8_linear.default, (x, w, None, wq, ws))
+    wg = torch.randn(3, 64, 200, generator=g, requires_grad=True)
+    offs = torch.tensor([2, 2, 6], dtype=torch.int32)
+    opcheck(torch.ops.leankernels.fp8_grouped_linear.default, (x, wg, offs, None, None))
+
+
+# ------------------------------------------------------------------------------ routing
+@pytest.mark.parametrize("score,bias,renormalize", [("sigmoid", True, True), ("sigmoid", False, False),
+                                                    ("softmax", False, True), ("softmax", False, False)])
+def test_route_grad(score, bias, renormalize):
+    g = torch.Generator().manual_seed(11)
+    T, E, K = 33, 16, 4
+    logits = _leaf(torch.randn(T, E, generator=g))
+    b = torch.randn(E, generator=g) * 0.1 if bias else None
+    w, ids = lk.route(logits, K, score, bias=b, n_group=4, topk_group=2, renormalize=renormalize, scale=2.5)
+    gw = torch.randn(T, K, generator=g)
+    w.backward(gw)
+    # plain autograd through the same choice of experts
+    l2 = _leaf(logits.detach())
+    s = l2.sigmoid() if score == "sigmoid" else l2.softmax(-1)
+    w2 = s.gather(1, ids.long())
+    if renormalize:
+        w2 = w2 / w2.sum(1, keepdim=True)
+    (w2 * 2.5).backward(gw)
+    torch.testing.assert_close(logits.grad, l2.grad, rtol=1e-5, atol=1e-6)
+    assert ids.grad is None
+
+
+def _plan(T, E, K, g, dropped=True):
+    ids = torch.randint(0, E, (T, K), generator=g, dtype=torch.int32)
+    if dropped:
+        ids[::3, -1] = -1          # expert parallelism: not routed here
+    return ids, lk.plan(ids, E)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_permute_unpermute_grads(dtype):
+    g = torch.Generator().manual_seed(12)
+    T, E, K, H = 41, 8, 3, 96
+    ids, p = _plan(T, E, K, g)
+    x = _leaf(torch.randn(T, H, generator=g).to(dtype))
+    wts = _leaf(torch.rand(T, K, generator=g))
+    scale = torch.randn(H, generator=g).to(dtype)
+    rows = lk.permute(x, p) * scale
+    out = lk.unpermute(rows, p, wts)
+    gout = torch.randn(T, H, generator=g).to(dtype)
+    out.backward(gout)
+    x2, w2 = _leaf(x.detach().float()), _leaf(wts.detach())
+    valid = (ids >= 0)[..., None]
+    out2 = torch.where(valid, w2[..., None] * (x2 * scale.float())[:, None, :], 0).sum(1)
+    out2.backward(gout.float())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad.float(), x2.grad, **tol)
+    torch.testing.assert_close(wts.grad, w2.grad, **tol)
+    assert torch.all(wts.grad[::3, -1] == 0), "a dropped (token, k) gets a zero weight gradient"
+
+
+def test_unpermute_grad_padding_rows():
+    """Padding rows (align > 1) get a zero gradient; gradients are deterministic."""
+    g = torch.Generator().manual_seed(13)
+    T, E, K, H = 20, 6, 2, 64
+    ids, _ = _plan(T, E, K, g, dropped=False)
+    p = lk.plan(ids, E, align=8)
+    y = _leaf(torch.randn(p.row_token.shape[0], H, generator=g))
+    wts = _leaf(torch.rand(T, K, generator=g))
+    gout = torch.randn(T, H, generator=g)
+    lk.unpermute(y, p, wts).backward(gout)
+    assert torch.all(y.grad[p.row_token < 0] == 0)
+    first = y.grad.clone()
+    y.grad = None
+    lk.unpermute(y, p, wts).backward(gout)
+    assert torch.equal(first, y.grad)
+
+
+def test_opcheck_routing_autograd():
+    g = torch.Generator().manual_seed(14)
+    T, E, K, H = 9, 8, 2, 32
+    ids, p = _plan(T, E, K, g)
+    x = torch.randn(T, H, generator=g, requires_grad=True)
+    opcheck(_ops.permute, (x, p.row_token, p.token_row))
+    y = torch.randn(p.row_token.shape[0], H, generator=g, requires_grad=True)
+    wts = torch.rand(T, K, generator=g, requires_grad=True)
+    opcheck(_ops.unpermute, (y, p.token_row, wts))
+    logits = torch.randn(T, E, generator=g, requires_grad=True)
+    opcheck(_ops.route, (logits, K, True, torch.zeros(E), 2, 1, True, 2.5))
+    opcheck(_ops.route, (logits, K, False, None, 1, 1, False, 1.0))
+
+
+def test_non_differentiable_ops_say_so():
+    """plan and update_bias have no gradient (integer outputs, a between-steps hook)."""
+    ids = torch.randint(0, 4, (5, 2), dtype=torch.int32)
+    p = lk.plan(ids, 4)
+    assert not any(t.requires_grad for t in p)
+    bias = torch.zeros(4, requires_grad=True)
+    with torch.no_grad():
+        assert not lk.update_bias(bias, p.counts).requires_grad
