@@ -242,3 +242,16 @@ def test_non_differentiable_ops_say_so():
     bias = torch.zeros(4, requires_grad=True)
     with torch.no_grad():
         assert not lk.update_bias(bias, p.counts).requires_grad
+
+
+def test_forward_only_ops_refuse_grad_inputs_at_forward_time():
+    x = torch.randn(4, 128, requires_grad=True)
+    with pytest.raises(RuntimeError, match="fp8_linear"):
+        lk.quantize_fp8(x)
+    p = lk.plan(torch.zeros(4, 1, dtype=torch.int32), 2)
+    with pytest.raises(RuntimeError, match="quantize=False"):
+        lk.permute(x, p, quantize=True)
+    with torch.no_grad():
+        lk.quantize_fp8(x)
+        lk.permute(x, p, quantize=True)
+    assert lk.permute(x, p).requires_grad   # the unquantized gather is differentiable

@@ -53,3 +53,14 @@ def same_device2(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> 
 def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
     if t.shape != expected and tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}; got {tuple(t.shape)}")
+
+
+def no_grad_needed(op: str, hint: str, *tensors) -> None:
+    """Raise now (not at backward time) when a forward-only op gets an input that requires grad
+    while grad mode is on. Called only off the eager fast path (``_ops.direct`` is False
+    whenever autograd would need the op), so decode-size calls do not pay for it."""
+    if not torch.is_grad_enabled():
+        return
+    for t in tensors:
+        if isinstance(t, _Tensor) and t.requires_grad:
+            raise RuntimeError(f"{op} has no gradient (an input requires grad); {hint}")

@@ -215,6 +215,9 @@ def mla_append(cache, kv_c, k_pe, slot_mapping, norm_weight=None, eps: float = 1
     slot_mapping = slot_mapping.to(torch.int64).contiguous()
     eps = _float_arg("eps", eps)
     fast = _ops.direct(cache, kv_c, k_pe, slot_mapping, norm_weight, cos, sin, positions)
+    if not fast:
+        _checks.no_grad_needed("mla_append", "the cache write is inference-only; train attention with MLAttention's "
+                               "cache-free prefill (trainable=True, cache=None)", kv_c, k_pe, norm_weight)
     (_ops.mla_append_impl if fast else _ops.mla_append)(cache, kv_c, k_pe, slot_mapping, norm_weight, eps, cos, sin,
                                                         positions)
 
@@ -307,7 +310,12 @@ def mla_decode(q, cache, block_table, seqlens, softmax_scale: float, causal: boo
         causal = bool(causal)
     except (RuntimeError, TypeError, ValueError):
         raise TypeError(f"causal must be a bool; got {type(causal).__name__}") from None
-    op = _ops.mla_decode_impl if _ops.direct(q, cache, block_table, seqlens) else _ops.mla_decode
+    if _ops.direct(q, cache, block_table, seqlens):
+        op = _ops.mla_decode_impl
+    else:
+        _checks.no_grad_needed("mla_decode", "it is inference-only; train attention with MLAttention's cache-free "
+                               "prefill (trainable=True, cache=None)", q, cache)
+        op = _ops.mla_decode
     return op(q, cache, block_table, seqlens, softmax_scale, causal, int(num_splits))
 
 

@@ -69,7 +69,12 @@ def quantize_fp8(x, block=(1, 128), scale_fmt: str = "fp32"):
         raise ValueError("x must have at least 1 dimension for block (1, 128); got a scalar")
     if block_rows == GROUP and x.dim() not in (2, 3):
         raise ValueError(f"x must be [N, K] or [E, N, K] for block (128, 128); got shape {tuple(x.shape)}")
-    op = _ops.quantize_fp8_impl if _ops.direct(x) else _ops.quantize_fp8
+    if _ops.direct(x):
+        op = _ops.quantize_fp8_impl
+    else:
+        _checks.no_grad_needed("quantize_fp8", "to train through FP8 use leankernels.fp8_linear / fp8_grouped_linear, "
+                               "which quantize inside (straight-through)", x)
+        op = _ops.quantize_fp8
     q, scale = op(x, block_rows, scale_fmt == "ue8m0")
     if src is x:
         return q, scale

@@ -226,6 +226,9 @@ def permute(x, plan: RoutePlan, quantize: bool = False, scale_fmt: str = "fp32")
     fast = _ops.direct(x, row_token)
     if fast:
         row_token = row_token.contiguous()
+    if quantize and not fast:
+        _checks.no_grad_needed("permute(quantize=True)", "train with quantize=False (differentiable) and "
+                               "fp8_grouped_linear, which quantizes inside", x)
     if quantize:
         q, s = (_ops.permute_fp8_impl if fast else _ops.permute_fp8)(x, row_token, scale_fmt == "ue8m0")
         if src is x:
