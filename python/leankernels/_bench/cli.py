@@ -1,6 +1,6 @@
 """`python -m leankernels bench`: the benchmark command line.
 
-    python -m leankernels bench [--domain quant|gemm|routing|mla|nn|all] [--device cpu|cuda]
+    python -m leankernels bench [--domain quant|gemm|routing|mla|nn|train|all] [--device cpu|cuda]
                                 [--quick] [--json FILE] [--plot FILE.png] [--markdown FILE]
 
 Measures the device's ceilings, then times every case of the chosen domains against its

@@ -26,7 +26,7 @@ from . import ceilings as _ceilings
 from .case import Case
 from .timing import L2Flusher, Measurement, TimingConfig, time_callables
 
-DOMAINS = ("quant", "gemm", "routing", "mla", "nn")
+DOMAINS = ("quant", "gemm", "routing", "mla", "nn", "train")
 
 
 # ------------------------------------------------------------------------------ environment
