@@ -87,7 +87,19 @@ def cmd_train(args) -> int:
 
     r = main(quick=args.quick, steps=args.steps, json_path=args.json, plot_path=args.plot, layers_n=args.layers,
              batch=args.batch, seq=args.seq, lr=args.lr, balance_rate=args.balance_rate, seed=args.seed)
-    return 0 if math.isfinite(r["fp8"]["held_out_loss"]) else 1
+    if not math.isfinite(r["fp8"]["held_out_loss"]):
+        print("error: the FP8 run's loss is not finite", file=sys.stderr)
+        return 1
+    if args.check:
+        from ._train import acceptance
+
+        failures = acceptance(r)
+        for f in failures:
+            print(f"check failed: {f}", file=sys.stderr)
+        if failures:
+            return 1
+        print("check passed: FP8 held-out loss within 3% of bf16's; bias updates narrow the expert load")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -119,6 +131,8 @@ def main(argv=None) -> int:
     pt.add_argument("--balance-rate", type=float, default=1e-2,
                     help="selection-bias update per step (DeepSeek's aux-loss-free balancing); 0 disables")
     pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--check", action="store_true",
+                    help="exit 1 unless FP8's held-out loss is within 3%% of bf16's and balancing narrows the load")
     pt.add_argument("--json", metavar="FILE", default=None, help="write loss curves and figures as JSON")
     pt.add_argument("--plot", metavar="FILE.png", default=None, help="draw the curves (needs matplotlib)")
     try:

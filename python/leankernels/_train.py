@@ -197,6 +197,21 @@ def main(quick: bool = False, steps: int | None = None, json_path: str | None = 
     return results
 
 
+def acceptance(results: dict) -> list[str]:
+    """What the train job must show, as a list of failures (empty: all met): FP8's held-out
+    loss within 3% of bf16's, and the bias updates narrowing the expert load (max/mean over the
+    last quarter of training) against the FP8 run without them."""
+    out = []
+    gap = results["fp8_vs_bf16_loss_gap"]
+    if not abs(gap) <= 0.03:
+        out.append(f"FP8 held-out loss is {100 * gap:+.2f}% vs bf16's (must be within 3%)")
+    bal = results["fp8"]["load_max_over_mean_last_quarter"]
+    nob = results["fp8_no_balance"]["load_max_over_mean_last_quarter"]
+    if not bal < nob:
+        out.append(f"expert load max/mean {bal:.2f} with bias updates is not below {nob:.2f} without")
+    return out
+
+
 def _plot(results: dict, path: str) -> None:
     try:
         import matplotlib
