@@ -11,7 +11,7 @@ import pytest
 import torch
 import leankernels as lk
 from leankernels import _ops, reference as R
-from conftest import opcheck  # float8 inputs: see conftest
+from conftest import DEVICES, opcheck  # opcheck: float8 inputs, see conftest
 
 RECIPE = 1e-9   # kernel vs the recipe reference (fp32 summation order)
 FP32 = 2e-3     # FP8 recipe vs unquantized fp32 autograd (typical 7e-4 per GEMM)
@@ -27,16 +27,17 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_(True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("M,N,K", [(1, 64, 128), (37, 130, 200), (300, 256, 384)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_linear_grads(M, N, K, dtype):
+def test_fp8_linear_grads(M, N, K, dtype, device):
     g = torch.Generator().manual_seed(M * 7 + N)
-    x = _leaf(torch.randn(M, K, generator=g).to(dtype))
-    w = _leaf(torch.randn(N, K, generator=g) / K ** 0.5)
-    b = _leaf(torch.randn(N, generator=g))
+    x = _leaf(torch.randn(M, K, generator=g).to(device, dtype))
+    w = _leaf(torch.randn(N, K, generator=g).to(device) / K ** 0.5)
+    b = _leaf(torch.randn(N, generator=g).to(device))
     y = lk.fp8_linear(x, w, b)
     assert y.dtype == dtype and y.shape == (M, N)
-    dy = torch.randn(M, N, generator=g).to(dtype)
+    dy = torch.randn(M, N, generator=g).to(device, dtype)
     y.backward(dy)
     assert x.grad.dtype == dtype and w.grad.dtype == torch.float32
     # the recipe, written out
@@ -65,19 +66,20 @@ def test_fp8_linear_batched_and_no_bias():
     assert diff(w.grad, dw) < RECIPE
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("counts", [[0, 1, 129, 0, 7], [256, 0, 0], [1], [3, 128, 127, 130]])
-def test_fp8_grouped_linear_grads(counts):
+def test_fp8_grouped_linear_grads(counts, device):
     """Experts with 0, 1, odd and >128 rows; rows past offs[-1] get zero output and gradient."""
     g = torch.Generator().manual_seed(sum(counts))
     E, N, K = len(counts), 192, 320
     M = sum(counts) + 5
-    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32)
-    x = _leaf(torch.randn(M, K, generator=g))
-    w = _leaf(torch.randn(E, N, K, generator=g) / K ** 0.5)
+    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(device, torch.int32)
+    x = _leaf(torch.randn(M, K, generator=g).to(device))
+    w = _leaf(torch.randn(E, N, K, generator=g).to(device) / K ** 0.5)
     y = lk.fp8_grouped_linear(x, w, offs)
     end = int(offs[-1])
     assert torch.all(y[end:] == 0)
-    dy = torch.randn(M, N, generator=g)
+    dy = torch.randn(M, N, generator=g).to(device)
     y.backward(dy)
     assert diff(y[:end], R.fp8_grouped_linear(x.detach(), w.detach(), offs)[:end]) < RECIPE
     dx, dw = R.fp8_linear_grads(x.detach(), w.detach(), dy, offs)
@@ -181,17 +183,20 @@ def _plan(T, E, K, g, dropped=True):
     return ids, lk.plan(ids, E)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_permute_unpermute_grads(dtype):
+def test_permute_unpermute_grads(dtype, device):
     g = torch.Generator().manual_seed(12)
     T, E, K, H = 41, 8, 3, 96
-    ids, p = _plan(T, E, K, g)
-    x = _leaf(torch.randn(T, H, generator=g).to(dtype))
-    wts = _leaf(torch.rand(T, K, generator=g))
-    scale = torch.randn(H, generator=g).to(dtype)
+    ids, _ = _plan(T, E, K, g)
+    ids = ids.to(device)
+    p = lk.plan(ids, E)
+    x = _leaf(torch.randn(T, H, generator=g).to(device, dtype))
+    wts = _leaf(torch.rand(T, K, generator=g).to(device))
+    scale = torch.randn(H, generator=g).to(device, dtype)
     rows = lk.permute(x, p) * scale
     out = lk.unpermute(rows, p, wts)
-    gout = torch.randn(T, H, generator=g).to(dtype)
+    gout = torch.randn(T, H, generator=g).to(device, dtype)
     out.backward(gout)
     x2, w2 = _leaf(x.detach().float()), _leaf(wts.detach())
     valid = (ids >= 0)[..., None]
