@@ -243,8 +243,14 @@ class MoE(nn.Module):
         return m
 
     @classmethod
-    def from_float(cls, moe: plain.PlainMoE, dtype=torch.bfloat16, fp8_shared: bool = True) -> "MoE":
-        """From the plain-PyTorch (transformers-named) DeepSeek MoE."""
+    def from_float(cls, moe: plain.PlainMoE, dtype=torch.bfloat16, fp8_shared: bool = True, ep_group=None) -> "MoE":
+        """From the plain-PyTorch (transformers-named) DeepSeek MoE. With ``ep_group`` (a
+        torch.distributed process group): expert parallelism, a
+        ``leankernels.distributed.ExpertParallelMoE`` keeping only this rank's experts."""
+        if ep_group is not None:
+            from ..distributed import ExpertParallelMoE
+
+            return ExpertParallelMoE.from_float(moe, ep_group, dtype, fp8_shared)
         ex = [(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in moe.experts]
         sh = moe.shared_experts
         shared = (sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight) if sh is not None else None

@@ -1,0 +1,637 @@
+"""Expert parallelism on torch.distributed: send tokens to the ranks that own their experts
+(``dispatch``) and bring the weighted expert outputs back (``combine``).
+
+A MoE layer over a process group of W ranks, each owning E/W experts::
+
+    weights, ids = route(logits, top_k, ...)                  # every rank routes its own tokens
+    recv, h = dispatch(x, weights, ids, num_experts=E)        # FP8 rows + 1x128 scales
+    y = fp8_grouped_gemm(*recv, w_local, w_local_scale, h.offs)   # local experts, sorted rows
+    out = combine(y, h)                                       # [T, H], token order, weighted
+
+Design note.
+
+* Ownership: rank r owns experts ``[r*E/W, (r+1)*E/W)``. A token row travels once to every
+  rank that owns at least one of its experts (not once per expert), with its top_k local
+  expert ids (-1 where the expert lives elsewhere) and gate weights: per token and destination
+  ``H`` FP8 bytes + ``4*ceil(H/128)`` scale bytes + ``8*top_k`` routing bytes (DeepSeek-V3:
+  7168 + 224 + 64 B, against 14,336 B for the bf16 row). The receiver lays the rows out by
+  local expert with ``plan``; a row routed to two local experts appears twice.
+* The two layouts are ``plan``s: the sender's ``plan`` over destination ranks (each token's
+  destinations with repeats removed) orders the rows it sends, the receiver's ``plan`` over
+  local experts orders the rows its GEMMs read. ``permute`` gathers (and quantizes in the same
+  pass), ``unpermute`` reduces: on the receiver over a row's local experts (gate weights
+  applied, fp32 accumulation), on the sender over a token's destination ranks (fp32). So
+  combine moves one row per (token, destination), in y's dtype, like DeepEP's combine.
+* The wire is ``all_to_all_single`` on bytes: the rows, scales and routing metadata of a
+  dispatch are packed into one uint8 buffer, one collective (plus the count exchange in exact
+  mode). NCCL on GPUs (any fabric NCCL runs on: NVLink, InfiniBand, RoCE, EFA), gloo on CPUs.
+* Exact mode (``capacity=None``): the ranks first exchange row counts, then send exactly the
+  rows needed: fewest bytes, one host synchronisation (the split sizes). DeepEP's "normal"
+  (high-throughput, prefill) kernels work this way.
+* Fixed-capacity mode (``capacity=C``): every (source, destination) pair has C row slots, so
+  every buffer has a static size and nothing is read on the host (with ``check=False``:
+  CUDA-graph capturable in principle). Rows beyond C are not sent; they are counted per
+  destination in ``handle.dropped`` (a device tensor) and contribute 0 to combine's output,
+  never silently. DeepEP's "low-latency" (decode, graph-capturable) kernels work this way.
+* Both functions are differentiable (torch.autograd.Function): dispatch's backward is a
+  combine (gradient rows summed per token and sent back; routing-weight gradients returned
+  to the (token, k) they came from), combine's backward a dispatch. The gate weights travel
+  with dispatch and are applied in combine, so they get their gradient through combine. With
+  ``quantize=True`` the FP8 rows carry no gradient themselves: take float rows with
+  ``dequantize(recv, handle)``, whose gradient reaches x straight through (as if the wire
+  were lossless, DeepSeek-V3's recipe for quantization in training).
+* Every rank must call dispatch and combine (collectives). With ``check=True`` (default) the
+  ranks first exchange a small header (shapes, dtypes, arguments, a local-error flag) and
+  every rank raises the same ValueError when they disagree or one rank's arguments are
+  invalid, instead of hanging in the exchange.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .gemm import fp8_grouped_gemm
+from .nn.layers import MoE, SwiGLU
+from .quant import quantize_fp8
+from .routing import RoutePlan, permute, plan, unpermute
+
+_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPE_CODE = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+_FP8 = torch.float8_e4m3fn
+_PAD_SCALE = 1e-4 / 448  # the scale permute(quantize=True) gives padding rows
+
+
+# ------------------------------------------------------------------------------ the handle
+@dataclass
+class DispatchHandle:
+    """What combine (and both backwards) need to reverse a dispatch; returned by dispatch.
+
+    offs: int32 ``[E_local]`` cumulative end row of each local expert in recv (feeds
+        fp8_grouped_gemm / F.grouped_mm).
+    counts: int32 ``[E_local]`` rows per local expert.
+    recv_plan: the RoutePlan laying the received rows out by local expert (its ``row_token``
+        names the received row each recv row came from).
+    recv_weights: ``[N, top_k]`` fp32 gate weights of the N received rows (0 where the expert
+        is not local); in the autograd graph of ``weights``.
+    send_plan: the RoutePlan over destination ranks of this rank's tokens.
+    dropped: int64 ``[W]`` rows (token, destination pairs) not sent to each rank because its
+        capacity was full (all zero in exact mode). Their experts contribute 0 to combine.
+    wire: bytes of the buffers dispatch sent, by part (``rows``, ``scales``, ``routing``,
+        ``counts``), and ``rows_sent`` (rows, or slots in capacity mode).
+    """
+    group: object
+    world: int
+    rank: int
+    num_experts: int
+    tokens: int
+    hidden: int
+    top_k: int
+    dtype: torch.dtype
+    quantize: bool
+    capacity: Optional[int]
+    check: bool
+    send_plan: RoutePlan = None
+    send_splits: Optional[list] = None
+    recv_splits: Optional[list] = None
+    slot: Optional[torch.Tensor] = None
+    recv_plan: RoutePlan = None
+    recv_ids: torch.Tensor = None
+    recv_weights: torch.Tensor = None
+    dropped: torch.Tensor = None
+    wire: dict = field(default_factory=dict)
+    _st_grad: Optional[torch.Tensor] = None
+
+    @property
+    def local_experts(self) -> int:
+        return self.num_experts // self.world
+
+    @property
+    def first_expert(self) -> int:
+        return self.rank * self.local_experts
+
+    @property
+    def offs(self) -> torch.Tensor:
+        return self.recv_plan.offs
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.recv_plan.counts
+
+    @property
+    def received(self) -> int:
+        """Received rows (slots in capacity mode), before the local-expert layout."""
+        return self.recv_ids.shape[0]
+
+
+# ------------------------------------------------------------------------------ checks
+def _group_info(group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("leankernels.distributed needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group)")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _comm_device(group, t: Optional[torch.Tensor]) -> torch.device:
+    if isinstance(t, torch.Tensor) and t.is_cuda:
+        return t.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _agree(group, what: str, fields: dict, error: Optional[Exception], device) -> None:
+    """Exchange a small header and raise the same ValueError on every rank when a rank's
+    arguments were invalid (``error``) or the ranks disagree on any of ``fields``."""
+    names = list(fields)
+    W = dist.get_world_size(group)
+    mine = torch.tensor([int(error is not None)] + [int(fields[n]) for n in names], dtype=torch.int64, device=device)
+    table = [torch.empty_like(mine) for _ in range(W)]
+    dist.all_gather(table, mine, group=group)
+    rows = torch.stack(table).tolist()
+    if error is not None:
+        raise error
+    bad = [r for r, row in enumerate(rows) if row[0]]
+    if bad:
+        raise ValueError(f"{what}: rank(s) {bad} passed invalid arguments (the error on those ranks says which); "
+                         "raised on every rank so that none waits in the exchange")
+    for j, name in enumerate(names, 1):
+        vals = [row[j] for row in rows]
+        if len(set(vals)) > 1:
+            raise ValueError(f"{what}: the ranks disagree on {name}: " + ", ".join(f"rank {r}: {v}" for r, v in
+                                                                                enumerate(vals)))
+
+
+def _check_dispatch(x, weights, ids, num_experts, world, quantize, capacity):
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOAT:
+        raise TypeError(f"x must be a [T, H] float32, bfloat16 or float16 tensor; got "
+                        f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError("ids must be a [T, top_k] int32 or int64 tensor")
+    if not isinstance(weights, torch.Tensor) or weights.shape != ids.shape or not weights.dtype.is_floating_point:
+        raise ValueError(f"weights must be a float tensor of ids' shape {tuple(ids.shape)}; got "
+                         f"{tuple(getattr(weights, 'shape', ()))}")
+    if ids.shape[0] != x.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} tokens but ids has {ids.shape[0]}")
+    if x.device != ids.device or x.device != weights.device:
+        raise ValueError(f"x, weights and ids must share one device; got {x.device}, {weights.device}, {ids.device}")
+    if type(num_experts) is not int or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int; got {num_experts!r}")
+    if num_experts % world:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by the group's world size ({world}): "
+                         "rank r owns experts [r*E/W, (r+1)*E/W)")
+    if not isinstance(quantize, bool):
+        raise TypeError(f"quantize must be a bool; got {type(quantize).__name__}")
+    if capacity is not None and (type(capacity) is not int or capacity < 0):
+        raise ValueError(f"capacity must be None (exact mode) or an int >= 0; got {capacity!r}")
+
+
+# ------------------------------------------------------------------------------ the wire
+def _pack(parts) -> torch.Tensor:
+    """Row-aligned 2-D tensors -> one uint8 [n, bytes] buffer (one collective for all)."""
+    return torch.cat([p.contiguous().view(torch.uint8) for p in parts], 1)
+
+
+def _unpack(buf: torch.Tensor, specs):
+    """Inverse of _pack: specs lists (dtype, columns) per part."""
+    out, at = [], 0
+    for dtype, cols in specs:
+        nb = cols * dtype.itemsize
+        out.append(buf[:, at:at + nb].contiguous().view(dtype))
+        at += nb
+    return out
+
+
+def _to_wire(h: DispatchHandle, rows: torch.Tensor, fill=0) -> torch.Tensor:
+    """Send-plan rows [R_s, ...] -> the send buffer (exact: the first rows; capacity: W*C slots)."""
+    if h.capacity is None:
+        return rows[:sum(h.send_splits)]
+    slots = h.world * h.capacity
+    buf = torch.full((slots + 1, *rows.shape[1:]), fill, dtype=rows.dtype, device=rows.device)
+    buf[torch.where(h.slot >= 0, h.slot, slots)] = rows      # unsent rows land in the spare slot
+    return buf[:slots]
+
+
+def _from_wire(h: DispatchHandle, buf: torch.Tensor) -> torch.Tensor:
+    """Send buffer layout -> send-plan rows [R_s, ...] (zero where a row was not sent)."""
+    R = h.send_plan.row_token.shape[0]
+    if h.capacity is None:
+        out = buf.new_zeros((R, *buf.shape[1:]))
+        out[:buf.shape[0]] = buf
+        return out
+    sent = h.slot >= 0
+    if buf.shape[0] == 0:                                    # capacity 0: nothing was sent
+        return buf.new_zeros((R, *buf.shape[1:]))
+    rows = buf[h.slot.clamp_min(0)]
+    return rows.masked_fill_(~sent.view(-1, *([1] * (rows.dim() - 1))), 0)
+
+
+def _exchange(h: DispatchHandle, buf: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """all_to_all_single in dispatch direction (send layout -> recv layout) or in reverse."""
+    buf = buf.contiguous()
+    if h.capacity is not None:
+        out = torch.empty_like(buf)
+        dist.all_to_all_single(out, buf, group=h.group)
+        return out
+    ins, outs = (h.recv_splits, h.send_splits) if reverse else (h.send_splits, h.recv_splits)
+    out = buf.new_empty((sum(outs), *buf.shape[1:]))
+    dist.all_to_all_single(out, buf, outs, ins, group=h.group)
+    return out
+
+
+def _gather_rows(t: torch.Tensor, row_token: torch.Tensor, fill) -> torch.Tensor:
+    """t[row_token] with ``fill`` where row_token is -1 (any dtype, fp8 through uint8)."""
+    src = t.view(torch.uint8) if t.dtype == _FP8 else t
+    out = src[row_token.clamp_min(0).long()]
+    out.masked_fill_((row_token < 0)[:, None], fill)
+    return out.view(_FP8) if t.dtype == _FP8 else out
+
+
+# ------------------------------------------------------------------------------ dispatch
+def _dispatch_forward(h: DispatchHandle, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+    W, El, E = h.world, h.local_experts, h.num_experts
+    ids = ids.long()
+    dest = torch.where((ids >= 0) & (ids < E), torch.div(ids, El, rounding_mode="floor"), -1)
+    # one row per (token, destination rank): a destination repeated in a token's top_k is dropped
+    dest_sorted = dest.sort(dim=1).values
+    repeat = torch.zeros_like(dest_sorted, dtype=torch.bool)
+    repeat[:, 1:] = dest_sorted[:, 1:] == dest_sorted[:, :-1]
+    h.send_plan = sp = plan(dest_sorted.masked_fill(repeat, -1).to(torch.int32), W)
+    R = sp.row_token.shape[0]
+    rows = permute(x, sp, quantize=h.quantize)              # [R, H] (+ scales), by destination
+    rows = list(rows) if h.quantize else [rows]
+    # routing metadata of each row: its local expert ids at the destination, and the weights
+    rt = sp.row_token.long()
+    tok = rt.clamp_min(0)
+    row_dest = torch.searchsorted(sp.offs.long(), torch.arange(R, device=x.device), right=True)
+    local = (dest[tok] == row_dest[:, None]) & (rt >= 0)[:, None]
+    meta_ids = torch.where(local, ids[tok] - row_dest[:, None] * El, -1).to(torch.int32)
+    meta_w = torch.where(local, weights[tok].float(), 0.0)
+    counts = sp.counts.long()
+    if h.capacity is None:
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=h.group)
+        h.send_splits, h.recv_splits = counts.tolist(), recv_counts.tolist()
+        h.dropped = torch.zeros_like(counts)
+        h.wire["counts"] = counts.numel() * counts.element_size()
+    else:
+        C = h.capacity
+        pos = torch.arange(R, device=x.device) - (sp.offs.long() - counts)[row_dest.clamp_max(W - 1)]
+        h.slot = torch.where((rt >= 0) & (pos < C), row_dest * C + pos, -1)
+        h.dropped = (counts - C).clamp_min(0)
+    parts = [_to_wire(h, p) for p in rows] + [_to_wire(h, meta_ids, -1), _to_wire(h, meta_w)]
+    send = _pack([p.view(torch.uint8) if p.dtype == _FP8 else p for p in parts])
+    n = send.shape[0]
+    names = ["rows", "scales"] if h.quantize else ["rows"]
+    for name, p in zip(names + ["routing", "routing"], parts):
+        h.wire[name] = h.wire.get(name, 0) + p.numel() * p.element_size()
+    h.wire["rows_sent"] = n
+    recv = _exchange(h, send)
+    K = h.top_k
+    specs = [(torch.uint8, h.hidden), (torch.float32, rows[1].shape[1])] if h.quantize else [(x.dtype, h.hidden)]
+    got = _unpack(recv, specs + [(torch.int32, K), (torch.float32, K)])
+    h.recv_ids, recv_w = got[-2], got[-1]
+    pl = plan(h.recv_ids, El)
+    if h.capacity is None:    # exact mode: the host knows the row count already; drop the bound's padding
+        used = int(pl.offs[-1])
+        pl = RoutePlan(pl.counts, pl.offs, pl.row_token[:used], pl.token_row)
+    h.recv_plan = pl
+    if h.quantize:
+        q = _gather_rows(got[0].view(_FP8), pl.row_token, 0)
+        s = _gather_rows(got[1], pl.row_token, _PAD_SCALE)
+        return (q, s), recv_w
+    return _gather_rows(got[0], pl.row_token, 0), recv_w
+
+
+def _dispatch_backward(h: DispatchHandle, grad_rows: Optional[torch.Tensor], grad_w: Optional[torch.Tensor]):
+    """Gradient rows in recv order [R_l, H] and weight gradients [N, top_k] -> (grad x, grad weights)."""
+    pl = h.recv_plan
+    N, K = h.recv_ids.shape
+    local = h.recv_ids >= 0
+    parts, specs = [], []
+    if grad_rows is not None:
+        parts.append(unpermute(grad_rows, pl, local.float()))   # sum over a row's local experts
+        specs.append((parts[-1].dtype, h.hidden))
+    if grad_w is not None:
+        parts.append(torch.where(local, grad_w.float(), 0.0))
+        specs.append((torch.float32, K))
+    if not parts:
+        return None, None
+    back = _unpack(_exchange(h, _pack(parts), reverse=True), specs)
+    ones = torch.ones(h.tokens, K, device=back[0].device)
+    sums = [unpermute(_from_wire(h, b), h.send_plan, ones) for b in back]   # sum over destinations
+    gx = sums.pop(0) if grad_rows is not None else None
+    gw = sums.pop(0) if grad_w is not None else None
+    return gx, gw
+
+
+class _Dispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, ids, h):
+        ctx.set_materialize_grads(False)
+        ctx.h, ctx.x_dtype, ctx.w_dtype = h, x.dtype, weights.dtype
+        recv, recv_w = _dispatch_forward(h, x, weights, ids)
+        if h.quantize:
+            ctx.mark_non_differentiable(recv[0])
+            return recv[0], recv[1], recv_w
+        return recv, recv_w
+
+    @staticmethod
+    def backward(ctx, *grads):
+        h = ctx.h
+        if h.quantize:
+            grad_rows, h._st_grad = h._st_grad, None              # from dequantize(): straight through
+        else:
+            grad_rows = grads[0]
+        gx, gw = _dispatch_backward(h, grad_rows, grads[-1])
+        return (None if gx is None else gx.to(ctx.x_dtype)), (None if gw is None else gw.to(ctx.w_dtype)), None, None
+
+
+def dispatch(x, weights, ids, num_experts: int, group=None, quantize: bool = True, capacity: Optional[int] = None,
+             check: bool = True):
+    """Send each token row to the ranks that own its experts; collective over ``group``.
+
+    Args:
+        x: ``[T, H]`` float32, bfloat16 or float16 tokens of this rank (T may differ per rank,
+            0 included).
+        weights: ``[T, top_k]`` gate weights (any float dtype; applied by combine).
+        ids: ``[T, top_k]`` int32/int64 expert ids in ``[0, num_experts)``; other values (-1:
+            not routed) are dropped.
+        num_experts: E, divisible by the group's world size W: rank r owns experts
+            ``[r*E/W, (r+1)*E/W)`` (ValueError otherwise).
+        group: the torch.distributed process group (default: the world).
+        quantize: send FP8 e4m3 rows with 1x128 fp32 scales (``permute(quantize=True)``'s
+            bytes) instead of x's dtype.
+        capacity: None for exact mode (counts exchanged first, fewest bytes, one host sync), or
+            C rows per (source, destination) pair (static buffers, no host sync; overflow
+            counted in ``handle.dropped`` and contributing 0 in combine).
+        check: exchange a small header first so that invalid or mismatched arguments raise
+            ValueError on every rank instead of hanging (one small all_gather, read on the
+            host). Pass False for CUDA-graph capture.
+
+    Returns:
+        ``(recv, handle)``: recv holds the received rows sorted by local expert, a row once
+        per local expert it is routed to: ``(x_fp8 [R, H], scale [R, ceil(H/128)])`` with
+        quantize, else ``[R, H]`` in x's dtype. ``handle.offs`` (int32 ``[E/W]``, cumulative
+        ends) feeds ``fp8_grouped_gemm``; rows past ``offs[-1]`` (capacity mode's static
+        bound) are padding. In exact mode R == offs[-1].
+    """
+    W, rank = _group_info(group)
+    error, fields = None, {}
+    try:
+        _check_dispatch(x, weights, ids, num_experts, W, quantize, capacity)
+        fields = dict(hidden=x.shape[1], top_k=ids.shape[1], dtype=_DTYPE_CODE[x.dtype], quantize=quantize,
+                      num_experts=num_experts, capacity=-1 if capacity is None else capacity)
+    except (TypeError, ValueError) as e:
+        if not check:
+            raise
+        error = e
+    if check:
+        fields = fields or dict.fromkeys(["hidden", "top_k", "dtype", "quantize", "num_experts", "capacity"], 0)
+        _agree(group, "dispatch", fields, error, _comm_device(group, x))
+    h = DispatchHandle(group, W, rank, num_experts, x.shape[0], x.shape[1], ids.shape[1], x.dtype, quantize,
+                       capacity, check)
+    out = _Dispatch.apply(x, weights, ids, h)
+    h.recv_weights = out[-1]
+    recv = (out[0], out[1]) if quantize else out[0]
+    return recv, h
+
+
+def dequantize(recv, handle: DispatchHandle, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Float rows ``[R, H]`` (``dtype``, default the dispatched x's) from a quantized dispatch's
+    ``(x_fp8, scale)``. Differentiable straight through: the gradient of these rows reaches
+    dispatch's x as if the rows had crossed the wire unquantized."""
+    q, s = recv
+    return _STDequantize.apply(q, s, handle, dtype or handle.dtype)
+
+
+class _STDequantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, s, h, dtype):
+        ctx.h, ctx.s_shape = h, s.shape
+        G = s.shape[1]
+        H = q.shape[1]
+        xs = F.pad(q.float(), (0, G * 128 - H)).view(q.shape[0], G, 128) * s[:, :, None]
+        return xs.view(q.shape[0], G * 128)[:, :H].to(dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        h = ctx.h
+        h._st_grad = g if h._st_grad is None else h._st_grad + g
+        # a zero gradient for the scales makes autograd run dispatch's backward, which sends
+        # the stashed row gradient back to x
+        return None, g.new_zeros(ctx.s_shape, dtype=torch.float32), None, None
+
+
+# ------------------------------------------------------------------------------ combine
+def _combine_forward(h: DispatchHandle, y: torch.Tensor, recv_w: torch.Tensor) -> torch.Tensor:
+    part = unpermute(y, h.recv_plan, recv_w)           # [N, H]: a row's local experts, weighted, fp32 sum
+    back = _from_wire(h, _exchange(h, part, reverse=True))
+    return unpermute(back, h.send_plan, torch.ones(h.tokens, h.top_k, device=y.device))   # over destinations
+
+
+def _combine_backward(h: DispatchHandle, g: torch.Tensor, y: torch.Tensor, recv_w: torch.Tensor):
+    pl = h.recv_plan
+    grad_part = _exchange(h, _to_wire(h, permute(g.contiguous(), h.send_plan)))      # [N, H]
+    tr = pl.token_row.long()
+    used = tr >= 0
+    w_row = torch.zeros(pl.row_token.shape[0], device=y.device)
+    w_row[tr[used]] = recv_w.detach().float()[used]
+    grad_y = (permute(grad_part, pl).float() * w_row[:, None]).to(y.dtype)
+    yk = y.float()[tr.clamp_min(0)]                                            # [N, K, H]
+    grad_w = torch.where(used, (yk * grad_part.float()[:, None, :]).sum(-1), 0.0)
+    return grad_y, grad_w
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, recv_w, h):
+        ctx.h = h
+        ctx.save_for_backward(y, recv_w)
+        return _combine_forward(h, y, recv_w)
+
+    @staticmethod
+    def backward(ctx, g):
+        y, recv_w = ctx.saved_tensors
+        grad_y, grad_w = _combine_backward(ctx.h, g, y, recv_w)
+        return grad_y, grad_w.to(recv_w.dtype), None
+
+
+def combine(y, handle: DispatchHandle) -> torch.Tensor:
+    """Weighted sum of the expert outputs back to the rank and order of each token; collective.
+
+    Args:
+        y: ``[R, H]`` float32/bfloat16/float16 expert outputs in recv's row order (the
+            grouped GEMM's output; rows past ``handle.offs[-1]`` are ignored).
+        handle: dispatch's handle.
+
+    Returns:
+        ``[T, H]`` in y's dtype: ``out[t] = sum_k weights[t, k] * y[row of (t, k)]``. Each
+        destination sums its local experts (fp32, sent back in y's dtype), the source sums the
+        destinations in fp32. Dropped ids, and in capacity mode the rows counted in
+        ``handle.dropped``, contribute 0. Differentiable in y and in dispatch's weights.
+    """
+    h = handle
+    if not isinstance(h, DispatchHandle):
+        raise TypeError(f"handle must be the DispatchHandle returned by dispatch; got {type(h).__name__}")
+    error = None
+    R = h.recv_plan.row_token.shape[0]
+    try:
+        if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.dtype not in _FLOAT:
+            raise TypeError("y must be a [R, H] float32, bfloat16 or float16 tensor")
+        if tuple(y.shape) != (R, h.hidden):
+            raise ValueError(f"y must have shape ({R}, {h.hidden}) (recv's rows, hidden size); got {tuple(y.shape)}")
+    except (TypeError, ValueError) as e:
+        if not h.check:
+            raise
+        error = e
+    if h.check:
+        ok = error is None
+        _agree(h.group, "combine", dict(hidden=y.shape[-1] if ok else 0, dtype=_DTYPE_CODE.get(y.dtype, 0) if ok else 0),
+               error, _comm_device(h.group, y if isinstance(y, torch.Tensor) else None))
+    return _Combine.apply(y, h.recv_weights, h)
+
+
+# ------------------------------------------------------------------------------ local launcher
+def free_port() -> int:
+    """A TCP port on the loopback interface that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _local_worker(rank, fn, world, args, port, backend, timeout_s, outdir, threads):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")     # loopback only
+    torch.set_num_threads(threads)
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        result = {"value": fn(rank, world, *args)}
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        result = {"error": traceback.format_exc()}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+
+
+def launch_local(fn: Callable, world_size: int, args=(), timeout: float = 120.0, backend: str = "gloo",
+                 threads: int = 1) -> list:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` new processes joined in a process
+    group on the loopback interface (gloo: CPU; nccl: one GPU per rank) and return each rank's
+    result (a list by rank). ``fn`` must be importable (a module-level function). Bounded: the
+    group's collectives time out after ``timeout`` seconds and processes still running after
+    ``timeout`` are terminated (TimeoutError); an exception on any rank raises RuntimeError
+    with every failing rank's traceback. For tests, demos and benchmarks on one machine."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.start_processes(_local_worker, args=(fn, world_size, tuple(args), free_port(), backend, timeout,
+                                                      outdir, threads),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout + 30
+        try:
+            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"launch_local: {world_size} processes still running after {timeout + 30:.0f} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+                    p.join(5)
+        results = []
+        for r in range(world_size):
+            path = os.path.join(outdir, f"rank{r}.pt")
+            results.append(torch.load(path, weights_only=False) if os.path.exists(path) else {"error": "no result"})
+    errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if "error" in res]
+    if errors:
+        raise RuntimeError("launch_local: " + "\n".join(errors))
+    return [res["value"] for res in results]
+
+
+# ------------------------------------------------------------------------------ the EP layer
+class ExpertParallelMoE(nn.Module):
+    """``leankernels.nn.MoE`` with its routed experts spread over a process group: rank r keeps
+    experts ``[r*E/W, (r+1)*E/W)`` (plus the gate and the shared experts, replicated). Same
+    forward contract as MoE: ``[T, H]`` (or ``[..., H]``) tokens of this rank in, the same
+    shape out; every rank of the group must call forward together (T may differ, 0 included).
+
+    Forward: gate (``MoE.route``, the full gate on every rank) -> ``dispatch`` (FP8 rows) ->
+    ``fp8_grouped_gemm`` (gate/up) -> SwiGLU -> ``quantize_fp8`` -> ``fp8_grouped_gemm`` (down)
+    -> ``combine`` -> + shared experts. ``capacity`` (attribute, default None) selects
+    dispatch's fixed-capacity mode.
+
+    Build with ``MoE.from_float(plain_moe, ep_group=group)`` (or ``ExpertParallelMoE.from_float``).
+    Inference module (parameters without requires_grad, like MoE); training with expert
+    parallelism uses MoE's trainable mode (the training issue) once it is merged: dispatch and
+    combine are already differentiable.
+    """
+
+    route = MoE.route   # the same gate (it reads cfg, gate_weight, e_score_correction_bias)
+
+    def __init__(self, cfg, group, experts, gate_weight, bias, shared, dtype, capacity: Optional[int] = None):
+        super().__init__()
+        self.cfg, self.group, self.dtype, self.capacity = cfg, group, dtype, capacity
+        self.gate_weight = nn.Parameter(gate_weight, requires_grad=False)
+        self.register_buffer("e_score_correction_bias", bias)
+        for name in ("w13", "w13_scale", "w2", "w2_scale"):
+            self.register_buffer(name, getattr(experts, name))
+        self.shared_experts = shared
+
+    @classmethod
+    def from_float(cls, moe, group=None, dtype=torch.bfloat16, fp8_shared: bool = True,
+                   capacity: Optional[int] = None) -> "ExpertParallelMoE":
+        """From the plain-PyTorch DeepSeek MoE (``leankernels.nn.plain.PlainMoE``): only this
+        rank's experts are quantized and kept."""
+        cfg = moe.cfg
+        W, rank = _group_info(group)
+        E = cfg.n_routed_experts
+        if E % W:
+            raise ValueError(f"n_routed_experts (num_experts, {E}) must be divisible by the group's world size ({W})")
+        El = E // W
+        mine = moe.experts[rank * El:(rank + 1) * El]
+        local_cfg = cfg.replace(n_routed_experts=El, n_shared_experts=0, n_group=1, topk_group=1)
+        gate = moe.gate.weight
+        experts = MoE.from_weights(local_cfg, gate.new_zeros(El, gate.shape[1]),
+                                   [(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in mine],
+                                   dtype=dtype)
+        bias = moe.gate.e_score_correction_bias
+        bias = None if bias is None else bias.detach().float().clone()
+        shared = None
+        if moe.shared_experts is not None:
+            shared = SwiGLU.from_float(moe.shared_experts, fp8_shared, dtype).requires_grad_(False)
+        return cls(cfg, group, experts, gate.detach().float().clone(), bias, shared, dtype, capacity)
+
+    def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+        """The routed experts over the group for tokens x [T, H]; returns (out [T, H], handle)."""
+        recv, h = dispatch(x, weights, ids, self.cfg.n_routed_experts, self.group, True, self.capacity)
+        hid = fp8_grouped_gemm(*recv, self.w13, self.w13_scale, h.offs, torch.float32)
+        g, u = hid.chunk(2, dim=-1)
+        a, s = quantize_fp8(F.silu(g) * u)
+        y = fp8_grouped_gemm(a, s, self.w2, self.w2_scale, h.offs, self.dtype)
+        return combine(y, h), h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if x.dtype not in _FLOAT:
+            raise TypeError(f"x must be a float tensor; got {x.dtype}")
+        if shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"x must have last dim hidden_size={self.cfg.hidden_size}; got shape {tuple(shape)}")
+        x2 = x.reshape(-1, shape[-1])
+        weights, ids = self.route(x2)
+        out, self.last_handle = self.experts(x2, weights, ids)
+        if self.shared_experts is not None:
+            out = (out.float() + self.shared_experts(x2).float()).to(self.dtype)
+        return out.view(*shape[:-1], shape[-1])
