@@ -74,6 +74,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.ep is not None:
+        from ._demo.ep import main as ep_main
+
+        return ep_main(args.ep, quick=args.quick)
     from ._demo import main
 
     return main(device=args.device, quick=args.quick, preset=args.preset, steps=args.steps, batch=args.batch,
@@ -99,6 +103,9 @@ def main(argv=None) -> int:
     pd.add_argument("--json", metavar="FILE", default=None, help="write the figures as JSON")
     pd.add_argument("--plot", metavar="FILE.png", default=None, help="draw the figures (needs matplotlib)")
     pd.add_argument("--ops", action="store_true", help="also run the per-domain op sections (quant, gemm, routing, mla)")
+    pd.add_argument("--ep", type=int, default=None, metavar="N",
+                    help="expert parallelism instead: the MoE layer over N ranks (N CPU processes on gloo, "
+                         "or under torchrun with NCCL on GPUs), checked against the single-process layer")
     pd.add_argument("--no-block", action="store_true", help="skip the decoder-block job (with --ops: op sections only)")
     try:
         from ._bench import cli as bench_cli

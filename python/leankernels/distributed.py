@@ -87,8 +87,9 @@ class DispatchHandle:
     send_plan: the RoutePlan over destination ranks of this rank's tokens.
     dropped: int64 ``[W]`` rows (token, destination pairs) not sent to each rank because its
         capacity was full (all zero in exact mode). Their experts contribute 0 to combine.
-    wire: bytes of the buffers dispatch sent, by part (``rows``, ``scales``, ``routing``,
-        ``counts``), and ``rows_sent`` (rows, or slots in capacity mode).
+    wire: bytes of the buffers this rank sent, by part: dispatch's ``rows``, ``scales``,
+        ``routing`` and ``counts`` (exact mode), ``rows_sent`` (rows, or slots in capacity
+        mode), and after combine ``combine_rows``.
     """
     group: object
     world: int
@@ -436,6 +437,7 @@ class _STDequantize(torch.autograd.Function):
 # ------------------------------------------------------------------------------ combine
 def _combine_forward(h: DispatchHandle, y: torch.Tensor, recv_w: torch.Tensor) -> torch.Tensor:
     part = unpermute(y, h.recv_plan, recv_w)           # [N, H]: a row's local experts, weighted, fp32 sum
+    h.wire["combine_rows"] = part.numel() * part.element_size()
     back = _from_wire(h, _exchange(h, part, reverse=True))
     return unpermute(back, h.send_plan, torch.ones(h.tokens, h.top_k, device=y.device))   # over destinations
 
