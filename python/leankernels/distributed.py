@@ -106,6 +106,9 @@ class DispatchHandle:
     send_splits: Optional[list] = None
     recv_splits: Optional[list] = None
     slot: Optional[torch.Tensor] = None
+    dest: torch.Tensor = None
+    row_dest: torch.Tensor = None
+    recv_pairs: int = 0
     recv_plan: RoutePlan = None
     recv_ids: torch.Tensor = None
     recv_weights: torch.Tensor = None
@@ -129,6 +132,18 @@ class DispatchHandle:
     def counts(self) -> torch.Tensor:
         return self.recv_plan.counts
 
+    def bytes_to_other_ranks(self) -> dict:
+        """Bytes of this rank's dispatch and combine buffers addressed to other ranks (the rows
+        for its own experts stay in memory): ``{"dispatch": int, "combine": int}``."""
+        if self.capacity is None:
+            own_d = self.send_splits[self.rank] / max(1, sum(self.send_splits))
+            own_c = self.recv_splits[self.rank] / max(1, sum(self.recv_splits))
+        else:
+            own_d = own_c = 1 / self.world
+        w = self.wire
+        d = sum(w.get(k, 0) for k in ("rows", "scales", "routing", "counts"))
+        return {"dispatch": round(d * (1 - own_d)), "combine": round(w.get("combine_rows", 0) * (1 - own_c))}
+
     @property
     def received(self) -> int:
         """Received rows (slots in capacity mode), before the local-expert layout."""
@@ -151,15 +166,18 @@ def _comm_device(group, t: Optional[torch.Tensor]) -> torch.device:
     return torch.device("cpu")
 
 
-def _agree(group, what: str, fields: dict, error: Optional[Exception], device) -> None:
+def _agree(group, what: str, fields: dict, error: Optional[Exception], device, payload=None):
     """Exchange a small header and raise the same ValueError on every rank when a rank's
-    arguments were invalid (``error``) or the ranks disagree on any of ``fields``."""
+    arguments were invalid (``error``) or the ranks disagree on any of ``fields``. ``payload``
+    (an int64 tensor, the same size on every rank) rides along; returns the ranks' payloads
+    stacked ``[W, n]`` (None without one)."""
     names = list(fields)
     W = dist.get_world_size(group)
     mine = torch.tensor([int(error is not None)] + [int(fields[n]) for n in names], dtype=torch.int64, device=device)
-    table = [torch.empty_like(mine) for _ in range(W)]
-    dist.all_gather(table, mine, group=group)
-    rows = torch.stack(table).tolist()
+    if payload is not None:
+        mine = torch.cat([mine, payload.to(device=device, dtype=torch.int64)])
+    table = torch.stack(_all_gather(mine, group))
+    rows = table[:, :len(names) + 1].tolist()
     if error is not None:
         raise error
     bad = [r for r, row in enumerate(rows) if row[0]]
@@ -171,6 +189,13 @@ def _agree(group, what: str, fields: dict, error: Optional[Exception], device) -
         if len(set(vals)) > 1:
             raise ValueError(f"{what}: the ranks disagree on {name}: " + ", ".join(f"rank {r}: {v}" for r, v in
                                                                                 enumerate(vals)))
+    return None if payload is None else table[:, len(names) + 1:]
+
+
+def _all_gather(t: torch.Tensor, group) -> list:
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return out
 
 
 def _check_dispatch(x, weights, ids, num_experts, world, quantize, capacity):
@@ -259,37 +284,60 @@ def _gather_rows(t: torch.Tensor, row_token: torch.Tensor, fill) -> torch.Tensor
 
 
 # ------------------------------------------------------------------------------ dispatch
-def _dispatch_forward(h: DispatchHandle, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+def _send_layout(h: DispatchHandle, ids: torch.Tensor) -> None:
+    """The sender's plan over destination ranks (one row per token and destination) and, in
+    capacity mode, each row's wire slot. No communication, no host synchronisation."""
     W, El, E = h.world, h.local_experts, h.num_experts
     ids = ids.long()
-    dest = torch.where((ids >= 0) & (ids < E), torch.div(ids, El, rounding_mode="floor"), -1)
-    # one row per (token, destination rank): a destination repeated in a token's top_k is dropped
+    h.dest = dest = torch.where((ids >= 0) & (ids < E), torch.div(ids, El, rounding_mode="floor"), -1)
+    # a destination repeated in a token's top_k gets the row once
     dest_sorted = dest.sort(dim=1).values
     repeat = torch.zeros_like(dest_sorted, dtype=torch.bool)
     repeat[:, 1:] = dest_sorted[:, 1:] == dest_sorted[:, :-1]
     h.send_plan = sp = plan(dest_sorted.masked_fill(repeat, -1).to(torch.int32), W)
     R = sp.row_token.shape[0]
+    h.row_dest = torch.searchsorted(sp.offs.long(), torch.arange(R, device=ids.device), right=True)
+    counts = sp.counts.long()
+    if h.capacity is None:
+        h.dropped = torch.zeros_like(counts)
+    else:
+        C = h.capacity
+        pos = torch.arange(R, device=ids.device) - (sp.offs.long() - counts)[h.row_dest.clamp_max(W - 1)]
+        h.slot = torch.where((sp.row_token >= 0) & (pos < C), h.row_dest * C + pos, -1)
+        h.dropped = (counts - C).clamp_min(0)
+
+
+def _counts(h: DispatchHandle) -> torch.Tensor:
+    """int64 [2, W]: rows (token, destination) and (token, expert) pairs this rank sends to each rank."""
+    d = h.dest.flatten()
+    pairs = torch.bincount(torch.where(d >= 0, d, h.world), minlength=h.world + 1)[:h.world]
+    return torch.stack([h.send_plan.counts.long(), pairs])
+
+
+def _exchange_counts(h: DispatchHandle, recv: Optional[torch.Tensor] = None) -> None:
+    """Exact mode: the split sizes of the all-to-all, and the received (token, expert) pairs,
+    on the host (the one host synchronisation). ``recv`` [2, W]: already gathered."""
+    mine = _counts(h)
+    if recv is None:
+        recv = torch.empty_like(mine.t().contiguous())
+        dist.all_to_all_single(recv, mine.t().contiguous(), group=h.group)
+        recv = recv.t()
+    h.send_splits, (h.recv_splits, pairs) = mine[0].tolist(), recv.tolist()
+    h.recv_pairs = sum(pairs)
+    h.wire["counts"] = mine.numel() * mine.element_size()
+
+
+def _dispatch_forward(h: DispatchHandle, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+    El, sp = h.local_experts, h.send_plan
     rows = permute(x, sp, quantize=h.quantize)              # [R, H] (+ scales), by destination
     rows = list(rows) if h.quantize else [rows]
     # routing metadata of each row: its local expert ids at the destination, and the weights
     rt = sp.row_token.long()
     tok = rt.clamp_min(0)
-    row_dest = torch.searchsorted(sp.offs.long(), torch.arange(R, device=x.device), right=True)
-    local = (dest[tok] == row_dest[:, None]) & (rt >= 0)[:, None]
-    meta_ids = torch.where(local, ids[tok] - row_dest[:, None] * El, -1).to(torch.int32)
+    row_dest = h.row_dest[:, None]
+    local = (h.dest[tok] == row_dest) & (rt >= 0)[:, None]
+    meta_ids = torch.where(local, ids.long()[tok] - row_dest * El, -1).to(torch.int32)
     meta_w = torch.where(local, weights[tok].float(), 0.0)
-    counts = sp.counts.long()
-    if h.capacity is None:
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=h.group)
-        h.send_splits, h.recv_splits = counts.tolist(), recv_counts.tolist()
-        h.dropped = torch.zeros_like(counts)
-        h.wire["counts"] = counts.numel() * counts.element_size()
-    else:
-        C = h.capacity
-        pos = torch.arange(R, device=x.device) - (sp.offs.long() - counts)[row_dest.clamp_max(W - 1)]
-        h.slot = torch.where((rt >= 0) & (pos < C), row_dest * C + pos, -1)
-        h.dropped = (counts - C).clamp_min(0)
     parts = [_to_wire(h, p) for p in rows] + [_to_wire(h, meta_ids, -1), _to_wire(h, meta_w)]
     send = _pack([p.view(torch.uint8) if p.dtype == _FP8 else p for p in parts])
     n = send.shape[0]
@@ -303,9 +351,8 @@ def _dispatch_forward(h: DispatchHandle, x: torch.Tensor, weights: torch.Tensor,
     got = _unpack(recv, specs + [(torch.int32, K), (torch.float32, K)])
     h.recv_ids, recv_w = got[-2], got[-1]
     pl = plan(h.recv_ids, El)
-    if h.capacity is None:    # exact mode: the host knows the row count already; drop the bound's padding
-        used = int(pl.offs[-1])
-        pl = RoutePlan(pl.counts, pl.offs, pl.row_token[:used], pl.token_row)
+    if h.capacity is None:    # exact mode: the host knows the row count; drop the static bound's padding
+        pl = RoutePlan(pl.counts, pl.offs, pl.row_token[:h.recv_pairs], pl.token_row)
     h.recv_plan = pl
     if h.quantize:
         q = _gather_rows(got[0].view(_FP8), pl.row_token, 0)
@@ -388,20 +435,29 @@ def dispatch(x, weights, ids, num_experts: int, group=None, quantize: bool = Tru
         bound) are padding. In exact mode R == offs[-1].
     """
     W, rank = _group_info(group)
-    error, fields = None, {}
+    error, fields, h = None, {}, None
     try:
         _check_dispatch(x, weights, ids, num_experts, W, quantize, capacity)
         fields = dict(hidden=x.shape[1], top_k=ids.shape[1], dtype=_DTYPE_CODE[x.dtype], quantize=quantize,
                       num_experts=num_experts, capacity=-1 if capacity is None else capacity)
+        h = DispatchHandle(group, W, rank, num_experts, x.shape[0], x.shape[1], ids.shape[1], x.dtype, quantize,
+                           capacity, check)
+        _send_layout(h, ids)
     except (TypeError, ValueError) as e:
         if not check:
             raise
         error = e
-    if check:
+    exact = capacity is None
+    if check:   # one small all_gather: the arguments, and in exact mode the row counts
         fields = fields or dict.fromkeys(["hidden", "top_k", "dtype", "quantize", "num_experts", "capacity"], 0)
-        _agree(group, "dispatch", fields, error, _comm_device(group, x))
-    h = DispatchHandle(group, W, rank, num_experts, x.shape[0], x.shape[1], ids.shape[1], x.dtype, quantize,
-                       capacity, check)
+        counts = None
+        if exact:
+            counts = _counts(h).flatten() if h is not None else torch.zeros(2 * W, dtype=torch.int64)
+        table = _agree(group, "dispatch", fields, error, _comm_device(group, x), counts)
+        if exact:
+            _exchange_counts(h, table.view(W, 2, W)[:, :, rank].t())
+    elif exact:
+        _exchange_counts(h)
     out = _Dispatch.apply(x, weights, ids, h)
     h.recv_weights = out[-1]
     recv = (out[0], out[1]) if quantize else out[0]

@@ -109,8 +109,9 @@ def rows(results: list) -> list[dict]:
             "ours": f"dispatch {ours:.0f} B/token (FP8 row+scales {per_row:.0f} B)",
             "baseline": f"bf16 dispatch {base:.0f} B/token (row {per_row16:.0f} B)",
             "ratio": f"{base / ours:.2f}x fewer bytes" if ours else "-",
-            "detail": f"combine {r['wire']['combine_rows'] / T:.0f} B/token (bf16); load {r['load']} rows/local expert; "
-                      f"{r['received']} rows in, {r['rows_sent']} out; EP layer {r['t_ep'] * 1e3:.1f} ms, "
+            "detail": f"load {r['load']} rows/local expert; {r['rows_sent']} rows out, {r['received']} in, returned by "
+                      f"combine at {r['wire']['combine_rows'] // max(1, r['received'])} B/row (bf16); EP layer "
+                      f"{r['t_ep'] * 1e3:.1f} ms, "
                       f"single-process {r['t_single'] * 1e3:.1f} ms",
             "check": ok,
         })
@@ -124,7 +125,7 @@ def _print(results: list, world: int, backend: str, quick: bool, seconds: float)
     print_table(rows(results), title)
     print("ours: bytes dispatch sent per token of this rank (FP8 rows + 1x128 scales + routing ids/weights + counts; "
           "rows to its own experts included), measured from the buffers passed to all_to_all_single; baseline: the "
-          "same dispatch with bf16 rows (dispatch(quantize=False) on the same tokens); combine sends bf16 rows "
+          "same dispatch with bf16 rows (dispatch(quantize=False) on the same tokens); combine returns bf16 rows "
           "either way (detail). check: EP layer output vs the single-process "
           f"layer (all experts) on this rank's tokens, DeepGEMM diff < {BOUND:g} (worst: "
           f"{max(r['diff'] for r in results):.1e}), fixed-capacity mode equal to exact mode, nothing dropped. "
