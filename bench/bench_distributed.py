@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     print(f"{env['date_utc']}  {env['device']}  torch {env['torch']}  (load {env.get('load_avg_1m')})")
     rows = distributed.run(tuple(int(w) for w in args.ranks.split(",")), quick=args.quick)
     print(distributed.format_rows(rows))
-    print("time: median per rank of (barrier, dispatch -> dequantize -> combine) with identity experts, the slowest "
+    print("time: median per rank of (barrier, dispatch -> combine), the slowest "
           "rank; vs baseline = baseline time / this time (> 1: faster); B/token: bytes one rank sends to the other "
           "ranks (dispatch + combine) per token of its own; B/row: token row bytes on the wire (FP8 + 1x128 scales, or bf16)")
     if args.json:

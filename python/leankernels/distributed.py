@@ -63,7 +63,7 @@ from torch import nn
 
 from .gemm import fp8_grouped_gemm
 from .nn.layers import MoE, SwiGLU
-from .quant import quantize_fp8
+from .quant import dequantize_fp8, quantize_fp8
 from .routing import RoutePlan, permute, plan, unpermute
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
@@ -239,9 +239,9 @@ def _unpack(buf: torch.Tensor, specs):
 
 
 def _to_wire(h: DispatchHandle, rows: torch.Tensor, fill=0) -> torch.Tensor:
-    """Send-plan rows [R_s, ...] -> the send buffer (exact: the first rows; capacity: W*C slots)."""
+    """Send-plan rows [R_s, ...] -> the send buffer (exact: the rows themselves; capacity: W*C slots)."""
     if h.capacity is None:
-        return rows[:sum(h.send_splits)]
+        return rows
     slots = h.world * h.capacity
     buf = torch.full((slots + 1, *rows.shape[1:]), fill, dtype=rows.dtype, device=rows.device)
     buf[torch.where(h.slot >= 0, h.slot, slots)] = rows      # unsent rows land in the spare slot
@@ -250,11 +250,9 @@ def _to_wire(h: DispatchHandle, rows: torch.Tensor, fill=0) -> torch.Tensor:
 
 def _from_wire(h: DispatchHandle, buf: torch.Tensor) -> torch.Tensor:
     """Send buffer layout -> send-plan rows [R_s, ...] (zero where a row was not sent)."""
-    R = h.send_plan.row_token.shape[0]
     if h.capacity is None:
-        out = buf.new_zeros((R, *buf.shape[1:]))
-        out[:buf.shape[0]] = buf
-        return out
+        return buf
+    R = h.send_plan.row_token.shape[0]
     sent = h.slot >= 0
     if buf.shape[0] == 0:                                    # capacity 0: nothing was sent
         return buf.new_zeros((R, *buf.shape[1:]))
@@ -275,11 +273,12 @@ def _exchange(h: DispatchHandle, buf: torch.Tensor, reverse: bool = False) -> to
     return out
 
 
-def _gather_rows(t: torch.Tensor, row_token: torch.Tensor, fill) -> torch.Tensor:
-    """t[row_token] with ``fill`` where row_token is -1 (any dtype, fp8 through uint8)."""
+def _gather_rows(t: torch.Tensor, row_token: torch.Tensor, fill=None) -> torch.Tensor:
+    """t[row_token] (any dtype, fp8 through uint8); with ``fill`` where row_token is -1."""
     src = t.view(torch.uint8) if t.dtype == _FP8 else t
     out = src[row_token.clamp_min(0).long()]
-    out.masked_fill_((row_token < 0)[:, None], fill)
+    if fill is not None:
+        out.masked_fill_((row_token < 0)[:, None], fill)
     return out.view(_FP8) if t.dtype == _FP8 else out
 
 
@@ -324,6 +323,10 @@ def _exchange_counts(h: DispatchHandle, recv: Optional[torch.Tensor] = None) -> 
         recv = recv.t()
     h.send_splits, (h.recv_splits, pairs) = mine[0].tolist(), recv.tolist()
     h.recv_pairs = sum(pairs)
+    sent = sum(h.send_splits)     # the send plan's rows past this are the static bound's padding
+    sp = h.send_plan
+    h.send_plan = RoutePlan(sp.counts, sp.offs, sp.row_token[:sent], sp.token_row)
+    h.row_dest = h.row_dest[:sent]
     h.wire["counts"] = mine.numel() * mine.element_size()
 
 
@@ -354,11 +357,12 @@ def _dispatch_forward(h: DispatchHandle, x: torch.Tensor, weights: torch.Tensor,
     if h.capacity is None:    # exact mode: the host knows the row count; drop the static bound's padding
         pl = RoutePlan(pl.counts, pl.offs, pl.row_token[:h.recv_pairs], pl.token_row)
     h.recv_plan = pl
+    padded = h.capacity is not None       # exact mode: every row is used
     if h.quantize:
-        q = _gather_rows(got[0].view(_FP8), pl.row_token, 0)
-        s = _gather_rows(got[1], pl.row_token, _PAD_SCALE)
+        q = _gather_rows(got[0].view(_FP8), pl.row_token, 0 if padded else None)
+        s = _gather_rows(got[1], pl.row_token, _PAD_SCALE if padded else None)
         return (q, s), recv_w
-    return _gather_rows(got[0], pl.row_token, 0), recv_w
+    return _gather_rows(got[0], pl.row_token, 0 if padded else None), recv_w
 
 
 def _dispatch_backward(h: DispatchHandle, grad_rows: Optional[torch.Tensor], grad_w: Optional[torch.Tensor]):
@@ -476,10 +480,7 @@ class _STDequantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, s, h, dtype):
         ctx.h, ctx.s_shape = h, s.shape
-        G = s.shape[1]
-        H = q.shape[1]
-        xs = F.pad(q.float(), (0, G * 128 - H)).view(q.shape[0], G, 128) * s[:, :, None]
-        return xs.view(q.shape[0], G * 128)[:, :H].to(dtype)
+        return dequantize_fp8(q, s).to(dtype)
 
     @staticmethod
     def backward(ctx, g):
