@@ -89,7 +89,10 @@ class DispatchHandle:
         capacity was full (all zero in exact mode). Their experts contribute 0 to combine.
     wire: bytes of the buffers this rank sent, by part: dispatch's ``rows``, ``scales``,
         ``routing`` and ``counts`` (exact mode), ``rows_sent`` (rows, or slots in capacity
-        mode), and after combine ``combine_rows``.
+        mode), and after combine ``combine_rows``; ``bytes_to_other_ranks()`` leaves out the
+        rows a rank sends to itself.
+    first_expert, local_experts: this rank's experts are ``first_expert + [0, local_experts)``.
+    The remaining fields are the exchange's state (split sizes, wire slots, destinations).
     """
     group: object
     world: int
@@ -289,11 +292,15 @@ def _send_layout(h: DispatchHandle, ids: torch.Tensor) -> None:
     W, El, E = h.world, h.local_experts, h.num_experts
     ids = ids.long()
     h.dest = dest = torch.where((ids >= 0) & (ids < E), torch.div(ids, El, rounding_mode="floor"), -1)
-    # a destination repeated in a token's top_k gets the row once
+    # a destination repeated in a token's top_k gets the row once; a token has at most
+    # min(top_k, W) destinations, so the plan's static row bound is T * min(top_k, W)
     dest_sorted = dest.sort(dim=1).values
     repeat = torch.zeros_like(dest_sorted, dtype=torch.bool)
     repeat[:, 1:] = dest_sorted[:, 1:] == dest_sorted[:, :-1]
-    h.send_plan = sp = plan(dest_sorted.masked_fill(repeat, -1).to(torch.int32), W)
+    once = dest_sorted.masked_fill(repeat, -1)
+    if W < once.shape[1]:
+        once = once.sort(dim=1, descending=True).values[:, :W]
+    h.send_plan = sp = plan(once.to(torch.int32), W)
     R = sp.row_token.shape[0]
     h.row_dest = torch.searchsorted(sp.offs.long(), torch.arange(R, device=ids.device), right=True)
     counts = sp.counts.long()
@@ -380,7 +387,7 @@ def _dispatch_backward(h: DispatchHandle, grad_rows: Optional[torch.Tensor], gra
     if not parts:
         return None, None
     back = _unpack(_exchange(h, _pack(parts), reverse=True), specs)
-    ones = torch.ones(h.tokens, K, device=back[0].device)
+    ones = torch.ones(h.send_plan.token_row.shape, device=back[0].device)
     sums = [unpermute(_from_wire(h, b), h.send_plan, ones) for b in back]   # sum over destinations
     gx = sums.pop(0) if grad_rows is not None else None
     gw = sums.pop(0) if grad_w is not None else None
@@ -496,7 +503,7 @@ def _combine_forward(h: DispatchHandle, y: torch.Tensor, recv_w: torch.Tensor) -
     part = unpermute(y, h.recv_plan, recv_w)           # [N, H]: a row's local experts, weighted, fp32 sum
     h.wire["combine_rows"] = part.numel() * part.element_size()
     back = _from_wire(h, _exchange(h, part, reverse=True))
-    return unpermute(back, h.send_plan, torch.ones(h.tokens, h.top_k, device=y.device))   # over destinations
+    return unpermute(back, h.send_plan, torch.ones(h.send_plan.token_row.shape, device=y.device))   # over ranks
 
 
 def _combine_backward(h: DispatchHandle, g: torch.Tensor, y: torch.Tensor, recv_w: torch.Tensor):
@@ -507,9 +514,9 @@ def _combine_backward(h: DispatchHandle, g: torch.Tensor, y: torch.Tensor, recv_
     w_row = torch.zeros(pl.row_token.shape[0], device=y.device)
     w_row[tr[used]] = recv_w.detach().float()[used]
     grad_y = (permute(grad_part, pl).float() * w_row[:, None]).to(y.dtype)
-    yk = y.float()[tr.clamp_min(0)]                                            # [N, K, H]
-    grad_w = torch.where(used, (yk * grad_part.float()[:, None, :]).sum(-1), 0.0)
-    return grad_y, grad_w
+    gp = grad_part.float()
+    grad_w = torch.stack([(y[tr[:, k].clamp_min(0)].float() * gp).sum(-1) for k in range(h.top_k)], 1)   # [N, K]
+    return grad_y, torch.where(used, grad_w, 0.0)
 
 
 class _Combine(torch.autograd.Function):
@@ -632,6 +639,10 @@ class ExpertParallelMoE(nn.Module):
     -> ``combine`` -> + shared experts. ``capacity`` (attribute, default None) selects
     dispatch's fixed-capacity mode.
 
+    ``check`` (attribute, default True) is dispatch's header check (False: no host read in
+    capacity mode). ``last_handle`` keeps the latest forward's DispatchHandle (expert load in
+    ``counts``, bytes sent in ``wire``, overflow in ``dropped``).
+
     Build with ``MoE.from_float(plain_moe, ep_group=group)`` (or ``ExpertParallelMoE.from_float``).
     Inference module (parameters without requires_grad, like MoE); training with expert
     parallelism uses MoE's trainable mode (the training issue) once it is merged: dispatch and
@@ -642,7 +653,8 @@ class ExpertParallelMoE(nn.Module):
 
     def __init__(self, cfg, group, experts, gate_weight, bias, shared, dtype, capacity: Optional[int] = None):
         super().__init__()
-        self.cfg, self.group, self.dtype, self.capacity = cfg, group, dtype, capacity
+        self.cfg, self.group, self.dtype, self.capacity, self.check = cfg, group, dtype, capacity, True
+        self.last_handle = None
         self.gate_weight = nn.Parameter(gate_weight, requires_grad=False)
         self.register_buffer("e_score_correction_bias", bias)
         for name in ("w13", "w13_scale", "w2", "w2_scale"):
@@ -675,7 +687,7 @@ class ExpertParallelMoE(nn.Module):
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
         """The routed experts over the group for tokens x [T, H]; returns (out [T, H], handle)."""
-        recv, h = dispatch(x, weights, ids, self.cfg.n_routed_experts, self.group, True, self.capacity)
+        recv, h = dispatch(x, weights, ids, self.cfg.n_routed_experts, self.group, True, self.capacity, self.check)
         hid = fp8_grouped_gemm(*recv, self.w13, self.w13_scale, h.offs, torch.float32)
         g, u = hid.chunk(2, dim=-1)
         a, s = quantize_fp8(F.silu(g) * u)
