@@ -113,7 +113,10 @@ def _moe(rank, W, one_rank: bool):
     with torch.no_grad():
         got, want, ref = ep(x), single(x), pm(x)
         _, ids = single.route(x)
-    return {"got": got, "want": want, "plain": ref, "local_experts": ep.w13.shape[0],
+        ep.capacity = 3 + 9 * (W - 1)          # room for every token: fixed-capacity mode equals exact
+        got_cap = ep(x)
+    return {"got": got, "want": want, "plain": ref, "local_experts": ep.w13.shape[0], "capacity_equal":
+            bool(torch.equal(got_cap, got)) and int(ep.last_handle.dropped.sum()) == 0,
             "ranks_hit": sorted(set((ids.long() // (cfg.n_routed_experts // W)).flatten().tolist()))}
 
 
@@ -193,7 +196,7 @@ def test_ep_moe_matches_single_process(world, case):
     W, results = world
     for rank, res in enumerate(results):
         r = res[case]
-        assert r["local_experts"] == 4
+        assert r["local_experts"] == 4 and r["capacity_equal"]
         assert r["got"].shape == r["want"].shape
         if r["got"].numel():
             assert gemm_diff(r["got"], r["want"]) < 1e-6     # ~2e-8 measured: a rare flipped FP8 code
