@@ -255,12 +255,7 @@ def _from_wire(h: DispatchHandle, buf: torch.Tensor) -> torch.Tensor:
     """Send buffer layout -> send-plan rows [R_s, ...] (zero where a row was not sent)."""
     if h.capacity is None:
         return buf
-    R = h.send_plan.row_token.shape[0]
-    sent = h.slot >= 0
-    if buf.shape[0] == 0:                                    # capacity 0: nothing was sent
-        return buf.new_zeros((R, *buf.shape[1:]))
-    rows = buf[h.slot.clamp_min(0)]
-    return rows.masked_fill_(~sent.view(-1, *([1] * (rows.dim() - 1))), 0)
+    return _gather_rows(buf, h.slot, 0)
 
 
 def _exchange(h: DispatchHandle, buf: torch.Tensor, reverse: bool = False) -> torch.Tensor:
@@ -276,12 +271,15 @@ def _exchange(h: DispatchHandle, buf: torch.Tensor, reverse: bool = False) -> to
     return out
 
 
-def _gather_rows(t: torch.Tensor, row_token: torch.Tensor, fill=None) -> torch.Tensor:
-    """t[row_token] (any dtype, fp8 through uint8); with ``fill`` where row_token is -1."""
+def _gather_rows(t: torch.Tensor, index: torch.Tensor, fill=None) -> torch.Tensor:
+    """t[index] (any dtype, fp8 through uint8); with ``fill`` where index is -1 (one gather
+    from t with a fill row appended: no mask pass, no host synchronisation)."""
     src = t.view(torch.uint8) if t.dtype == _FP8 else t
-    out = src[row_token.clamp_min(0).long()]
-    if fill is not None:
-        out.masked_fill_((row_token < 0)[:, None], fill)
+    if fill is None:
+        out = src[index.long()]
+    else:
+        src = torch.cat([src, torch.full((1, *src.shape[1:]), fill, dtype=src.dtype, device=src.device)])
+        out = src[torch.where(index >= 0, index, src.shape[0] - 1).long()]
     return out.view(_FP8) if t.dtype == _FP8 else out
 
 
