@@ -60,7 +60,7 @@ def _expected_dropped(ids, E, W, capacity):
     return [max(0, int((dest == d).any(1).sum()) - capacity) for d in range(W)]
 
 
-def _round_trip(rank, W, quantize, capacity, check=True):
+def _round_trip(rank, W, quantize, capacity, check=True, H=H):
     """dispatch -> per-expert linear maps -> combine, and its gradients, against plain autograd."""
     E = 4 * W
     A = torch.randn(E, H, H, generator=_gen(1)) / H ** 0.5
@@ -149,6 +149,7 @@ def _worker(rank, W):
         for cap in (None, 4):
             res[("rt", q, cap)] = _round_trip(rank, W, q, cap)
     res[("rt", False, None, "nocheck")] = _round_trip(rank, W, False, None, check=False)   # counts: all_to_all
+    res[("rt", True, None, "H130")] = _round_trip(rank, W, True, None, H=130)   # scales at a 2-byte offset
     res["moe"] = _moe(rank, W, False)
     res["moe_one_rank"] = _moe(rank, W, True)
     return res
@@ -178,11 +179,12 @@ def test_round_trip_and_gradients(world, quantize, capacity):
             assert got == want, (rank, got, want)
 
 
-def test_round_trip_without_header(world):
+@pytest.mark.parametrize("variant", [(False, None, "nocheck"), (True, None, "H130")], ids=["no_header", "H130"])
+def test_round_trip_variants(world, variant):
     W, results = world
     for rank, res in enumerate(results):
         for key in ("out", "gx", "gw"):
-            torch.testing.assert_close(*res[("rt", False, None, "nocheck")][key], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(*res[("rt", *variant)][key], rtol=1e-4, atol=1e-4)
 
 
 def test_capacity_overflow_is_counted(world):

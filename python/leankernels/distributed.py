@@ -232,11 +232,16 @@ def _pack(parts) -> torch.Tensor:
 
 
 def _unpack(buf: torch.Tensor, specs):
-    """Inverse of _pack: specs lists (dtype, columns) per part."""
+    """Inverse of _pack: specs lists (dtype, columns) per part. Parts are strided views of buf
+    where the byte offsets allow (no copy), else copies."""
     out, at = [], 0
     for dtype, cols in specs:
         nb = cols * dtype.itemsize
-        out.append(buf[:, at:at + nb].contiguous().view(dtype))
+        part = buf[:, at:at + nb]
+        try:
+            out.append(part.view(dtype))
+        except RuntimeError:   # misaligned for dtype's size
+            out.append(part.contiguous().view(dtype))
         at += nb
     return out
 
@@ -357,7 +362,7 @@ def _dispatch_forward(h: DispatchHandle, x: torch.Tensor, weights: torch.Tensor,
     K = h.top_k
     specs = [(torch.uint8, h.hidden), (torch.float32, rows[1].shape[1])] if h.quantize else [(x.dtype, h.hidden)]
     got = _unpack(recv, specs + [(torch.int32, K), (torch.float32, K)])
-    h.recv_ids, recv_w = got[-2], got[-1]
+    h.recv_ids, recv_w = got[-2].contiguous(), got[-1].contiguous()
     pl = plan(h.recv_ids, El)
     if h.capacity is None:    # exact mode: the host knows the row count; drop the static bound's padding
         pl = RoutePlan(pl.counts, pl.offs, pl.row_token[:h.recv_pairs], pl.token_row)
@@ -386,7 +391,7 @@ def _dispatch_backward(h: DispatchHandle, grad_rows: Optional[torch.Tensor], gra
         return None, None
     back = _unpack(_exchange(h, _pack(parts), reverse=True), specs)
     ones = torch.ones(h.send_plan.token_row.shape, device=back[0].device)
-    sums = [unpermute(_from_wire(h, b), h.send_plan, ones) for b in back]   # sum over destinations
+    sums = [unpermute(_from_wire(h, b.contiguous()), h.send_plan, ones) for b in back]   # over destinations
     gx = sums.pop(0) if grad_rows is not None else None
     gw = sums.pop(0) if grad_w is not None else None
     return gx, gw
@@ -452,7 +457,7 @@ def dispatch(x, weights, ids, num_experts: int, group=None, quantize: bool = Tru
         h = DispatchHandle(group, W, rank, num_experts, x.shape[0], x.shape[1], ids.shape[1], x.dtype, quantize,
                            capacity, check)
         _send_layout(h, ids)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - every rank must reach the header, then all raise
         if not check:
             raise
         error = e
@@ -555,7 +560,7 @@ def combine(y, handle: DispatchHandle) -> torch.Tensor:
             raise TypeError("y must be a [R, H] float32, bfloat16 or float16 tensor")
         if tuple(y.shape) != (R, h.hidden):
             raise ValueError(f"y must have shape ({R}, {h.hidden}) (recv's rows, hidden size); got {tuple(y.shape)}")
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - every rank must reach the header, then all raise
         if not h.check:
             raise
         error = e
