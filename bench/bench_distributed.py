@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     print(distributed.format_rows(rows))
     print("time: median per rank of (barrier, dispatch -> combine), the slowest "
           "rank; vs baseline = baseline time / this time (> 1: faster); B/token: bytes one rank sends to the other "
-          "ranks (dispatch + combine) per token of its own; B/row: token row bytes on the wire (FP8 + 1x128 scales, or bf16)")
+          "ranks (dispatch + combine) per token of its own; B/row: token row bytes on the wire "
+          "(FP8 + 1x128 scales, or bf16)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=2, default=str)

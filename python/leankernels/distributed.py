@@ -175,7 +175,6 @@ def _agree(group, what: str, fields: dict, error: Optional[Exception], device, p
     (an int64 tensor, the same size on every rank) rides along; returns the ranks' payloads
     stacked ``[W, n]`` (None without one)."""
     names = list(fields)
-    W = dist.get_world_size(group)
     mine = torch.tensor([int(error is not None)] + [int(fields[n]) for n in names], dtype=torch.int64, device=device)
     if payload is not None:
         mine = torch.cat([mine, payload.to(device=device, dtype=torch.int64)])
@@ -566,8 +565,8 @@ def combine(y, handle: DispatchHandle) -> torch.Tensor:
         error = e
     if h.check:
         ok = error is None
-        _agree(h.group, "combine", dict(hidden=y.shape[-1] if ok else 0, dtype=_DTYPE_CODE.get(y.dtype, 0) if ok else 0),
-               error, _comm_device(h.group, y if isinstance(y, torch.Tensor) else None))
+        fields = dict(hidden=y.shape[-1], dtype=_DTYPE_CODE[y.dtype]) if ok else dict(hidden=0, dtype=0)
+        _agree(h.group, "combine", fields, error, _comm_device(h.group, y if isinstance(y, torch.Tensor) else None))
     return _Combine.apply(y, h.recv_weights, h)
 
 

@@ -9,11 +9,12 @@ Per world size W (W gloo processes on loopback, T tokens each, DeepSeek-V3 routi
   ours:     dispatch(quantize=True) -> combine (FP8 + scales on the wire), exact mode; the same
             with capacity=T (fixed buffers), and with bf16 rows. Checked with identity experts
             (dequantize the received rows), timed without expert work (combine of a ready y);
-  baseline: all_gather of every rank's x, ids and weights, each rank masks the tokens routed to
-            its experts and computes their weighted partial sums for all W*T tokens, then
+  baseline: all_gather of every rank's x, ids and weights; each rank lays the tokens routed to
+            its experts out by expert (plan + permute: the grouped GEMM's input, as dispatch's
+            recv) and combines them back (unpermute, weighted) for all W*T tokens, then
             reduce_scatter returns each rank's sums (what EP looks like without an all-to-all).
-Both compute out = x * sum of the routed weights (identity experts); the check compares them
-(the baseline's timed run includes its masked multiply: the all_gather layout needs it). Times: per rank the
+Both compute out = x * sum of the routed weights (identity experts); the check compares them.
+Both timed runs produce the per-expert row layout and combine from it (ours from a ready y). Times: per rank the
 median over reps of (barrier, op), then the slowest rank; bytes: what one rank's buffers send to
 the other ranks (rows for its own experts stay in memory), per token of that rank.
 """
@@ -55,7 +56,11 @@ def _ours(x, w, ids, quantize: bool, capacity=None):
 
 
 def _naive(x, w, ids, rank: int, W: int):
-    """all_gather everything, mask the local experts, reduce_scatter the partial sums."""
+    """all_gather everything, lay the tokens routed to local experts out by expert (plan +
+    permute, the grouped GEMM's input), combine them (unpermute with identity experts),
+    reduce_scatter the partial sums back."""
+    import leankernels as lk
+
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     T, H = x.shape
@@ -66,7 +71,8 @@ def _naive(x, w, ids, rank: int, W: int):
     gather(ids_all, ids)
     El = E // W
     local = (ids_all.long() // El) == rank
-    part = (xs.float() * (ws * local).sum(1, keepdim=True)).to(x.dtype)
+    p = lk.plan(torch.where(local, ids_all - rank * El, -1).int(), El)
+    part = lk.unpermute(lk.permute(xs, p), p, ws)
     out = x.new_empty(T, H)
     scatter(out, part)
     # to other ranks: x, w, ids to each of W-1 peers; the W-1 peers' shares of the partial sums
@@ -78,7 +84,7 @@ def rank_job(rank: int, W: int, T: int, H: int, reps: int) -> dict:
     want = (x.float() * w.sum(1, keepdim=True)).to(x.dtype)
     res = {"rank": rank}
     cases = {"ours FP8 exact": (True, None), "ours FP8 capacity=T": (True, T), "ours bf16 exact": (False, None),
-             "baseline all_gather+mask+reduce_scatter": None}
+             "baseline all_gather+permute+reduce_scatter": None}
     for name, mode in cases.items():
         if mode is None:
             def fn():
@@ -119,7 +125,7 @@ def run(worlds=(2, 4), quick: bool = False) -> list[dict]:
     rows = []
     for W in worlds:
         per_rank = launch_local(rank_job, W, args=(T, H, reps), timeout=600.0)
-        base_name = "baseline all_gather+mask+reduce_scatter"
+        base_name = "baseline all_gather+permute+reduce_scatter"
         t_base = max(r[base_name]["seconds"] for r in per_rank)
         for name in per_rank[0]:
             if not isinstance(per_rank[0][name], dict):

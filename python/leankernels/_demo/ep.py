@@ -80,26 +80,24 @@ def rank_job(rank: int, world: int, quick: bool, device: str) -> dict:
         t_single = _time(lambda: single(x), reps)
     diff = float(_diff(got, want))
     wire = dict(h.wire)
-    wire16 = {k: v for k, v in h16.wire.items()}
-    wire16["combine_rows"] = wire["combine_rows"]    # combine returns y's dtype (bf16) either way
     return {
         "rank": rank, "tokens": T, "local_experts": ep.w13.shape[0],
         "load": h.counts.tolist(), "received": h.received, "rows_sent": wire["rows_sent"],
-        "wire": wire, "wire_bf16": wire16, "diff": diff, "capacity_equal": bool(torch.equal(got_cap, got)),
+        "wire": wire, "wire_bf16": dict(h16.wire), "diff": diff, "capacity_equal": bool(torch.equal(got_cap, got)),
         "dropped": dropped, "t_ep": t_ep, "t_single": t_single, "hidden": cfg.hidden_size,
         "top_k": cfg.num_experts_per_tok, "experts": cfg.n_routed_experts,
     }
 
 
-def _bytes(w: dict, combine: bool = True) -> int:
-    return sum(w.get(k, 0) for k in ("rows", "scales", "routing", "counts")) + (w.get("combine_rows", 0) if combine else 0)
+def _dispatch_bytes(w: dict) -> int:
+    return sum(w.get(k, 0) for k in ("rows", "scales", "routing", "counts"))
 
 
 def rows(results: list) -> list[dict]:
     out = []
     for r in results:
         T = max(1, r["tokens"])
-        ours, base = _bytes(r["wire"], False) / T, _bytes(r["wire_bf16"], False) / T
+        ours, base = _dispatch_bytes(r["wire"]) / T, _dispatch_bytes(r["wire_bf16"]) / T
         per_row = (r["wire"]["rows"] + r["wire"]["scales"]) / max(1, r["rows_sent"])
         per_row16 = r["wire_bf16"]["rows"] / max(1, r["rows_sent"])
         ok = r["diff"] < BOUND and r["capacity_equal"] and r["dropped"] == 0
