@@ -16,6 +16,9 @@ References (per rank, single process, plain PyTorch autograd):
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -216,6 +219,14 @@ def test_errors_raise_on_every_rank(world):
         assert e["divisible"] and "num_experts" in e["divisible"]
         assert e["combine"], rank
         assert e["after"][1] == H
+
+
+def test_demo_ep_quick():
+    """`python -m leankernels demo --ep 2 --quick`: spawns its ranks, passes its checks, prints the table."""
+    r = subprocess.run([sys.executable, "-m", "leankernels", "demo", "--ep", "2", "--quick"], capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all checks passed" in r.stdout and "B/token" in r.stdout and "rank 1:" in r.stdout
 
 
 def test_no_process_group():
