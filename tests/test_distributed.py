@@ -63,7 +63,7 @@ def _expected_dropped(ids, E, W, capacity):
     return [max(0, int((dest == d).any(1).sum()) - capacity) for d in range(W)]
 
 
-def _round_trip(rank, W, quantize, capacity, check=True, H=H):
+def _round_trip(rank, W, quantize, capacity, check=True, H=H, w_grad=True):
     """dispatch -> per-expert linear maps -> combine, and its gradients, against plain autograd."""
     E = 4 * W
     A = torch.randn(E, H, H, generator=_gen(1)) / H ** 0.5
@@ -72,7 +72,7 @@ def _round_trip(rank, W, quantize, capacity, check=True, H=H):
     w, ids = _routing(T, E, 20 + rank)
     G = torch.randn(T, H, generator=_gen(30 + rank))
 
-    xe, we = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xe, we = x.clone().requires_grad_(), w.clone().requires_grad_(w_grad)
     recv, h = lkd.dispatch(xe, we, ids, E, quantize=quantize, capacity=capacity, check=check)
     rows = lkd.dequantize(recv, h) if quantize else recv
     R = rows.shape[0]
@@ -87,7 +87,8 @@ def _round_trip(rank, W, quantize, capacity, check=True, H=H):
     yk = torch.einsum("th,tkhn->tkn", xq, A[ids.long().clamp_min(0)])
     want = (yk * (wr * keep)[..., None]).sum(1)
     (want * G).sum().backward()
-    res = {"out": (out.detach(), want.detach()), "gx": (xe.grad, xr.grad), "gw": (we.grad, wr.grad),
+    gw = (we.grad, wr.grad) if w_grad else (torch.zeros(()) if we.grad is None else we.grad, torch.zeros(()))
+    res = {"out": (out.detach(), want.detach()), "gx": (xe.grad, xr.grad), "gw": gw,
            "offs_ok": bool(h.offs.dtype == torch.int32 and h.offs.shape == (E // W,))}
     if capacity is not None:
         res["dropped"] = (h.dropped.tolist(), _expected_dropped(ids, E, W, capacity))
@@ -153,6 +154,7 @@ def _worker(rank, W):
             res[("rt", q, cap)] = _round_trip(rank, W, q, cap)
     res[("rt", False, None, "nocheck")] = _round_trip(rank, W, False, None, check=False)   # counts: all_to_all
     res[("rt", True, None, "H130")] = _round_trip(rank, W, True, None, H=130)   # scales at a 2-byte offset
+    res[("rt", True, 4, "x_only")] = _round_trip(rank, W, True, 4, w_grad=False)  # weights without gradient
     res["moe"] = _moe(rank, W, False)
     res["moe_one_rank"] = _moe(rank, W, True)
     return res
@@ -182,7 +184,8 @@ def test_round_trip_and_gradients(world, quantize, capacity):
             assert got == want, (rank, got, want)
 
 
-@pytest.mark.parametrize("variant", [(False, None, "nocheck"), (True, None, "H130")], ids=["no_header", "H130"])
+@pytest.mark.parametrize("variant", [(False, None, "nocheck"), (True, None, "H130"), (True, 4, "x_only")],
+                         ids=["no_header", "H130", "x_grad_only"])
 def test_round_trip_variants(world, variant):
     W, results = world
     for rank, res in enumerate(results):

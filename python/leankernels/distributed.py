@@ -402,6 +402,8 @@ class _Dispatch(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.h, ctx.x_dtype, ctx.w_dtype = h, x.dtype, weights.dtype
         recv, recv_w = _dispatch_forward(h, x, weights, ids)
+        if not ctx.needs_input_grad[1]:      # no weight gradient wanted: combine skips computing it
+            ctx.mark_non_differentiable(recv_w)
         if h.quantize:
             ctx.mark_non_differentiable(recv[0])
             return recv[0], recv[1], recv_w
@@ -508,7 +510,7 @@ def _combine_forward(h: DispatchHandle, y: torch.Tensor, recv_w: torch.Tensor) -
     return unpermute(back, h.send_plan, torch.ones(h.send_plan.token_row.shape, device=y.device))   # over ranks
 
 
-def _combine_backward(h: DispatchHandle, g: torch.Tensor, y: torch.Tensor, recv_w: torch.Tensor):
+def _combine_backward(h: DispatchHandle, g: torch.Tensor, y: torch.Tensor, recv_w: torch.Tensor, want_w: bool):
     pl = h.recv_plan
     grad_part = _exchange(h, _to_wire(h, permute(g.contiguous(), h.send_plan)))      # [N, H]
     tr = pl.token_row.long()
@@ -516,6 +518,8 @@ def _combine_backward(h: DispatchHandle, g: torch.Tensor, y: torch.Tensor, recv_
     w_row = torch.zeros(pl.row_token.shape[0], device=y.device)
     w_row[tr[used]] = recv_w.detach().float()[used]
     grad_y = (permute(grad_part, pl).float() * w_row[:, None]).to(y.dtype)
+    if not want_w:
+        return grad_y, None
     gp = grad_part.float()
     grad_w = torch.stack([(y[tr[:, k].clamp_min(0)].float() * gp).sum(-1) for k in range(h.top_k)], 1)   # [N, K]
     return grad_y, torch.where(used, grad_w, 0.0)
@@ -531,8 +535,8 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         y, recv_w = ctx.saved_tensors
-        grad_y, grad_w = _combine_backward(ctx.h, g, y, recv_w)
-        return grad_y, grad_w.to(recv_w.dtype), None
+        grad_y, grad_w = _combine_backward(ctx.h, g, y, recv_w, ctx.needs_input_grad[1])
+        return grad_y, (None if grad_w is None else grad_w.to(recv_w.dtype)), None
 
 
 def combine(y, handle: DispatchHandle) -> torch.Tensor:
