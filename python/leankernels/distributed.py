@@ -23,10 +23,11 @@ Design note.
   applied, fp32 accumulation), on the sender over a token's destination ranks (fp32). So
   combine moves one row per (token, destination), in y's dtype, like DeepEP's combine.
 * The wire is ``all_to_all_single`` on bytes: the rows, scales and routing metadata of a
-  dispatch are packed into one uint8 buffer, one collective (plus the count exchange in exact
-  mode). NCCL on GPUs (any fabric NCCL runs on: NVLink, InfiniBand, RoCE, EFA), gloo on CPUs.
-* Exact mode (``capacity=None``): the ranks first exchange row counts, then send exactly the
-  rows needed: fewest bytes, one host synchronisation (the split sizes). DeepEP's "normal"
+  dispatch are packed into one uint8 buffer, one collective; combine sends one buffer back.
+  NCCL on GPUs (any fabric NCCL runs on: NVLink, InfiniBand, RoCE, EFA), gloo on CPUs.
+* Exact mode (``capacity=None``): the ranks first exchange row counts (riding on the header
+  check's all_gather, or one small all_to_all without it), then send exactly the rows
+  needed: fewest bytes, one host synchronisation (the split sizes). DeepEP's "normal"
   (high-throughput, prefill) kernels work this way.
 * Fixed-capacity mode (``capacity=C``): every (source, destination) pair has C row slots, so
   every buffer has a static size and nothing is read on the host (with ``check=False``:
@@ -43,7 +44,10 @@ Design note.
 * Every rank must call dispatch and combine (collectives). With ``check=True`` (default) the
   ranks first exchange a small header (shapes, dtypes, arguments, a local-error flag) and
   every rank raises the same ValueError when they disagree or one rank's arguments are
-  invalid, instead of hanging in the exchange.
+  invalid, instead of hanging in the exchange. A rank that never calls is caught only by the
+  process group's timeout.
+* Measured (README "Expert parallelism", bench/bench_distributed.py): on gloo over loopback
+  the exchange's local work dominates, not the bytes; no NCCL run yet.
 """
 from __future__ import annotations
 
