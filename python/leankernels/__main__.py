@@ -75,6 +75,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.ep is not None:
+        from ._demo.ep import main as ep_main
+
+        return ep_main(args.ep, quick=args.quick)
     from ._demo import main
 
     return main(device=args.device, quick=args.quick, preset=args.preset, steps=args.steps, batch=args.batch,
@@ -120,6 +124,9 @@ def main(argv=None) -> int:
     pd.add_argument("--json", metavar="FILE", default=None, help="write the figures as JSON")
     pd.add_argument("--plot", metavar="FILE.png", default=None, help="draw the figures (needs matplotlib)")
     pd.add_argument("--ops", action="store_true", help="also run the per-domain op sections (quant, gemm, routing, mla)")
+    pd.add_argument("--ep", type=int, default=None, metavar="N",
+                    help="expert parallelism instead: the MoE layer over N ranks (N CPU processes on gloo, "
+                         "or under torchrun with NCCL on GPUs), checked against the single-process layer")
     pd.add_argument("--no-block", action="store_true", help="skip the decoder-block job (with --ops: op sections only)")
     pt = sub.add_parser("train", help="train a small DeepSeek-style LM in FP8 and bf16 side by side (CPU or GPU)")
     pt.add_argument("--quick", action="store_true", help="a short run (about 5 minutes on 2 CPU cores)")

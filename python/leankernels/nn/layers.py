@@ -330,9 +330,17 @@ class MoE(nn.Module):
 
     @classmethod
     def from_float(cls, moe: plain.PlainMoE, dtype=torch.bfloat16, fp8_shared: bool = True, trainable: bool = False,
-                   fp8_experts: bool = True) -> "MoE":
+                   fp8_experts: bool = True, ep_group=None) -> "MoE":
         """From the plain-PyTorch (transformers-named) DeepSeek MoE; ``trainable`` and
-        ``fp8_experts``: see the class docstring."""
+        ``fp8_experts``: see the class docstring. With ``ep_group`` (a torch.distributed
+        process group): expert parallelism, a ``leankernels.distributed.ExpertParallelMoE``
+        keeping only this rank's experts (trainable too)."""
+        if ep_group is not None:
+            if not fp8_experts:
+                raise ValueError("fp8_experts=False is not offered with ep_group (the EP layer runs FP8 experts)")
+            from ..distributed import ExpertParallelMoE
+
+            return ExpertParallelMoE.from_float(moe, ep_group, dtype, fp8_shared, trainable=trainable)
         ex = [(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in moe.experts]
         sh = moe.shared_experts
         shared = (sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight) if sh is not None else None
