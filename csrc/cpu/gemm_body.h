@@ -180,12 +180,13 @@ void pack_a_tile(const Decoder& dec, const uint8_t* a, const float* a_scale, int
 }
 
 // totals[c][16 rows] += (a_blk . b_blk[c]) * scale[c][16 rows] for the 24 columns of a panel.
-// a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64 slots.
-void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* scale, float* totals) {
+// a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64 slots. slots: 32 when the block
+// holds at most 64 valid K positions (slots 32..63 are the block's second 64 bytes, all zero).
+void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* scale, float* totals, int slots = kSlots) {
   __m512 acc[kNTile];
 #pragma GCC unroll 24
   for (int c = 0; c < kNTile; ++c) acc[c] = _mm512_setzero_ps();
-  for (int s = 0; s < kSlots; ++s) {
+  for (int s = 0; s < slots; ++s) {
     const __m512bh av = (__m512bh)_mm512_loadu_si512(a_t + s * kTileRows);
 #pragma GCC unroll 24
     for (int c = 0; c < kNTile; ++c)
@@ -333,14 +334,42 @@ void item_products(const Decoder& dec, const PackedA& pa, int64_t tiles, int64_t
         _mm512_storeu_ps(s.scale.data() + c * kTileRows, _mm512_mul_ps(sav, _mm512_set1_ps(sb)));
       }
       micro_kernel(pa.a_t.data() + i * kSlots * kTileRows, s.panel.data(), s.scale.data(),
-                   s.totals.data() + t * kNTile * kTileRows);
+                   s.totals.data() + t * kNTile * kTileRows, kv <= kQuantGroup / 2 ? kSlots / 2 : kSlots);
     }
   }
 }
 
-// totals entry of the item's row r, column c
-inline float item_total(const Scratch& s, int64_t r, int64_t c) {
-  return s.totals[((r / kTileRows) * kNTile + c) * kTileRows + r % kTileRows];
+// fp32 -> bf16 of 16 lanes, f32_to_bf16's rounding (RNE, NaN kept quiet). NOTES: not
+// vcvtneps2bf16, which flushes fp32 subnormals to zero.
+inline __m256i bf16_of(__m512i u) {
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// An item's totals ([tile][24 columns][16 rows]) -> out rows [row0, row0 + rows), columns
+// [n0, n0 + nc): 16x16 transposes, then one masked store per output row and 16 columns.
+void store_item(const Problem& p, const Scratch& s, int64_t row0, int64_t rows, int64_t n0, int64_t nc) {
+  for (int64_t t = 0; t * kTileRows < rows; ++t) {
+    const float* tt = s.totals.data() + t * kNTile * kTileRows;
+    for (int64_t c0 = 0; c0 < nc; c0 += 16) {
+      __m512i v[16];
+      for (int j = 0; j < 16; ++j)
+        v[j] = c0 + j < kNTile ? _mm512_loadu_si512(tt + (c0 + j) * kTileRows) : _mm512_setzero_si512();
+      transpose16(v);  // v[r]: columns c0.. of the tile's row r
+      const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, nc - c0)) - 1);
+      for (int64_t r = 0; r < kTileRows && t * kTileRows + r < rows; ++r) {
+        const int64_t at = (row0 + t * kTileRows + r) * p.N + n0 + c0;
+        if (p.out_dtype == DType::f32)
+          _mm512_mask_storeu_ps(static_cast<float*>(p.out) + at, m, _mm512_castsi512_ps(v[r]));
+        else
+          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.out) + at, m, bf16_of(v[r]));
+      }
+    }
+  }
 }
 
 void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const WorkItem& w, Scratch& s) {
@@ -353,8 +382,7 @@ void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const
       [&](int64_t kb) { return std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup); },
       [&](int64_t c, int64_t kb) { return sbg[((w.n0 + c) / kQuantGroup) * p.KB + kb]; },
       [&](int64_t t, int64_t kb) { return (w.tile + t) * p.KB + kb; }, s);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < nc; ++c) store_out(p, w.r0 + r, w.n0 + c, item_total(s, r, c));
+  store_item(p, s, w.r0, rows, w.n0, nc);
 }
 #else
 struct PackedA {  // the used rows of a decoded to fp32, zero padded to Kp

@@ -90,8 +90,7 @@ void k_grouped_rows(const KGroupedProblem& kp, const Problem& p, const std::vect
           [&](int64_t j) { return grp[j].t1 - grp[j].t0; },
           [&](int64_t c, int64_t j) { return kp.b_scale[(w.n0 + c) * kp.G + grp[j].col]; },
           [&](int64_t t, int64_t j) { return (mt0 + t) * n_groups + eg.g0 + j; }, s);
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < nc; ++c) store_out(p, eg.expert * kp.M + w.m0 + r, w.n0 + c, item_total(s, r, c));
+      store_item(p, s, eg.expert * kp.M + w.m0, rows, w.n0, nc);
     }
   }
 }
