@@ -20,6 +20,12 @@
 // Bound: 2*M*N*L flops; a and b are read once per item row / column band, so at wgrad shapes
 // (M, N >= 1408, L ~ 4096 tokens) it is compute bound like a prefill GEMM (bench: GFLOP/s
 // against torch bf16 matmul of the same FLOPs).
+// Measured (2026-11-30, 2 shared Zen 4 cores, load ~5, bench/bench_gemm.py -k wgrad, median of 7;
+// T = 4096 tokens, multinomial split, fp32 out): E=8 N_out=1408 K=2048 359 ms = 66 GFLOP/s
+// (0.58x torch bf16 matmul of the same FLOPs, 0.66x torch bf16 per-expert mm); E=8 N_out=2816
+// 75 GFLOP/s (0.61x / 0.67x); E=64: 20-32 GFLOP/s (0.17x / 0.35-0.54x), dominated by first-touching
+// the fresh [64, N_out, 2048] fp32 output (0.74-1.5 GB; allocating and filling 0.74 GB alone
+// took 0.67-0.84 s on this machine).
 // Included by gemm_body.h (same translation unit and CPU level): no include guard.
 
 namespace lk::cpu::LK_NS {
