@@ -312,14 +312,21 @@ struct Scratch {
 template <class BBlock, class KvOf, class SbOf, class Packed>
 void item_products(const Decoder& dec, const PackedA& pa, int64_t tiles, int64_t nc, int64_t KB, BBlock b_block,
                    KvOf kv_of, SbOf sb_of, Packed packed, Scratch& s) {
+  // A block's 128 bytes touch 3 cache lines when they start mid-line (any K, token groups).
+  const auto prefetch = [&](int64_t kb) {
+    for (int64_t c = 0; c < nc; ++c) {
+      const uint8_t* q = b_block(c, kb);
+      __builtin_prefetch(q, 0, 1);
+      __builtin_prefetch(q + 64, 0, 1);
+      __builtin_prefetch(q + 127, 0, 1);
+    }
+  };
+  // NOTES: the item's first blocks too, all at once: with short K loops (k-grouped experts of a
+  // few groups) their misses would otherwise be taken one by one at the top of the loop.
+  for (int64_t kb = 0; kb < std::min(KB, kPrefetchBlocks); ++kb) prefetch(kb);
   std::fill(s.totals.begin(), s.totals.end(), 0.0f);
   for (int64_t kb = 0; kb < KB; ++kb) {
-    if (kb + kPrefetchBlocks < KB)
-      for (int64_t c = 0; c < nc; ++c) {
-        const uint8_t* q = b_block(c, kb + kPrefetchBlocks);
-        __builtin_prefetch(q, 0, 1);
-        __builtin_prefetch(q + 64, 0, 1);
-      }
+    if (kb + kPrefetchBlocks < KB) prefetch(kb + kPrefetchBlocks);
     const int64_t kv = kv_of(kb);
     for (int64_t c = 0; c < kNTile; ++c) {  // columns past N decode as zero
       __m512i blk[4];
