@@ -11,6 +11,9 @@ Cases come from leankernels._bench.gemm (shared with the CLI bench). With --benc
 each test is its correctness check (ours against leankernels.reference on a slice; the
 decode cases also compare their torch baselines with ours) plus one call.
 
+test_gemm_wgrad runs the training cases (fp8_k_grouped_gemm wgrad at V2-Lite-like shapes,
+quantize_fp8_transposed), ids like ``cpu-wgrad-E8-N1408-K2048-T4096``.
+
 test_gemm_decode (CPU only) runs the decode-shaped cases, parametrised by model, projection,
 tokens T and layout (ids like ``V3-gateup-T16-contiguous``, ``dense-T1``, ``cpu-paths``,
 ``prefill``); each allocates its weights only while it runs (a V3 T=16 gate/up case holds
@@ -127,3 +130,19 @@ def test_gemm_decode(benchmark, spec, read_ceiling):
     if t is not None and read_ceiling and case.ceiling == "read":
         benchmark.extra_info["read_ceiling_gbps"] = read_ceiling
         benchmark.extra_info["read_pct"] = 100.0 * case.bytes / t / 1e9 / read_ceiling
+
+
+# ------------------------------------------------------------------------------ training (wgrad)
+
+def _wgrad_params():
+    return [pytest.param(device, spec, id=f"{device}-{bench_cases.wgrad_spec_id(spec)}")
+            for device in DEVICES for spec in bench_cases.wgrad_specs(device, QUICK)]
+
+
+@pytest.mark.parametrize("device,spec", _wgrad_params())
+def test_gemm_wgrad(benchmark, device, spec):
+    """fp8_k_grouped_gemm (MoE wgrad, ~4096 tokens over E experts) against torch bf16 matmuls of
+    the same FLOPs, and quantize_fp8_transposed against a bf16 transposed copy."""
+    case = bench_cases.wgrad_spec_case(device, spec)
+    benchmark.group = f"wgrad {case.name}"
+    _run(benchmark, case, device, ROUNDS[device])

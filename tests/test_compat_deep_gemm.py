@@ -147,7 +147,7 @@ def test_legacy_names_and_errors():
     assert torch.equal(d1, d2)
     with pytest.raises(ValueError, match="recipe"):
         dg.fp8_gemm_nt((a, sa), (b, sb), d1, recipe=(1, 1, 128))
-    with pytest.raises(ValueError, match=r"b\[1\]"):
+    with pytest.raises(ValueError, match=r"b\[1\].*recipe=\(1, 1, 128\)"):
         dg.fp8_gemm_nt((a, sa), (b, torch.ones(128, 2)), d1)
     with pytest.raises(TypeError, match="a must be"):
         dg.fp8_gemm_nt(a, (b, sb), d1)
@@ -158,3 +158,117 @@ def test_legacy_names_and_errors():
     with pytest.raises(ValueError, match="expected_m"):
         dg.m_grouped_fp8_gemm_nt_masked((a[None], sa[None]), (b[None], sb[None]), d1[None],
                                         torch.tensor([8], dtype=torch.int32), expected_m=-1)
+
+
+# ------------------------------------------------------- training: k-grouped (wgrad) GEMMs
+# DeepGEMM's test logic (tests/test_fp8.py::test_k_grouped_gemm_contiguous and
+# generate_k_grouped_contiguous): a [K, m], b [K, n] bf16, groups of K rows; per-channel casts
+# (128 rows per scale, per group); c random * 32, d = c accumulated; one random group emptied;
+# calc_diff(d, c + a_g.T @ b_g) < 0.001.
+def _cast_groups(x, ks):
+    """Per-group per_channel_cast_to_fp8 (DeepGEMM's k_grouped_per_channel_cast_to_fp8): codes
+    [K, mn] and scales [sum ceil(k/128), mn]; works for any k (no 128 alignment needed here)."""
+    qs, sfs, p = [], [], 0
+    for k in ks:
+        q, sf = dg.per_channel_cast_to_fp8(x[p:p + k])
+        qs.append(q)
+        sfs.append(sf)
+        p += k
+    return torch.cat(qs), torch.cat(sfs)
+
+
+def _k_grouped_case(ks, m, n, seed, device):
+    a = randn(sum(ks), m, seed=seed, dtype=torch.bfloat16, device=device)
+    b = randn(sum(ks), n, seed=seed + 1, dtype=torch.bfloat16, device=device)
+    c = randn(len(ks), m, n, seed=seed + 2, device=device) * 32
+    ref_d, p = torch.empty_like(c), 0
+    for i, k in enumerate(ks):
+        ref_d[i] = c[i] + a[p:p + k].double().T.matmul(b[p:p + k].double()).float()
+        p += k
+    return a, b, c, ref_d
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ks", [[128, 256, 384], [256, 0, 128, 512], [100, 1, 255, 0, 129]])
+@pytest.mark.parametrize("layout", ["tn", "nt"])
+def test_k_grouped_fp8_gemm_contiguous(device, ks, layout):
+    m, n = 72, 136
+    a, b, c, ref_d = _k_grouped_case(ks, m, n, seed=sum(ks) + len(layout), device=device)
+    (qa, sa), (qb, sb) = _cast_groups(a, ks), _cast_groups(b, ks)
+    ks_tensor = torch.tensor(ks, dtype=torch.int32, device=device)
+    d = c.clone()
+    if layout == "tn":
+        dg.k_grouped_fp8_gemm_tn_contiguous((qa, sa), (qb, sb), d, ks, ks_tensor, c=d)  # c aliases d, as in DeepGEMM
+    else:  # K-major: each group's [m, k] block flattened, scales transposed
+        starts = [sum(ks[:i]) for i in range(len(ks))]
+        flat = [torch.cat([q[p:p + k].T.reshape(-1) for p, k in zip(starts, ks)]) for q in (qa, qb)]
+        dg.k_grouped_fp8_gemm_nt_contiguous((flat[0], sa.T), (flat[1], sb.T), d, ks, ks_tensor, c=c)
+    assert gemm_diff(d, ref_d) < 1e-3
+    for i, k in enumerate(ks):
+        if k == 0:
+            assert torch.equal(d[i], c[i])  # an empty group leaves c
+    d2 = poison(torch.empty_like(c))
+    dg.k_grouped_fp8_gemm_tn_contiguous((qa, sa), (qb, sb), d2, ks, ks_tensor)  # c=None: d = a.T @ b
+    assert gemm_diff(d2 + c, ref_d) < 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_first_release_wgrad_names(device):
+    """wgrad_gemm_fp8_fp8_fp32_nt / k_grouped_wgrad_gemm_fp8_fp8_fp32_nt: out += lhs @ rhs.T with
+    1x128 scales along k on both (scales [m, kb] or DeepGEMM's transposed [kb, m])."""
+    m, n, k = 40, 72, 300
+    x, y = randn(m, k, seed=31, device=device), randn(n, k, seed=32, device=device)
+    (qa, sa), (qb, sb) = dg.per_token_cast_to_fp8(x), dg.per_token_cast_to_fp8(y)
+    out = randn(m, n, seed=33, device=device)
+    want = out.double() + x.double() @ y.double().T
+    dg.wgrad_gemm_fp8_fp8_fp32_nt((qa, sa), (qb, sb.T.contiguous()), out)
+    assert gemm_diff(out, want) < 1e-3
+    # k-grouped: batches of [m, k_i] blocks, flattened; scales [sum ceil(k_i/128), m]
+    batch_sizes = [200, 0, 57, 256]
+    xs = [randn(m, k, seed=40 + i, device=device) for i, k in enumerate(batch_sizes)]
+    ys = [randn(n, k, seed=50 + i, device=device) for i, k in enumerate(batch_sizes)]
+    ca, cb = [dg.per_token_cast_to_fp8(t) for t in xs], [dg.per_token_cast_to_fp8(t) for t in ys]
+    lhs = (torch.cat([q.reshape(-1) for q, _ in ca]), torch.cat([s.T for _, s in ca]))
+    rhs = (torch.cat([q.reshape(-1) for q, _ in cb]), torch.cat([s.T for _, s in cb]))
+    out = randn(len(batch_sizes), m, n, seed=34, device=device)
+    want = torch.stack([out[i].double() + xs[i].double() @ ys[i].double().T for i in range(len(batch_sizes))])
+    dg.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs, rhs, out, batch_sizes)
+    assert gemm_diff(out, want) < 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_gemm_nt_1d1d_recipe(device):
+    """recipe (1, 1, 128): per-row b scales, accumulate into c (DeepGEMM's SM100 1D1D form)."""
+    m, n, k = 33, 200, 384
+    x, w = randn(m, k, seed=35, device=device), randn(n, k, seed=36, device=device)
+    (qa, sa), (qb, sb) = dg.per_token_cast_to_fp8(x), dg.per_token_cast_to_fp8(w)
+    c = randn(m, n, seed=37, device=device)
+    d = poison(torch.empty(m, n, device=device))
+    dg.fp8_gemm_nt((qa, sa), (qb, sb), d, c=c, recipe=(1, 1, 128))
+    want = ref.dequantize_fp8(qa.cpu(), sa.cpu()).double() @ ref.dequantize_fp8(qb.cpu(), sb.cpu()).double().T
+    assert gemm_diff(d.cpu() - c.cpu(), want) < (1e-9 if device == "cpu" else 1e-5)
+    assert gemm_diff(d, c + x @ w.T) < 1e-3
+    d16 = torch.empty(m, n, dtype=torch.bfloat16, device=device)
+    dg.fp8_gemm_nt((qa, sa), (qb, sb), d16, recipe=(1, 1, 128))
+    assert gemm_diff(d16.float().cpu(), want) < 1e-5
+
+
+def test_k_grouped_shim_errors():
+    ks = [128, 128]
+    (qa, sa), (qb, sb) = dg.per_channel_cast_to_fp8(randn(256, 8, seed=38)), dg.per_channel_cast_to_fp8(randn(256, 16, seed=39))
+    kt = torch.tensor(ks, dtype=torch.int32)
+    d = torch.empty(2, 8, 16)
+    with pytest.raises(TypeError, match="ks must be"):
+        dg.k_grouped_fp8_gemm_tn_contiguous((qa, sa), (qb, sb), d, kt, kt)
+    with pytest.raises(ValueError, match="recipe"):
+        dg.k_grouped_fp8_gemm_tn_contiguous((qa, sa), (qb, sb), d, ks, kt, recipe=(1, 128, 128))
+    with pytest.raises(ValueError, match="sum\\(ks\\)"):
+        dg.k_grouped_fp8_gemm_tn_contiguous((qa, sa), (qb, sb), d, [128, 64], kt)
+    with pytest.raises(ValueError, match=r"a\[1\] must have shape"):
+        dg.k_grouped_fp8_gemm_tn_contiguous((qa, sa[:1]), (qb, sb), d, ks, kt)
+    with pytest.raises(ValueError, match="d must have shape"):
+        dg.k_grouped_fp8_gemm_tn_contiguous((qa, sa), (qb, sb), torch.empty(2, 8, 8), ks, kt)
+    with pytest.raises(ValueError, match="recipe \\(1, 1, 128\\) needs per-row b scales"):
+        a, s = dg.per_token_cast_to_fp8(randn(4, 256, seed=40))
+        dg.fp8_gemm_nt((a, s), dg.per_block_cast_to_fp8(randn(130, 256, seed=41)), torch.empty(4, 130),
+                       recipe=(1, 1, 128))

@@ -20,6 +20,15 @@ void register_gemm(py::module_& m) {
             ptr<const int32_t>(groups), num_groups, M, N, K, ptr<void>(out), DType(out_dtype));
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "fp8_k_grouped_gemm",
+      [](uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t b_scale, uintptr_t offs, int64_t num_experts,
+         int64_t M, int64_t N, int64_t L, uintptr_t out, int out_dtype, int device, uintptr_t stream) {
+        LK_ON_DEVICE(fp8_k_grouped_gemm, device, stream, ptr<const uint8_t>(a), ptr<const float>(a_scale),
+            ptr<const uint8_t>(b), ptr<const float>(b_scale), ptr<const int32_t>(offs), num_experts, M, N, L,
+            ptr<void>(out), DType(out_dtype));
+      },
+      py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace lk::bind

@@ -26,6 +26,15 @@ void register_quant(py::module_& m) {
             batch, rows, K, block_rows, ptr<float>(out));
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "quantize_fp8_transposed",
+      [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t row_stride, uintptr_t offs, int64_t num_experts,
+         uintptr_t q, uintptr_t scale, bool ue8m0, int device, uintptr_t stream) {
+        LK_CHECK(dtype >= 0 && dtype <= 2, "quantize_fp8_transposed: x must be float32, bfloat16 or float16");
+        LK_ON_DEVICE(quantize_fp8_transposed, device, stream, ptr<const void>(x), DType(dtype), M, K, row_stride,
+            ptr<const int32_t>(offs), num_experts, ptr<uint8_t>(q), ptr<float>(scale), ue8m0);
+      },
+      py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace lk::bind

@@ -14,10 +14,13 @@
 #endif
 
 #include "common/fp8.h"
+#include "common/k_groups.h"
 #include "cpu/isa.h"
 
-// NOTES: GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own undefined-vector idiom.
+// NOTES: GCC 12's AVX-512 headers trip -Wmaybe-uninitialized (and, once inlined into
+// pack_a_block, -Wuninitialized) on their own undefined-vector idiom.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #define LK_VARIANT_BODY "cpu/gemm_body.h"
 #include "cpu/variants.h"
@@ -28,6 +31,12 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
               const float* b_scale, const int32_t* groups, int64_t num_groups, int64_t M,
               int64_t N, int64_t K, void* out, DType out_dtype) {
   LK_CPU_DISPATCH(fp8_gemm, layout, a, a_scale, b, b_scale, groups, num_groups, M, N, K, out, out_dtype)
+}
+
+void fp8_k_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8_t* b, const float* b_scale,
+                        const int32_t* offs, int64_t num_experts, int64_t M, int64_t N, int64_t L, void* out,
+                        DType out_dtype) {
+  LK_CPU_DISPATCH(fp8_k_grouped_gemm, a, a_scale, b, b_scale, offs, num_experts, M, N, L, out, out_dtype)
 }
 
 }  // namespace lk::cpu

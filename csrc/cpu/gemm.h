@@ -25,4 +25,13 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
               const float* b_scale, const int32_t* groups, int64_t num_groups, int64_t M,
               int64_t N, int64_t K, void* out, DType out_dtype);
 
+// k-grouped GEMM (MoE wgrad, contraction over tokens): out[e] = a[:, seg_e] @ b[:, seg_e].T with
+// per-row 1x128 scales along L in the layout of common/k_groups.h. All contiguous:
+//   a [M, L] e4m3, a_scale [M, G] fp32, b [N, L] e4m3, b_scale [N, G] fp32 (G = ceil(L/128) + E - 1),
+//   offs int32 [E] cumulative token ends (nullptr: E = 1, every token), out [E, M, N] f32 or bf16.
+// Every element of out is written (experts without tokens: 0).
+void fp8_k_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8_t* b, const float* b_scale,
+                        const int32_t* offs, int64_t num_experts, int64_t M, int64_t N, int64_t L, void* out,
+                        DType out_dtype);
+
 }  // namespace lk::cpu

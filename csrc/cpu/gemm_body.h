@@ -153,33 +153,40 @@ inline void decode_block(const Decoder& dec, const uint8_t* src, int64_t kv, boo
   }
 }
 
+// One 128-wide K block of a 16-row tile: the kv <= 128 bytes at `src` of each of `rows` rows
+// (lda bytes apart; zero past kv and past `rows`) -> a_t[slot][16 rows] (bf16 pairs).
+void pack_a_block(const Decoder& dec, const uint8_t* src, int64_t lda, int64_t rows, int64_t kv, uint32_t* a_t) {
+  __m512i w[4][kTileRows];
+  for (int i = 0; i < kTileRows; ++i) {
+    __m512i blk[4];
+    decode_block(dec, src + i * lda, kv, i < rows, blk);
+    for (int q = 0; q < 4; ++q) w[q][i] = blk[q];
+  }
+  for (int q = 0; q < 4; ++q) {
+    transpose16(w[q]);
+    for (int j = 0; j < 16; ++j) _mm512_storeu_si512(a_t + (16 * q + j) * kTileRows, w[q][j]);
+  }
+}
+
 // One 16-row tile of a: a_t[kb][slot][16 rows] (bf16 pairs, zero rows past `rows`) and
 // sa_t[kb][16] (0 past `rows`).
 void pack_a_tile(const Decoder& dec, const uint8_t* a, const float* a_scale, int64_t r0, int64_t rows,
                  int64_t K, int64_t KB, uint32_t* a_t, float* sa_t) {
   for (int64_t kb = 0; kb < KB; ++kb) {
-    const int64_t kv = std::min<int64_t>(kQuantGroup, K - kb * kQuantGroup);
-    __m512i w[4][kTileRows];
-    for (int i = 0; i < kTileRows; ++i) {
-      __m512i blk[4];
-      decode_block(dec, a + (r0 + i) * K + kb * kQuantGroup, kv, i < rows, blk);
-      for (int q = 0; q < 4; ++q) w[q][i] = blk[q];
-    }
-    for (int q = 0; q < 4; ++q) {
-      transpose16(w[q]);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(a_t + (kb * kSlots + 16 * q + j) * kTileRows, w[q][j]);
-    }
+    pack_a_block(dec, a + r0 * K + kb * kQuantGroup, K, rows, std::min<int64_t>(kQuantGroup, K - kb * kQuantGroup),
+                 a_t + kb * kSlots * kTileRows);
     for (int i = 0; i < kTileRows; ++i) sa_t[kb * kTileRows + i] = i < rows ? a_scale[(r0 + i) * KB + kb] : 0.0f;
   }
 }
 
 // totals[c][16 rows] += (a_blk . b_blk[c]) * scale[c][16 rows] for the 24 columns of a panel.
-// a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64 slots.
-void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* scale, float* totals) {
+// a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64 slots. slots: 32 when the block
+// holds at most 64 valid K positions (slots 32..63 are the block's second 64 bytes, all zero).
+void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* scale, float* totals, int slots = kSlots) {
   __m512 acc[kNTile];
 #pragma GCC unroll 24
   for (int c = 0; c < kNTile; ++c) acc[c] = _mm512_setzero_ps();
-  for (int s = 0; s < kSlots; ++s) {
+  for (int s = 0; s < slots; ++s) {
     const __m512bh av = (__m512bh)_mm512_loadu_si512(a_t + s * kTileRows);
 #pragma GCC unroll 24
     for (int c = 0; c < kNTile; ++c)
@@ -299,39 +306,90 @@ struct Scratch {
   std::vector<float> totals = std::vector<float>(kTilesPerItem * kNTile * kTileRows);
 };
 
+// The K loop of one item: s.totals[tile][24 columns][16 rows] += every K block's products.
+// b_block(c, kb): weight column c's block kb (kv_of(kb) <= 128 valid bytes); sb_of(c, kb): its
+// scale for column c; packed(t, kb): index of the item's tile t, block kb in pa (pack_a_tile).
+template <class BBlock, class KvOf, class SbOf, class Packed>
+void item_products(const Decoder& dec, const PackedA& pa, int64_t tiles, int64_t nc, int64_t KB, BBlock b_block,
+                   KvOf kv_of, SbOf sb_of, Packed packed, Scratch& s) {
+  // A block's 128 bytes touch 3 cache lines when they start mid-line (any K, token groups).
+  const auto prefetch = [&](int64_t kb) {
+    for (int64_t c = 0; c < nc; ++c) {
+      const uint8_t* q = b_block(c, kb);
+      __builtin_prefetch(q, 0, 1);
+      __builtin_prefetch(q + 64, 0, 1);
+      __builtin_prefetch(q + 127, 0, 1);
+    }
+  };
+  // NOTES: the item's first blocks too, all at once: with short K loops (k-grouped experts of a
+  // few groups) their misses would otherwise be taken one by one at the top of the loop.
+  for (int64_t kb = 0; kb < std::min(KB, kPrefetchBlocks); ++kb) prefetch(kb);
+  std::fill(s.totals.begin(), s.totals.end(), 0.0f);
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    if (kb + kPrefetchBlocks < KB) prefetch(kb + kPrefetchBlocks);
+    const int64_t kv = kv_of(kb);
+    for (int64_t c = 0; c < kNTile; ++c) {  // columns past N decode as zero
+      __m512i blk[4];
+      decode_block(dec, b_block(std::min(c, nc - 1), kb), kv, c < nc, blk);
+      for (int q = 0; q < 4; ++q) _mm512_storeu_si512(s.panel.data() + c * kSlots + 16 * q, blk[q]);
+    }
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t i = packed(t, kb);
+      const __m512 sav = _mm512_loadu_ps(pa.sa_t.data() + i * kTileRows);
+      for (int64_t c = 0; c < kNTile; ++c) {
+        const float sb = c < nc ? sb_of(c, kb) : 0.0f;
+        _mm512_storeu_ps(s.scale.data() + c * kTileRows, _mm512_mul_ps(sav, _mm512_set1_ps(sb)));
+      }
+      micro_kernel(pa.a_t.data() + i * kSlots * kTileRows, s.panel.data(), s.scale.data(),
+                   s.totals.data() + t * kNTile * kTileRows, kv <= kQuantGroup / 2 ? kSlots / 2 : kSlots);
+    }
+  }
+}
+
+// fp32 -> bf16 of 16 lanes, f32_to_bf16's rounding (RNE, NaN kept quiet). NOTES: not
+// vcvtneps2bf16, which flushes fp32 subnormals to zero.
+inline __m256i bf16_of(__m512i u) {
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// An item's totals ([tile][24 columns][16 rows]) -> out rows [row0, row0 + rows), columns
+// [n0, n0 + nc): 16x16 transposes, then one masked store per output row and 16 columns.
+void store_item(const Problem& p, const Scratch& s, int64_t row0, int64_t rows, int64_t n0, int64_t nc) {
+  for (int64_t t = 0; t * kTileRows < rows; ++t) {
+    const float* tt = s.totals.data() + t * kNTile * kTileRows;
+    for (int64_t c0 = 0; c0 < nc; c0 += 16) {
+      __m512i v[16];
+      for (int j = 0; j < 16; ++j)
+        v[j] = c0 + j < kNTile ? _mm512_loadu_si512(tt + (c0 + j) * kTileRows) : _mm512_setzero_si512();
+      transpose16(v);  // v[r]: columns c0.. of the tile's row r
+      const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, nc - c0)) - 1);
+      for (int64_t r = 0; r < kTileRows && t * kTileRows + r < rows; ++r) {
+        const int64_t at = (row0 + t * kTileRows + r) * p.N + n0 + c0;
+        if (p.out_dtype == DType::f32)
+          _mm512_mask_storeu_ps(static_cast<float*>(p.out) + at, m, _mm512_castsi512_ps(v[r]));
+        else
+          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.out) + at, m, bf16_of(v[r]));
+      }
+    }
+  }
+}
+
 void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const WorkItem& w, Scratch& s) {
   const int64_t rows = w.r1 - w.r0, tiles = ceil_div(rows, kTileRows);
   const int64_t nc = std::min(kNTile, p.N - w.n0);
   const uint8_t* bg = p.b + (w.group * p.N + w.n0) * p.K;
   const float* sbg = p.b_scale + w.group * p.NB * p.KB;
-  std::fill(s.totals.begin(), s.totals.end(), 0.0f);
-  for (int64_t kb = 0; kb < p.KB; ++kb) {
-    if (kb + kPrefetchBlocks < p.KB)
-      for (int64_t c = 0; c < nc; ++c) {
-        const uint8_t* q = bg + c * p.K + (kb + kPrefetchBlocks) * kQuantGroup;
-        __builtin_prefetch(q, 0, 1);
-        __builtin_prefetch(q + 64, 0, 1);
-      }
-    const int64_t kv = std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup);
-    for (int64_t c = 0; c < kNTile; ++c) {  // columns past N decode as zero
-      __m512i blk[4];
-      decode_block(dec, bg + c * p.K + kb * kQuantGroup, kv, c < nc, blk);
-      for (int q = 0; q < 4; ++q) _mm512_storeu_si512(s.panel.data() + c * kSlots + 16 * q, blk[q]);
-    }
-    for (int64_t t = 0; t < tiles; ++t) {
-      const float* sa = pa.sa_t.data() + ((w.tile + t) * p.KB + kb) * kTileRows;
-      const __m512 sav = _mm512_loadu_ps(sa);
-      for (int64_t c = 0; c < kNTile; ++c) {
-        const float sb = c < nc ? sbg[((w.n0 + c) / kQuantGroup) * p.KB + kb] : 0.0f;
-        _mm512_storeu_ps(s.scale.data() + c * kTileRows, _mm512_mul_ps(sav, _mm512_set1_ps(sb)));
-      }
-      micro_kernel(pa.a_t.data() + ((w.tile + t) * p.KB + kb) * kSlots * kTileRows, s.panel.data(),
-                   s.scale.data(), s.totals.data() + t * kNTile * kTileRows);
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < nc; ++c)
-      store_out(p, w.r0 + r, w.n0 + c, s.totals[((r / kTileRows) * kNTile + c) * kTileRows + r % kTileRows]);
+  item_products(
+      dec, pa, tiles, nc, p.KB, [&](int64_t c, int64_t kb) { return bg + c * p.K + kb * kQuantGroup; },
+      [&](int64_t kb) { return std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup); },
+      [&](int64_t c, int64_t kb) { return sbg[((w.n0 + c) / kQuantGroup) * p.KB + kb]; },
+      [&](int64_t t, int64_t kb) { return (w.tile + t) * p.KB + kb; }, s);
+  store_item(p, s, w.r0, rows, w.n0, nc);
 }
 #else
 struct PackedA {  // the used rows of a decoded to fp32, zero padded to Kp
@@ -344,35 +402,42 @@ struct Scratch {
   std::vector<float> scale;
 };
 
+// The micro-kernels over rows [r0, r1) x panel columns [0, nc) (decoded rows, Kp floats each):
+// a_row(r) is row r of a decoded, scale_of(r, c, kb) the scale of (row, column, K block),
+// store(r, c, v) takes the result.
+template <class ARow, class ScaleOf, class Store>
+void tile_products(const Elem* panel, int64_t nc, int64_t Kp, int64_t KB, int64_t r0, int64_t r1, ARow a_row,
+                   ScaleOf scale_of, Store store, std::vector<float>& scale) {
+  scale.resize(size_t(kMR * kNR) * KB);
+  for (int64_t c0 = 0; c0 < nc; c0 += kNR) {
+    const int nr = int(std::min<int64_t>(kNR, nc - c0));
+    const Elem* bp[kNR];
+    for (int c = 0; c < nr; ++c) bp[c] = panel + (c0 + c) * Kp;
+    for (int64_t m0 = r0; m0 < r1; m0 += kMR) {
+      const int mr = int(std::min<int64_t>(kMR, r1 - m0));
+      const Elem* ap[kMR];
+      for (int r = 0; r < mr; ++r) ap[r] = a_row(m0 + r);
+      for (int r = 0; r < mr; ++r)
+        for (int c = 0; c < nr; ++c)
+          for (int64_t kb = 0; kb < KB; ++kb) scale[(r * nr + c) * KB + kb] = scale_of(m0 + r, c0 + c, kb);
+      float res[kMR * kNR];
+      pick(mr, nr)(ap, bp, scale.data(), KB, res);
+      for (int r = 0; r < mr; ++r)
+        for (int c = 0; c < nr; ++c) store(m0 + r, c0 + c, res[r * nr + c]);
+    }
+  }
+}
+
 void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const WorkItem& w, Scratch& s) {
   const int64_t nc = std::min(kNTile, p.N - w.n0), Kp = pa.Kp;
   const uint8_t* bg = p.b + w.group * p.N * p.K;
   const float* sbg = p.b_scale + w.group * p.NB * p.KB;
   s.panel.resize(size_t(kNTile) * Kp);
-  s.scale.resize(size_t(kMR * kNR) * p.KB);
   for (int64_t c = 0; c < nc; ++c) decode_row(dec, bg + (w.n0 + c) * p.K, p.K, Kp, s.panel.data() + c * Kp);
-  for (int64_t c0 = 0; c0 < nc; c0 += kNR) {
-    const int nr = int(std::min<int64_t>(kNR, nc - c0));
-    const Elem* bp[kNR];
-    const float* sbp[kNR];
-    for (int c = 0; c < nr; ++c) {
-      bp[c] = s.panel.data() + (c0 + c) * Kp;
-      sbp[c] = sbg + ((w.n0 + c0 + c) / kQuantGroup) * p.KB;
-    }
-    for (int64_t r0 = w.r0; r0 < w.r1; r0 += kMR) {
-      const int mr = int(std::min<int64_t>(kMR, w.r1 - r0));
-      const Elem* ap[kMR];
-      for (int r = 0; r < mr; ++r) ap[r] = pa.a_dec.data() + (r0 + r) * Kp;
-      for (int r = 0; r < mr; ++r)
-        for (int c = 0; c < nr; ++c)
-          for (int64_t kb = 0; kb < p.KB; ++kb)
-            s.scale[(r * nr + c) * p.KB + kb] = p.a_scale[(r0 + r) * p.KB + kb] * sbp[c][kb];
-      float res[kMR * kNR];
-      pick(mr, nr)(ap, bp, s.scale.data(), p.KB, res);
-      for (int r = 0; r < mr; ++r)
-        for (int c = 0; c < nr; ++c) store_out(p, r0 + r, w.n0 + c0 + c, res[r * nr + c]);
-    }
-  }
+  tile_products(
+      s.panel.data(), nc, Kp, p.KB, w.r0, w.r1, [&](int64_t r) { return pa.a_dec.data() + r * Kp; },
+      [&](int64_t r, int64_t c, int64_t kb) { return p.a_scale[r * p.KB + kb] * sbg[((w.n0 + c) / kQuantGroup) * p.KB + kb]; },
+      [&](int64_t r, int64_t c, float v) { store_out(p, r, w.n0 + c, v); }, s.scale);
 }
 #endif
 
@@ -769,3 +834,5 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
 }
 
 }  // namespace lk::cpu::LK_NS
+
+#include "cpu/k_grouped_gemm_body.h"

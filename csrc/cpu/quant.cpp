@@ -10,6 +10,7 @@
 #endif
 
 #include "common/fp8.h"
+#include "common/k_groups.h"
 #include "cpu/isa.h"
 
 // NOTES: GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own undefined-vector idiom.
@@ -30,6 +31,11 @@ void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64
 void dequantize_fp8(const uint8_t* q, const float* scale, int64_t batch, int64_t rows, int64_t K,
                     int64_t block_rows, float* out) {
   LK_CPU_DISPATCH(dequantize_fp8, q, scale, batch, rows, K, block_rows, out)
+}
+
+void quantize_fp8_transposed(const void* x, DType dtype, int64_t M, int64_t K, int64_t row_stride,
+                             const int32_t* offs, int64_t num_experts, uint8_t* q, float* scale, bool ue8m0) {
+  LK_CPU_DISPATCH(quantize_fp8_transposed, x, dtype, M, K, row_stride, offs, num_experts, q, scale, ue8m0)
 }
 
 }  // namespace lk::cpu

@@ -16,4 +16,10 @@ void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64
 void dequantize_fp8(const uint8_t* q, const float* scale, int64_t batch, int64_t rows, int64_t K,
                     int64_t block_rows, float* out);
 
+// x [M, K] (row stride row_stride elements, unit column stride) -> q = x.T quantized: q [K, M]
+// contiguous e4m3, scale [K, ceil(M/128) + E - 1] contiguous fp32, 1x128 groups along M in the
+// k-grouped layout of common/k_groups.h (offs: int32 [E] cumulative ends, or nullptr with E = 1).
+void quantize_fp8_transposed(const void* x, DType dtype, int64_t M, int64_t K, int64_t row_stride,
+                             const int32_t* offs, int64_t num_experts, uint8_t* q, float* scale, bool ue8m0);
+
 }  // namespace lk::cpu

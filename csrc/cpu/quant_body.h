@@ -188,20 +188,28 @@ inline __m256i vzero() { return _mm256_setzero_si256(); }
 #ifdef LK_QUANT_SIMD
 constexpr int kVecs = kQuantGroup / kLanes;  // vectors per 128-wide group
 
+constexpr int kVecs32 = 32 / kLanes;  // vectors per 32 values
+
+// Encode 32 values held in kVecs32 registers, lane by lane with its own scale s[i] (one scale
+// per group: every s[i] equal; quantize_fp8_transposed: one per column).
+template <bool kMul>
+inline void encode32(const VecF* v, const VecF* s, uint8_t* q) {
+#if LK_ISA >= 2
+  for (int i = 0; i < kVecs32; ++i) encode16<kMul>(v[i], s[i], q + i * kLanes);
+#else
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i ab = _mm256_packus_epi32(codes8<kMul>(v[0], s[0]), codes8<kMul>(v[1], s[1]));
+  const __m256i cd = _mm256_packus_epi32(codes8<kMul>(v[2], s[2]), codes8<kMul>(v[3], s[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), perm));
+#endif
+}
+
 // Encode one full group held in registers.
 template <bool kMul>
 inline void encode_group(const VecF* v, VecF s, uint8_t* q) {
-#if LK_ISA >= 2
-  for (int i = 0; i < kVecs; ++i) encode16<kMul>(v[i], s, q + i * kLanes);
-#else
-  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (int i = 0; i < kVecs; i += 4) {
-    const __m256i ab = _mm256_packus_epi32(codes8<kMul>(v[i], s), codes8<kMul>(v[i + 1], s));
-    const __m256i cd = _mm256_packus_epi32(codes8<kMul>(v[i + 2], s), codes8<kMul>(v[i + 3], s));
-    const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), perm);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * kLanes), b);
-  }
-#endif
+  VecF ss[kVecs32];
+  for (int i = 0; i < kVecs32; ++i) ss[i] = s;
+  for (int i = 0; i < kVecs; i += kVecs32) encode32<kMul>(v + i, ss, q + i * kLanes);
 }
 
 // A finite UE8M0 scale is a power of two 2^k (k in [-21, 127]) whose reciprocal 2^-k is exact
@@ -384,4 +392,6 @@ void dequantize_fp8(const uint8_t* q, const float* scale, int64_t batch, int64_t
 }
 
 }  // namespace lk::cpu::LK_NS
+
+#include "cpu/quant_transposed_body.h"
 #undef LK_QUANT_SIMD

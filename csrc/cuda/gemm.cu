@@ -35,6 +35,7 @@
 
 #include "common/fp8.h"
 #include "cuda/gemm.cuh"
+#include "cuda/k_groups.cuh"
 #include "cuda/launch.cuh"
 #ifdef LEANKERNELS_WITH_SM90
 #include "cuda/sm90_fp8_gemm.cuh"
@@ -83,21 +84,11 @@ __device__ bool find_contiguous_tile(const int32_t* __restrict__ offs, int64_t G
   int64_t tiles_before = 0;
   int64_t carry = 0;  // largest clamped end of the groups before this chunk
   for (int64_t base = 0; base < G; base += 32) {
-    const int64_t g = base + lane;
-    const int64_t end = g < G ? imin(imax(offs[g], 0), M) : 0;
     // Row r belongs to the first group whose end exceeds r (reference.fp8_grouped_gemm): group
     // g starts at the running maximum of the earlier ends, so unchecked decreasing offs never
     // give a row to two groups (a write race) nor more tiles than the grid has slots.
-    int64_t run = end;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int64_t v = __shfl_up_sync(0xffffffffu, run, d);
-      if (lane >= d) run = imax(run, v);
-    }
-    run = imax(run, carry);
-    int64_t start = __shfl_up_sync(0xffffffffu, run, 1);
-    if (lane == 0) start = carry;
-    carry = __shfl_sync(0xffffffffu, run, 31);
+    int64_t start;
+    const int64_t end = running_max_ends(offs, base, G, M, &carry, &start);
     const int64_t rows = end > start ? end - start : 0;
     const int64_t my_tiles = (rows + kBlockM - 1) / kBlockM;
     int64_t incl = my_tiles;

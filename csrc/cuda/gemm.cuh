@@ -12,4 +12,10 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
               const float* b_scale, const int32_t* groups, int64_t num_groups, int64_t M,
               int64_t N, int64_t K, void* out, DType out_dtype, int device, void* stream);
 
+// k-grouped GEMM (MoE wgrad; k_grouped_gemm.cu), same layout as cpu::fp8_k_grouped_gemm; offs read
+// on the device only.
+void fp8_k_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8_t* b, const float* b_scale,
+                        const int32_t* offs, int64_t num_experts, int64_t M, int64_t N, int64_t L, void* out,
+                        DType out_dtype, int device, void* stream);
+
 }  // namespace lk::cuda

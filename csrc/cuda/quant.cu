@@ -8,10 +8,20 @@
 // Unaligned or partial groups take the scalar path of the same kernel.
 // 128x128 (weights): one 256-thread block per tile, each thread keeps its 8x8 elements in
 // registers across the block-wide max, so x is read once.
-// Last measurement: none yet on a GPU (compiled and SASS-checked only).
+// Transposed (quantize_fp8_transposed, the MoE wgrad operands): x [M, K] -> x.T [K, M] in 1x128
+// groups along M (tokens) in the k-grouped layout (common/k_groups.h). One 256-thread block per
+// (64 columns of x, one scale column): warp 0 finds the column's token group from offs on the
+// device (cuda/k_groups.cuh), the block reads the <= 128 x 64 tile of x row by row (coalesced
+// along K) into shared memory (fp32, rows padded to 65 words), then each warp takes 8 columns:
+// |x| max over the group's tokens by shuffles, scale, and each lane encodes 4 consecutive tokens
+// and writes them as one 4-byte store where aligned, so a warp writes 128 contiguous bytes of an
+// xt row. Scale columns no group uses get 0; extra blocks (one per 128 tokens) zero the xt
+// columns of tokens past the last expert's end. Traffic: x read once, xt written once (memory
+// bound, like the 1x128 kernel). Last measurement: none (compiled only; no GPU here).
 #include <cuda_runtime.h>
 
 #include "common/fp8.h"
+#include "cuda/k_groups.cuh"
 #include "cuda/launch.cuh"
 #include "cuda/quant.cuh"
 
@@ -155,6 +165,79 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ q, const float* __
   }
 }
 
+constexpr int kTCols = 64;        // columns of x per transposed block
+constexpr int kTPad = kTCols + 1;  // shared row stride in words: column reads hit distinct banks
+
+// grid (ceil(K/64), G + ceil(M/128)): y < G a scale column, y >= G a 128-token slice to zero
+// where no expert holds it.
+template <typename T>
+__global__ void __launch_bounds__(256) quantize_transposed_kernel(
+    const T* __restrict__ x, int64_t M, int64_t K, int64_t row_stride, const int32_t* __restrict__ offs,
+    int64_t E, int64_t G, uint8_t* __restrict__ q, float* __restrict__ scale, bool ue8m0) {
+  __shared__ float tile[kQuantGroup][kTPad];
+  __shared__ int64_t red[32];
+  __shared__ int64_t span[3];  // t0, t1, found
+  const int64_t k0 = int64_t(blockIdx.x) * kTCols, y = blockIdx.y;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (y >= G) {  // tokens [max(covered, 128z), 128z + 128) of every column: code 0
+    const int64_t covered = k_expert_start(offs, E, M, red);
+    const int64_t z0 = k_max64((y - G) * kQuantGroup, covered), z1 = (y - G + 1) * kQuantGroup < M ? (y - G + 1) * kQuantGroup : M;
+    for (int c = warp; c < kTCols; c += 8)
+      if (k0 + c < K)
+        for (int64_t t = z0 + lane; t < z1; t += 32) q[(k0 + c) * M + t] = 0;
+    return;
+  }
+  if (warp == 0) {
+    int64_t t0 = 0, t1 = 0;
+    const bool found = k_group_of_column(offs, E, M, y, &t0, &t1);
+    if (lane == 0) span[0] = t0, span[1] = t1, span[2] = found;
+  }
+  __syncthreads();
+  if (!span[2]) {  // a column no group uses
+    if (threadIdx.x < kTCols && k0 + threadIdx.x < K) scale[(k0 + threadIdx.x) * G + y] = 0.0f;
+    return;
+  }
+  const int64_t t0 = span[0], n = span[1] - span[0];
+  for (int i = threadIdx.x; i < kQuantGroup * kTCols; i += blockDim.x) {
+    const int r = i / kTCols, c = i % kTCols;
+    tile[r][c] = (r < n && k0 + c < K) ? Elem<T>::f(x[(t0 + r) * row_stride + k0 + c]) : 0.0f;
+  }
+  __syncthreads();
+  for (int c = warp; c < kTCols; c += 8) {
+    if (k0 + c >= K) break;
+    uint32_t m = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) m = max(m, abs_bits(tile[lane + 32 * i][c]));  // padding rows are 0
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, d));
+    const float s = fp8_scale_from_amax(__uint_as_float(m), ue8m0);
+    if (lane == 0) scale[(k0 + c) * G + y] = s;
+    uint8_t code[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) code[j] = fp8_quantize_value(tile[4 * lane + j][c], s);
+    uint8_t* dst = q + (k0 + c) * M + t0 + 4 * lane;
+    if (4 * lane + 4 <= n && (reinterpret_cast<uintptr_t>(dst) % 4) == 0) {
+      *reinterpret_cast<uint32_t*>(dst) = uint32_t(code[0]) | uint32_t(code[1]) << 8 | uint32_t(code[2]) << 16 |
+                                          uint32_t(code[3]) << 24;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (4 * lane + j < n) dst[j] = code[j];
+    }
+  }
+}
+
+template <typename T>
+void launch_quantize_transposed(const T* x, int64_t M, int64_t K, int64_t row_stride, const int32_t* offs,
+                                int64_t E, uint8_t* q, float* scale, bool ue8m0, cudaStream_t stream) {
+  const int64_t G = k_group_columns(M, E), slots = G + ceil_div(M, kQuantGroup);
+  LK_CHECK(slots <= 65535, "quantize_fp8_transposed: ceil(M/128) * 2 + E - 1 must be <= 65535 per launch");
+  LK_CHECK(ceil_div(K, kTCols) < (int64_t(1) << 31), "quantize_fp8_transposed: K too large");
+  dim3 grid(unsigned(ceil_div(K, kTCols)), unsigned(slots));
+  quantize_transposed_kernel<T><<<grid, 256, 0, stream>>>(x, M, K, row_stride, offs, E, G, q, scale, ue8m0);
+  LK_CUDA_LAUNCH_CHECK("quantize_fp8_transposed");
+}
+
 template <typename T>
 void launch_quantize(const T* x, int64_t batch, int64_t rows, int64_t K, int64_t batch_stride,
                      int64_t row_stride, int64_t block_rows, uint8_t* q, float* scale, bool ue8m0,
@@ -215,6 +298,29 @@ void dequantize_fp8(const uint8_t* q, const float* scale, int64_t batch, int64_t
   const int64_t blocks = std::min<int64_t>(ceil_div(total, 256), int64_t(num_sms(device)) * 8);
   dequantize_kernel<<<blocks, 256, 0, as_stream(stream)>>>(q, scale, rows, K, block_rows, total, out);
   LK_CUDA_LAUNCH_CHECK("dequantize_fp8");
+}
+
+void quantize_fp8_transposed(const void* x, DType dtype, int64_t M, int64_t K, int64_t row_stride,
+                             const int32_t* offs, int64_t num_experts, uint8_t* q, float* scale, bool ue8m0,
+                             int device, void* stream) {
+  LK_CHECK(M >= 0 && K >= 0 && num_experts >= 1, "quantize_fp8_transposed: bad size");
+  LK_CHECK(offs != nullptr || num_experts == 1, "quantize_fp8_transposed: offs=None means one expert");
+  if (K == 0 || k_group_columns(M, num_experts) + ceil_div(M, kQuantGroup) == 0) return;
+  DeviceGuard guard(device);
+  cudaStream_t s = as_stream(stream);
+  switch (dtype) {
+    case DType::f32:
+      launch_quantize_transposed(static_cast<const float*>(x), M, K, row_stride, offs, num_experts, q, scale, ue8m0, s);
+      break;
+    case DType::bf16:
+      launch_quantize_transposed(static_cast<const bf16_t*>(x), M, K, row_stride, offs, num_experts, q, scale, ue8m0, s);
+      break;
+    case DType::f16:
+      launch_quantize_transposed(static_cast<const f16_t*>(x), M, K, row_stride, offs, num_experts, q, scale, ue8m0, s);
+      break;
+    default:
+      throw ArgError("leankernels: quantize_fp8_transposed input must be float32, bfloat16 or float16");
+  }
 }
 
 }  // namespace lk::cuda

@@ -7,10 +7,10 @@ CUDA graphs). See README.md for the API and measured figures.
 __version__ = "0.1.0"
 
 from ._lib import build_info, cpu_path, cpu_paths, cuda_available, set_cpu_path  # noqa: E402
-from .quant import dequantize_fp8, quantize_fp8  # noqa: E402
+from .quant import dequantize_fp8, quantize_fp8, quantize_fp8_transposed  # noqa: E402
 from .routing import RoutePlan, permute, plan, route, unpermute, update_bias  # noqa: E402
 from .mla import LatentCache, PagedLatentCache, mla_append, mla_decode  # noqa: E402
-from .gemm import fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_masked  # noqa: E402
+from .gemm import fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_masked, fp8_k_grouped_gemm  # noqa: E402
 from .linear import fp8_grouped_linear, fp8_linear  # noqa: E402
 from . import nn, reference  # noqa: E402
 
@@ -23,6 +23,7 @@ __all__ = [
     "set_cpu_path",
     "quantize_fp8",
     "dequantize_fp8",
+    "quantize_fp8_transposed",
     "route",
     "plan",
     "permute",
@@ -34,6 +35,7 @@ __all__ = [
     "fp8_grouped_gemm_masked",
     "fp8_linear",
     "fp8_grouped_linear",
+    "fp8_k_grouped_gemm",
     "reference",
     "nn",
     "LatentCache",

@@ -701,7 +701,7 @@ def _(a, a_scale, b, b_scale, masked_m, out):
 #               two experts), fp32 accumulation, the result in the weight's dtype
 # Quantization is straight-through. Backward formulas call the ops through torch.ops so that
 # torch.compile and AOTAutograd trace them like any other op.
-_ops = torch.ops.leankernels
+_lk_ops = torch.ops.leankernels
 
 
 def _transpose_blocks(w: torch.Tensor, scale: torch.Tensor):
@@ -800,18 +800,18 @@ def _linear_backward(ctx, grad, grouped: bool):
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         if wq is None:
-            wq, ws = _ops.quantize_fp8(weight, GROUP, False)
+            wq, ws = _lk_ops.quantize_fp8(weight, GROUP, False)
         wt, wts = _transpose_blocks(wq, ws)
-        gq, gs = _ops.quantize_fp8(g, 1, False)
+        gq, gs = _lk_ops.quantize_fp8(g, 1, False)
         if grouped:
-            dx = _ops.fp8_grouped_gemm(gq, gs, wt, wts, offs, torch.float32)
+            dx = _lk_ops.fp8_grouped_gemm(gq, gs, wt, wts, offs, torch.float32)
         else:
-            dx = _ops.fp8_gemm(gq, gs, wt, wts, torch.float32)
+            dx = _lk_ops.fp8_gemm(gq, gs, wt, wts, torch.float32)
         dx = dx.to(x.dtype).view(x.shape)
     if ctx.needs_input_grad[1]:
-        gt, gts = _ops.quantize_fp8_transposed(g, offs, False)
-        xt, xts = _ops.quantize_fp8_transposed(x2, offs, False)
-        dw = _ops.fp8_k_grouped_gemm(gt, gts, xt, xts, offs, torch.float32).to(weight.dtype)
+        gt, gts = _lk_ops.quantize_fp8_transposed(g, offs, False)
+        xt, xts = _lk_ops.quantize_fp8_transposed(x2, offs, False)
+        dw = _lk_ops.fp8_k_grouped_gemm(gt, gts, xt, xts, offs, torch.float32).to(weight.dtype)
     if not grouped and ctx.needs_input_grad[2]:
         db = g.float().sum(0).to(ctx.bias_dtype)
     return dx, dw, db, None, None
@@ -862,7 +862,7 @@ def _permute_backward(ctx, grad):
     unit weights (a gather, so deterministic: no scatter-add)."""
     (token_row,) = ctx.saved_tensors
     ones = torch.ones(token_row.shape, dtype=torch.float32, device=token_row.device)
-    return _ops.unpermute(grad.to(ctx.x_dtype), token_row, ones), None, None
+    return _lk_ops.unpermute(grad.to(ctx.x_dtype), token_row, ones), None, None
 
 
 permute.register_autograd(_permute_backward, setup_context=_permute_setup)
@@ -895,3 +895,91 @@ def _unpermute_backward(ctx, grad):
 
 
 unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+
+# ------------------------------------------------------------------- training (MoE wgrad)
+# quantize_fp8_transposed and fp8_k_grouped_gemm: tokens are the contraction dimension, split
+# by expert (offs) into groups of 128 (reference.k_groups; csrc/common/k_groups.h).
+def k_group_columns(M: int, num_experts: int) -> int:
+    """Scale columns of the k-grouped layout: ceil(M/128) + E - 1."""
+    return _cdiv(M, GROUP) + num_experts - 1
+
+
+def quantize_fp8_transposed_impl(x, offs, ue8m0):
+    """x [M, K] with unit column stride; offs None or a contiguous int32 [E]."""
+    M, K = x.shape
+    E = 1 if offs is None else offs.shape[0]
+    dev = x.device
+    q = torch.empty(K, M, dtype=FP8, device=dev)
+    scale = torch.empty(K, k_group_columns(M, E), dtype=_F32, device=dev)
+    if q.numel() == 0:
+        scale.zero_()
+        return q, scale
+    device, stream = (-1, 0) if x.is_cpu else device_args(x)
+    _C.quantize_fp8_transposed(x.data_ptr(), _DTYPE_CODES[x.dtype], M, K, x.stride(0),
+                               0 if offs is None else offs.data_ptr(), E, q.data_ptr(), scale.data_ptr(), ue8m0,
+                               device, stream)
+    return q, scale
+
+
+def _k_offs(offs, device) -> Optional[torch.Tensor]:
+    if offs is None:
+        return None
+    _need_t("offs", offs, (torch.int32,), dim=1)
+    _need(offs.shape[0] >= 1, "offs must hold at least one expert (E >= 1)")
+    _need(offs.device == device, f"offs is on {offs.device} but the operands are on {device}")
+    return offs.contiguous()
+
+
+@torch.library.custom_op("leankernels::quantize_fp8_transposed", mutates_args=())
+def quantize_fp8_transposed(x: torch.Tensor, offs: Optional[torch.Tensor], ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _need_t("x", x, _FLOATS, dim=2)
+    if x.stride(1) != 1 or x.stride(0) < 0:
+        x = x.contiguous()
+    return quantize_fp8_transposed_impl(x, _k_offs(offs, x.device), ue8m0)
+
+
+@quantize_fp8_transposed.register_fake
+def _(x, offs, ue8m0):
+    M, K = x.shape
+    E = 1 if offs is None else offs.shape[0]
+    return x.new_empty((K, M), dtype=FP8), x.new_empty((K, k_group_columns(M, E)), dtype=torch.float32)
+
+
+def fp8_k_grouped_gemm_impl(a, a_scale, b, b_scale, offs, out_dtype):
+    """All contiguous; offs None or a contiguous int32 [E]."""
+    M, L = a.shape
+    N = b.shape[0]
+    shape = (M, N) if offs is None else (offs.shape[0], M, N)
+    out = torch.empty(shape, dtype=out_dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    device, stream = device_args(a)
+    _C.fp8_k_grouped_gemm(a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(),
+                          0 if offs is None else offs.data_ptr(), 1 if offs is None else offs.shape[0], M, N, L,
+                          out.data_ptr(), dtype_code(out_dtype), device, stream)
+    return out
+
+
+@torch.library.custom_op("leankernels::fp8_k_grouped_gemm", mutates_args=())
+def fp8_k_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                       offs: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    _need_t("a", a, (FP8,), dim=2)
+    _need_t("b", b, (FP8,), dim=2)
+    M, L = a.shape
+    _need(b.shape[1] == L, f"a and b must have the same L (tokens); got {L} and {b.shape[1]}")
+    offs = _k_offs(offs, a.device)
+    G = k_group_columns(L, 1 if offs is None else offs.shape[0])
+    _need_t("a_scale", a_scale, (torch.float32,), shape=(M, G))
+    _need_t("b_scale", b_scale, (torch.float32,), shape=(b.shape[0], G))
+    for name, t in (("a_scale", a_scale), ("b", b), ("b_scale", b_scale)):
+        _need(t.device == a.device, f"{name} is on {t.device} but a is on {a.device}")
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"leankernels: out_dtype must be torch.bfloat16 or torch.float32; got {out_dtype}")
+    return fp8_k_grouped_gemm_impl(a.contiguous(), a_scale.contiguous(), b.contiguous(), b_scale.contiguous(),
+                                   offs, out_dtype)
+
+
+@fp8_k_grouped_gemm.register_fake
+def _(a, a_scale, b, b_scale, offs, out_dtype):
+    M, N = a.shape[0], b.shape[0]
+    return a.new_empty((M, N) if offs is None else (offs.shape[0], M, N), dtype=out_dtype)

@@ -36,6 +36,15 @@ def _check_values() -> bool:
     return os.environ.get("LEANKERNELS_DEBUG", "0") not in ("", "0")
 
 
+def _check_ends(offs: torch.Tensor, rows: int, what: str) -> None:
+    """LEANKERNELS_DEBUG=1: offs must be non-decreasing cumulative ends in [0, rows]."""
+    ends = offs.cpu()
+    if bool((ends[1:] < ends[:-1]).any()) or int(ends[0]) < 0:
+        raise ValueError(f"offs must be non-decreasing and >= 0 (cumulative end offsets); got {ends.tolist()}")
+    if int(ends[-1]) > rows:
+        raise ValueError(f"offs[-1] = {int(ends[-1])} exceeds {what} ({rows})")
+
+
 def _out_dtype(out_dtype) -> torch.dtype:
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype must be torch.bfloat16 or torch.float32; got {out_dtype!r}")
@@ -135,11 +144,7 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dtype = torc
     if E == 0:
         raise ValueError("b must hold at least one expert (E >= 1)")
     if _check_values():
-        ends = offs.cpu()
-        if bool((ends[1:] < ends[:-1]).any()) or int(ends[0]) < 0:
-            raise ValueError(f"offs must be non-decreasing and >= 0 (cumulative end offsets); got {ends.tolist()}")
-        if int(ends[-1]) > a.shape[0]:
-            raise ValueError(f"offs[-1] = {int(ends[-1])} exceeds the number of rows of a ({a.shape[0]})")
+        _check_ends(offs, a.shape[0], "the number of rows of a")
     if out is not None:
         out = _check_out(_interop.to_torch(out), (a.shape[0], N), a.device)
         fast = _ops.direct(a, a_scale, b, b_scale, offs, out)
@@ -190,3 +195,74 @@ def fp8_grouped_gemm_masked(a, a_scale, b, b_scale, masked_m, out_dtype: torch.d
     out_dtype = _out_dtype(out_dtype)
     op = _ops.fp8_grouped_gemm_masked_impl if _ops.direct(a, a_scale, b, b_scale, masked_m) else _ops.fp8_grouped_gemm_masked
     return _interop.like_input(op(a, a_scale, b, b_scale, masked_m, out_dtype), src)
+
+
+# ------------------------------------------------------------------- training (MoE wgrad)
+def _k_offs(offs, device: torch.device, tokens: int, what: str):
+    """Validate the optional offs of the k-grouped layout; returns (offs or None, E)."""
+    if offs is None:
+        return None, 1
+    offs = _interop.to_torch(offs)
+    _checks.tensor("offs", offs, (torch.int32,), 1)
+    if offs.device != device:
+        raise ValueError(f"offs is on {offs.device} but the operands are on {device}; all tensors must share one device")
+    if offs.shape[0] == 0:
+        raise ValueError("offs must hold at least one expert (E >= 1)")
+    if _check_values():
+        _check_ends(offs, tokens, what)
+    return offs, offs.shape[0]
+
+
+def fp8_k_grouped_gemm(a, a_scale, b, b_scale, offs=None, out_dtype: torch.dtype = torch.float32):
+    """k-grouped FP8 GEMM, the weight gradient of a (grouped) linear layer: ``a @ b.T`` contracted
+    over tokens, per expert.
+
+    With ``a, a_scale = quantize_fp8_transposed(dy, offs)`` and ``b, b_scale =
+    quantize_fp8_transposed(x, offs)`` this is dW = dy.T @ x per expert (DeepSeek-V3's Wgrad:
+    both operands in 1x128 groups along tokens, no group straddling two experts).
+
+    Args:
+        a: float8_e4m3fn ``[M, L]`` (L tokens); a_scale: float32 ``[M, G]``.
+        b: float8_e4m3fn ``[N, L]``; b_scale: float32 ``[N, G]``. Scales are per row, one per
+            128-token group, in the layout ``quantize_fp8_transposed`` produces:
+            ``G = ceil(L/128) + E - 1`` (``E = 1`` without offs).
+        offs: None (one dense product over all L tokens) or int32 ``[E]`` cumulative END
+            offsets of the experts' tokens (``F.grouped_mm`` convention) on a's device,
+            non-decreasing, ``offs[-1] <= L``. Not read on the host (no synchronisation):
+            checked (ValueError) only with ``LEANKERNELS_DEBUG=1``. Unchecked bad values never
+            cause out-of-bounds access: ends are clamped to ``[0, L]`` and each expert starts at
+            the running maximum of the earlier ends (a decreasing end gives an empty expert),
+            as ``reference.k_groups`` does; tokens past the last end are ignored.
+        out_dtype: ``torch.float32`` (default) or ``torch.bfloat16``.
+
+    Returns:
+        ``[M, N]`` without offs, else ``[E, M, N]`` with ``out[e] = a[:, seg_e] @ b[:, seg_e].T``;
+        experts without tokens give zeros. Per 128-token group the fp32 sum of exact e4m3
+        products is multiplied by ``a_scale[m, g] * b_scale[n, g]`` and accumulated in fp32
+        (``reference.fp8_k_grouped_gemm``). Any strides are accepted (copied to contiguous).
+    """
+    src = a
+    out_dtype = _out_dtype(out_dtype)
+    a = _interop.to_torch(a, fp8=True)
+    a_scale = _interop.to_torch(a_scale)
+    b = _interop.to_torch(b, fp8=True)
+    b_scale = _interop.to_torch(b_scale)
+    _checks.tensor("a", a, (FP8,), 2)
+    _checks.tensor("a_scale", a_scale, (torch.float32,), 2)
+    _checks.tensor("b", b, (FP8,), 2)
+    _checks.tensor("b_scale", b_scale, (torch.float32,), 2)
+    _checks.same_device2("a", a, "a_scale", a_scale)
+    _checks.same_device2("a", a, "b", b)
+    _checks.same_device2("a", a, "b_scale", b_scale)
+    M, L = a.shape
+    if b.shape[1] != L:
+        raise ValueError(f"b has L = {b.shape[1]} tokens but a has L = {L}; a is [M, L] and b is [N, L] (token-major)")
+    offs, E = _k_offs(offs, a.device, L, "the number of tokens L")
+    G = _ops.k_group_columns(L, E)
+    _checks.shape("a_scale", a_scale, (M, G))
+    _checks.shape("b_scale", b_scale, (b.shape[0], G))
+    op = _ops.fp8_k_grouped_gemm_impl if _ops.direct(a, a_scale, b, b_scale, offs) else _ops.fp8_k_grouped_gemm
+    if op is _ops.fp8_k_grouped_gemm_impl:
+        a, a_scale, b, b_scale = a.contiguous(), a_scale.contiguous(), b.contiguous(), b_scale.contiguous()
+        offs = None if offs is None else offs.contiguous()
+    return _interop.like_input(op(a, a_scale, b, b_scale, offs, out_dtype), src)

@@ -104,3 +104,49 @@ def dequantize_fp8(x_fp8, scale, block=(1, 128)):
     _checks.shape("scale", scale, _ops._quant_scale_shape(x_fp8.shape, block_rows))
     op = _ops.dequantize_fp8_impl if _ops.direct(x_fp8, scale) else _ops.dequantize_fp8
     return _interop.like_input(op(x_fp8, scale, block_rows), src)
+
+
+def quantize_fp8_transposed(x, offs=None, scale_fmt: str = "fp32"):
+    """Quantize x.T in 1x128 groups along tokens: the operands of the weight-gradient GEMM.
+
+    For ``y = x @ W.T`` with x ``[M tokens, K]``, DeepSeek-V3's Wgrad dW = dy.T @ x quantizes
+    dy and x in groups of 128 along the token dimension (the contraction dimension). This gives
+    ``xt = x.T`` ``[K, M]`` with one scale per 128 tokens per row of xt; feed two such results to
+    ``fp8_k_grouped_gemm``.
+
+    Args:
+        x: float32, bfloat16 or float16 ``[M, K]``, any row stride (a non-unit column stride is
+            copied first).
+        offs: None, or int32 ``[E]`` cumulative END offsets of the experts' tokens (rows of x
+            sorted by expert, ``F.grouped_mm`` convention), on x's device, non-decreasing,
+            ``offs[-1] <= M``; not read on the host (checked only with ``LEANKERNELS_DEBUG=1``;
+            bad values are clamped as in ``fp8_k_grouped_gemm``, never out of bounds).
+            Expert e's tokens ``[start_e, end_e)`` are cut into groups of 128 starting at
+            start_e (a group never straddles two experts; any count works: 0, 1, odd).
+        scale_fmt: ``"fp32"`` or ``"ue8m0"``, as in ``quantize_fp8``.
+
+    Returns:
+        ``(xt_fp8, scale)``: xt_fp8 float8_e4m3fn ``[K, M]`` contiguous; scale float32
+        ``[K, ceil(M/128) + E - 1]`` (``E = 1`` without offs), the j-th group of expert e in
+        column ``floor(start_e / 128) + e + j`` (no prefix sum needed; columns never overlap).
+        Unused scale columns are 0; tokens past ``offs[-1]`` give 0 codes. Each group is
+        quantized exactly as ``quantize_fp8`` quantizes a 1x128 group (same scale, rounding,
+        saturation, NaN/Inf rules): bit-identical to ``reference.quantize_fp8_transposed``.
+    """
+    from .gemm import _k_offs  # noqa: PLC0415  (gemm imports nothing from quant)
+
+    src = x
+    x = _interop.to_torch(x)
+    _checks.tensor("x", x, _INPUT_DTYPES, 2)
+    if scale_fmt not in _SCALE_FMTS:
+        raise ValueError(f"scale_fmt must be 'fp32' or 'ue8m0'; got {scale_fmt!r}")
+    offs, _ = _k_offs(offs, x.device, x.shape[0], "the number of rows of x")
+    if _ops.direct(x, offs):
+        xv = x if x.stride(1) == 1 and x.stride(0) >= 0 else x.contiguous()
+        q, scale = _ops.quantize_fp8_transposed_impl(xv, None if offs is None else offs.contiguous(),
+                                                     scale_fmt == "ue8m0")
+    else:
+        q, scale = _ops.quantize_fp8_transposed(x, offs, scale_fmt == "ue8m0")
+    if src is x:
+        return q, scale
+    return _interop.like_input(q, src), _interop.like_input(scale, src)

@@ -74,6 +74,56 @@ def dequantize_fp8(x_fp8: torch.Tensor, scale: torch.Tensor, block=(1, 128)) -> 
     return x_fp8.float() * expand_scale(scale.float(), x_fp8.shape, block)
 
 
+# The k-grouped (wgrad) layout: tokens are the contraction dimension. Rows of x (tokens) are
+# sorted by expert and split by offs (int32 [E], cumulative END offsets); each expert's rows are
+# cut into groups of 128 starting at the expert's first row, so no group straddles two experts.
+# The j-th group of expert e uses scale column floor(start_e / 128) + e + j: no prefix sum is
+# needed, and columns never overlap (floor(s/128) + ceil(m/128) <= ceil((s+m)/128)), so
+# ceil(M/128) + E - 1 columns hold every expert. offs=None is one expert holding every row.
+def k_group_segments(offs, M: int):
+    """[(start, end)] rows of each expert: ends clamped to [0, M], each start the running
+    maximum of the earlier ends (unchecked decreasing offs give empty experts, never overlap)."""
+    if offs is None:
+        return [(0, M)]
+    segs, start = [], 0
+    for v in offs.tolist():
+        end = min(max(int(v), 0), M)
+        segs.append((start, max(start, end)))
+        start = max(start, end)
+    return segs
+
+
+def k_group_columns(M: int, num_experts: int) -> int:
+    """Scale columns of the k-grouped layout: ceil(M/128) + E - 1."""
+    return math.ceil(M / GROUP) + num_experts - 1
+
+
+def k_groups(offs, M: int):
+    """Every token group: (expert, first row, end row, scale column)."""
+    groups = []
+    for e, (s, t) in enumerate(k_group_segments(offs, M)):
+        for j, r0 in enumerate(range(s, t, GROUP)):
+            groups.append((e, r0, min(r0 + GROUP, t), s // GROUP + e + j))
+    return groups
+
+
+def quantize_fp8_transposed(x: torch.Tensor, offs=None, scale_fmt: str = "fp32"):
+    """x [M, K] -> (xt [K, M] e4m3, scale [K, ceil(M/128) + E - 1] fp32): x.T quantized in 1x128
+    groups along M (tokens), the groups of the k-grouped layout (see k_groups). Each group is
+    quantize_fp8 of its <= 128 values; rows past the last expert's end give 0 codes, unused
+    scale columns hold 0."""
+    M, K = x.shape
+    E = 1 if offs is None else offs.shape[0]
+    xt = x.float().T
+    q = torch.zeros(K, M, dtype=torch.uint8, device=x.device)
+    scale = torch.zeros(K, k_group_columns(M, E), dtype=torch.float32, device=x.device)
+    for _, r0, r1, g in k_groups(offs, M):
+        qg, sg = quantize_fp8(xt[:, r0:r1], (1, GROUP), scale_fmt)
+        q[:, r0:r1] = qg.view(torch.uint8)
+        scale[:, g] = sg[:, 0]
+    return q.view(FP8), scale
+
+
 # ---------------------------------------------------------------------------------- routing
 # Expert gating and token routing (DESIGN.md "Routing"). Conventions shared by every device:
 #  * scores are the fp32 values of sigmoid/softmax evaluated in float64 and rounded once, so
@@ -518,3 +568,23 @@ def fp8_linear_grads(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, of
             dw[e] = dyt[start:end].T @ xt[start:end]
         start = max(start, end)
     return dx, dw
+
+
+
+def fp8_k_grouped_gemm(a, a_scale, b, b_scale, offs=None, out_dtype=torch.float32) -> torch.Tensor:
+    """k-grouped GEMM (MoE wgrad): out[e] = a[:, seg_e] @ b[:, seg_e].T, the contraction over tokens.
+
+    a [M, L] e4m3 with a_scale [M, G], b [N, L] e4m3 with b_scale [N, G], both per-row 1x128 scales
+    along L in the layout quantize_fp8_transposed gives (G = ceil(L/128) + E - 1; E = 1 for
+    offs=None). For each token group (k_groups): acc[e] += (a_grp.float() @ b_grp.float().T) *
+    (a_scale[:, g] x b_scale[:, g]), the group product an fp32 sum of exact e4m3 products.
+    Returns [M, N] for offs=None, else [E, M, N] (experts without rows are 0).
+    """
+    M, L = a.shape
+    N = b.shape[0]
+    E = 1 if offs is None else offs.shape[0]
+    acc = torch.zeros(E, M, N, dtype=torch.float32, device=a.device)
+    for e, r0, r1, g in k_groups(offs, L):
+        blk = a[:, r0:r1].float() @ b[:, r0:r1].float().T
+        acc[e] += blk * (a_scale[:, g].float()[:, None] * b_scale[:, g].float()[None, :])
+    return (acc[0] if offs is None else acc).to(out_dtype)

@@ -11,7 +11,9 @@ rows, N=4096, K=7168) plus scaled-down ones, and (decode_cases) the decode-shape
 DESIGN "CPU builds": DeepSeek-V2-Lite and DeepSeek-V3 experts and a dense N=4096 K=14336 at
 T = 1, 4, 16 tokens against torch bf16 and torch int8 weight-only on the same experts, with
 GB/s on the FP8 weight bytes touched and % of the "read" ceiling; the V2-Lite T=1 gate/up GEMM
-on every CPU path (lk.cpu_paths()); one large-M (prefill) dense GEMM against torch bf16.
+on every CPU path (lk.cpu_paths()); one large-M (prefill) dense GEMM against torch bf16; the
+MoE weight-gradient pieces of training (wgrad_cases: fp8_k_grouped_gemm and
+quantize_fp8_transposed, see that section).
 """
 from __future__ import annotations
 
@@ -618,5 +620,120 @@ def base_cases(device: str, quick: bool) -> list[Case]:
     return [base_case(spec) for spec in base_specs(device, quick)]
 
 
+# ------------------------------------------------------------------- training: MoE wgrad
+# The weight gradient of a grouped linear layer (DeepSeek-V3 recipe): dW[e] = dy_e.T @ x_e with
+# dy and x quantized in 1x128 groups along tokens (quantize_fp8_transposed), then the k-grouped
+# GEMM. V2-Lite-like experts (N_out = 1408 or 2816 rows of dW, K = 2048 columns) with ~4096
+# routed tokens split over E experts (multinomial: uneven, unaligned). Baselines of the same
+# FLOPs in the same run: one torch bf16 matmul [N_out, T] @ [T, K] (the dense rate; its output is
+# E times smaller), and torch bf16 per-expert matmuls into the same [E, N_out, K] output (what a
+# user without FP8 kernels runs). ratio = baseline time / ours; "% of ceiling" against the
+# measured bf16 matmul rate. Transposed quantization is memory bound: GB/s against a bf16
+# transposed copy (x.T.contiguous()) and quantize_fp8 (no transpose) of the same x.
+WGRAD_SHAPES = ((8, 1408, 2048), (64, 1408, 2048), (8, 2816, 2048), (64, 2816, 2048))  # (E, N_out, K)
+WGRAD_TOKENS = 4096
+
+
+def _wgrad_split(E: int, T: int, seed: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.multinomial(torch.ones(E), T, replacement=True, generator=g).bincount(minlength=E)
+    return counts.cumsum(0).to(torch.int32).to(device)
+
+
+def wgrad_case(device: str, E: int, N_out: int, K: int, T: int = WGRAD_TOKENS, seed: int = 0) -> Case:
+    st = {}
+
+    def setup():
+        g = torch.Generator().manual_seed(seed)
+        dy = torch.randn(T, N_out, generator=g).bfloat16().to(device)
+        x = torch.randn(T, K, generator=g).bfloat16().to(device)
+        offs = _wgrad_split(E, T, seed, device)
+        a, sa = quant.quantize_fp8_transposed(dy, offs)
+        b, sb = quant.quantize_fp8_transposed(x, offs)
+        ends = [0] + offs.tolist()
+        st.update(dy=dy, x=x, dyt=dy.T.contiguous(), offs=offs, a=a, sa=sa, b=b, sb=sb, ends=ends,
+                  out=torch.empty(E, N_out, K, dtype=torch.bfloat16, device=device))
+
+    def teardown():
+        st.clear()
+
+    def ours():
+        return lkg.fp8_k_grouped_gemm(st["a"], st["sa"], st["b"], st["sb"], st["offs"])
+
+    def bf16_dense():
+        return st["dyt"] @ st["x"]
+
+    def bf16_per_expert():
+        e_ends, dy, x, out = st["ends"], st["dy"], st["x"], st["out"]
+        for e in range(E):
+            torch.mm(dy[e_ends[e]:e_ends[e + 1]].T, x[e_ends[e]:e_ends[e + 1]], out=out[e])
+        return out
+
+    def check():
+        e = max(range(E), key=lambda i: st["ends"][i + 1] - st["ends"][i])  # the largest expert
+        s, t = st["ends"][e], st["ends"][e + 1]
+        want = st["dy"][s:t].double().T @ st["x"][s:t].double()
+        return _diff(ours()[e], want) < 1e-3
+
+    G = _cdiv(T, GROUP) + E - 1
+    nbytes = (N_out + K) * T + 4 * (N_out + K) * G + 4 * E * N_out * K
+    return Case(domain="gemm", name="fp8_k_grouped_gemm wgrad", shape=f"E={E} T={T} N_out={N_out} K={K}",
+                ours=ours, baselines={"torch.matmul bf16 (same FLOPs, one [N_out, K] output)": bf16_dense,
+                                      "torch.mm bf16 per expert": bf16_per_expert},
+                flops=2.0 * T * N_out * K, bytes=float(nbytes), check=check, bound="compute",
+                ceiling="bf16_matmul", setup=setup, teardown=teardown,
+                extra={"output bytes fp32": 4 * E * N_out * K,
+                       "ratio is": "baseline time / ours (our rate as a fraction of the baseline's)"})
+
+
+def quantize_transposed_case(device: str, E: int, T: int, K: int, seed: int = 0) -> Case:
+    st = {}
+
+    def setup():
+        g = torch.Generator().manual_seed(seed)
+        st.update(x=torch.randn(T, K, generator=g).bfloat16().to(device), offs=_wgrad_split(E, T, seed, device))
+
+    def teardown():
+        st.clear()
+
+    def ours():
+        return quant.quantize_fp8_transposed(st["x"], st["offs"])
+
+    def check():
+        q, s = ours()
+        qr, sr = ref.quantize_fp8_transposed(st["x"][:, :256], st["offs"])
+        return torch.equal(q[:256].view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s[:256], sr)
+
+    G = _cdiv(T, GROUP) + E - 1
+    return Case(domain="gemm", name="quantize_fp8_transposed", shape=f"E={E} T={T} K={K} bf16",
+                ours=ours, baselines={"x.T.contiguous() bf16 copy": lambda: st["x"].T.contiguous(),
+                                      "quantize_fp8 1x128 (no transpose)": lambda: quant.quantize_fp8(st["x"])},
+                bytes=float(3 * T * K + 4 * K * G), check=check, bound="memory", setup=setup, teardown=teardown)
+
+
+def wgrad_specs(device: str, quick: bool) -> list[tuple]:
+    """(kind, args) of the wgrad cases: ("gemm", (E, N_out, K, T)) and ("quant", (E, T, K))."""
+    if quick:
+        return [("gemm", (4, 176, 256, 512)), ("quant", (4, 512, 256))]
+    out = [("gemm", (E, N, K, WGRAD_TOKENS)) for E, N, K in WGRAD_SHAPES]
+    return out + [("quant", (8, WGRAD_TOKENS, 2048)), ("quant", (64, WGRAD_TOKENS, 2816))]
+
+
+def wgrad_spec_id(spec: tuple) -> str:
+    kind, args = spec
+    if kind == "gemm":
+        return "wgrad-E{}-N{}-K{}-T{}".format(*args)
+    return "quantT-E{}-T{}-K{}".format(*args)
+
+
+def wgrad_spec_case(device: str, spec: tuple) -> Case:
+    kind, args = spec
+    return wgrad_case(device, *args) if kind == "gemm" else quantize_transposed_case(device, *args)
+
+
+def wgrad_cases(device: str, quick: bool) -> list[Case]:
+    return [wgrad_spec_case(device, spec) for spec in wgrad_specs(device, quick)]
+
+
 def cases(device: str, quick: bool) -> list[Case]:
-    return base_cases(device, quick) + decode_cases(device, quick)
+    return base_cases(device, quick) + decode_cases(device, quick) + wgrad_cases(device, quick)

@@ -188,8 +188,9 @@ def _a_b(a, b, a_dims: int, b_dims: int):
     sa = _scales("a[1]", sa, tuple(a.shape[:-1]), kb)
     N = b.shape[-2]
     if isinstance(sb, torch.Tensor) and sb.dim() == b.dim() and sb.shape[-2] == N and N != ceil_div(N, GRAN):
-        raise ValueError("b[1] has one scale per row of b (the SM100 (1, 1, 128) recipe); leankernels needs "
-                         "128x128 weight blocks: b[1] of shape [(E,) ceil(N/128), ceil(K/128)] (per_block_cast_to_fp8)")
+        raise ValueError("b[1] has one scale per row of b (the SM100 (1, 1, 128) recipe): pass recipe=(1, 1, 128) "
+                         "to fp8_gemm_nt, or 128x128 weight blocks: b[1] of shape [(E,) ceil(N/128), ceil(K/128)] "
+                         "(per_block_cast_to_fp8)")
     sb = _scales("b[1]", sb, (*b.shape[:-2], ceil_div(N, GRAN)), kb)
     return a, sa, b, sb, N
 
@@ -316,3 +317,228 @@ __all__ = ["fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gem
            "get_mk_alignment_for_contiguous_layout", "get_tma_aligned_size", "get_mn_major_tma_aligned_tensor",
            "get_col_major_tma_aligned_tensor", "gemm_fp8_fp8_bf16_nt", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
            "m_grouped_gemm_fp8_fp8_bf16_nt_masked", "ceil_div", "align"]
+
+
+# ========================================================================================
+# Training: weight-gradient (k-grouped) GEMMs, on leankernels.fp8_k_grouped_gemm.
+#
+# DeepGEMM's wgrad GEMMs contract over tokens with 1x128 scales along tokens on BOTH operands
+# (recipe (1, 1, 128)). leankernels.fp8_k_grouped_gemm takes a [M, L] and b [N, L] (token-major
+# rows) with per-row scales [M, ceil(L/128) + E - 1] (quantize_fp8_transposed's layout: group j
+# of expert e in column floor(start_e/128) + e + j). DeepGEMM's scales have one row per group,
+# [sum_e ceil(k_e/128), mn], so they are scattered into that layout with indices built from the
+# host-side group sizes these APIs take (ks / batch_sizes: a Python list, as in DeepGEMM; no
+# device sync). DeepGEMM's per-group K alignment (128) is not required. Outputs are fp32 and
+# accumulate: d = c + a.T @ b per group (tn / nt), out += ... (first-release wgrad names).
+from itertools import accumulate as _accumulate  # noqa: E402
+from typing import List  # noqa: E402
+
+from .. import _ops  # noqa: E402
+from ..gemm import fp8_k_grouped_gemm  # noqa: E402
+
+_RECIPE_1D1D = (1, 1, GRAN)
+
+
+def per_channel_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int = GRAN) -> Tuple[torch.Tensor, torch.Tensor]:
+    """DeepGEMM's test utility: ``[k, mn]`` -> (float8_e4m3fn ``[k, mn]``, fp32 ``[ceil(k/gran_k), mn]``),
+    one scale per gran_k consecutive rows of each column (groups along dim 0), same formula as
+    per_token_cast_to_fp8."""
+    _checks.tensor("x", x, (torch.float32, torch.bfloat16, torch.float16), dim=2)
+    q, sf = per_token_cast_to_fp8(x.T, use_ue8m0=use_ue8m0, gran_k=gran_k)
+    return q.T.contiguous(), sf.T.contiguous()
+
+
+def _group_sizes_list(name: str, ks) -> List[int]:
+    if isinstance(ks, torch.Tensor) or not isinstance(ks, (list, tuple)) or \
+            not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in ks) or not ks:
+        raise TypeError(f"{name} must be a non-empty list of ints >= 0 (per-group K, on the host); got {ks!r}")
+    return list(ks)
+
+
+def _k_grouped_scales(name: str, sf, ks: List[int], mn: int, device, rows_first: bool) -> torch.Tensor:
+    """DeepGEMM's per-group scale rows, ``[sum ceil(k_e/128), mn]`` (or that transposed; the API's
+    documented form first when both fit, see rows_first), as leankernels' k-grouped layout
+    ``[mn, ceil(sum(ks)/128) + E - 1]`` (unused columns 0)."""
+    rows = sum(ceil_div(k, GRAN) for k in ks)
+    _checks.tensor(name, sf, (torch.float32,), dim=2)
+    shape = tuple(sf.shape)
+    if shape == (rows, mn) and (rows_first or shape != (mn, rows)):
+        sf = sf.T
+    elif shape != (mn, rows):
+        raise ValueError(f"{name} must have shape {(rows, mn)} (one row per 128-wide group of each K group) "
+                         f"or its transpose; got {tuple(sf.shape)}")
+    if sf.device != device:
+        raise ValueError(f"{name} is on {sf.device} but the data is on {device}")
+    src, dst, start, row = [], [], 0, 0
+    for e, k in enumerate(ks):
+        n = ceil_div(k, GRAN)
+        first = start // GRAN + e
+        dst.extend(range(first, first + n))
+        src.extend(range(row, row + n))
+        start, row = start + k, row + n
+    out = torch.zeros(mn, _ops.k_group_columns(start, len(ks)), dtype=torch.float32, device=device)
+    if src:
+        out[:, torch.tensor(dst, device=device)] = sf[:, torch.tensor(src, device=device)]
+    return out
+
+
+def _offs(ks: List[int], device) -> torch.Tensor:
+    return torch.tensor(list(_accumulate(ks)), dtype=torch.int32).to(device)
+
+
+def _flat_groups(name: str, x, ks: List[int], mn: int) -> torch.Tensor:
+    """A flat fp8 tensor of per-group ``[mn, k_e]`` row-major blocks -> ``[mn, sum(ks)]``."""
+    _checks.tensor(name, x, (_FP8,))
+    x = x.reshape(-1)
+    if x.numel() != mn * sum(ks):
+        raise ValueError(f"{name} must hold sum(mn * k for k in ks) = {mn * sum(ks)} elements; got {x.numel()}")
+    parts, p = [], 0
+    for k in ks:
+        parts.append(x[p:p + mn * k].view(mn, k))
+        p += mn * k
+    return torch.cat(parts, dim=1)
+
+
+def _accumulate_out(name: str, d: torch.Tensor, y: torch.Tensor, c) -> None:
+    """d = c + y (c None: d = y; c may be d itself)."""
+    _checks.tensor(name, d, (torch.float32,))
+    _checks.shape(name, d, tuple(y.shape))
+    if d.device != y.device:
+        raise ValueError(f"{name} is on {d.device} but a is on {y.device}; all tensors must share one device")
+    if c is None:
+        d.copy_(y)
+        return
+    _checks.tensor("c", c, (torch.float32,))
+    _checks.shape("c", c, tuple(y.shape))
+    d.copy_(c + y)
+
+
+def _recipe_1d1d(recipe) -> None:
+    if recipe is not None and (not isinstance(recipe, (tuple, list)) or tuple(recipe) != _RECIPE_1D1D):
+        raise ValueError(f"recipe must be (1, 1, 128) for the k-grouped GEMMs (1x128 scales along K on both "
+                         f"operands); got {recipe!r}")
+
+
+def k_grouped_fp8_gemm_tn_contiguous(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[torch.Tensor, torch.Tensor],
+                                     d: torch.Tensor, ks: List[int], ks_tensor: torch.Tensor,
+                                     c: Optional[torch.Tensor] = None, recipe: Tuple[int, int, int] = _RECIPE_1D1D,
+                                     compiled_dims: str = "mn") -> None:
+    """k-grouped GEMM, MN-major operands: ``d[g] = c[g] + a[K_g].T @ b[K_g]`` for each group g of
+    K rows (the weight gradient of a grouped linear layer).
+
+    a = (float8_e4m3fn ``[K, m]``, fp32 ``[sum ceil(k_g/128), m]``), b = (``[K, n]``,
+    ``[sum ceil(k_g/128), n]``) as per_channel_cast_to_fp8 gives per group; ks: the groups' K
+    (host list, K = sum(ks)); ks_tensor: the same as int32 on the device (validated, unused);
+    d fp32 ``[G, m, n]`` written; c optional fp32 ``[G, m, n]`` added (may be d)."""
+    _recipe_1d1d(recipe)
+    ks = _group_sizes_list("ks", ks)
+    a, sa = _pair("a", a)
+    b, sb = _pair("b", b)
+    _checks.tensor("a[0]", a, (_FP8,), 2)
+    _checks.tensor("b[0]", b, (_FP8,), 2)
+    _checks.tensor("ks_tensor", ks_tensor, (torch.int32,), 1)
+    _checks.shape("ks_tensor", ks_tensor, (len(ks),))
+    if a.shape[0] != sum(ks) or b.shape[0] != sum(ks):
+        raise ValueError(f"a[0] and b[0] must have sum(ks) = {sum(ks)} rows; got {a.shape[0]} and {b.shape[0]}")
+    m, n = a.shape[1], b.shape[1]
+    offs = _offs(ks, a.device)
+    y = fp8_k_grouped_gemm(a.T, _k_grouped_scales("a[1]", sa, ks, m, a.device, True),
+                           b.T, _k_grouped_scales("b[1]", sb, ks, n, a.device, True), offs)
+    _accumulate_out("d", d, y, c)
+
+
+def k_grouped_fp8_gemm_nt_contiguous(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[torch.Tensor, torch.Tensor],
+                                     d: torch.Tensor, ks: List[int], ks_tensor: torch.Tensor,
+                                     c: Optional[torch.Tensor] = None, recipe: Tuple[int, int, int] = _RECIPE_1D1D,
+                                     compiled_dims: str = "nk") -> None:
+    """k-grouped GEMM, K-major operands (DeepGEMM's SM90 form): as the tn variant, but a[0] is a
+    flat fp8 tensor of the groups' ``[m, k_g]`` row-major blocks one after another
+    (``sum(m * k_g)`` elements), a[1] fp32 ``[m, sum ceil(k_g/128)]`` (or its transpose); b alike
+    with n."""
+    _recipe_1d1d(recipe)
+    ks = _group_sizes_list("ks", ks)
+    a, sa = _pair("a", a)
+    b, sb = _pair("b", b)
+    _checks.tensor("ks_tensor", ks_tensor, (torch.int32,), 1)
+    _checks.shape("ks_tensor", ks_tensor, (len(ks),))
+    _checks.tensor("d", d, (torch.float32,), 3)
+    m, n = d.shape[1], d.shape[2]
+    A, B = _flat_groups("a[0]", a, ks, m), _flat_groups("b[0]", b, ks, n)
+    y = fp8_k_grouped_gemm(A, _k_grouped_scales("a[1]", sa, ks, m, a.device, False),
+                           B, _k_grouped_scales("b[1]", sb, ks, n, a.device, False), _offs(ks, a.device))
+    _accumulate_out("d", d, y, c)
+
+
+def wgrad_gemm_fp8_fp8_fp32_nt(lhs: Tuple[torch.Tensor, torch.Tensor], rhs: Tuple[torch.Tensor, torch.Tensor],
+                               out: torch.Tensor) -> None:
+    """DeepGEMM's first-release weight-gradient GEMM: ``out += lhs @ rhs.T`` (fp32), lhs =
+    (float8_e4m3fn ``[m, k]``, fp32 ``[m, ceil(k/128)]`` or ``[ceil(k/128), m]``), rhs = (``[n, k]``,
+    ``[n, ceil(k/128)]`` or transposed): 1x128 scales along k on both operands."""
+    a, sa = _pair("lhs", lhs)
+    b, sb = _pair("rhs", rhs)
+    _checks.tensor("lhs[0]", a, (_FP8,), 2)
+    _checks.tensor("rhs[0]", b, (_FP8,), 2)
+    k = a.shape[1]
+    y = fp8_k_grouped_gemm(a, _k_grouped_scales("lhs[1]", sa, [k], a.shape[0], a.device, False),
+                           b, _k_grouped_scales("rhs[1]", sb, [k], b.shape[0], a.device, False))
+    _accumulate_out("out", out, y, out)
+
+
+def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs: Tuple[torch.Tensor, torch.Tensor],
+                                         rhs: Tuple[torch.Tensor, torch.Tensor],
+                                         out: torch.Tensor, batch_sizes: List[int]) -> None:
+    """DeepGEMM's first-release k-grouped wgrad: ``out[i] += lhs_i @ rhs_i.T`` (fp32) per batch i,
+    lhs = (flat float8_e4m3fn of the batches' ``[m, k_i]`` blocks, fp32 ``[sum ceil(k_i/128), m]``),
+    rhs alike with n; out fp32 ``[num_batches, m, n]``; batch_sizes: the k_i (host list)."""
+    ks = _group_sizes_list("batch_sizes", batch_sizes)
+    a, sa = _pair("lhs", lhs)
+    b, sb = _pair("rhs", rhs)
+    _checks.tensor("out", out, (torch.float32,), 3)
+    if out.shape[0] != len(ks):
+        raise ValueError(f"out has {out.shape[0]} batches but batch_sizes has {len(ks)}")
+    m, n = out.shape[1], out.shape[2]
+    A, B = _flat_groups("lhs[0]", a, ks, m), _flat_groups("rhs[0]", b, ks, n)
+    y = fp8_k_grouped_gemm(A, _k_grouped_scales("lhs[1]", sa, ks, m, a.device, True),
+                           B, _k_grouped_scales("rhs[1]", sb, ks, n, a.device, True), _offs(ks, a.device))
+    _accumulate_out("out", out, y, out)
+
+
+_fp8_gemm_nt_blocks = fp8_gemm_nt  # the (1, 128, 128) form above
+
+
+def fp8_gemm_nt(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[torch.Tensor, torch.Tensor], d: torch.Tensor,
+                c: Optional[torch.Tensor] = None, recipe: Optional[Tuple[int, int, int]] = None,
+                compiled_dims: str = "nk", disable_ue8m0_cast: bool = False) -> None:
+    """``d = a @ b.T`` (``+ c``). recipe None or (1, 128, 128): b with 128x128 block scales (see
+    above). recipe (1, 1, 128) (DeepGEMM's 1D1D / wgrad recipe): b = (float8_e4m3fn ``[N, K]``,
+    per-row fp32 scales ``[N, ceil(K/128)]``), computed by fp8_k_grouped_gemm (fp32
+    accumulation, d fp32 or bf16; c fp32 added, d fp32 then)."""
+    if recipe is None or not isinstance(recipe, (tuple, list)) or tuple(recipe) != _RECIPE_1D1D:
+        _fp8_gemm_nt_blocks(a, b, d, c, recipe, compiled_dims, disable_ue8m0_cast)
+        return
+    a, sa = _pair("a", a)
+    b, sb = _pair("b", b)
+    _checks.tensor("a[0]", a, (_FP8,), 2)
+    _checks.tensor("b[0]", b, (_FP8,), 2)
+    K = a.shape[1]
+    if b.shape[1] != K:
+        raise ValueError(f"b[0] has K = {b.shape[1]} but a[0] has K = {K} (NT layout: both K-major)")
+    M, N, kb = a.shape[0], b.shape[0], ceil_div(K, GRAN)
+    sa = _scales("a[1]", sa, (M,), kb)
+    if not isinstance(sb, torch.Tensor) or tuple(sb.shape[:1]) != (N,):
+        raise ValueError(f"recipe (1, 1, 128) needs per-row b scales: b[1] of shape {(N, kb)}; got "
+                         f"{tuple(sb.shape) if isinstance(sb, torch.Tensor) else type(sb).__name__}")
+    sb = _scales("b[1]", sb, (N,), kb)
+    d = _out(d, (M, N), a.device)
+    if c is not None and d.dtype != torch.float32:
+        raise TypeError("d must be float32 when c is given (fp32 accumulation, as in DeepGEMM)")
+    y = fp8_k_grouped_gemm(a, sa, b, sb)
+    if c is not None:
+        _checks.tensor("c", c, (torch.float32,))
+        _checks.shape("c", c, (M, N))
+        y = y + c
+    d.copy_(y)
+
+
+__all__ += ["per_channel_cast_to_fp8", "k_grouped_fp8_gemm_tn_contiguous", "k_grouped_fp8_gemm_nt_contiguous",
+            "wgrad_gemm_fp8_fp8_fp32_nt", "k_grouped_wgrad_gemm_fp8_fp8_fp32_nt"]

@@ -1,0 +1,158 @@
+// fp8_k_grouped_gemm on the CPU: the MoE wgrad GEMM, contracting over tokens.
+//
+// What: a [M, L] and b [N, L] e4m3 with per-row 1x128 scales along L (a_scale [M, G],
+// b_scale [N, G]), in the layout of quantize_fp8_transposed (common/k_groups.h). For every
+// expert e and each of its token groups (tokens [t0, t1) <= 128, scale column g):
+//   out[e, m, n] += (sum_{t in group} a[m, t] b[n, t]) * (a_scale[m, g] * b_scale[n, g])
+// with the group sum in fp32 (e4m3 x e4m3 products are exact): reference.fp8_k_grouped_gemm.
+// out [E, M, N] (offs == nullptr: [M, N], one expert), f32 or bf16; experts without tokens
+// give zeros. Every output element is written once, by one thread: deterministic.
+//
+// How: the row-tiled prefill kernels of gemm_body.h, with each token group playing the part
+// of a 128-wide K block (zero padded past its end, starting at any token: no alignment). A
+// group's a_scale x b_scale is per (row, column), which those kernels already build per block.
+//   avx512bf16: every (16-row tile of a, group) is decoded to bf16 and transposed once per call
+//   (pack_a_block); work items are (expert, 64 rows of a, 24 rows of b) from a shared counter;
+//   per group an item decodes its 24 b rows into an L1 panel and runs the vdpbf16ps
+//   micro-kernel (item_products).
+//   other levels: a's rows are decoded to fp32 per expert with each group padded to 128
+//   (decode_row), items (expert, 32 rows, 18 columns) run the FMA micro-kernels (tile_products).
+// Bound: 2*M*N*L flops; a and b are read once per item row / column band, so at wgrad shapes
+// (M, N >= 1408, L ~ 4096 tokens) it is compute bound like a prefill GEMM (bench: GFLOP/s
+// against torch bf16 matmul of the same FLOPs).
+// Measured (2026-11-30, 2 shared Zen 4 cores, load ~5, bench/bench_gemm.py -k wgrad, median of 7;
+// T = 4096 tokens, multinomial split, fp32 out): E=8 N_out=1408 K=2048 359 ms = 66 GFLOP/s
+// (0.58x torch bf16 matmul of the same FLOPs, 0.66x torch bf16 per-expert mm); E=8 N_out=2816
+// 75 GFLOP/s (0.61x / 0.67x); E=64: 20-32 GFLOP/s (0.17x / 0.35-0.54x), dominated by first-touching
+// the fresh [64, N_out, 2048] fp32 output (0.74-1.5 GB; allocating and filling 0.74 GB alone
+// took 0.67-0.84 s on this machine).
+// Included by gemm_body.h (same translation unit and CPU level): no include guard.
+
+namespace lk::cpu::LK_NS {
+namespace {
+
+struct ExpertGroups {
+  int64_t expert, g0, g1;  // groups [g0, g1) of the token-ordered list belong to `expert`
+};
+
+std::vector<ExpertGroups> expert_ranges(const std::vector<KGroup>& groups) {
+  std::vector<ExpertGroups> ranges;
+  for (int64_t i = 0; i < int64_t(groups.size()); ++i) {
+    if (ranges.empty() || ranges.back().expert != groups[size_t(i)].expert)
+      ranges.push_back({groups[size_t(i)].expert, i, i});
+    ranges.back().g1 = i + 1;
+  }
+  return ranges;
+}
+
+// Work item: rows [m0, m1) of a, columns [n0, n0 + kNTile) of out, for one expert's groups.
+struct KItem {
+  size_t range;
+  int64_t m0, m1, n0;
+};
+
+// Runs item(w, scratch) for every (expert, item_rows rows of a, kNTile columns), items taken from
+// a shared counter by the OpenMP threads (each with its Scratch).
+template <class Item>
+void for_each_k_item(const std::vector<ExpertGroups>& ranges, int64_t M, int64_t N, int64_t item_rows, Item item) {
+  std::vector<KItem> items;
+  for (size_t e = 0; e < ranges.size(); ++e)
+    for (int64_t m0 = 0; m0 < M; m0 += item_rows)
+      for (int64_t n0 = 0; n0 < N; n0 += kNTile) items.push_back({e, m0, std::min(M, m0 + item_rows), n0});
+  const int64_t n_items = int64_t(items.size());
+  std::atomic<int64_t> next_item{0};
+#pragma omp parallel if (n_items > 1)
+  {
+    Scratch s;
+    for (;;) {
+      const int64_t it = next_item.fetch_add(1);
+      if (it >= n_items) break;
+      item(items[size_t(it)], s);
+    }
+  }
+}
+
+// p: the k-grouped problem in the prefill kernels' terms: K = L tokens, KB = G scale columns
+// (a_scale [M, G], b_scale [N, G]), out [E * M, N].
+#if LK_ISA >= 3
+void k_grouped_rows(const Problem& p, int64_t M, const std::vector<KGroup>& groups) {
+  const std::vector<ExpertGroups> ranges = expert_ranges(groups);
+  const int64_t n_groups = int64_t(groups.size()), m_tiles = ceil_div(M, kTileRows);
+  const Decoder dec;
+  PackedA pa;  // (m tile, group) in pack order m_tile * n_groups + group
+  pa.a_t.resize(size_t(m_tiles * n_groups) * kSlots * kTileRows);
+  pa.sa_t.resize(size_t(m_tiles * n_groups) * kTileRows);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < m_tiles * n_groups; ++i) {
+    const int64_t mt = i / n_groups, r0 = mt * kTileRows, rows = std::min<int64_t>(kTileRows, M - r0);
+    const KGroup& g = groups[size_t(i % n_groups)];
+    pack_a_block(dec, p.a + r0 * p.K + g.t0, p.K, rows, g.t1 - g.t0, pa.a_t.data() + i * kSlots * kTileRows);
+    for (int r = 0; r < kTileRows; ++r) pa.sa_t[size_t(i * kTileRows + r)] = r < rows ? p.a_scale[(r0 + r) * p.KB + g.col] : 0.0f;
+  }
+  for_each_k_item(ranges, M, p.N, kTilesPerItem * kTileRows, [&](const KItem& w, Scratch& s) {
+    const ExpertGroups& eg = ranges[w.range];
+    const int64_t rows = w.m1 - w.m0, nc = std::min(kNTile, p.N - w.n0), mt0 = w.m0 / kTileRows;
+    const KGroup* grp = groups.data() + eg.g0;
+    item_products(
+        dec, pa, ceil_div(rows, kTileRows), nc, eg.g1 - eg.g0,
+        [&](int64_t c, int64_t j) { return p.b + (w.n0 + c) * p.K + grp[j].t0; },
+        [&](int64_t j) { return grp[j].t1 - grp[j].t0; },
+        [&](int64_t c, int64_t j) { return p.b_scale[(w.n0 + c) * p.KB + grp[j].col]; },
+        [&](int64_t t, int64_t j) { return (mt0 + t) * n_groups + eg.g0 + j; }, s);
+    store_item(p, s, eg.expert * M + w.m0, rows, w.n0, nc);
+  });
+}
+#else
+// Rows of x (a or b) decoded for one expert: each group padded to 128 floats.
+void decode_groups(const Decoder& dec, const uint8_t* row, const KGroup* grp, int64_t n, Elem* dst) {
+  for (int64_t j = 0; j < n; ++j) decode_row(dec, row + grp[j].t0, grp[j].t1 - grp[j].t0, kQuantGroup, dst + j * kQuantGroup);
+}
+
+void k_grouped_rows(const Problem& p, int64_t M, const std::vector<KGroup>& groups) {
+  const std::vector<ExpertGroups> ranges = expert_ranges(groups);
+  const Decoder dec;
+  // a decoded per expert: rows of Kp = groups * 128 floats, expert e's rows at g0 * M * 128
+  std::vector<Elem> a_dec(groups.size() * size_t(M) * kQuantGroup);
+  for (const ExpertGroups& eg : ranges) {
+    const int64_t Kp = (eg.g1 - eg.g0) * kQuantGroup;
+#pragma omp parallel for schedule(static) if (M >= 64)
+    for (int64_t m = 0; m < M; ++m)
+      decode_groups(dec, p.a + m * p.K, groups.data() + eg.g0, eg.g1 - eg.g0, a_dec.data() + eg.g0 * M * kQuantGroup + m * Kp);
+  }
+  for_each_k_item(ranges, M, p.N, kMTile, [&](const KItem& w, Scratch& s) {
+    const ExpertGroups& eg = ranges[w.range];
+    const KGroup* grp = groups.data() + eg.g0;
+    const int64_t KB = eg.g1 - eg.g0, Kp = KB * kQuantGroup, nc = std::min(kNTile, p.N - w.n0);
+    const Elem* a_e = a_dec.data() + eg.g0 * M * kQuantGroup;
+    s.panel.resize(size_t(kNTile * Kp));
+    for (int64_t c = 0; c < nc; ++c) decode_groups(dec, p.b + (w.n0 + c) * p.K, grp, KB, s.panel.data() + c * Kp);
+    tile_products(
+        s.panel.data(), nc, Kp, KB, w.m0, w.m1, [&](int64_t r) { return a_e + r * Kp; },
+        [&](int64_t r, int64_t c, int64_t j) { return p.a_scale[r * p.KB + grp[j].col] * p.b_scale[(w.n0 + c) * p.KB + grp[j].col]; },
+        [&](int64_t r, int64_t c, float v) { store_out(p, eg.expert * M + r, w.n0 + c, v); }, s.scale);
+  });
+}
+#endif
+
+}  // namespace
+
+void fp8_k_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8_t* b, const float* b_scale,
+                        const int32_t* offs, int64_t num_experts, int64_t M, int64_t N, int64_t L, void* out,
+                        DType out_dtype) {
+  LK_CHECK(M >= 0 && N >= 0 && L >= 0 && num_experts >= 1, "fp8_k_grouped_gemm: bad size");
+  LK_CHECK(offs != nullptr || num_experts == 1, "fp8_k_grouped_gemm: offs=None means one expert");
+  LK_CHECK(out_dtype == DType::f32 || out_dtype == DType::bf16, "out dtype must be f32 or bf16");
+  if (M == 0 || N == 0) return;
+  const std::vector<KGroup> groups = k_groups(offs, num_experts, L);
+  // Experts without tokens: zeros (the kernels below write every row of the others).
+  std::vector<char> has(size_t(num_experts), 0);
+  for (const KGroup& g : groups) has[size_t(g.expert)] = 1;
+  const size_t esize = out_dtype == DType::f32 ? 4 : 2;
+  for (int64_t e = 0; e < num_experts; ++e)
+    if (!has[size_t(e)]) memset(static_cast<char*>(out) + size_t(e * M * N) * esize, 0, size_t(M * N) * esize);
+  if (groups.empty()) return;
+  const Problem p{a, a_scale, b, b_scale, N, L, k_group_columns(L, num_experts), 0, out, out_dtype};
+  k_grouped_rows(p, M, groups);
+}
+
+}  // namespace lk::cpu::LK_NS
