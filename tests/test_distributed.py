@@ -251,8 +251,12 @@ def test_ep_moe_trains_like_single_process(world):
         m = r["moe_train"]
         for key in ("out", "gx", "ggate", "gw13", "gw2"):
             got, want = m[key]
+            # Expert weight gradients: the EP layer's token segment of an expert holds every rank's
+            # rows, so its 1x128 token groups (wgrad quantization) differ from the single-process
+            # ones: FP8-level agreement there (DeepGEMM's 1e-3 GEMM bound), near-exact elsewhere.
+            bound = 2e-3 if key in ("gw13", "gw2") else 1e-5
             if want.numel() and want.abs().sum() > 0:
-                assert gemm_diff(got, want) < 1e-5, (rank, key)
+                assert gemm_diff(got, want) < bound, (rank, key)
             else:
                 assert torch.equal(got, torch.zeros_like(got)) or got.abs().max() < 1e-6, (rank, key)
         assert torch.equal(*m["counts"]) and m["bias_moved"]
