@@ -141,7 +141,7 @@ def run(name: str, model: TinyLM, train, held_out, steps: int, lr: float, balanc
 def main(quick: bool = False, steps: int | None = None, json_path: str | None = None, plot_path: str | None = None,
          layers_n: int | None = None, batch: int | None = None, seq: int | None = None, lr: float = 3e-3,
          balance_rate: float = 1e-2, seed: int = 0, log=print) -> dict:
-    steps = steps or (120 if quick else 600)
+    steps = steps or (200 if quick else 600)
     layers_n = layers_n or 2
     batch = batch or 8
     seq = seq or (128 if quick else 256)
