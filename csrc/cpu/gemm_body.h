@@ -180,13 +180,15 @@ void pack_a_tile(const Decoder& dec, const uint8_t* a, const float* a_scale, int
 }
 
 // totals[c][16 rows] += (a_blk . b_blk[c]) * scale[c][16 rows] for the 24 columns of a panel.
-// a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64 slots. slots: 32 when the block
-// holds at most 64 valid K positions (slots 32..63 are the block's second 64 bytes, all zero).
-void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* scale, float* totals, int slots = kSlots) {
+// a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64 slots. kLoopSlots 32 when the
+// block holds at most 64 valid K positions (slots 32..63 are its second 64 bytes, all zero).
+template <int kLoopSlots = kSlots>
+void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* scale, float* totals) {
+  static_assert(kLoopSlots == kSlots || kLoopSlots == kSlots / 2, "whole 64-byte halves of a block");
   __m512 acc[kNTile];
 #pragma GCC unroll 24
   for (int c = 0; c < kNTile; ++c) acc[c] = _mm512_setzero_ps();
-  for (int s = 0; s < slots; ++s) {
+  for (int s = 0; s < kLoopSlots; ++s) {
     const __m512bh av = (__m512bh)_mm512_loadu_si512(a_t + s * kTileRows);
 #pragma GCC unroll 24
     for (int c = 0; c < kNTile; ++c)
@@ -340,8 +342,8 @@ void item_products(const Decoder& dec, const PackedA& pa, int64_t tiles, int64_t
         const float sb = c < nc ? sb_of(c, kb) : 0.0f;
         _mm512_storeu_ps(s.scale.data() + c * kTileRows, _mm512_mul_ps(sav, _mm512_set1_ps(sb)));
       }
-      micro_kernel(pa.a_t.data() + i * kSlots * kTileRows, s.panel.data(), s.scale.data(),
-                   s.totals.data() + t * kNTile * kTileRows, kv <= kQuantGroup / 2 ? kSlots / 2 : kSlots);
+      (kv <= kQuantGroup / 2 ? micro_kernel<kSlots / 2> : micro_kernel<kSlots>)(
+          pa.a_t.data() + i * kSlots * kTileRows, s.panel.data(), s.scale.data(), s.totals.data() + t * kNTile * kTileRows);
     }
   }
 }

@@ -60,14 +60,15 @@ void for_each_k_item(const std::vector<ExpertGroups>& ranges, int64_t M, int64_t
     for (int64_t m0 = 0; m0 < M; m0 += item_rows)
       for (int64_t n0 = 0; n0 < N; n0 += kNTile) items.push_back({e, m0, std::min(M, m0 + item_rows), n0});
   const int64_t n_items = int64_t(items.size());
+  constexpr int64_t kChunk = 4;  // items per take: consecutive ones share a's packed tiles
   std::atomic<int64_t> next_item{0};
 #pragma omp parallel if (n_items > 1)
   {
     Scratch s;
     for (;;) {
-      const int64_t it = next_item.fetch_add(1);
-      if (it >= n_items) break;
-      item(items[size_t(it)], s);
+      const int64_t begin = next_item.fetch_add(kChunk);
+      if (begin >= n_items) break;
+      for (int64_t it = begin; it < std::min(n_items, begin + kChunk); ++it) item(items[size_t(it)], s);
     }
   }
 }
