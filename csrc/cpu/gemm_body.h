@@ -755,6 +755,23 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
 }
 
 
+// Runs item(i, scratch) for i in [0, n): the OpenMP threads (each with its Scratch) take items
+// 4 at a time from a shared counter (consecutive items share a's packed tiles).
+template <class Item>
+void parallel_items(int64_t n, Item item) {
+  constexpr int64_t kChunk = 4;
+  std::atomic<int64_t> next_item{0};
+#pragma omp parallel if (n > 1)
+  {
+    Scratch scratch;
+    for (;;) {
+      const int64_t begin = next_item.fetch_add(kChunk);
+      if (begin >= n) break;
+      for (int64_t it = begin; it < std::min(n, begin + kChunk); ++it) item(it, scratch);
+    }
+  }
+}
+
 // Segments with many rows per weight group (prefill): the row-tiled kernels.
 void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
   const int64_t N = p.N, K = p.K, KB = p.KB;
@@ -793,19 +810,7 @@ void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
   }
 #endif
 
-  const int64_t n_items = int64_t(items.size());
-  constexpr int64_t kChunk = 4;
-  std::atomic<int64_t> next_item{0};
-#pragma omp parallel if (n_items > 1)
-  {
-    Scratch scratch;
-    for (;;) {
-      const int64_t begin = next_item.fetch_add(kChunk);
-      if (begin >= n_items) break;
-      for (int64_t it = begin; it < std::min(n_items, begin + kChunk); ++it)
-        process_item(p, dec, pa, items[it], scratch);
-    }
-  }
+  parallel_items(int64_t(items.size()), [&](int64_t it, Scratch& s) { process_item(p, dec, pa, items[size_t(it)], s); });
 }
 
 }  // namespace
