@@ -180,13 +180,15 @@ void pack_a_tile(const Decoder& dec, const uint8_t* a, const float* a_scale, int
 }
 
 // totals[c][16 rows] += (a_blk . b_blk[c]) * scale[c][16 rows] for the 24 columns of a panel.
-// a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64 slots. slots: 32 when the block
-// holds at most 64 valid K positions (slots 32..63 are the block's second 64 bytes, all zero).
-void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* scale, float* totals, int slots = kSlots) {
+// a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64 slots. kLoopSlots 32 when the
+// block holds at most 64 valid K positions (slots 32..63 are its second 64 bytes, all zero).
+template <int kLoopSlots = kSlots>
+void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* scale, float* totals) {
+  static_assert(kLoopSlots == kSlots || kLoopSlots == kSlots / 2, "whole 64-byte halves of a block");
   __m512 acc[kNTile];
 #pragma GCC unroll 24
   for (int c = 0; c < kNTile; ++c) acc[c] = _mm512_setzero_ps();
-  for (int s = 0; s < slots; ++s) {
+  for (int s = 0; s < kLoopSlots; ++s) {
     const __m512bh av = (__m512bh)_mm512_loadu_si512(a_t + s * kTileRows);
 #pragma GCC unroll 24
     for (int c = 0; c < kNTile; ++c)
@@ -340,8 +342,8 @@ void item_products(const Decoder& dec, const PackedA& pa, int64_t tiles, int64_t
         const float sb = c < nc ? sb_of(c, kb) : 0.0f;
         _mm512_storeu_ps(s.scale.data() + c * kTileRows, _mm512_mul_ps(sav, _mm512_set1_ps(sb)));
       }
-      micro_kernel(pa.a_t.data() + i * kSlots * kTileRows, s.panel.data(), s.scale.data(),
-                   s.totals.data() + t * kNTile * kTileRows, kv <= kQuantGroup / 2 ? kSlots / 2 : kSlots);
+      (kv <= kQuantGroup / 2 ? micro_kernel<kSlots / 2> : micro_kernel<kSlots>)(
+          pa.a_t.data() + i * kSlots * kTileRows, s.panel.data(), s.scale.data(), s.totals.data() + t * kNTile * kTileRows);
     }
   }
 }
@@ -753,6 +755,23 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
 }
 
 
+// Runs item(i, scratch) for i in [0, n): the OpenMP threads (each with its Scratch) take items
+// 4 at a time from a shared counter (consecutive items share a's packed tiles).
+template <class Item>
+void parallel_items(int64_t n, Item item) {
+  constexpr int64_t kChunk = 4;
+  std::atomic<int64_t> next_item{0};
+#pragma omp parallel if (n > 1)
+  {
+    Scratch scratch;
+    for (;;) {
+      const int64_t begin = next_item.fetch_add(kChunk);
+      if (begin >= n) break;
+      for (int64_t it = begin; it < std::min(n, begin + kChunk); ++it) item(it, scratch);
+    }
+  }
+}
+
 // Segments with many rows per weight group (prefill): the row-tiled kernels.
 void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
   const int64_t N = p.N, K = p.K, KB = p.KB;
@@ -791,19 +810,7 @@ void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
   }
 #endif
 
-  const int64_t n_items = int64_t(items.size());
-  constexpr int64_t kChunk = 4;
-  std::atomic<int64_t> next_item{0};
-#pragma omp parallel if (n_items > 1)
-  {
-    Scratch scratch;
-    for (;;) {
-      const int64_t begin = next_item.fetch_add(kChunk);
-      if (begin >= n_items) break;
-      for (int64_t it = begin; it < std::min(n_items, begin + kChunk); ++it)
-        process_item(p, dec, pa, items[it], scratch);
-    }
-  }
+  parallel_items(int64_t(items.size()), [&](int64_t it, Scratch& s) { process_item(p, dec, pa, items[size_t(it)], s); });
 }
 
 }  // namespace

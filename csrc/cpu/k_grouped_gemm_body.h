@@ -51,25 +51,14 @@ struct KItem {
   int64_t m0, m1, n0;
 };
 
-// Runs item(w, scratch) for every (expert, item_rows rows of a, kNTile columns), items taken from
-// a shared counter by the OpenMP threads (each with its Scratch).
+// Runs item(w, scratch) for every (expert, item_rows rows of a, kNTile columns) (parallel_items).
 template <class Item>
 void for_each_k_item(const std::vector<ExpertGroups>& ranges, int64_t M, int64_t N, int64_t item_rows, Item item) {
   std::vector<KItem> items;
   for (size_t e = 0; e < ranges.size(); ++e)
     for (int64_t m0 = 0; m0 < M; m0 += item_rows)
       for (int64_t n0 = 0; n0 < N; n0 += kNTile) items.push_back({e, m0, std::min(M, m0 + item_rows), n0});
-  const int64_t n_items = int64_t(items.size());
-  std::atomic<int64_t> next_item{0};
-#pragma omp parallel if (n_items > 1)
-  {
-    Scratch s;
-    for (;;) {
-      const int64_t it = next_item.fetch_add(1);
-      if (it >= n_items) break;
-      item(items[size_t(it)], s);
-    }
-  }
+  parallel_items(int64_t(items.size()), [&](int64_t it, Scratch& s) { item(items[size_t(it)], s); });
 }
 
 // p: the k-grouped problem in the prefill kernels' terms: K = L tokens, KB = G scale columns

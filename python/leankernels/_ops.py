@@ -921,7 +921,7 @@ def quantize_fp8_transposed_impl(x, offs, ue8m0):
     return q, scale
 
 
-def _k_offs(offs, device) -> Optional[torch.Tensor]:
+def _op_offs(offs, device) -> Optional[torch.Tensor]:
     if offs is None:
         return None
     _need_t("offs", offs, (torch.int32,), dim=1)
@@ -935,7 +935,7 @@ def quantize_fp8_transposed(x: torch.Tensor, offs: Optional[torch.Tensor], ue8m0
     _need_t("x", x, _FLOATS, dim=2)
     if x.stride(1) != 1 or x.stride(0) < 0:
         x = x.contiguous()
-    return quantize_fp8_transposed_impl(x, _k_offs(offs, x.device), ue8m0)
+    return quantize_fp8_transposed_impl(x, _op_offs(offs, x.device), ue8m0)
 
 
 @quantize_fp8_transposed.register_fake
@@ -967,7 +967,7 @@ def fp8_k_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     _need_t("b", b, (FP8,), dim=2)
     M, L = a.shape
     _need(b.shape[1] == L, f"a and b must have the same L (tokens); got {L} and {b.shape[1]}")
-    offs = _k_offs(offs, a.device)
+    offs = _op_offs(offs, a.device)
     G = k_group_columns(L, 1 if offs is None else offs.shape[0])
     _need_t("a_scale", a_scale, (torch.float32,), shape=(M, G))
     _need_t("b_scale", b_scale, (torch.float32,), shape=(b.shape[0], G))

@@ -10,6 +10,7 @@ import torch
 
 from . import _checks, _interop, _ops
 from ._lib import FP8, GROUP
+from .gemm import _k_offs  # the k-grouped layout's offs checks (gemm imports nothing from quant)
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SCALE_FMTS = ("fp32", "ue8m0")
@@ -133,8 +134,6 @@ def quantize_fp8_transposed(x, offs=None, scale_fmt: str = "fp32"):
         quantized exactly as ``quantize_fp8`` quantizes a 1x128 group (same scale, rounding,
         saturation, NaN/Inf rules): bit-identical to ``reference.quantize_fp8_transposed``.
     """
-    from .gemm import _k_offs  # noqa: PLC0415  (gemm imports nothing from quant)
-
     src = x
     x = _interop.to_torch(x)
     _checks.tensor("x", x, _INPUT_DTYPES, 2)
