@@ -26,6 +26,15 @@ def fp8_scale(amax: torch.Tensor, scale_fmt: str = "fp32") -> torch.Tensor:
     return s
 
 
+def _nan_code_sign(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """NaN codes (S.1111.111) take the sign bit of the unscaled value x, on every device: the
+    sign of a NaN quotient is the platform's (x86: Inf / Inf = -NaN; CUDA: one +NaN)."""
+    bits = q.view(torch.uint8)
+    nan = (bits & 0x7F) == 0x7F
+    fixed = torch.where(torch.signbit(x), 0xFF, 0x7F).to(torch.uint8)
+    return torch.where(nan, fixed, bits).view(FP8)
+
+
 def quantize_fp8(x: torch.Tensor, block=(1, 128), scale_fmt: str = "fp32"):
     """Block-scaled e4m3 quantization.
 
@@ -44,7 +53,7 @@ def quantize_fp8(x: torch.Tensor, block=(1, 128), scale_fmt: str = "fp32"):
         xp[..., :K] = xf
         g = xp.reshape(*x.shape[:-1], G, GROUP)
         scale = fp8_scale(g.abs().amax(dim=-1) if K else g.new_zeros(g.shape[:-1]), scale_fmt)
-        q = (g / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        q = _nan_code_sign((g / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8), g)
         return q.reshape(*x.shape[:-1], G * GROUP)[..., :K], scale
     if block == (GROUP, GROUP):
         N = x.shape[-2]
@@ -55,7 +64,7 @@ def quantize_fp8(x: torch.Tensor, block=(1, 128), scale_fmt: str = "fp32"):
         g = xp.reshape(*lead, Nb, GROUP, G, GROUP)
         amax = g.abs().amax(dim=(-3, -1)) if g.numel() else g.new_zeros((*lead, Nb, G))
         scale = fp8_scale(amax, scale_fmt)
-        q = (g / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        q = _nan_code_sign((g / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), g)
         return q.reshape(*lead, Nb * GROUP, G * GROUP)[..., :N, :K], scale
     raise ValueError(f"block must be (1, 128) or (128, 128); got {block}")
 
@@ -279,7 +288,7 @@ def mla_cache_quantize(kv: torch.Tensor) -> torch.Tensor:
     x = kv.to(torch.bfloat16).float()
     tiles = x[..., :MLA_LATENT].reshape(*lead, 4, GROUP)
     scale = mla_fp8_scale(tiles.abs().amax(dim=-1))                        # [..., 4]
-    codes = (tiles / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # [..., 4, 128]
+    codes = _nan_code_sign((tiles / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8), tiles)  # [..., 4, 128]
     out = torch.empty(*lead, MLA_FP8_BYTES, dtype=torch.uint8, device=kv.device)
     out[..., :MLA_LATENT] = codes.reshape(*lead, MLA_LATENT).view(torch.uint8)
     out[..., MLA_LATENT:MLA_LATENT + 16] = scale.contiguous().view(torch.uint8).reshape(*lead, 16)
