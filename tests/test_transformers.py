@@ -1,6 +1,8 @@
-"""transformers integration: the "leankernels" experts implementation, the DeepSeek-V3 router on
-route, and the latent-cache attention decoding with mla_decode, on tiny randomly initialised
-DeepseekV3ForCausalLM models (no downloads).
+"""transformers integration: the "leankernels" experts implementation, the DeepSeek-V2/V3 routers
+on route, and the latent-cache attention decoding with mla_decode, on tiny randomly initialised
+models (no downloads): DeepseekV3ForCausalLM throughout, and Qwen3-MoE, Mixtral, OLMoE,
+DeepSeek-V2 (V2-Lite and V2 shapes) and GPT-OSS in the "more MoE models" section (their FP8
+agreement figures are in the README).
 
 Measured agreement (CPU, transformers 5.23.0; the asserted bounds are in the tests):
 * experts in "bf16" mode (exact matmuls) + router: logits equal to the unpatched model to
