@@ -26,6 +26,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _fp8_zeros(*shape, device=None) -> torch.Tensor:
+    """float8_e4m3fn zeros as zero bytes (torch 2.4 has no fill kernel for float8 on the CPU)."""
+    return torch.zeros(*shape, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+
+
 # ------------------------------------------------------------------------------ Fp8Linear
 def fp8_linear_forward(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias, out_dtype):
     """``x [..., K] @ weight.T (+ bias)`` in ``out_dtype``: x quantized per call in 1x128 groups,
@@ -61,7 +66,7 @@ class Fp8Linear(nn.Module):
         if dtype not in _OUT:
             raise TypeError(f"dtype must be torch.bfloat16 or torch.float32; got {dtype!r}")
         self.in_features, self.out_features, self.dtype = int(in_features), int(out_features), dtype
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("weight", _fp8_zeros(out_features, in_features, device=device))
         self.register_buffer("weight_scale_inv", torch.ones(_cdiv(out_features, 128), _cdiv(in_features, 128),
                                                             dtype=torch.float32, device=device))
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
@@ -191,9 +196,9 @@ class MoE(nn.Module):
         self.gate_weight = nn.Parameter(torch.zeros(E, H, dtype=torch.float32, device=device), requires_grad=False)
         self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32, device=device)
                              if cfg.scoring_func == "sigmoid" else None)
-        self.register_buffer("w13", torch.zeros(E, 2 * I, H, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("w13", _fp8_zeros(E, 2 * I, H, device=device))
         self.register_buffer("w13_scale", torch.ones(E, _cdiv(2 * I, 128), _cdiv(H, 128), device=device))
-        self.register_buffer("w2", torch.zeros(E, H, I, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("w2", _fp8_zeros(E, H, I, device=device))
         self.register_buffer("w2_scale", torch.ones(E, _cdiv(H, 128), _cdiv(I, 128), device=device))
         self.shared_experts = None
         if cfg.n_shared_experts:
