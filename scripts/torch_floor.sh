@@ -10,12 +10,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${1:?usage: torch_floor.sh WHEELHOUSE}
 PY=${PYTHON:-python}
-VENV=$(mktemp -d)/venv
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+VENV=$TMP/venv
 "$PY" -m venv "$VENV"
 PIP_CONSTRAINT="" "$VENV/bin/pip" install -q --no-index --find-links "$WHEELS" torch numpy pytest hypothesis
 # the installed package, copied away from this environment's site-packages (and its newer torch)
 PKG=$(cd /tmp && "$PY" -c "import leankernels, os; print(os.path.dirname(leankernels.__file__))")
-COPY=$(mktemp -d)
+COPY=$TMP/pkg
+mkdir -p "$COPY"
 cp -r "$PKG" "$COPY/"
 export PYTHONPATH="$COPY"
 (cd /tmp && "$VENV/bin/python" "$OLDPWD/scripts/floor_smoke.py")
