@@ -272,3 +272,93 @@ def test_k_grouped_shim_errors():
         a, s = dg.per_token_cast_to_fp8(randn(4, 256, seed=40))
         dg.fp8_gemm_nt((a, s), dg.per_block_cast_to_fp8(randn(130, 256, seed=41)), torch.empty(4, 130),
                        recipe=(1, 1, 128))
+
+
+# ---- DeepGEMM's test_fp8_fp4.py logic for the other layouts (tests/generators.py upstream): bf16
+# randn operands, the reference a.float() @ b.float().T (+ c) on the UNQUANTIZED inputs, operands
+# cast per 1x128 (a) / 128x128 (b), an MN-major operand stored as x.T.contiguous().T, and the alias
+# call passing (x.T, sf.T) to fp8_gemm_{nn,tn,tt}; calc_diff below 1e-3 (the legacy recipe's bound).
+def _cast_with_major(x, mn_major, per_block):
+    q, sf = (dg.per_block_cast_to_fp8 if per_block else dg.per_token_cast_to_fp8)(x, use_ue8m0=False)
+    return (q.T.contiguous().T, sf) if mn_major else (q, sf)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k", [(1, 576, 512), (128, 256, 640), (200, 384, 300)])
+@pytest.mark.parametrize("major_a,major_b", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_gemm_layouts_follow_upstream_logic(device, m, n, k, major_a, major_b, accumulate):
+    g = torch.Generator().manual_seed(m * 7 + n + k)
+    a = torch.randn(m, k, generator=g).bfloat16().to(device)
+    b = torch.randn(n, k, generator=g).bfloat16().to(device)
+    out_dtype = torch.float32 if accumulate else torch.bfloat16
+    c = (torch.randn(m, n, generator=g) * 32).to(device) if accumulate else None
+    ref_d = (a.float() @ b.float().t() + (c if accumulate else 0)).to(out_dtype)
+    qa, qb = _cast_with_major(a, major_a, False), _cast_with_major(b, major_b, True)
+    layout = ("t" if major_a else "n") + ("n" if major_b else "t")
+    for alias in (False, True):
+        x, y = qa, qb
+        if alias:
+            x = (x[0].T, x[1].T) if major_a else x
+            y = (y[0].T, y[1].T) if major_b else y
+            assert x[0].is_contiguous() and y[0].is_contiguous()
+        d = poison(torch.empty(m, n, dtype=out_dtype, device=device))
+        getattr(dg, f"fp8_gemm_{layout if alias else 'nt'}")(x, y, d, c=c)
+        diff = float(dg.calc_diff(d, ref_d))
+        assert diff < 1e-3, (m, n, k, layout, accumulate, alias, diff)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("major_b", [False, True])
+def test_m_grouped_contiguous_layouts_follow_upstream_logic(device, major_b):
+    """generate_m_grouped_contiguous: per-group sizes 0.7-1.3x the expected m, each padded to
+    get_m(k)_alignment_for_contiguous_layout() rows of zeros tagged -1; the nn alias gets b.mT."""
+    num_groups, expected_m, n, k = 3, 96, 256, 384
+    g = torch.Generator().manual_seed(31 + major_b)
+    sizes = [int(expected_m * (0.7 + 0.6 * torch.rand((), generator=g).item())) for _ in range(num_groups)]
+    alignment = dg.get_m_alignment_for_contiguous_layout()
+    assert alignment == dg.get_mk_alignment_for_contiguous_layout() == 128
+    aligned = [dg.align(s, alignment) for s in sizes]
+    m = sum(aligned)
+    a = torch.randn(m, k, generator=g).bfloat16()
+    b = torch.randn(num_groups, n, k, generator=g).bfloat16()
+    m_indices = torch.empty(m, dtype=torch.int32)
+    ref_d = torch.empty(m, n, dtype=torch.bfloat16)
+    start = 0
+    for i, (s, al) in enumerate(zip(sizes, aligned)):
+        m_indices[start:start + s], m_indices[start + s:start + al] = i, -1
+        a[start + s:start + al] = 0
+        ref_d[start:start + al] = a[start:start + al] @ b[i].t()
+        start += al
+    qa = dg.per_token_cast_to_fp8(a.to(device), use_ue8m0=False)
+    qbs = [dg.per_block_cast_to_fp8(b[i].to(device), use_ue8m0=False) for i in range(num_groups)]
+    qb = (torch.stack([q for q, _ in qbs]), torch.stack([s for _, s in qbs]))
+    if major_b:
+        qb = (qb[0].mT.contiguous().mT, qb[1])
+    for alias in (False, True):
+        y = (qb[0].mT, qb[1].mT) if (alias and major_b) else qb
+        d = poison(torch.empty(m, n, dtype=torch.bfloat16, device=device))
+        fn = dg.m_grouped_fp8_gemm_nn_contiguous if (alias and major_b) else dg.m_grouped_fp8_gemm_nt_contiguous
+        fn(qa, y, d, m_indices.to(device))
+        valid = m_indices >= 0
+        diff = float(dg.calc_diff(d.cpu()[valid], ref_d[valid]))
+        assert diff < 1e-3, (major_b, alias, diff)
+
+
+def test_num_sms_and_calc_diff():
+    before = dg.get_num_sms()
+    assert isinstance(before, int) and before >= 1
+    try:
+        dg.set_num_sms(1)
+        assert dg.get_num_sms() == 1
+        with pytest.raises(ValueError, match="num_sms"):
+            dg.set_num_sms(0)
+    finally:
+        dg.set_num_sms(before)
+    x = torch.randn(64, 64)
+    assert float(dg.calc_diff(x, x)) == pytest.approx(0.0, abs=1e-12)
+    assert float(dg.calc_diff(torch.zeros(3), torch.zeros(3))) == 0.0
+    assert float(dg.calc_diff(x, -x)) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="b must be a 2-D"):
+        dg.fp8_gemm_nn(dg.per_token_cast_to_fp8(x, False), (torch.zeros(2, 64, 64, dtype=torch.float8_e4m3fn),
+                                                            torch.ones(1, 1, 1)), torch.empty(64, 64))

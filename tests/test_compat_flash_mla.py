@@ -1,4 +1,4 @@
-"""leankernels.compat.flash_mla against FlashMLA's first-release API and its own test recipe:
+"""leankernels.compat.flash_mla against FlashMLA's first-release and 2025 APIs and their test recipes:
 NaN past every sequence's length, varlen, causal, h_q in {16, 32, 64, 128}, s_q in {1, 2},
 default softmax scale 1/sqrt(576), out and lse compared with an fp32 attention written here
 (independent of leankernels.reference) by FlashMLA's cosine-style diff < 1e-5."""
@@ -112,7 +112,17 @@ def test_flash_mla_bad_inputs():
     with pytest.raises(ValueError, match="head_dim_v"):
         flash_mla_with_kvcache(q, k, bt, sl, 128, md, ns)
     with pytest.raises(ValueError, match="num_heads_k"):
-        flash_mla_with_kvcache(q, k.expand(4, 64, 2, 576), bt, sl, 512, md, ns)
+        flash_mla_with_kvcache(q, k.expand(4, 64, 3, 576), bt, sl, 512, md, ns)   # 3 does not divide 16
+    with pytest.raises(TypeError, match="k_cache must have q's dtype"):
+        flash_mla_with_kvcache(q, k.half(), bt, sl, 512, md, ns)
+    with pytest.raises(TypeError, match="is_fp8_kvcache"):
+        flash_mla_with_kvcache(q, k, bt, sl, 512, md, ns, is_fp8_kvcache=True)
+    with pytest.raises(NotImplementedError, match="indices"):
+        flash_mla_with_kvcache(q, k, bt, sl, 512, md, ns, indices=torch.zeros(2, 1, 64, dtype=torch.int32))
+    with pytest.raises(NotImplementedError, match="topk"):
+        get_mla_metadata(sl, 16, 1, 16, True, 64)
+    with pytest.raises(ValueError, match="num_heads_q"):
+        get_mla_metadata(sl, 16, 2, num_heads_q=15)
     with pytest.raises(ValueError, match="k_cache"):
         flash_mla_with_kvcache(q, k[..., :512], bt, sl, 512, md, ns)
     with pytest.raises(ValueError, match="num_splits"):
@@ -141,3 +151,88 @@ def test_flash_mla_with_fp8_rows(device):
     r_out, r_lse = ref.mla_decode(q.float(), k[:, :, 0].view(torch.uint8), bt, sl, 576 ** -0.5, causal=True)
     assert gemm_diff(out.cpu().float(), r_out) < 1e-5
     assert gemm_diff(lse.cpu(), r_lse) < 1e-5
+
+
+# ---- FlashMLA's 2025 dense decoding test (tests/test_flash_mla_decoding.py upstream): q clamped to
+# [-1, 1], cache randn/10 clamped, a randomly permuted block table whose unused tail entries are
+# 2147480000 and whose unused blocks (and the tail of each last block) hold NaN, optional
+# zero-length sequences, the 2025 metadata call (…, h_q, is_fp8, topk=None), the reference in fp32
+# with KV heads repeated over their query heads, and the upstream tolerances: out per element
+# within abs 8e-4 or rel 2.01/128 with cosine diff < 5e-6, lse within abs 1e-6 or rel 8.01/65536,
+# and the same inf/NaN positions.
+def _close(ans, ref, abs_tol, rel_tol, cos_tol=None):
+    ans, ref = ans.float().clone(), ref.float().clone()
+    for val in (float("inf"), float("-inf")):
+        assert torch.equal(ans == val, ref == val), f"{val} positions differ"
+        ans[ans == val], ref[ref == val] = 0, 0
+    assert torch.equal(ans.isnan(), ref.isnan()), "NaN positions differ"
+    ans, ref = ans.nan_to_num(0), ref.nan_to_num(0)
+    err = (ans - ref).abs()
+    ok = (err < abs_tol) | (err / (ref.abs() + 1e-6) < rel_tol)
+    assert ok.all(), f"{int((~ok).sum())} of {ok.numel()} elements out of tolerance; max abs err {float(err.max())}"
+    if cos_tol is not None:
+        assert gemm_diff(ans, ref) < cos_tol
+
+
+def _reference(q, blocked_k, block_table, seqlens, causal, dv=512):
+    b, s_q, h_q, d = q.shape
+    bs, h_kv = blocked_k.shape[1], blocked_k.shape[2]
+    out = torch.empty(b, s_q, h_q, dv)
+    lse = torch.empty(b, h_q, s_q)
+    for i in range(b):
+        n = int(seqlens[i])
+        kv = blocked_k[block_table[i, :math.ceil(n / bs)].long()].reshape(-1, h_kv, d)[:n].float()
+        kv = kv.transpose(0, 1).repeat_interleave(h_q // h_kv, dim=0)            # [h_q, n, d]
+        w = q[i].transpose(0, 1).float() @ kv.transpose(-2, -1) / math.sqrt(d)  # [h_q, s_q, n]
+        if causal and s_q > 1:
+            keep = torch.ones(s_q, n, dtype=torch.bool).tril(diagonal=n - s_q)
+            w = w.masked_fill(~keep, float("-inf"))
+        l = w.logsumexp(dim=-1)
+        o = torch.softmax(w, dim=-1) @ kv[..., :dv]
+        lonely = l == float("-inf")
+        o[lonely] = 0.0
+        l[lonely] = float("inf")
+        out[i], lse[i] = o.transpose(0, 1), l
+    return out, lse
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("h_q,h_kv,dtype,fp8", [
+    (128, 1, torch.bfloat16, False), (16, 2, torch.bfloat16, False), (32, 4, torch.bfloat16, False),
+    (64, 1, torch.float16, False), (16, 2, torch.float16, False), (128, 1, torch.bfloat16, True)])
+@pytest.mark.parametrize("s_q,causal,varlen,zero_len", [(1, False, False, False), (2, True, True, True),
+                                                       (4, True, True, False)])
+def test_flash_mla_2025_dense_decoding(device, h_q, h_kv, dtype, fp8, s_q, causal, varlen, zero_len):
+    from leankernels import reference as ref
+
+    b, s_k, d, dv, bs = 3, 150, 576, 512, 64
+    g = seeded(h_q * 3 + h_kv + s_q * 101 + fp8)
+    seqlens = torch.full((b,), s_k, dtype=torch.int32)
+    if varlen:
+        for i in range(b):
+            seqlens[i] = max(int(torch.normal(float(s_k), s_k / 2, (1,), generator=g)), s_q)
+    if zero_len:
+        seqlens[1] = 0
+    pad = math.ceil(int(seqlens.max()) / 256) * 256
+    q = torch.randn(b, s_q, h_q, d, generator=g).clamp(-1, 1).to(dtype)
+    block_table = torch.arange(b * pad // bs, dtype=torch.int32)
+    block_table = block_table[torch.randperm(block_table.numel(), generator=g)].view(b, -1)
+    blocked_k = (torch.randn(block_table.numel(), bs, h_kv, d, generator=g) / 10).clamp(-1, 1).to(dtype)
+    for i in range(b):
+        n = int(seqlens[i])
+        used = math.ceil(n / bs)
+        blocked_k[block_table[i, used:].long()] = float("nan")
+        if n % bs:
+            blocked_k[block_table[i, used - 1], n % bs:] = float("nan")
+        block_table[i, used:] = 2147480000
+    k_in = blocked_k
+    if fp8:
+        k_in = ref.mla_cache_quantize(blocked_k[:, :, 0]).unsqueeze(2)         # [blocks, bs, 1, 656] uint8
+        blocked_k = ref.mla_cache_dequantize(k_in[:, :, 0]).unsqueeze(2)
+    md, ns = get_mla_metadata(seqlens.to(device), s_q * h_q // h_kv, h_kv, h_q, fp8, None)
+    out, lse = flash_mla_with_kvcache(q.to(device), k_in.to(device), block_table.to(device), seqlens.to(device),
+                                      dv, md, ns, causal=causal, is_fp8_kvcache=fp8)
+    assert out.dtype == dtype and out.shape == (b, s_q, h_q, dv) and lse.shape == (b, h_q, s_q)
+    r_out, r_lse = _reference(q, blocked_k, block_table, seqlens, causal)
+    _close(out.cpu(), r_out.to(torch.bfloat16), 8e-4, 2.01 / 128, 5e-6)
+    _close(lse.cpu(), r_lse, 1e-6, 8.01 / 65536)

@@ -76,6 +76,17 @@ def test_fp8_gemm(device, M, N, K, out_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_fp8_gemm_flattens_leading_dims(device):
+    """DeepSeek-V3's kernel.fp8_gemm takes [..., K] activations: same rows as the 2-D call."""
+    _, _, a, sa, b, sb = _operands(24, 160, 300, seed=21, device=device)
+    out = lk.fp8_gemm(a.view(2, 3, 4, 300), sa.view(2, 3, 4, -1), b, sb)
+    assert out.shape == (2, 3, 4, 160)
+    assert torch.equal(out.reshape(24, 160), lk.fp8_gemm(a, sa, b, sb))
+    with pytest.raises(ValueError, match="a_scale"):
+        lk.fp8_gemm(a.view(2, 12, 300), sa.view(3, 8, -1), b, sb)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fp8_gemm_deterministic_and_empty(device):
     _, _, a, sa, b, sb = _operands(40, 96, 384, seed=3, device=device)
     assert torch.equal(lk.fp8_gemm(a, sa, b, sb), lk.fp8_gemm(a, sa, b, sb))

@@ -200,7 +200,7 @@ def test_contiguous_tile_lookup_matches_the_reference(case):
         offs = [rng.randint(-50, M + 100) for _ in range(E)]
     if M == 0:
         M = 1
-    slots = -(-M // 64) + E  # grid.y of launch_portable
+    slots = -(-M // 64) + E  # grid.x of launch_portable
     owner = {}
     for t in range(slots):
         tile = _find_contiguous_tile(offs, M, t)

@@ -692,7 +692,7 @@ err("dg_expected_m", "expected_m", lambda: _dg().m_grouped_fp8_gemm_nt_masked(
     _gemm_args(M=4, E=2, masked=True)[:2], _gemm_args(M=4, E=2, masked=True)[2:],
     torch.empty(2, 4, 136), torch.ones(2, dtype=I32), None))
 err("fm_metadata_heads_float", "num_heads_k", lambda: _fm().get_mla_metadata(torch.ones(2, dtype=I32), 16, 1.5))
-err("fm_metadata_heads_none", "num_heads_per_head_k",
+err("fm_metadata_heads_none", "num_q_tokens_per_head_k",
     lambda: _fm().get_mla_metadata(torch.ones(2, dtype=I32), None, 1))
 
 
@@ -719,7 +719,7 @@ def _fm_call(**over):
     return fn
 
 
-err("fm_k_cache_heads", "k_cache", _fm_call(k_cache=lambda d: d["k_cache"].expand(-1, -1, 2, -1)))
+err("fm_k_cache_heads", "k_cache", _fm_call(k_cache=lambda d: d["k_cache"].expand(-1, -1, 3, -1)))  # 3 does not divide h_q = 2
 err("fm_head_dim_v", "head_dim_v", _fm_call(head_dim_v=256))
 err("fm_num_splits_len", "num_splits", _fm_call(num_splits=torch.zeros(2, dtype=I32)))
 err("fm_metadata_shape", "tile_scheduler_metadata", _fm_call(tile_scheduler_metadata=torch.zeros(4, 7, dtype=I32)))

@@ -107,6 +107,45 @@ def test_decode_splits_and_causal(device, num_splits, causal, s_q, H):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [1, 3, 300])
+def test_decode_non_finite_scores_give_nan_rows(device, num_splits):
+    """One rule on every path: a row with a NaN/Inf visible score gets out NaN and lse NaN (never
+    hidden as 0 / +inf, never dropped by the split combine); rows that do not see the bad value
+    are unaffected; a row with no visible key still gets 0 / +inf."""
+    seqlens = [600, 0, 600]
+    cache, table, sl, _ = make_paged(seqlens, 16, False, 21, device)
+    s_q, H = 2, 4
+    q = randn(3, s_q, H, 576, seed=22, dtype=torch.bfloat16, device=device)
+    q[0, 1, 2, 7] = float("nan")                 # one query row of sequence 0
+    q[2, 0, 1, 3] = float("inf")                 # an Inf in a query of sequence 2
+    blk = int(table[2, 599 // 16])
+    cache[blk, 599 % 16, 100] = float("nan")     # the last key of sequence 2: seen only by query 1 (causal)
+    out, lse = mla_decode(q, cache, table, sl, 0.07, causal=True, num_splits=num_splits)
+    r_out, r_lse = ref.mla_decode(q.float(), cache, table, sl, 0.07, causal=True)
+    bad = torch.zeros(3, s_q, H, dtype=torch.bool)
+    bad[0, 1, 2] = True
+    bad[2, 0, 1] = True
+    bad[2, 1, :] = True
+    assert torch.equal(torch.isnan(r_lse.cpu()).transpose(1, 2), bad)            # the rule, in the reference
+    assert torch.equal(torch.isnan(lse.cpu()).transpose(1, 2), bad)
+    assert torch.isnan(out.cpu()[bad]).all() and not torch.isnan(out.cpu()[~bad]).any()
+    assert (lse[1].cpu() == float("inf")).all() and (out[1] == 0).all()         # no visible key
+    good = ~bad
+    assert cos_diff(out.cpu()[good].float(), r_out.cpu()[good].float()) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_more_than_256_splits(device):
+    """The split combine takes any number of splits (it once kept 256 weights and dropped the rest)."""
+    seqlens = [9600]
+    cache, table, sl, _ = make_paged(seqlens, 64, False, 31, device)
+    q = randn(1, 1, 4, 576, seed=32, dtype=torch.bfloat16, device=device)
+    out, lse = mla_decode(q, cache, table, sl, 0.07, causal=True, num_splits=300)
+    r_out, r_lse = ref.mla_decode(q.float(), cache, table, sl, 0.07, causal=True)
+    check_decode(out, lse, r_out, r_lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decode_causal_fewer_keys_than_queries(device):
     # seqlen 2 with s_q 4: queries 0 and 1 see no key (out 0, lse +inf), 2 sees 1, 3 sees 2
     cache, table, sl, _ = make_paged([2, 4], 16, False, 3, device)

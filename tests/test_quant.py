@@ -25,12 +25,8 @@ def assert_same_quant(got, want):
     qr, sr = want
     assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
     assert q.shape == qr.shape and s.shape == sr.shape
-    # e4m3 NaN is S.1111.111 and its sign is whatever the platform's fp32 division gave the NaN
-    # (x86 CPUs: Inf / Inf = -NaN -> 0xFF; CUDA has one canonical +NaN -> 0x7F), so NaN codes
-    # compare as NaN and every other code bit for bit.
-    a, b = bits(q.cpu()), bits(qr.cpu())
-    nan_a, nan_b = (a & 0x7F) == 0x7F, (b & 0x7F) == 0x7F
-    assert torch.equal(nan_a, nan_b) and torch.equal(a[~nan_a], b[~nan_b]), "fp8 codes differ from the reference"
+    # bit for bit, NaN codes included: their sign is the input's on every device (fp8.h)
+    assert torch.equal(bits(q.cpu()), bits(qr.cpu())), "fp8 codes differ from the reference"
     torch.testing.assert_close(s.cpu(), sr.cpu(), rtol=0, atol=0, equal_nan=True)
 
 
@@ -171,6 +167,24 @@ def test_nan_and_inf_semantics(device, block):
         assert torch.isnan(s[0, 0]) and torch.isnan(qf[:128, :128]).all()
         assert torch.isinf(s[1, 2]) and torch.isinf(s[0, 1])
         assert torch.isfinite(s[1, :2]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_nan_codes_carry_the_input_sign(device, block):
+    """One rule on CPU and CUDA (x86 division gives Inf / Inf a negative NaN, CUDA's a positive
+    one): a NaN code is 0x7F for a non-negative input and 0xFF for a negative one."""
+    x = randn(128, 256, seed=12, device=device)
+    x[0, 0], x[0, 1] = float("inf"), -float("inf")        # Inf group: Inf / Inf is NaN
+    x[1, 2], x[1, 3] = float("nan"), -float("nan")         # NaN group
+    x[2, 130] = float("nan")                               # a NaN group of positive and negative values
+    q, _ = lk.quantize_fp8(x, block)
+    b, xs = bits(q.cpu()), x.cpu()
+    nan = (b & 0x7F) == 0x7F
+    assert nan.any()
+    want = torch.where(torch.signbit(xs), 0xFF, 0x7F).to(torch.uint8)
+    assert torch.equal(b[nan], want[nan])
+    assert bool((b[0, 0] == 0x7F) and (b[0, 1] == 0xFF) and (b[1, 3] == 0xFF))
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -175,3 +175,41 @@ def test_every_ptx_wrapper_assembles(tmp_path):
     for op in ("UTMALDG.2D", "UTMALDG.3D", "UTMASTG.2D", "UTMASTG.3D", "UTMACCTL.PF", "SYNCS.ARRIVE.TRANS64", "SYNCS.PHASECHK"):
         assert op in sass, op
 
+
+
+# The portable kernels (every csrc/cuda/*.cu but the sm90_ ones), for the machine-code archs
+# CMake builds them for (LEANKERNELS_CUDA_ARCHS: sm_80, sm_89): no local memory in any function.
+PORTABLE = sorted(s for s in (ROOT / "csrc" / "cuda").glob("*.cu") if not s.name.startswith("sm90_"))
+
+
+def _sass_functions(cubin: Path) -> dict:
+    env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(NVDISASM), os.environ.get("PATH", "")]))
+    sass = subprocess.run([CUOBJDUMP, "-sass", str(cubin)], capture_output=True, text=True, env=env)
+    assert sass.returncode == 0, sass.stderr
+    return {name.strip(): body for name, _, body in
+            (block.partition("\n") for block in re.split(r"\n\s*Function : ", sass.stdout)[1:])}
+
+
+@pytest.mark.parametrize("arch", ["80", "89"])
+@pytest.mark.parametrize("src", PORTABLE, ids=[s.name for s in PORTABLE])
+def test_portable_kernels_use_no_local_memory(src, arch, tmp_path):
+    cubin = tmp_path / (src.stem + ".cubin")
+    cmd = [NVCC, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-I", str(ROOT / "csrc"),
+           f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas=-warn-spills", "-cubin", str(src), "-o", str(cubin)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"nvcc failed on {src.name}:\n{res.stderr[-4000:]}"
+    assert "spill" not in res.stderr, res.stderr
+    funcs = _sass_functions(cubin)
+    assert funcs, f"no kernels in {src.name}"
+    for name, body in funcs.items():
+        assert not re.search(r"\b(STL|LDL)\b", body), f"local memory (spills) in {name} for sm_{arch}"
+
+
+def test_sm90_file_refuses_other_archs(tmp_path):
+    """Compiled for plain sm_90 (no wgmma/setmaxnreg) the Hopper kernel would be empty and write
+    nothing: the build must fail instead."""
+    src = ROOT / "csrc" / "cuda" / "sm90_fp8_gemm.cu"
+    cmd = [NVCC, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-I", str(ROOT / "csrc"),
+           "-gencode=arch=compute_90,code=sm_90", "-cubin", str(src), "-o", str(tmp_path / "x.cubin")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode != 0 and "sm_90a only" in res.stderr, res.stderr[-2000:]

@@ -187,3 +187,19 @@ def test_train_job_runs(tmp_path):
     assert abs(r["fp8_vs_bf16_loss_gap"]) < 0.1
     assert any("held-out loss" in line for line in logs)
     assert _train.corpus(10_000)[:1] and len(_train.corpus(10_000)) == 10_000
+
+
+def test_mla_absorbed_weights_follow_a_trained_kv_b_proj(block):
+    attn = layers.MLAttention.from_float(block.self_attn, fp8=True, dtype=torch.float32, trainable=True)
+    attn(torch.randn(1, 8, 256)).float().pow(2).mean().backward()
+    with torch.no_grad():
+        for p in attn.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    cache = lk.LatentCache(4, 16)
+    table = torch.arange(4, dtype=torch.int32).view(1, 4)
+    with torch.no_grad():
+        attn(torch.randn(1, 1, 256), cache, table, 0)        # the absorbed (decode) path
+    cfg = CFG
+    w = attn.kv_b_proj.weight.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, 512)
+    assert torch.equal(attn.w_uk, w[:, :cfg.qk_nope_head_dim])

@@ -60,11 +60,14 @@ LK_HD float fp8_scale_from_amax(float amax, bool ue8m0) {
   return s;
 }
 
-// x / scale clamped to [-448, 448] (NaN passes through), then encoded.
+// x / scale clamped to [-448, 448] (NaN passes through), then encoded. A NaN code carries x's
+// sign bit, on every device: the quotient's NaN sign is the platform's (x86 gives Inf / Inf a
+// negative NaN, CUDA's division returns one positive canonical NaN), so it is not used.
 LK_HD uint8_t fp8_quantize_value(float x, float scale) {
   float v = x / scale;
   v = v > kFp8Max ? kFp8Max : (v < -kFp8Max ? -kFp8Max : v);
-  return fp8e4m3_from_f32(v);
+  const uint8_t code = fp8e4m3_from_f32(v);
+  return (code & 0x7fu) == 0x7fu ? uint8_t(0x7fu | ((f32_bits(x) >> 24) & 0x80u)) : code;
 }
 
 }  // namespace lk

@@ -62,6 +62,25 @@ uint8_t* token_ptr(const MlaCache& c, int64_t block, int64_t offset) {
 // one source serves every x86 and ARM build; kRB rows per register block keep the score and
 // P.V accumulators (kRB x 4 vectors) within the register file (32 zmm; 16 ymm/xmm).
 #pragma GCC diagnostic ignored "-Wpsabi"
+// Whether a cached row's 512 latent values (the attention values) are all finite: bf16
+// exponent bits not all ones; FP8 codes not NaN (0x7F / 0xFF) and finite group scales.
+inline bool latent_finite(const uint8_t* row, bool fp8) {
+  if (!fp8) {
+    const uint16_t* v = reinterpret_cast<const uint16_t*>(row);
+    bool bad = false;
+    for (int k = 0; k < kMlaLatent; ++k) bad |= (v[k] & 0x7F80) == 0x7F80;
+    return !bad;
+  }
+  bool bad = false;
+  for (int k = 0; k < kMlaLatent; ++k) bad |= (row[k] & 0x7F) == 0x7F;
+  float scales[4];
+  memcpy(scales, row + kMlaLatent, sizeof(scales));
+  for (float sc : scales) bad |= !(std::fabs(sc) <= std::numeric_limits<float>::max());
+  return !bad;
+}
+
+alignas(64) static const uint16_t kZeroRow[kMlaDim] = {};
+
 #if LK_ISA >= 2
 constexpr int kLanes = 16, kRB = 4;
 #elif LK_ISA >= 1
@@ -395,6 +414,7 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
   const float ln2 = 0.6931471805599453f;
   const float* f8 = fp8_table().v;
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  constexpr float kFloatMax = std::numeric_limits<float>::max();
 
   int64_t total_keys = 0;  // key rows read by all units: small calls stay on this thread
   for (int64_t b = 0; b < B; ++b) total_keys += int64_t(seqlens[b]) * groups;
@@ -413,6 +433,7 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
       const int64_t t0 = std::min(L, split * chunk), t1 = std::min(L, t0 + chunk);
       int64_t limit[kRowsPerUnit];
       float m[kRowsPerUnit], l[kRowsPerUnit];
+      bool bad[kRowsPerUnit];
       int64_t t_end = t0;
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = (r0 + r) / H;
@@ -421,6 +442,7 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
         t_end = std::max(t_end, limit[r]);
         m[r] = neg_inf;
         l[r] = 0.0f;
+        bad[r] = false;
       }
       eng->set_q(q + (b * rows + r0) * kMlaDim, nr);
       std::fill(accbuf.begin(), accbuf.end(), 0.0f);
@@ -434,11 +456,35 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
         }
         eng->finish_tile(n);
         eng->scores(nr, n, sc);
+        // A loaded key some row may not see (causal tail) must not reach that row through
+        // p = 0 times a NaN/Inf value: such keys' values are replaced by zeros (the rows that
+        // do see them already have a non-finite score, so their result is NaN either way).
+        int64_t min_limit = t_end;
+        for (int64_t r = 0; r < nr; ++r) min_limit = std::min(min_limit, limit[r]);
+        if (min_limit < a + n) {
+          bool replaced = false;
+          for (int64_t t = std::max<int64_t>(0, min_limit - a); t < n; ++t) {
+            const int64_t tok = a + t;
+            const int64_t blk = block_table[b * bt_stride + tok / cache.block_size];
+            if (!latent_finite(token_ptr(cache, blk, tok % cache.block_size), cache.fp8)) {
+              eng->set_key(int(t), reinterpret_cast<const uint8_t*>(kZeroRow), false, f8);
+              replaced = true;
+            }
+          }
+          if (replaced) eng->finish_tile(n);
+        }
         // Online softmax: keys past a row's causal limit (or the tile) get p = 0.
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t nv = std::max<int64_t>(0, std::min<int64_t>(n, limit[r] - a));
           float* sr = sc + r * kTile;
           for (int64_t t = 0; t < kTile; ++t) sr[t] = t < nv ? sr[t] * scale_log2 : neg_inf;
+          // mla_decode's rule: a non-finite visible score (NaN or Inf in q or a cached row) makes
+          // the row's out and lse NaN, never hidden; the row's softmax is skipped from here on.
+          for (int64_t t = 0; t < nv && !bad[r]; ++t) bad[r] = !(std::fabs(sr[t]) <= kFloatMax);
+          if (bad[r]) {
+            std::fill(sr, sr + kTile, 0.0f);
+            continue;
+          }
           float mx = m[r];
           for (int v = 0; v < kTile; v += kLanes) mx = std::max(mx, hmax(load(sr + v)));
           if (mx == neg_inf) {  // nothing visible yet: p = 0 (acc and l stay 0)
@@ -465,17 +511,18 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t row = r0 + r, i = row / H, h = row % H;
         const float* ar = acc + r * kMlaLatent;
-        const bool empty = l[r] == 0.0f;
-        const float inv = empty ? 0.0f : 1.0f / l[r];
-        const float part_lse = empty ? neg_inf : (m[r] + std::log2(l[r])) * ln2;
+        const bool empty = l[r] == 0.0f && !bad[r];
+        const float nan = std::numeric_limits<float>::quiet_NaN();
+        const float inv = bad[r] ? nan : empty ? 0.0f : 1.0f / l[r];
+        const float part_lse = bad[r] ? nan : empty ? neg_inf : (m[r] + std::log2(l[r])) * ln2;
         if (num_splits == 1) {
           uint16_t* o = out + (b * rows + row) * kMlaLatent;
-          for (int k = 0; k < kMlaLatent; ++k) o[k] = f32_to_bf16(ar[k] * inv);
+          for (int k = 0; k < kMlaLatent; ++k) o[k] = f32_to_bf16(bad[r] ? nan : ar[k] * inv);
           lse[(b * H + h) * s_q + i] = empty ? std::numeric_limits<float>::infinity() : part_lse;
         } else {
           const int64_t pr = (b * num_splits + split) * rows + row;
           float* o = o_part + pr * kMlaLatent;
-          for (int k = 0; k < kMlaLatent; ++k) o[k] = ar[k] * inv;
+          for (int k = 0; k < kMlaLatent; ++k) o[k] = bad[r] ? nan : ar[k] * inv;
           lse_part[pr] = part_lse;
         }
       }
@@ -488,21 +535,27 @@ void mla_decode(const uint16_t* q, int64_t B, int64_t s_q, int64_t H, MlaCache c
   for (int64_t br = 0; br < B * rows; ++br) {
     const int64_t b = br / rows, row = br % rows, i = row / H, h = row % H;
     float mx = neg_inf;
-    for (int64_t s = 0; s < num_splits; ++s) mx = std::max(mx, lse_part[(b * num_splits + s) * rows + row]);
+    bool nan_split = false;  // a split with a non-finite score: the row is NaN (see above)
+    for (int64_t s = 0; s < num_splits; ++s) {
+      const float ls = lse_part[(b * num_splits + s) * rows + row];
+      nan_split |= std::isnan(ls);
+      mx = std::max(mx, ls);
+    }
     uint16_t* o = out + br * kMlaLatent;
-    if (mx == neg_inf) {
-      for (int k = 0; k < kMlaLatent; ++k) o[k] = 0;
-      lse[(b * H + h) * s_q + i] = std::numeric_limits<float>::infinity();
+    if (nan_split || mx == neg_inf) {
+      const float v = nan_split ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+      for (int k = 0; k < kMlaLatent; ++k) o[k] = f32_to_bf16(v);
+      lse[(b * H + h) * s_q + i] = nan_split ? v : std::numeric_limits<float>::infinity();
       continue;
     }
-    float w[256];
+    // Any number of splits: the weights are recomputed in the second pass (no per-split array).
     float total = 0.0f;
-    const int64_t ns = std::min<int64_t>(num_splits, 256);
-    for (int64_t s = 0; s < ns; ++s) total += (w[s] = std::exp(lse_part[(b * num_splits + s) * rows + row] - mx));
+    for (int64_t s = 0; s < num_splits; ++s) total += std::exp(lse_part[(b * num_splits + s) * rows + row] - mx);
     float acc[kMlaLatent] = {};
-    for (int64_t s = 0; s < ns; ++s) {
-      if (w[s] == 0.0f) continue;
-      const float ws = w[s] / total;
+    for (int64_t s = 0; s < num_splits; ++s) {
+      const float w = std::exp(lse_part[(b * num_splits + s) * rows + row] - mx);
+      if (w == 0.0f) continue;
+      const float ws = w / total;
       const float* op = o_part + ((b * num_splits + s) * rows + row) * kMlaLatent;
       for (int k = 0; k < kMlaLatent; ++k) acc[k] += ws * op[k];
     }

@@ -15,8 +15,8 @@
 //   fp16 HMMA.16816 (e4m3 is exact in fp16), so results match, at fp16 tensor-core rate (SASS:
 //   sm_80 HMMA.16816.F32.BF16, sm_89 QMMA.16832.F32.E4M3.E4M3, sm_90a HMMA.16816.F32).
 // Layouts share the kernel; only the tile -> (group, rows) mapping differs:
-//   dense: grid.y = m tiles. masked: grid.z = groups, masked_m read on the device, tiles past
-//   it exit. contiguous: grid.y = ceil(M/64) + G tile slots (an upper bound on
+//   dense: grid.x = m tiles. masked: grid.z = groups, masked_m read on the device, tiles past
+//   it exit. contiguous: grid.x = ceil(M/64) + G tile slots (an upper bound on
 //   sum_g ceil(m_g/64)); warp 0 of each CTA scans offs on the device (prefix sum of tiles per
 //   group, 32 groups per step) to find its group, and excess slots exit. No host sync anywhere,
 //   so the launch is CUDA-graph capturable.
@@ -254,12 +254,14 @@ __global__ void __launch_bounds__(kThreads) fp8_gemm_kernel(GemmArgs p) {
   __shared__ Tile s_tile;
   __shared__ bool s_found;
 
-  const int64_t n0 = int64_t(blockIdx.x) * kBlockN;
+  // NOTES: M tiles on grid.x (up to 2^31 - 1) and N tiles on grid.y (65535 x 64 columns):
+  // with M on grid.y, dense M above ~4.19M rows or ceil(M/64) + E > 65535 slots were refused.
+  const int64_t n0 = int64_t(blockIdx.y) * kBlockN;
   Tile tile;
   if (p.layout == GemmLayout::contiguous) {
     if (threadIdx.x < 32) {
       Tile t{};
-      const bool found = find_contiguous_tile(p.groups, p.G, p.M, blockIdx.y, &t);
+      const bool found = find_contiguous_tile(p.groups, p.G, p.M, blockIdx.x, &t);
       if (threadIdx.x == 0) {
         s_tile = t;
         s_found = found;
@@ -271,11 +273,11 @@ __global__ void __launch_bounds__(kThreads) fp8_gemm_kernel(GemmArgs p) {
   } else if (p.layout == GemmLayout::masked) {
     const int64_t g = blockIdx.z;
     const int64_t valid = imin(imax(p.groups[g], 0), p.M);
-    const int64_t r = int64_t(blockIdx.y) * kBlockM;
+    const int64_t r = int64_t(blockIdx.x) * kBlockM;
     if (r >= valid) return;
     tile = {g, g * p.M + r, imin(kBlockM, valid - r)};
   } else {
-    const int64_t r = int64_t(blockIdx.y) * kBlockM;
+    const int64_t r = int64_t(blockIdx.x) * kBlockM;
     tile = {0, r, imin(kBlockM, p.M - r)};
   }
 
@@ -400,10 +402,10 @@ void launch_portable(const GemmArgs& args, cudaStream_t stream) {
     case GemmLayout::masked: m_slots = ceil_div(args.M, kBlockM); z = args.G; break;
   }
   if (m_slots == 0 || z == 0 || n_tiles == 0) return;
-  LK_CHECK(n_tiles < (int64_t(1) << 31), "fp8_gemm: N too large");
-  LK_CHECK(m_slots <= 65535, "fp8_gemm: too many rows for one launch (ceil(M/64) + E must be <= 65535)");
+  LK_CHECK(n_tiles <= 65535, "fp8_gemm: N too large (at most 65535 x 64 columns)");
+  LK_CHECK(m_slots < (int64_t(1) << 31), "fp8_gemm: too many rows for one launch");
   LK_CHECK(z <= 65535, "fp8_gemm: at most 65535 groups");
-  const dim3 grid{unsigned(n_tiles), unsigned(m_slots), unsigned(z)};
+  const dim3 grid{unsigned(m_slots), unsigned(n_tiles), unsigned(z)};
   const bool vec = args.K % 16 == 0 && reinterpret_cast<uintptr_t>(args.a) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(args.b) % 16 == 0;
   if (vec) launch_portable_out<true>(args, grid, stream);

@@ -151,6 +151,7 @@ __global__ void __launch_bounds__(kThreads) mla_decode_kernel(const DecodeParams
   };
   const int64_t t_end = max(t0, row_limit(min(r0 + kRows, rows) - 1));
   const int64_t lim_lo = row_limit(r0 + g), lim_hi = row_limit(r0 + g + 8);
+  const int64_t lim_min = row_limit(r0);  // limits grow with the row: the CTA's first row sees least
   const int n_tiles = int((t_end - t0 + kTileN - 1) / kTileN);
   const int64_t token_bytes = kFp8 ? kMlaFp8Bytes : 2 * kMlaDim;
 
@@ -194,6 +195,7 @@ __global__ void __launch_bounds__(kThreads) mla_decode_kernel(const DecodeParams
 
   const float neg_inf = -INFINITY;
   float m_lo = neg_inf, m_hi = neg_inf, l_lo = 0.0f, l_hi = 0.0f;
+  bool bad_lo = false, bad_hi = false;  // this lane saw a non-finite visible score of the row
   float o[16][4];
 #pragma unroll
   for (int j = 0; j < 16; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
@@ -253,9 +255,25 @@ __global__ void __launch_bounds__(kThreads) mla_decode_kernel(const DecodeParams
       const int row_in = e < 2 ? g : g + 8;
       const int tt = warp * 8 + 2 * qd + (e & 1);
       const bool vis = a + tt < (e < 2 ? lim_lo : lim_hi) && sValid[buf * kTileN + tt];
-      sS[row_in * kSPitch + tt] = vis ? s[e] * p.scale_log2 : neg_inf;
+      // A non-finite visible score is stored as NaN: it makes the row NaN (mla_decode's rule).
+      const float sv = s[e] * p.scale_log2;
+      sS[row_in * kSPitch + tt] = vis ? (isfinite(sv) ? sv : __int_as_float(0x7fc00000)) : neg_inf;
     }
     __syncthreads();
+    // NOTES: a loaded key that some row of this CTA does not see (the causal tail) meets that row
+    // as p = 0 in the P.V MMA, and 0 x NaN = NaN: non-finite values of such tiles are zeroed in
+    // shared memory (rows that do see the key are NaN by the rule anyway). Only tail tiles pay.
+    if (a + kTileN > lim_min && lim_min < t_end) {
+      uint32_t* kw = reinterpret_cast<uint32_t*>(const_cast<uint16_t*>(sK));
+      for (int c = tid; c < kTileN * (kMlaLatent / 2); c += kThreads) {
+        uint32_t* w = kw + (c / (kMlaLatent / 2)) * (kRowElems / 2) + c % (kMlaLatent / 2);
+        uint32_t v = *w;
+        if ((v & 0x7f80u) == 0x7f80u) v &= 0xffff0000u;
+        if ((v & 0x7f800000u) == 0x7f800000u) v &= 0x0000ffffu;
+        *w = v;
+      }
+      __syncthreads();
+    }
 
     // Online softmax of the full 16 x 32 tile; every warp computes the same statistics.
     float v_lo[8], v_hi[8];
@@ -267,7 +285,10 @@ __global__ void __launch_bounds__(kThreads) mla_decode_kernel(const DecodeParams
     }
     float mx_lo = m_lo, mx_hi = m_hi;
 #pragma unroll
-    for (int x = 0; x < 8; ++x) mx_lo = fmaxf(mx_lo, v_lo[x]), mx_hi = fmaxf(mx_hi, v_hi[x]);
+    for (int x = 0; x < 8; ++x) {
+      bad_lo |= isnan(v_lo[x]), bad_hi |= isnan(v_hi[x]);  // every warp reads the whole tile row
+      mx_lo = fmaxf(mx_lo, v_lo[x]), mx_hi = fmaxf(mx_hi, v_hi[x]);
+    }
 #pragma unroll
     for (int off = 1; off <= 2; off <<= 1) {
       mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
@@ -320,35 +341,40 @@ __global__ void __launch_bounds__(kThreads) mla_decode_kernel(const DecodeParams
   for (int off = 1; off <= 2; off <<= 1) {
     l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
     l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+    bad_lo |= __shfl_xor_sync(0xffffffffu, int(bad_lo), off) != 0;
+    bad_hi |= __shfl_xor_sync(0xffffffffu, int(bad_hi), off) != 0;
   }
+  const float nan = __int_as_float(0x7fc00000);
   const float ln2 = 0.6931471805599453f;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int64_t row = r0 + g + 8 * half;
     if (row >= rows) continue;
     const float l = half ? l_hi : l_lo, m = half ? m_hi : m_lo;
-    const bool empty = !(l > 0.0f);
-    const float inv = empty ? 0.0f : 1.0f / l;
+    const bool bad = half ? bad_hi : bad_lo;
+    const bool empty = !bad && !(l > 0.0f);
+    const float inv = bad ? nan : empty ? 0.0f : 1.0f / l;
     const int64_t i = row / p.H, h = row % p.H;
     if (p.num_splits == 1) {
       uint16_t* orow = p.out + (b * rows + row) * kMlaLatent + warp * 128 + 2 * qd;
 #pragma unroll
       for (int j = 0; j < 16; ++j)
         *reinterpret_cast<uint32_t*>(orow + j * 8) = pack_bf16x2(o[j][2 * half] * inv, o[j][2 * half + 1] * inv);
-      if (warp == 0 && qd == 0) p.lse[(b * p.H + h) * p.s_q + i] = empty ? INFINITY : (m + log2f(l)) * ln2;
+      if (warp == 0 && qd == 0) p.lse[(b * p.H + h) * p.s_q + i] = bad ? nan : empty ? INFINITY : (m + log2f(l)) * ln2;
     } else {
       const int64_t pr = (b * p.num_splits + split) * rows + row;
       float* orow = p.o_part + pr * kMlaLatent + warp * 128 + 2 * qd;
 #pragma unroll
       for (int j = 0; j < 16; ++j)
         *reinterpret_cast<float2*>(orow + j * 8) = make_float2(o[j][2 * half] * inv, o[j][2 * half + 1] * inv);
-      if (warp == 0 && qd == 0) p.lse_part[pr] = empty ? neg_inf : (m + log2f(l)) * ln2;
+      if (warp == 0 && qd == 0) p.lse_part[pr] = bad ? nan : empty ? neg_inf : (m + log2f(l)) * ln2;
     }
   }
 }
 
 // One CTA per (sequence, row): out = sum_s exp(lse_s - lse) o_s with lse = log sum_s exp(lse_s);
-// every split empty: out 0, lse +inf. 128 threads x 4 columns.
+// every split empty: out 0, lse +inf; a split with a non-finite score (lse NaN): out and lse NaN.
+// 128 threads x 4 columns.
 __global__ void __launch_bounds__(128) mla_combine_kernel(const float* __restrict__ o_part,
                                                           const float* __restrict__ lse_part, int64_t S,
                                                           int64_t rows, int64_t H, int64_t s_q,
@@ -356,10 +382,17 @@ __global__ void __launch_bounds__(128) mla_combine_kernel(const float* __restric
   const int64_t br = blockIdx.x, b = br / rows, row = br % rows;
   const float* lp = lse_part + b * S * rows + row;
   float mx = -INFINITY;
-  for (int64_t s = 0; s < S; ++s) mx = fmaxf(mx, lp[s * rows]);
+  bool nan_split = false;
+  for (int64_t s = 0; s < S; ++s) mx = fmaxf(mx, lp[s * rows]), nan_split |= isnan(lp[s * rows]);
   const int k = threadIdx.x * 4;
   uint16_t* orow = out + br * kMlaLatent + k;
   const int64_t i = row / H, h = row % H;
+  if (nan_split) {
+    const uint32_t nan2 = pack_bf16x2(__int_as_float(0x7fc00000), __int_as_float(0x7fc00000));
+    *reinterpret_cast<uint2*>(orow) = make_uint2(nan2, nan2);
+    if (threadIdx.x == 0) lse[(b * H + h) * s_q + i] = __int_as_float(0x7fc00000);
+    return;
+  }
   if (mx == -INFINITY) {
     *reinterpret_cast<uint2*>(orow) = make_uint2(0u, 0u);
     if (threadIdx.x == 0) lse[(b * H + h) * s_q + i] = INFINITY;

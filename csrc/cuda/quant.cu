@@ -110,6 +110,9 @@ __global__ void __launch_bounds__(256) quantize_1x128_kernel(
 
 // One block per 128x128 tile: thread (tx = t % 16, ty = t / 16) owns columns 8*tx..8*tx+7 of
 // rows ty, ty+16, ..., ty+112, kept in registers between the max and the encode.
+// NOTES: the 64 values stay in the input type (16-bit inputs: 32 registers, not 64) and are
+// widened again for the encode: as fp32 the array plus the division's slow path spilled to
+// local memory on sm_89 (30 STL/LDL for fp16 inputs).
 template <typename T>
 __global__ void __launch_bounds__(256) quantize_128x128_kernel(
     const T* __restrict__ x, int64_t rows, int64_t K, int64_t batch_stride, int64_t row_stride,
@@ -120,15 +123,15 @@ __global__ void __launch_bounds__(256) quantize_128x128_kernel(
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t k = cb * kQuantGroup + tx * 8;
   const T* xb = x + b * batch_stride;
-  float v[8][8];
+  T v[8][8];
   uint32_t m = 0;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int64_t r = rb * kQuantGroup + ty + 16 * i;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      v[i][j] = (r < rows && k + j < K) ? Elem<T>::f(xb[r * row_stride + k + j]) : 0.0f;
-      m = max(m, abs_bits(v[i][j]));
+      v[i][j] = (r < rows && k + j < K) ? xb[r * row_stride + k + j] : T{};
+      m = max(m, abs_bits(Elem<T>::f(v[i][j])));
     }
   }
   __shared__ uint32_t warp_max[8];
@@ -148,7 +151,7 @@ __global__ void __launch_bounds__(256) quantize_128x128_kernel(
     if (r >= rows) continue;
 #pragma unroll
     for (int j = 0; j < 8; ++j)
-      if (k + j < K) qb[r * K + k + j] = fp8_quantize_value(v[i][j], s);
+      if (k + j < K) qb[r * K + k + j] = fp8_quantize_value(Elem<T>::f(v[i][j]), s);
   }
 }
 

@@ -372,6 +372,10 @@ __global__ void __launch_bounds__(128 * (NUM_MATH_WG + 1), 1)
     }
     if (lt == 0) tma_store_wait<0>();  // stores complete before the block (and its smem) ends
   }
+#elif defined(__CUDA_ARCH__)
+  // NOTES: wgmma, setmaxnreg and the TMA paths exist only on sm_90a: compiled for any other
+  // arch (plain sm_90 included) this kernel would be empty and write nothing. Refuse to build.
+  static_assert(BM < 0, "sm90_fp8_gemm.cu must be compiled for sm_90a only (arch=compute_90a,code=sm_90a)");
 #endif
 }
 

@@ -114,8 +114,9 @@ def main(argv=None) -> int:
     pd = sub.add_parser("demo", help="the main job on the best device present")
     pd.add_argument("--device", choices=["cpu", "cuda"], default=None)
     pd.add_argument("--quick", action="store_true", help="smaller shapes")
-    pd.add_argument("--preset", choices=["small", "gpu", "v3"], default=None,
-                    help="block dimensions: scaled to the device by default; v3 = DeepSeek-V3's real layer (GPU)")
+    pd.add_argument("--preset", choices=["cpu", "gpu", "v3", "small"], default=None,
+                    help="block dimensions: the device's preset by default (cpu: hidden 1024, 16 heads, 64 experts "
+                         "top-6; gpu: hidden 4096, 32 heads); v3 = DeepSeek-V3's real layer (GPU); small = old name of cpu")
     pd.add_argument("--steps", type=int, default=None, help="decode steps")
     pd.add_argument("--batch", type=int, default=None, help="sequences decoded together")
     pd.add_argument("--prompt", type=int, default=None, help="prompt (prefill) tokens per sequence")

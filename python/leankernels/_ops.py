@@ -14,6 +14,8 @@ instead of the ~15 us of the torch.library dispatch plus a second round of check
 """
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.autograd.forward_ad as _fwad
 
@@ -58,6 +60,19 @@ def direct(*tensors) -> bool:
                 or (grad and t.requires_grad):
             return False
     return True
+
+
+def _custom_op(name: str, mutates_args=()):
+    """``torch.library.custom_op`` on a function whose annotations are resolved first: this
+    module postpones annotations (``from __future__ import annotations``), and torch < 2.5's
+    schema inference reads them as the strings they then are."""
+    def wrap(fn):
+        hints = typing.get_type_hints(fn)
+        if hints.get("return") is type(None):   # get_type_hints turns "-> None" into NoneType
+            hints["return"] = None
+        fn.__annotations__ = hints
+        return torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+    return wrap
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -138,7 +153,7 @@ def quantize_fp8_impl(x, block_rows, ue8m0):
     return q, scale
 
 
-@torch.library.custom_op("leankernels::quantize_fp8", mutates_args=())
+@_custom_op("leankernels::quantize_fp8", mutates_args=())
 def quantize_fp8(x: torch.Tensor, block_rows: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _need(block_rows in (1, GROUP), f"block_rows must be 1 or 128; got {block_rows}")
     _need_t("x", x, _FLOATS)
@@ -169,7 +184,7 @@ def dequantize_fp8_impl(q, scale, block_rows):
     return out
 
 
-@torch.library.custom_op("leankernels::dequantize_fp8", mutates_args=())
+@_custom_op("leankernels::dequantize_fp8", mutates_args=())
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block_rows: int) -> torch.Tensor:
     _need(block_rows in (1, GROUP), f"block_rows must be 1 or 128; got {block_rows}")
     _need_t("q", q, (FP8,))
@@ -219,7 +234,7 @@ def route_impl(logits, top_k, sigmoid, bias, n_group, topk_group, renormalize, s
     return weights, ids
 
 
-@torch.library.custom_op("leankernels::route", mutates_args=())
+@_custom_op("leankernels::route", mutates_args=())
 def route(logits: torch.Tensor, top_k: int, sigmoid: bool, bias: Optional[torch.Tensor], n_group: int,
           topk_group: int, renormalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     _need_t("logits", logits, _FLOATS, dim=2)
@@ -255,7 +270,7 @@ def plan_impl(ids, num_experts, align, R=None):
     return counts, offs, row_token, token_row
 
 
-@torch.library.custom_op("leankernels::plan", mutates_args=())
+@_custom_op("leankernels::plan", mutates_args=())
 def plan(ids: torch.Tensor, num_experts: int, align: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _need_t("ids", ids, (torch.int32,), dim=2)
     _need(num_experts >= 1, f"num_experts must be >= 1; got {num_experts}")
@@ -290,7 +305,7 @@ def permute_impl(x, row_token):
     return out
 
 
-@torch.library.custom_op("leankernels::permute", mutates_args=())
+@_custom_op("leankernels::permute", mutates_args=())
 def permute(x: torch.Tensor, row_token: torch.Tensor, token_row: torch.Tensor) -> torch.Tensor:
     """token_row (the plan's inverse map) is only read by the backward."""
     _need(x.dim() == 2, f"x must be [T, H]; got shape {tuple(x.shape)}")
@@ -326,7 +341,7 @@ def permute_fp8_impl(x, row_token, ue8m0):
     return q, scale
 
 
-@torch.library.custom_op("leankernels::permute_fp8", mutates_args=())
+@_custom_op("leankernels::permute_fp8", mutates_args=())
 def permute_fp8(x: torch.Tensor, row_token: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _need_t("x", x, _FLOATS, dim=2)
     _need_t("row_token", row_token, (torch.int32,), dim=1)
@@ -358,7 +373,7 @@ def unpermute_impl(y, token_row, weights):
     return out
 
 
-@torch.library.custom_op("leankernels::unpermute", mutates_args=())
+@_custom_op("leankernels::unpermute", mutates_args=())
 def unpermute(y: torch.Tensor, token_row: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     _need_t("y", y, _FLOATS, dim=2)
     _need_t("token_row", token_row, (torch.int32,), dim=2)
@@ -384,7 +399,7 @@ def update_bias_impl(bias, counts, rate):
     return out
 
 
-@torch.library.custom_op("leankernels::update_bias", mutates_args=())
+@_custom_op("leankernels::update_bias", mutates_args=())
 def update_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
     _need_t("bias", bias, (torch.float32,), dim=1)
     _need_t("counts", counts, (torch.int32, torch.int64), shape=bias.shape)
@@ -453,7 +468,7 @@ def mla_append_impl(cache, kv_c, k_pe, slot_mapping, norm_weight, eps, cos, sin,
     _mla_raise_flag(flag)
 
 
-@torch.library.custom_op("leankernels::mla_append", mutates_args=("cache",))
+@_custom_op("leankernels::mla_append", mutates_args=("cache",))
 def mla_append(cache: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor,
                norm_weight: Optional[torch.Tensor], eps: float, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
                positions: Optional[torch.Tensor]) -> None:
@@ -520,7 +535,7 @@ def mla_decode_impl(q, cache, block_table, seqlens, softmax_scale, causal, num_s
     return out, lse
 
 
-@torch.library.custom_op("leankernels::mla_decode", mutates_args=())
+@_custom_op("leankernels::mla_decode", mutates_args=())
 def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seqlens: torch.Tensor,
                softmax_scale: float, causal: bool, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
     _need_t("q", q, (torch.bfloat16,), dim=4)
@@ -542,7 +557,7 @@ def _(q, cache, block_table, seqlens, softmax_scale, causal, num_splits):
     return q.new_empty(B, s_q, H, MLA_LATENT), q.new_empty(B, H, s_q, dtype=torch.float32)
 
 
-@torch.library.custom_op("leankernels::mla_schedule", mutates_args=())
+@_custom_op("leankernels::mla_schedule", mutates_args=())
 def mla_schedule(seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
     _need_t("seqlens", seqlens, (torch.int32,), dim=1)
     _need(num_parts >= 1, f"num_parts must be >= 1; got {num_parts}")
@@ -611,7 +626,7 @@ def fp8_gemm_impl(a, a_scale, b, b_scale, out_dtype):
     return out
 
 
-@torch.library.custom_op("leankernels::fp8_gemm", mutates_args=())
+@_custom_op("leankernels::fp8_gemm", mutates_args=())
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
              out_dtype: torch.dtype) -> torch.Tensor:
     _gemm_checks(_GEMM_DENSE, a, a_scale, b, b_scale, None, out_dtype=out_dtype)
@@ -630,7 +645,7 @@ def fp8_grouped_gemm_impl(a, a_scale, b, b_scale, offs, out_dtype):
     return out
 
 
-@torch.library.custom_op("leankernels::fp8_grouped_gemm", mutates_args=())
+@_custom_op("leankernels::fp8_grouped_gemm", mutates_args=())
 def fp8_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                      offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     _gemm_checks(_GEMM_CONTIGUOUS, a, a_scale, b, b_scale, offs, out_dtype=out_dtype)
@@ -646,7 +661,7 @@ def fp8_grouped_gemm_out_impl(a, a_scale, b, b_scale, offs, out):
     _gemm_launch(_GEMM_CONTIGUOUS, a, a_scale, b, b_scale, offs, a.shape[0], out)
 
 
-@torch.library.custom_op("leankernels::fp8_grouped_gemm_out", mutates_args=("out",))
+@_custom_op("leankernels::fp8_grouped_gemm_out", mutates_args=("out",))
 def fp8_grouped_gemm_out(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                          offs: torch.Tensor, out: torch.Tensor) -> None:
     _gemm_checks(_GEMM_CONTIGUOUS, a, a_scale, b, b_scale, offs, out)
@@ -664,7 +679,7 @@ def fp8_grouped_gemm_masked_impl(a, a_scale, b, b_scale, masked_m, out_dtype):
     return out
 
 
-@torch.library.custom_op("leankernels::fp8_grouped_gemm_masked", mutates_args=())
+@_custom_op("leankernels::fp8_grouped_gemm_masked", mutates_args=())
 def fp8_grouped_gemm_masked(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                             masked_m: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     _gemm_checks(_GEMM_MASKED, a, a_scale, b, b_scale, masked_m, out_dtype=out_dtype)
@@ -680,7 +695,7 @@ def fp8_grouped_gemm_masked_out_impl(a, a_scale, b, b_scale, masked_m, out):
     _gemm_launch(_GEMM_MASKED, a, a_scale, b, b_scale, masked_m, a.shape[1], out)
 
 
-@torch.library.custom_op("leankernels::fp8_grouped_gemm_masked_out", mutates_args=("out",))
+@_custom_op("leankernels::fp8_grouped_gemm_masked_out", mutates_args=("out",))
 def fp8_grouped_gemm_masked_out(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                                 masked_m: torch.Tensor, out: torch.Tensor) -> None:
     _gemm_checks(_GEMM_MASKED, a, a_scale, b, b_scale, masked_m, out)
@@ -747,7 +762,7 @@ def fp8_linear_impl(x, weight, bias, weight_fp8, weight_scale):
     return _linear_out(y, bias, x.dtype).view(*x.shape[:-1], N)
 
 
-@torch.library.custom_op("leankernels::fp8_linear", mutates_args=())
+@_custom_op("leankernels::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                weight_fp8: Optional[torch.Tensor], weight_scale: Optional[torch.Tensor]) -> torch.Tensor:
     _linear_checks(x, weight, bias, weight_fp8, weight_scale, False)
@@ -767,7 +782,7 @@ def fp8_grouped_linear_impl(x, weight, offs, weight_fp8, weight_scale):
     return _linear_out(y, None, x.dtype)
 
 
-@torch.library.custom_op("leankernels::fp8_grouped_linear", mutates_args=())
+@_custom_op("leankernels::fp8_grouped_linear", mutates_args=())
 def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor,
                        weight_fp8: Optional[torch.Tensor], weight_scale: Optional[torch.Tensor]) -> torch.Tensor:
     _linear_checks(x, weight, None, weight_fp8, weight_scale, True)
@@ -930,7 +945,7 @@ def _op_offs(offs, device) -> Optional[torch.Tensor]:
     return offs.contiguous()
 
 
-@torch.library.custom_op("leankernels::quantize_fp8_transposed", mutates_args=())
+@_custom_op("leankernels::quantize_fp8_transposed", mutates_args=())
 def quantize_fp8_transposed(x: torch.Tensor, offs: Optional[torch.Tensor], ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _need_t("x", x, _FLOATS, dim=2)
     if x.stride(1) != 1 or x.stride(0) < 0:
@@ -960,7 +975,7 @@ def fp8_k_grouped_gemm_impl(a, a_scale, b, b_scale, offs, out_dtype):
     return out
 
 
-@torch.library.custom_op("leankernels::fp8_k_grouped_gemm", mutates_args=())
+@_custom_op("leankernels::fp8_k_grouped_gemm", mutates_args=())
 def fp8_k_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                        offs: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     _need_t("a", a, (FP8,), dim=2)

@@ -95,21 +95,31 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.bfloat16):
     """Dense FP8 GEMM: ``out = a @ b.T`` with block scales.
 
     Args:
-        a: float8_e4m3fn ``[M, K]`` (activations, quantized with ``quantize_fp8(x, (1, 128))``).
-        a_scale: float32 ``[M, ceil(K/128)]``.
+        a: float8_e4m3fn ``[M, K]`` (activations, quantized with ``quantize_fp8(x, (1, 128))``),
+            or ``[..., K]``: leading dims are flattened into M and restored in the output (as
+            DeepSeek-V3's ``kernel.fp8_gemm`` does).
+        a_scale: float32 ``[M, ceil(K/128)]`` (``[..., ceil(K/128)]`` matching a).
         b: float8_e4m3fn ``[N, K]`` (weights, ``quantize_fp8(w, (128, 128))``).
         b_scale: float32 ``[ceil(N/128), ceil(K/128)]``.
         out_dtype: ``torch.bfloat16`` (default) or ``torch.float32``.
 
     Returns:
-        ``[M, N]`` tensor of ``out_dtype``. Any strides are accepted (non-contiguous operands are
-        copied); CuPy arrays (FP8 as uint8) are accepted and give a CuPy array back.
+        ``[M, N]`` (``[..., N]``) tensor of ``out_dtype``. Any strides are accepted (non-contiguous
+        operands are copied); CuPy arrays (FP8 as uint8) are accepted and give a CuPy array back.
     """
     src = a
     out_dtype = _out_dtype(out_dtype)
+    a, a_scale = _interop.to_torch(a, fp8=True), _interop.to_torch(a_scale)
+    lead = None
+    if isinstance(a, torch.Tensor) and a.dim() > 2:
+        lead = tuple(a.shape[:-1])
+        _checks.tensor("a_scale", a_scale, (torch.float32,))
+        _checks.shape("a_scale", a_scale, (*lead, _cdiv(a.shape[-1], GROUP)))
+        a, a_scale = a.reshape(-1, a.shape[-1]), a_scale.reshape(-1, a_scale.shape[-1])
     a, a_scale, b, b_scale, N, K = _operands(a, a_scale, b, b_scale, 2, 2)
     op = _ops.fp8_gemm_impl if _ops.direct(a, a_scale, b, b_scale) else _ops.fp8_gemm
-    return _interop.like_input(op(a, a_scale, b, b_scale, out_dtype), src)
+    out = op(a, a_scale, b, b_scale, out_dtype)
+    return _interop.like_input(out if lead is None else out.view(*lead, N), src)
 
 
 def fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dtype = torch.bfloat16, out=None):

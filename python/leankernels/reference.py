@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -27,6 +26,15 @@ def fp8_scale(amax: torch.Tensor, scale_fmt: str = "fp32") -> torch.Tensor:
     return s
 
 
+def _nan_code_sign(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """NaN codes (S.1111.111) take the sign bit of the unscaled value x, on every device: the
+    sign of a NaN quotient is the platform's (x86: Inf / Inf = -NaN; CUDA: one +NaN)."""
+    bits = q.view(torch.uint8)
+    nan = (bits & 0x7F) == 0x7F
+    fixed = torch.where(torch.signbit(x), 0xFF, 0x7F).to(torch.uint8)
+    return torch.where(nan, fixed, bits).view(FP8)
+
+
 def quantize_fp8(x: torch.Tensor, block=(1, 128), scale_fmt: str = "fp32"):
     """Block-scaled e4m3 quantization.
 
@@ -41,20 +49,22 @@ def quantize_fp8(x: torch.Tensor, block=(1, 128), scale_fmt: str = "fp32"):
     G = math.ceil(K / GROUP)
     xf = x.float()
     if block == (1, GROUP):
-        xp = F.pad(xf, (0, G * GROUP - K))
+        xp = xf.new_zeros(*x.shape[:-1], G * GROUP)   # zero padding (F.pad rejects empty dims on torch 2.4)
+        xp[..., :K] = xf
         g = xp.reshape(*x.shape[:-1], G, GROUP)
         scale = fp8_scale(g.abs().amax(dim=-1) if K else g.new_zeros(g.shape[:-1]), scale_fmt)
-        q = (g / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        q = _nan_code_sign((g / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8), g)
         return q.reshape(*x.shape[:-1], G * GROUP)[..., :K], scale
     if block == (GROUP, GROUP):
         N = x.shape[-2]
         Nb = math.ceil(N / GROUP)
         lead = x.shape[:-2]
-        xp = F.pad(xf, (0, G * GROUP - K, 0, Nb * GROUP - N))
+        xp = xf.new_zeros(*lead, Nb * GROUP, G * GROUP)
+        xp[..., :N, :K] = xf
         g = xp.reshape(*lead, Nb, GROUP, G, GROUP)
         amax = g.abs().amax(dim=(-3, -1)) if g.numel() else g.new_zeros((*lead, Nb, G))
         scale = fp8_scale(amax, scale_fmt)
-        q = (g / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        q = _nan_code_sign((g / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), g)
         return q.reshape(*lead, Nb * GROUP, G * GROUP)[..., :N, :K], scale
     raise ValueError(f"block must be (1, 128) or (128, 128); got {block}")
 
@@ -328,7 +338,7 @@ def mla_cache_quantize(kv: torch.Tensor) -> torch.Tensor:
     x = kv.to(torch.bfloat16).float()
     tiles = x[..., :MLA_LATENT].reshape(*lead, 4, GROUP)
     scale = mla_fp8_scale(tiles.abs().amax(dim=-1))                        # [..., 4]
-    codes = (tiles / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # [..., 4, 128]
+    codes = _nan_code_sign((tiles / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8), tiles)  # [..., 4, 128]
     out = torch.empty(*lead, MLA_FP8_BYTES, dtype=torch.uint8, device=kv.device)
     out[..., :MLA_LATENT] = codes.reshape(*lead, MLA_LATENT).view(torch.uint8)
     out[..., MLA_LATENT:MLA_LATENT + 16] = scale.contiguous().view(torch.uint8).reshape(*lead, 16)
@@ -410,7 +420,8 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     Query i of s_q sees keys [0, seqlen - s_q + i] when causal, all seqlen keys otherwise.
     Returns out [B, s_q, H, 512] in q's dtype (computed in fp32) and lse fp32 [B, H, s_q]
     (natural log of the softmax denominator of the scaled scores). A query with no visible key
-    gets out = 0 and lse = +inf.
+    gets out = 0 and lse = +inf. A query with a non-finite visible score (NaN or Inf in q or in
+    a visible cache row) gets out = NaN and lse = NaN: bad inputs are never hidden.
     """
     B, s_q, H, _ = q.shape
     bs = cache.shape[1]
@@ -423,15 +434,16 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
         blocks = block_table[b, : math.ceil(L / bs)].long()
         kv = mla_cache_dequantize(cache[blocks]).reshape(-1, MLA_DIM)[:L]          # [L, 576]
         scores = torch.einsum("qhd,kd->hqk", q[b].float(), kv) * softmax_scale      # [H, s_q, L]
-        if causal:
-            last = L - s_q + torch.arange(s_q, device=q.device)                       # last visible key
-            hidden = torch.arange(L, device=q.device)[None, :] > last[:, None]       # [s_q, L]
-            scores = scores.masked_fill(hidden, float("-inf"))
+        last = L - s_q + torch.arange(s_q, device=q.device) if causal else torch.full((s_q,), L - 1, device=q.device)
+        hidden = torch.arange(L, device=q.device)[None, :] > last[:, None]           # [s_q, L]
+        bad = (~torch.isfinite(scores)).masked_fill(hidden, False).any(-1)            # [H, s_q]
+        seen = (last >= 0).expand_as(bad) & ~bad                                       # a visible key, all finite
+        scores = scores.masked_fill(hidden | ~seen[..., None], float("-inf"))
         lse_b = torch.logsumexp(scores, dim=-1)                                       # [H, s_q]
-        seen = torch.isfinite(lse_b)
         p = torch.where(seen[..., None], torch.exp(scores - lse_b[..., None]), torch.zeros_like(scores))
-        out[b] = torch.einsum("hqk,kd->qhd", p, kv[:, :MLA_LATENT])
-        lse[b] = torch.where(seen, lse_b, torch.full_like(lse_b, float("inf")))
+        o = torch.einsum("hqk,kd->qhd", p, kv[:, :MLA_LATENT].nan_to_num(0.0))        # hidden rows may hold NaN
+        out[b] = o.masked_fill(bad.transpose(0, 1)[..., None], float("nan"))
+        lse[b] = torch.where(seen, lse_b, torch.full_like(lse_b, float("nan")).masked_fill(~bad, float("inf")))
     return out.to(q.dtype), lse
 # ------------------------------------------------------------------------------------- gemm
 def _fp8_gemm_rows(a, a_scale, b, b_scale) -> torch.Tensor:

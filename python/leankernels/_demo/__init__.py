@@ -69,6 +69,7 @@ def main(device: str | None = None, quick: bool = False, sections=None, preset: 
                  f"{cfg['n_routed_experts']} experts x {cfg['moe_intermediate_size']} top-{cfg['num_experts_per_tok']}, "
                  f"{cfg['scoring_func']}) ({time.perf_counter() - t0:.1f} s)")
         print_table(block_demo.rows(r), title)
+        print(block_demo.legend(r))
         figures["block"] = r
         ok &= r["check"]["passed"]
         if plot_path:

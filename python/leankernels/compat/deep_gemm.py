@@ -8,6 +8,8 @@
     deep_gemm.fp8_gemm_nt((x_fp8, x_sf), (w_fp8, w_sf), d)               # d = x @ w.T
     deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_sf), (b, b_sf), d, m_indices)
     deep_gemm.m_grouped_fp8_gemm_nt_masked((a, a_sf), (b, b_sf), d, masked_m, expected_m)
+    deep_gemm.fp8_gemm_nn / fp8_gemm_tn / fp8_gemm_tt, m_grouped_fp8_gemm_nn_contiguous  # other layouts
+    deep_gemm.calc_diff(d, ref), deep_gemm.set_num_sms(n) / get_num_sms()              # test helpers
 
 Same signatures as DeepGEMM (operands as ``(tensor, scale)`` tuples, the output ``d`` passed in
 and written in place, nothing returned), backed by leankernels.fp8_gemm / fp8_grouped_gemm /
@@ -64,6 +66,48 @@ def get_mk_alignment_for_contiguous_layout() -> int:
     """DeepGEMM's per-expert row alignment of the contiguous layout (128). leankernels does not
     need it, but code that pads with it keeps working."""
     return GRAN
+
+
+def get_m_alignment_for_contiguous_layout() -> int:
+    """DeepGEMM's first-release name of get_mk_alignment_for_contiguous_layout (128)."""
+    return GRAN
+
+
+_num_sms: Optional[int] = None
+
+
+def set_num_sms(num_sms: int) -> None:
+    """DeepGEMM's SM budget for its persistent kernels. leankernels' GEMMs size their grids
+    from the shapes, so the value is only validated (0 < num_sms <= the device's SMs on CUDA)
+    and returned by get_num_sms; it does not limit the kernels."""
+    if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1:
+        raise ValueError(f"num_sms must be an int >= 1; got {num_sms!r}")
+    if torch.cuda.is_available() and num_sms > _device_sms():
+        raise ValueError(f"num_sms = {num_sms} exceeds this GPU's {_device_sms()} SMs")
+    global _num_sms
+    _num_sms = num_sms
+
+
+def get_num_sms() -> int:
+    """The value given to set_num_sms, else the current GPU's SM count (132, an H100's, without
+    CUDA, as leankernels.compat.flash_mla assumes)."""
+    return _num_sms if _num_sms is not None else _device_sms()
+
+
+def _device_sms() -> int:
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """DeepGEMM's accuracy metric (deep_gemm.testing.calc_diff): ``1 - 2*sum(x*y) / sum(x^2+y^2)``
+    in float64 (0 when both are all zeros); its tests pass GEMMs below 1e-3."""
+    x, y = x.double(), y.double()
+    denominator = (x * x + y * y).sum()
+    if denominator == 0:
+        return torch.zeros((), dtype=torch.float64)
+    return 1 - 2 * (x * y).sum() / denominator
 
 
 def get_tma_aligned_size(x: int, element_size: int) -> int:
@@ -299,6 +343,57 @@ def m_grouped_fp8_gemm_nt_masked(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[
         d.copy_(tmp)
 
 
+# The other layouts: DeepGEMM's nn / tn / tt take the transposed operand as a K-by-MN tensor
+# (MN-major), its scales transposed the same way, and are views onto the NT GEMM. The letter
+# pairs name a then b: "n" = as stored for NT (a [M, K], b [N, K]), "t" = transposed
+# (a [K, M] with scales [ceil(K/128), M]; b [K, N] with scales [ceil(K/128), ceil(N/128)]).
+def _t(name: str, t):
+    x, sf = _pair(name, t)
+    if x.dim() != 2 or not isinstance(sf, torch.Tensor) or sf.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D (tensor, scale) pair; got {tuple(x.shape)}")
+    return x.t(), sf.t()
+
+
+def fp8_gemm_nn(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[torch.Tensor, torch.Tensor], d: torch.Tensor,
+                c: Optional[torch.Tensor] = None, recipe: Optional[Tuple[int, int, int]] = None,
+                compiled_dims: str = "nk", disable_ue8m0_cast: bool = False) -> None:
+    """``d = a @ b`` (``+ c``): a = (``[M, K]``, ``[M, ceil(K/128)]``), b = (``[K, N]``,
+    ``[ceil(K/128), ceil(N/128)]``); otherwise as fp8_gemm_nt."""
+    fp8_gemm_nt(a, _t("b", b), d, c=c, recipe=recipe, compiled_dims=compiled_dims,
+                disable_ue8m0_cast=disable_ue8m0_cast)
+
+
+def fp8_gemm_tn(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[torch.Tensor, torch.Tensor], d: torch.Tensor,
+                c: Optional[torch.Tensor] = None, recipe: Optional[Tuple[int, int, int]] = None,
+                compiled_dims: str = "mn", disable_ue8m0_cast: bool = False) -> None:
+    """``d = a.T @ b`` (``+ c``): a = (``[K, M]``, ``[ceil(K/128), M]``), b = (``[K, N]``,
+    ``[ceil(K/128), ceil(N/128)]``); otherwise as fp8_gemm_nt."""
+    fp8_gemm_nt(_t("a", a), _t("b", b), d, c=c, recipe=recipe, compiled_dims=compiled_dims,
+                disable_ue8m0_cast=disable_ue8m0_cast)
+
+
+def fp8_gemm_tt(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[torch.Tensor, torch.Tensor], d: torch.Tensor,
+                c: Optional[torch.Tensor] = None, recipe: Optional[Tuple[int, int, int]] = None,
+                compiled_dims: str = "mn", disable_ue8m0_cast: bool = False) -> None:
+    """``d = a.T @ b.T`` (``+ c``): a = (``[K, M]``, ``[ceil(K/128), M]``), b = (``[N, K]``,
+    ``[ceil(N/128), ceil(K/128)]``); otherwise as fp8_gemm_nt."""
+    fp8_gemm_nt(_t("a", a), b, d, c=c, recipe=recipe, compiled_dims=compiled_dims,
+                disable_ue8m0_cast=disable_ue8m0_cast)
+
+
+def m_grouped_fp8_gemm_nn_contiguous(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[torch.Tensor, torch.Tensor],
+                                     d: torch.Tensor, m_indices: torch.Tensor,
+                                     recipe: Optional[Tuple[int, int, int]] = None, compiled_dims: str = "nk",
+                                     disable_ue8m0_cast: bool = False) -> None:
+    """m_grouped_fp8_gemm_nt_contiguous with b stored N-major: b = (``[E, K, N]``,
+    ``[E, ceil(K/128), ceil(N/128)]``), ``d[r] = a[r] @ b[m_indices[r]]``."""
+    bx, bsf = _pair("b", b)
+    if bx.dim() != 3 or not isinstance(bsf, torch.Tensor) or bsf.dim() != 3:
+        raise ValueError(f"b must be a 3-D (tensor, scale) pair [E, K, N]; got {tuple(bx.shape)}")
+    m_grouped_fp8_gemm_nt_contiguous(a, (bx.transpose(1, 2), bsf.transpose(1, 2)), d, m_indices, recipe=recipe,
+                                     compiled_dims=compiled_dims, disable_ue8m0_cast=disable_ue8m0_cast)
+
+
 # DeepGEMM's first-release names (bf16 output)
 def gemm_fp8_fp8_bf16_nt(lhs, rhs, out) -> None:
     fp8_gemm_nt(lhs, rhs, out)
@@ -316,7 +411,9 @@ __all__ = ["fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gem
            "per_token_cast_to_fp8", "per_block_cast_to_fp8", "ceil_to_ue8m0", "pack_ue8m0_to_int",
            "get_mk_alignment_for_contiguous_layout", "get_tma_aligned_size", "get_mn_major_tma_aligned_tensor",
            "get_col_major_tma_aligned_tensor", "gemm_fp8_fp8_bf16_nt", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
-           "m_grouped_gemm_fp8_fp8_bf16_nt_masked", "ceil_div", "align"]
+           "m_grouped_gemm_fp8_fp8_bf16_nt_masked", "ceil_div", "align",
+           "fp8_gemm_nn", "fp8_gemm_tn", "fp8_gemm_tt", "m_grouped_fp8_gemm_nn_contiguous",
+           "get_m_alignment_for_contiguous_layout", "set_num_sms", "get_num_sms", "calc_diff"]
 
 
 # ========================================================================================

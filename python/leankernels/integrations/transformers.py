@@ -1,4 +1,4 @@
-"""Hugging Face transformers integration: MoE experts, DeepSeek-V3 router and MLA decode.
+"""Hugging Face transformers integration: MoE experts, DeepSeek-V2/V3 routers and MLA decode.
 
 Needs transformers >= 5.13 (CI tests 5.13 and the newest release; see TESTED_RANGE).
 
@@ -12,9 +12,10 @@ Three pieces, usable separately:
        # or: model.set_experts_implementation("leankernels")
        # or: DeepseekV3Config(..., experts_implementation="leankernels")
 
-   Any ``@use_experts_implementation`` experts module with concatenated ``gate_up_proj``
-   ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` (tested on DeepSeek-V3; other models with this
-   layout, e.g. Mixtral or Qwen-MoE, take the same path but are untested) then runs
+   Any ``@use_experts_implementation`` experts module with ``gate_up_proj`` ``[E, 2I, H]`` and
+   ``down_proj`` ``[E, H, I]`` (or transposed, ``[E, H, 2I]`` / ``[E, I, H]``), optional
+   per-expert biases, and its own gate activation (concatenated or interleaved gate/up columns):
+   tested on tiny Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V2, DeepSeek-V3 and GPT-OSS models, then runs
    plan -> permute -> grouped GEMM (gate/up) -> gate activation -> grouped GEMM (down) ->
    unpermute. Two modes (``set_experts_mode``, or ``config.leankernels_experts_mode``):
 
@@ -26,20 +27,22 @@ Three pieces, usable separately:
      dtype (bf16 or fp32) with ``torch.nn.functional.linear``, as transformers' eager experts
      do, so results match the unpatched model to rounding.
 
-   Modules the path does not cover (biases, transposed or interleaved weights, no gate, post
-   expert norm, expert parallelism) and calls that need gradients fall back to transformers'
-   ``grouped_mm`` implementation (the leankernels ops have no autograd).
+   Modules the path does not cover (no gate, a norm after each expert, expert parallelism,
+   quantized/replaced weight tensors) fall back to transformers' ``grouped_mm`` implementation
+   with one RuntimeWarning per class naming the reason; calls that need gradients fall back
+   silently (the leankernels ops have no autograd: that is the documented training path).
 
-2. ``LeanKernelsDeepseekV3TopkRouter``: DeepSeek-V3's group-limited sigmoid router on ``route``
-   (same logits, same chosen experts, weights equal to fp32 rounding; ids come back sorted by
-   descending score rather than in torch.topk's unsorted order).
+2. ``LeanKernelsDeepseekV3TopkRouter`` / ``LeanKernelsDeepseekV2TopkRouter``: DeepSeek-V3's
+   group-limited sigmoid router and DeepSeek-V2's softmax greedy / group-limited greedy router
+   on ``route`` (same logits, same chosen experts, weights equal to fp32 rounding; ids come back
+   sorted by descending score rather than in torch.topk's unsorted order).
 
-3. ``LeanKernelsDeepseekV3Attention`` + ``MLALatentCache``: the cache keeps, per layer, only
-   DeepSeek-V3's 576-value latent rows (512 normalised latent + 64 rotated RoPE key) in a paged
+3. ``LeanKernelsDeepseekV3Attention`` / ``LeanKernelsDeepseekV2Attention`` + ``MLALatentCache``:
+   the cache keeps, per layer, only DeepSeek's 576-value latent rows (512 normalised latent + 64 rotated RoPE key) in a paged
    ``LatentCache`` (bf16, or FlashMLA's FP8 format with ``fp8_cache=True``), written with
    ``mla_append``. Prefill (an empty cache) runs decompressed attention on the fresh latents
    through transformers' attention interface (sdpa / eager / ...); every later step appends its rows and attends with ``mla_decode`` on absorbed
-   queries (W_UK folded into q, W_UV applied to the latent output). ``patch_deepseek_v3`` makes
+   queries (W_UK folded into q, W_UV applied to the latent output). ``patch_deepseek`` makes
    ``generate()`` create this cache automatically.
 
 Limitations: inference only (no autograd through the kernels; calls needing gradients take
@@ -65,6 +68,7 @@ try:
     import transformers
     from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
     from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as _dsv2
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as _dsv3
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError("leankernels.integrations.transformers needs transformers >= 5.13 "
@@ -145,13 +149,34 @@ def experts_mode(mode: str):
         set_experts_mode(old)
 
 
-def _covered(experts) -> bool:
-    return (getattr(experts, "has_gate", True) and not getattr(experts, "has_bias", False)
-            and not getattr(experts, "is_transposed", False) and getattr(experts, "is_concatenated", True)
-            and not getattr(experts, "has_post_expert_norm", False)
-            and not getattr(experts, "_is_expert_parallel", False)
-            and isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
-            and isinstance(getattr(experts, "down_proj", None), torch.Tensor))
+def _unsupported(experts) -> str | None:
+    """Why the leankernels path cannot run this experts module (None: it can)."""
+    if not getattr(experts, "has_gate", True):
+        return "no gate (up_proj + activation experts)"
+    if getattr(experts, "has_post_expert_norm", False):
+        return "a norm after each expert"
+    if getattr(experts, "_is_expert_parallel", False):
+        return "expert parallelism (sentinel expert ids)"
+    names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias")
+                                             if getattr(experts, "has_bias", False) else ())
+    for name in names:
+        if not isinstance(getattr(experts, name, None), torch.Tensor) or getattr(experts, name).dim() not in (2, 3):
+            return f"no {name} weight tensor (quantized or replaced experts)"
+    return None
+
+
+_warned: set = set()
+
+
+def _fall_back(experts, reason: str):
+    """transformers' grouped_mm path, with one warning per experts class and reason."""
+    key = (type(experts).__name__, reason)
+    if key not in _warned:
+        _warned.add(key)
+        import warnings
+        warnings.warn(f"experts_implementation='leankernels': {type(experts).__name__} has {reason}; these experts "
+                      "run on transformers' grouped_mm path instead", RuntimeWarning, stacklevel=3)
+    return grouped_mm_experts_forward
 
 
 def _weight_key(t: torch.Tensor):
@@ -171,28 +196,50 @@ def _cached_on(module, name: str, weights, build):
     return cached[1]
 
 
+def _nk(experts, name: str) -> torch.Tensor:
+    """An expert weight as ``[E, N, K]`` (out x in): transposed modules (GPT-OSS) store ``[E, K, N]``."""
+    w = getattr(experts, name)
+    return w.transpose(-1, -2) if getattr(experts, "is_transposed", False) else w
+
+
 def fp8_expert_weights(experts):
-    """``(gate_up, gate_up_scale, down, down_scale)``: the module's expert weights in FP8 with
-    128x128 block scales, quantized on first use and cached on the module; a new or modified
-    weight tensor (in-place update, load_state_dict, .to()) is re-quantized on the next call."""
+    """``(gate_up, gate_up_scale, down, down_scale)``: the module's expert weights as ``[E, N, K]``
+    in FP8 with 128x128 block scales, quantized on first use and cached on the module; a new or
+    modified weight tensor (in-place update, load_state_dict, .to()) is re-quantized on the next
+    call."""
     gu, dn = experts.gate_up_proj, experts.down_proj
     return _cached_on(experts, "_leankernels_fp8", (gu, dn),
-                      lambda: (*quantize_fp8(gu.detach(), (128, 128)), *quantize_fp8(dn.detach(), (128, 128))))
+                      lambda: (*quantize_fp8(_nk(experts, "gate_up_proj").detach().contiguous(), (128, 128)),
+                               *quantize_fp8(_nk(experts, "down_proj").detach().contiguous(), (128, 128))))
 
 
 def _dense_grouped(experts, x: torch.Tensor, p) -> torch.Tensor:
-    """Expert-sorted rows through each expert's gate/up and down matmuls in the weights' dtype."""
-    w1, w2 = experts.gate_up_proj, experts.down_proj
+    """Expert-sorted rows through each expert's gate/up and down matmuls in the weights' dtype,
+    as transformers' eager experts compute them (``x @ w + b`` for transposed weights)."""
+    w1, w2 = _nk(experts, "gate_up_proj"), _nk(experts, "down_proj")
+    b1, b2 = _biases(experts)
     x = x.to(w1.dtype)
     y = x.new_zeros(x.shape[0], w2.shape[1])
     ends = p.offs.tolist()  # one host sync; F.linear per expert is the exact eager computation
     start = 0
     for e, end in enumerate(ends):
         if end > start:
-            h = experts._apply_gate(F.linear(x[start:end], w1[e]))
-            y[start:end] = F.linear(h, w2[e])
+            h = experts._apply_gate(F.linear(x[start:end], w1[e], None if b1 is None else b1[e]))
+            y[start:end] = F.linear(h, w2[e], None if b2 is None else b2[e])
         start = end
     return y
+
+
+def _biases(experts):
+    if not getattr(experts, "has_bias", False):
+        return None, None
+    return experts.gate_up_proj_bias, experts.down_proj_bias
+
+
+def _row_experts(p, num_experts: int) -> torch.Tensor:
+    """The expert of each permuted row (from offs, on the device; rows past offs[-1] get the last)."""
+    rows = torch.arange(p.row_token.shape[0], device=p.offs.device, dtype=p.offs.dtype)
+    return torch.searchsorted(p.offs, rows, right=True).clamp_(max=num_experts - 1)
 
 
 def leankernels_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -200,7 +247,10 @@ def leankernels_experts_forward(self, hidden_states: torch.Tensor, top_k_index: 
     """The ``"leankernels"`` experts implementation (transformers' experts forward signature).
 
     Args:
-        self: the experts module (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``).
+        self: the experts module: ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``, or
+            transposed ``[E, H, 2I]`` / ``[E, I, H]`` (``is_transposed``, GPT-OSS), optional
+            ``gate_up_proj_bias [E, 2I]`` / ``down_proj_bias [E, H]`` (``has_bias``); the
+            module's own ``_apply_gate`` (any gate/up column order: concatenated or interleaved).
         hidden_states: ``[T, H]`` tokens.
         top_k_index: ``[T, k]`` expert ids (ids outside ``[0, E)`` are dropped).
         top_k_weights: ``[T, k]`` gate weights.
@@ -210,16 +260,26 @@ def leankernels_experts_forward(self, hidden_states: torch.Tensor, top_k_index: 
     """
     needs_grad = torch.is_grad_enabled() and (
         hidden_states.requires_grad or top_k_weights.requires_grad
-        or self.gate_up_proj.requires_grad or self.down_proj.requires_grad)
-    if needs_grad or not _covered(self):
+        or any(t.requires_grad for t in self.parameters(recurse=False)))
+    if needs_grad:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    p = plan(top_k_index, self.gate_up_proj.shape[0])
+    reason = _unsupported(self)
+    if reason is not None:
+        return _fall_back(self, reason)(self, hidden_states, top_k_index, top_k_weights)
+    E = self.gate_up_proj.shape[0]
+    p = plan(top_k_index, E)
     if get_experts_mode(self) == "fp8":
         w1, s1, w2, s2 = fp8_expert_weights(self)
+        b1, b2 = _biases(self)
+        row_e = _row_experts(p, E) if b1 is not None else None
         a, a_scale = permute(hidden_states, p, quantize=True)
-        h = self._apply_gate(fp8_grouped_gemm(a, a_scale, w1, s1, p.offs, out_dtype=torch.float32))
-        hq, h_scale = quantize_fp8(h, (1, 128))
+        h = fp8_grouped_gemm(a, a_scale, w1, s1, p.offs, out_dtype=torch.float32)
+        if b1 is not None:
+            h += b1.float()[row_e]
+        hq, h_scale = quantize_fp8(self._apply_gate(h), (1, 128))
         y = fp8_grouped_gemm(hq, h_scale, w2, s2, p.offs, out_dtype=torch.float32)
+        if b2 is not None:
+            y += b2.float()[row_e]
     else:
         y = _dense_grouped(self, permute(hidden_states, p), p)
     return unpermute(y, p, top_k_weights).to(hidden_states.dtype)
@@ -276,6 +336,31 @@ class LeanKernelsDeepseekV3TopkRouter(_dsv3.DeepseekV3TopkRouter):
         weights, ids = route(router_logits, self.top_k, score="sigmoid", bias=self.e_score_correction_bias,
                              n_group=int(self.num_group), topk_group=int(self.topk_group),
                              renormalize=bool(self.norm_topk_prob), scale=float(self.routed_scaling_factor))
+        return router_logits, weights, ids.long()
+
+
+class LeanKernelsDeepseekV2TopkRouter(_dsv2.DeepseekV2TopkRouter):
+    """DeepSeek-V2's TopkRouter on ``leankernels.route``: softmax scores over all experts, then
+    ``topk_method="greedy"`` (top_k of all) or ``"group_limited_greedy"`` (groups scored by their
+    best expert, the best topk_group groups kept, top_k among them); weights are the softmax
+    scores themselves (no renormalisation) times routed_scaling_factor.
+
+    Returns ``(router_logits fp32 [T, E], weights fp32 [T, k], ids int64 [T, k])`` like the
+    original (ids sorted by descending score). Calls that need gradients use the original forward.
+    """
+
+    METHODS = ("greedy", "group_limited_greedy")
+
+    def forward(self, hidden_states):
+        if torch.is_grad_enabled() and (self.weight.requires_grad or hidden_states.requires_grad):
+            return super().forward(hidden_states)
+        hidden_states = hidden_states.view(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+        grouped = self.topk_method == "group_limited_greedy"
+        weights, ids = route(router_logits, self.top_k, score="softmax",
+                             n_group=int(self.num_group) if grouped else 1,
+                             topk_group=int(self.topk_group) if grouped else 1,
+                             renormalize=False, scale=float(self.routed_scaling_factor))
         return router_logits, weights, ids.long()
 
 # ------------------------------------------------------------------------------- latent cache
@@ -369,7 +454,7 @@ class LatentCacheLayer(CacheLayerMixin):
                 or value_states.shape[-1] != ROPE:
             raise ValueError("MLALatentCache.update expects DeepSeek-V3 latents ([B, 1, S, 512] and [B, 1, S, 64]); "
                              f"got {tuple(key_states.shape)} and {tuple(value_states.shape)} (this transformers "
-                             "version caches decompressed keys: use patch_deepseek_v3's attention)")
+                             "version caches decompressed keys: use patch_deepseek's attention)")
         past = self.seq_len
         self.append_rows(key_states[:, 0], value_states[:, 0])
         if past == 0:
@@ -428,7 +513,7 @@ class MLALatentCache(Cache):
             1: results independent of the CPU thread count / GPU size).
 
     Pass it as ``cache`` (``past_key_values`` before transformers 5.24) to ``model(...)`` / ``model.generate(...)``, or let a model
-    patched with ``patch_deepseek_v3`` create it inside ``generate()``.
+    patched with ``patch_deepseek`` create it inside ``generate()``.
     """
 
     def __init__(self, config=None, num_layers: int | None = None, block_size: int = 64, fp8: bool = False,
@@ -463,9 +548,9 @@ def _assert_unpadded(mask) -> None:
                                   "not supported during decode; run unpadded sequences of equal length")
 
 
-class LeanKernelsDeepseekV3Attention(_dsv3.DeepseekV3Attention):
-    """DeepSeek-V3 attention that keeps only latent rows in an ``MLALatentCache`` and decodes from
-    them with ``mla_decode``.
+class _LatentMLA:
+    """The latent-cache MLA shared by the DeepSeek-V2 and V3 attention classes below (they differ
+    in RoPE and in the forward's argument order).
 
     Prefill (this layer's cache is empty): the step's latent rows are appended with
     ``mla_append`` and attention runs decompressed, on the fresh (unrounded) latents, through
@@ -489,9 +574,7 @@ class LeanKernelsDeepseekV3Attention(_dsv3.DeepseekV3Attention):
                                      [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv_nope = self.kv_a_layernorm(kv_nope)
         k_rot = k_rot.view(B, 1, S, self.qk_rope_head_dim)
-        cos, sin = position_embeddings
-        rope = _dsv3.apply_rotary_pos_emb_interleave if self.config.rope_interleave else _dsv3.apply_rotary_pos_emb
-        q_rot, k_rot = rope(q_rot, k_rot, cos, sin)
+        q_rot, k_rot = self._rope(q_rot, k_rot, position_embeddings)
         return q_pass, q_rot, kv_nope, k_rot  # [B,H,S,nope], [B,H,S,64], [B,S,512], [B,1,S,64]
 
     def _prefill(self, q_pass, q_rot, kv_nope, k_rot, attention_mask, **kwargs):
@@ -501,7 +584,8 @@ class LeanKernelsDeepseekV3Attention(_dsv3.DeepseekV3Attention):
         key = torch.cat([k_nope, k_rot.expand(-1, self.num_heads, -1, -1)], dim=-1)
         query = torch.cat([q_pass, q_rot], dim=-1)
         impl = self.config._attn_implementation
-        fn = _dsv3.eager_attention_forward if impl in (None, "eager") else _dsv3.ALL_ATTENTION_FUNCTIONS[impl]
+        modeling = self._modeling
+        fn = modeling.eager_attention_forward if impl in (None, "eager") else modeling.ALL_ATTENTION_FUNCTIONS[impl]
         pad = self.qk_head_dim - self.v_head_dim if "flash" in str(impl) else 0  # flash kernels: equal head dims
         if pad > 0:
             value = F.pad(value, [0, pad])
@@ -534,13 +618,7 @@ class LeanKernelsDeepseekV3Attention(_dsv3.DeepseekV3Attention):
         o = torch.bmm(out.float().permute(2, 0, 1, 3).reshape(H, B * S, LATENT), w_uv_t)  # [H, B*S, v]
         return o.view(H, B, S, self.v_head_dim).permute(1, 2, 0, 3).reshape(B, S, H * self.v_head_dim)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, past_key_values=None,
-                **kwargs):
-        # Either name is accepted (transformers 5.24 renamed past_key_values to cache); the
-        # original layer gets the one its release expects.
-        cache = cache if cache is not None else past_key_values
-        if not isinstance(cache, MLALatentCache):
-            return super().forward(hidden_states, position_embeddings, attention_mask, **{CACHE_ARG: cache}, **kwargs)
+    def _latent_forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs):
         layer = cache.layers[self.layer_idx]
         q_pass, q_rot, kv_nope, k_rot = self._project(hidden_states, position_embeddings)
         past = layer.get_seq_length()
@@ -554,14 +632,58 @@ class LeanKernelsDeepseekV3Attention(_dsv3.DeepseekV3Attention):
         return self.o_proj(out.to(hidden_states.dtype)), None
 
 
+class LeanKernelsDeepseekV3Attention(_LatentMLA, _dsv3.DeepseekV3Attention):
+    """DeepSeek-V3 attention that keeps only latent rows in an ``MLALatentCache`` and decodes from
+    them with ``mla_decode`` (see ``_LatentMLA``); RoPE on (cos, sin), interleaved or not as the
+    config says."""
+
+    _modeling = _dsv3
+
+    def _rope(self, q_rot, k_rot, position_embeddings):
+        cos, sin = position_embeddings
+        rope = _dsv3.apply_rotary_pos_emb_interleave if self.config.rope_interleave else _dsv3.apply_rotary_pos_emb
+        return rope(q_rot, k_rot, cos, sin)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, past_key_values=None,
+                **kwargs):
+        # Either name is accepted (transformers 5.24 renamed past_key_values to cache); the
+        # original layer gets the one its release expects.
+        cache = cache if cache is not None else past_key_values
+        if not isinstance(cache, MLALatentCache):
+            return super().forward(hidden_states, position_embeddings, attention_mask, **{CACHE_ARG: cache}, **kwargs)
+        return self._latent_forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+
+
+class LeanKernelsDeepseekV2Attention(_LatentMLA, _dsv2.DeepseekV2Attention):
+    """DeepSeek-V2 / V2-Lite attention on the latent cache (see ``_LatentMLA``): q from q_proj
+    when q_lora_rank is None (V2-Lite) or the q LoRA pair (V2); RoPE on V2's complex
+    ``freqs_cis`` (pairs of adjacent values rotated)."""
+
+    _modeling = _dsv2
+
+    def _rope(self, q_rot, k_rot, position_embeddings):
+        return _dsv2.apply_rotary_emb(q_rot, k_rot, position_embeddings.to(q_rot.device))
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, position_embeddings=None,
+                past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if not isinstance(cache, MLALatentCache):
+            return super().forward(hidden_states, attention_mask, position_embeddings=position_embeddings,
+                                   **{CACHE_ARG: cache}, **kwargs)
+        return self._latent_forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+
+
 # ------------------------------------------------------------------------------------- patch
 
 
+# model_type -> kind -> (transformers class, leankernels class)
 _SWAPS = {
-    "router": (_dsv3.DeepseekV3TopkRouter, LeanKernelsDeepseekV3TopkRouter),
-    "attention": (_dsv3.DeepseekV3Attention, LeanKernelsDeepseekV3Attention),
-    "linears": (torch.nn.Linear, LeanKernelsFp8Linear),
+    "deepseek_v3": {"router": (_dsv3.DeepseekV3TopkRouter, LeanKernelsDeepseekV3TopkRouter),
+                    "attention": (_dsv3.DeepseekV3Attention, LeanKernelsDeepseekV3Attention)},
+    "deepseek_v2": {"router": (_dsv2.DeepseekV2TopkRouter, LeanKernelsDeepseekV2TopkRouter),
+                    "attention": (_dsv2.DeepseekV2Attention, LeanKernelsDeepseekV2Attention)},
 }
+_LINEARS = (torch.nn.Linear, LeanKernelsFp8Linear)
 
 
 def _generate_cache_hook(model, original):
@@ -575,16 +697,18 @@ def _generate_cache_hook(model, original):
     return types.MethodType(_prepare_cache_for_generation, model)
 
 
-def patch_deepseek_v3(model, experts: bool = True, router: bool = True, attention: bool = True,
+def patch_deepseek(model, experts: bool = True, router: bool = True, attention: bool = True,
                       experts_mode: str | None = None, cache_block_size: int = 64, fp8_cache: bool = False,
                       decode_num_splits: int | None = None, linears: bool = False):
-    """Run a transformers DeepSeek-V3 model (``DeepseekV3ForCausalLM`` / ``DeepseekV3Model``) on
-    leankernels, in place; returns the model.
+    """Run a transformers DeepSeek-V2 / V2-Lite / V3 model (``DeepseekV2ForCausalLM``,
+    ``DeepseekV3ForCausalLM``, their ``*Model``) on leankernels, in place; returns the model.
 
     Args:
         experts: ``model.set_experts_implementation("leankernels")`` (FP8 grouped GEMM experts).
-        router: swap every ``DeepseekV3TopkRouter`` for ``LeanKernelsDeepseekV3TopkRouter``.
-        attention: swap every ``DeepseekV3Attention`` for ``LeanKernelsDeepseekV3Attention`` and
+        router: swap every ``DeepseekV3TopkRouter`` / ``DeepseekV2TopkRouter`` for
+            ``LeanKernelsDeepseekV3TopkRouter`` / ``LeanKernelsDeepseekV2TopkRouter``.
+        attention: swap every ``DeepseekV3Attention`` / ``DeepseekV2Attention`` for the
+            ``LeanKernelsDeepseekV3Attention`` / ``LeanKernelsDeepseekV2Attention`` latent-cache layer and
             make ``generate()`` use an ``MLALatentCache`` (unless a cache or
             ``cache_implementation`` is given).
         experts_mode: ``"fp8"`` or ``"bf16"``: stored as ``config.leankernels_experts_mode``
@@ -597,9 +721,22 @@ def patch_deepseek_v3(model, experts: bool = True, router: bool = True, attentio
             experts'; on a CPU it is what makes a whole decode step memory-light.
 
     Swaps change the modules' classes only: parameters, buffers, state_dict keys and hooks are
-    untouched; ``unpatch_deepseek_v3`` reverts them.
+    untouched; ``unpatch_deepseek`` reverts them. Any other model type raises ValueError; a
+    DeepSeek-V2 router with a ``topk_method`` other than greedy / group_limited_greedy keeps
+    transformers' router (with a warning).
     """
     config = model.config
+    swaps = _SWAPS.get(getattr(config, "model_type", None))
+    if swaps is None:
+        raise ValueError(f"patch_deepseek patches DeepSeek-V2 / V3 models (model_type in {sorted(_SWAPS)}); got "
+                         f"{getattr(config, 'model_type', None)!r}. Other MoE models: experts_implementation='leankernels'")
+    if router and getattr(config, "topk_method", "greedy") not in LeanKernelsDeepseekV2TopkRouter.METHODS \
+            and config.model_type == "deepseek_v2":
+        import warnings
+        warnings.warn(f"patch_deepseek: topk_method={config.topk_method!r} is not one of "
+                      f"{LeanKernelsDeepseekV2TopkRouter.METHODS}; the router stays transformers'", RuntimeWarning,
+                      stacklevel=2)
+        router = False
     if experts_mode is not None:
         if experts_mode not in _MODES:
             raise ValueError(f"experts_mode must be one of {_MODES}; got {experts_mode!r}")
@@ -609,9 +746,10 @@ def patch_deepseek_v3(model, experts: bool = True, router: bool = True, attentio
                          f"(the MLA kernels' 576-value rows); got {config.kv_lora_rank} and {config.qk_rope_head_dim}")
     if experts:
         model.set_experts_implementation(IMPLEMENTATION)
+    table = dict(swaps, linears=_LINEARS)
     wanted = {"router": router, "attention": attention, "linears": linears}
     for m in model.modules():
-        for kind, (old, new) in _SWAPS.items():
+        for kind, (old, new) in table.items():
             if wanted[kind] and type(m) is old:
                 m.__class__ = new
     if attention:
@@ -622,11 +760,12 @@ def patch_deepseek_v3(model, experts: bool = True, router: bool = True, attentio
     return model
 
 
-def unpatch_deepseek_v3(model, experts_implementation: str | None = None):
-    """Undo ``patch_deepseek_v3``: original router/attention classes, transformers' default
+def unpatch_deepseek(model, experts_implementation: str | None = None):
+    """Undo ``patch_deepseek``: original router/attention/linear classes, transformers' default
     generate cache, and ``experts_implementation`` (default: transformers' default choice)."""
+    pairs = [pair for swaps in _SWAPS.values() for pair in swaps.values()] + [_LINEARS]
     for m in model.modules():
-        for old, new in _SWAPS.values():
+        for old, new in pairs:
             if type(m) is new:
                 m.__class__ = old
     model.__dict__.pop("_leankernels_cache_opts", None)
@@ -636,9 +775,15 @@ def unpatch_deepseek_v3(model, experts_implementation: str | None = None):
     return model
 
 
+# The first names (DeepSeek-V3 only); the same functions.
+patch_deepseek_v3 = patch_deepseek
+unpatch_deepseek_v3 = unpatch_deepseek
+
+
 __all__ = [
     "IMPLEMENTATION", "set_experts_mode", "get_experts_mode", "experts_mode", "fp8_expert_weights",
     "leankernels_experts_forward", "register", "LeanKernelsDeepseekV3TopkRouter", "LeanKernelsDeepseekV3Attention",
-    "LeanKernelsFp8Linear",
-    "LatentCacheLayer", "MLALatentCache", "patch_deepseek_v3", "unpatch_deepseek_v3",
+    "LeanKernelsDeepseekV2TopkRouter", "LeanKernelsDeepseekV2Attention", "LeanKernelsFp8Linear",
+    "LatentCacheLayer", "MLALatentCache", "patch_deepseek", "unpatch_deepseek", "patch_deepseek_v3",
+    "unpatch_deepseek_v3",
 ]

@@ -9,7 +9,9 @@ class DeepSeekConfig:
     """Dimensions of one DeepSeek-V3 decoder block (field names follow transformers' config).
 
     The MLA latent and RoPE widths are fixed by the latent-cache format (512 + 64); every other
-    size may be scaled down. ``V3`` holds the real model's values.
+    size may be scaled down. The defaults are a test-sized block (hidden 1024, 8 heads, 32 experts
+    top-4); the demo's presets are other sizes, named in ``leankernels._demo.block`` (``CPU``:
+    hidden 1024, 16 heads, 64 experts top-6; ``GPU``); ``V3`` holds the real model's values.
     """
     hidden_size: int = 1024
     num_attention_heads: int = 8

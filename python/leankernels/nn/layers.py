@@ -58,6 +58,11 @@ def _fp8_copy(master: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, key: l
     return q, scale
 
 
+def _fp8_zeros(*shape, device=None) -> torch.Tensor:
+    """float8_e4m3fn zeros as zero bytes (torch 2.4 has no fill kernel for float8 on the CPU)."""
+    return torch.zeros(*shape, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+
+
 # ------------------------------------------------------------------------------ Fp8Linear
 def fp8_linear_forward(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias, out_dtype):
     """``x [..., K] @ weight.T (+ bias)`` in ``out_dtype``: x quantized per call in 1x128 groups,
@@ -97,7 +102,7 @@ class Fp8Linear(nn.Module):
         if dtype not in _OUT:
             raise TypeError(f"dtype must be torch.bfloat16 or torch.float32; got {dtype!r}")
         self.in_features, self.out_features, self.dtype = int(in_features), int(out_features), dtype
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("weight", _fp8_zeros(out_features, in_features, device=device))
         self.register_buffer("weight_scale_inv", torch.ones(_cdiv(out_features, 128), _cdiv(in_features, 128),
                                                             dtype=torch.float32, device=device))
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
@@ -253,9 +258,9 @@ class MoE(nn.Module):
         self.gate_weight = nn.Parameter(torch.zeros(E, H, dtype=torch.float32, device=device), requires_grad=False)
         self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32, device=device)
                              if cfg.scoring_func == "sigmoid" else None)
-        self.register_buffer("w13", torch.zeros(E, 2 * I, H, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("w13", _fp8_zeros(E, 2 * I, H, device=device))
         self.register_buffer("w13_scale", torch.ones(E, _cdiv(2 * I, 128), _cdiv(H, 128), device=device))
-        self.register_buffer("w2", torch.zeros(E, H, I, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("w2", _fp8_zeros(E, H, I, device=device))
         self.register_buffer("w2_scale", torch.ones(E, _cdiv(H, 128), _cdiv(I, 128), device=device))
         self.register_parameter("w13_master", None)
         self.register_parameter("w2_master", None)
@@ -599,8 +604,9 @@ class MLAttention(nn.Module):
             if mode not in ("auto", "decompress"):
                 raise ValueError(f"cache=None (training prefill) runs the decompress path; got mode={mode!r}")
             return self._prefill(x)
-        if (self.kv_b_proj.weight.data_ptr(), self.kv_b_proj.weight._version) != self._absorbed_from:
-            self._absorb_weights()
+        if self._trainable and not torch.compiler.is_compiling() and \
+                (self.kv_b_proj.weight.data_ptr(), self.kv_b_proj.weight._version) != self._absorbed_from:
+            self._absorb_weights()   # kv_b_proj trained since the last absorption
         B, S, _ = x.shape
         if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
             raise TypeError("block_table must be an int32 tensor [B, max_blocks]")
