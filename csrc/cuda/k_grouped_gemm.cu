@@ -83,10 +83,11 @@ __global__ void __launch_bounds__(kThreads) k_grouped_gemm_kernel(
   for (int64_t t0 = start, col = k_group_first_column(start, e); t0 < end; t0 += kQuantGroup, ++col) {
     const int64_t t1 = t0 + kQuantGroup < end ? t0 + kQuantGroup : end;
     float acc[4][4] = {};
-    for (int64_t t = t0; t < t1; t += kStep) {
+    const int len = int(t1 - t0);  // <= 128: 32-bit slice counter (a 64-bit one made ptxas spill)
+    for (int off = 0; off < len; off += kStep) {
       __syncthreads();  // the previous slice is consumed
-      load_slice(as, a, m0, M, L, t, t1);
-      load_slice(bs, b, n0, N, L, t, t1);
+      load_slice(as, a, m0, M, L, t0 + off, t1);
+      load_slice(bs, b, n0, N, L, t0 + off, t1);
       __syncthreads();
 #pragma unroll 8
       for (int k = 0; k < kStep; ++k) {

@@ -13,7 +13,7 @@ __device__ __forceinline__ int64_t k_max64(int64_t x, int64_t y) { return x > y 
 
 // First token of expert e: max(0, offs[0..e-1] clamped). Called by every thread of the block
 // (block-wide reduction; `red` is 32 int64 of shared memory). e == E gives the last end.
-__device__ inline int64_t k_expert_start(const int32_t* __restrict__ offs, int64_t e, int64_t M, int64_t* red) {
+__device__ __forceinline__ int64_t k_expert_start(const int32_t* __restrict__ offs, int64_t e, int64_t M, int64_t* red) {
   int64_t m = 0;
   if (offs != nullptr)
     for (int64_t i = threadIdx.x; i < e; i += blockDim.x) m = k_max64(m, k_group_end(offs, i, M));
