@@ -69,7 +69,7 @@ from .gemm import fp8_grouped_gemm
 from .linear import fp8_grouped_linear
 from .nn.layers import MoE, SwiGLU, _fp8_copy, _no_grad_needed
 from .quant import dequantize_fp8, quantize_fp8
-from .routing import RoutePlan, permute, plan, unpermute, update_bias
+from .routing import RoutePlan, permute, plan, unpermute
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPE_CODE = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -735,18 +735,10 @@ class ExpertParallelMoE(nn.Module):
         y = fp8_grouped_linear(a, self.w2_master, h.offs, quantized=None if w2[0] is None else w2)
         return combine(y, h)
 
-    @torch.no_grad()
-    def balance(self, rate: float = 1e-3) -> torch.Tensor:
-        """MoE.balance over the group: the tokens each expert received from every rank since the
-        last call (all-reduced), then the same bias update on every rank. Collective: every
-        rank calls it together. Returns the global counts."""
-        if not self.trainable:
-            raise RuntimeError("balance() counts tokens in training forwards: build with trainable=True")
-        counts = self.load_counts.clone()
+    balance = MoE.balance   # with the counts summed over the group: every rank calls it together
+
+    def _global_counts(self, counts: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(counts, group=self.group)
-        if self.e_score_correction_bias is not None:
-            self.e_score_correction_bias.copy_(update_bias(self.e_score_correction_bias, counts, rate))
-        self.load_counts.zero_()
         return counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -393,13 +393,17 @@ class MoE(nn.Module):
     def balance(self, rate: float = 1e-3) -> torch.Tensor:
         """DeepSeek's aux-loss-free load balancing, between training steps: moves each expert's
         selection bias by ``rate`` towards the mean load (``update_bias``) using the tokens per
-        expert counted since the last call, then resets the count. Returns those counts."""
+        expert counted since the last call, then resets the count. Returns those counts. (The
+        expert-parallel layer sums the counts over its group first: a collective there.)"""
         if not self.trainable:
             raise RuntimeError("balance() counts tokens in training forwards: build the MoE with trainable=True")
-        counts = self.load_counts.clone()
+        counts = self._global_counts(self.load_counts.clone())
         if self.e_score_correction_bias is not None:
             self.e_score_correction_bias.copy_(update_bias(self.e_score_correction_bias, counts, rate))
         self.load_counts.zero_()
+        return counts
+
+    def _global_counts(self, counts: torch.Tensor) -> torch.Tensor:
         return counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
