@@ -9,7 +9,8 @@ three runs and trains each on the same batches from the same seed:
   fp32 master weights), with aux-loss-free load balancing (``MoE.balance`` between steps);
 * ``bf16``: the same model with fp32 master weights and bf16 compute (torch.autocast for the
   projections, bf16 ``F.grouped_mm`` experts), the same routing ops and the same balancing:
-  the baseline;
+  the baseline (both keep the residual stream and the norms in fp32, so the runs differ only
+  in the precision of their matrix products);
 * ``fp8_no_balance``: the FP8 run without bias updates, to show what balancing does to the
   expert load.
 
@@ -69,7 +70,7 @@ class TinyLM(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.cfg, self.fp8 = cfg, fp8
         self.embed = nn.Parameter(torch.randn(VOCAB, cfg.hidden_size, generator=g) * 0.02)
-        dtype = torch.bfloat16 if fp8 else torch.float32
+        dtype = torch.float32   # the residual stream and module outputs; the GEMMs run in FP8 or bf16
         self.blocks = nn.ModuleList(layers.DecoderBlock.from_float(b, dtype, fp8=fp8, trainable=True) for b in blocks)
         self.norm = plain.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         head = nn.Linear(cfg.hidden_size, VOCAB, bias=False)
@@ -82,8 +83,6 @@ class TinyLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed[tokens]
-        if self.fp8:
-            x = x.bfloat16()
         for b in self.blocks:
             x = b(x)
         return self.head(self.norm(x)).float()
