@@ -4,9 +4,11 @@ What it does: builds one byte-level LM (embedding, MLA + MoE decoder blocks with
 sigmoid gate and selection bias, a final norm, an LM head), copies its initial weights into
 three runs and trains each on the same batches from the same seed:
 
-* ``fp8``: every projection, expert and the LM head through leankernels' FP8 training ops
-  (DeepSeek-V3's recipe: 1x128 activation and 128x128 weight blocks in forward and backward,
-  fp32 master weights), with aux-loss-free load balancing (``MoE.balance`` between steps);
+* ``fp8``: every attention projection and expert (routed and shared) through leankernels' FP8
+  training ops (DeepSeek-V3's recipe: 1x128 activation and 128x128 weight blocks in forward
+  and backward, fp32 master weights), with aux-loss-free load balancing (``MoE.balance``
+  between steps); as in DeepSeek-V3, the embedding, the output head, the gate, the norms and
+  the attention core stay in higher precision (bf16 / fp32);
 * ``bf16``: the same model with fp32 master weights and bf16 compute (torch.autocast for the
   projections, bf16 ``F.grouped_mm`` experts), the same routing ops and the same balancing:
   the baseline (both keep the residual stream and the norms in fp32, so the runs differ only
@@ -76,7 +78,9 @@ class TinyLM(nn.Module):
         head = nn.Linear(cfg.hidden_size, VOCAB, bias=False)
         with torch.no_grad():
             head.weight.copy_(torch.randn(VOCAB, cfg.hidden_size, generator=g) / cfg.hidden_size ** 0.5)
-        self.head = layers._linear(head, fp8, dtype, trainable=True)
+        # DeepSeek-V3 keeps the embedding, the output head, the gate, the norms and the attention
+        # core in higher precision: the head is a bf16-compute linear in both runs.
+        self.head = head
 
     def moes(self):
         return [b.mlp for b in self.blocks]
@@ -85,7 +89,8 @@ class TinyLM(nn.Module):
         x = self.embed[tokens]
         for b in self.blocks:
             x = b(x)
-        return self.head(self.norm(x)).float()
+        with torch.autocast(x.device.type, torch.bfloat16):
+            return self.head(self.norm(x)).float()
 
 
 def _batches(data: torch.Tensor, steps: int, batch: int, seq: int, seed: int):
@@ -150,7 +155,7 @@ def main(quick: bool = False, steps: int | None = None, json_path: str | None = 
     data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
     split = int(data.numel() * 0.95)
     train_data, held_data = data[:split], data[split:]
-    held_out = list(_batches(held_data, 8, batch, seq, seed + 1))
+    held_out = list(_batches(held_data, 32, batch, seq, seed + 1))
     blocks = [plain.make_block(cfg, "cpu", torch.float32, seed=seed + 1 + i) for i in range(layers_n)]
     for b in blocks:  # the attention output and expert down projections start small (GPT-2 style)
         with torch.no_grad():
