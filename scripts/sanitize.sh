@@ -18,6 +18,9 @@
 # Skipped, and why (nothing else is):
 #   tests/test_sass.py   runs nvcc, and nvcc crashes with libasan preloaded (LD_PRELOAD is
 #                        inherited by every child process). The normal CI run covers it.
+#   tests/test_readme.py runs the README's code blocks, each in a fresh interpreter (~1 min
+#                        per CPU path before the sanitizers' slowdown); they call the ops the
+#                        kernel tests cover. The normal CI run covers it.
 #   tests/test_cli.py::test_info_reports_build_and_device
 #                        asserts that a machine with nvcc on PATH built the CUDA kernels
 #                        (`info --check`); this build is CPU-only on purpose. `info` itself
@@ -128,7 +131,7 @@ fi
 echo "sanitize: CPU paths: ${PATHS[*]}"
 
 # ------------------------------------------------------------------------------ test runs
-SKIP=(--ignore=tests/test_sass.py --deselect tests/test_cli.py::test_info_reports_build_and_device)
+SKIP=(--ignore=tests/test_sass.py --ignore=tests/test_readme.py --deselect tests/test_cli.py::test_info_reports_build_and_device)
 read -r -a EXTRA <<<"${SAN_PYTEST_ARGS:-}"
 SUMMARY=()
 status=0
@@ -162,7 +165,7 @@ done
 
 echo "== sanitize summary (logs: $LOG_ROOT)"
 printf '   %s\n' "${SUMMARY[@]}"
-echo "   skipped: tests/test_sass.py (nvcc crashes under libasan), test_cli.py::test_info_reports_build_and_device (asserts a CUDA build)"
+echo "   skipped: tests/test_sass.py (nvcc crashes under libasan), tests/test_readme.py (README blocks; covered by the normal run), test_cli.py::test_info_reports_build_and_device (asserts a CUDA build)"
 if [ "$status" != 0 ]; then
   echo "== sanitize: FAILED in $(elapsed "$t_start") s"
 else
