@@ -801,7 +801,9 @@ _raw_err("plan_ids_int64", "ids", lambda: _ops().plan(torch.zeros(4, 2, dtype=to
 _raw_err("plan_align_0", "align", lambda: _ops().plan(torch.zeros(4, 2, dtype=I32), 4, 0))
 _raw_err("plan_experts_0", "num_experts", lambda: _ops().plan(torch.zeros(4, 2, dtype=I32), 0, 1))
 _raw_err("permute_row_token_int64", "row_token",
-         lambda: _ops().permute(torch.ones(4, 8), torch.zeros(6, dtype=torch.int64)))
+         lambda: _ops().permute(torch.ones(4, 8), torch.zeros(6, dtype=torch.int64), torch.zeros(4, 1, dtype=I32)))
+_raw_err("permute_token_row_tokens", "token_row",
+         lambda: _ops().permute(torch.ones(4, 8), torch.zeros(6, dtype=I32), torch.zeros(5, 1, dtype=I32)))
 _raw_err("permute_x_int", "x",
          lambda: _ops().permute_fp8(torch.ones(4, 8, dtype=I32), torch.zeros(6, dtype=I32), False))
 _raw_err("unpermute_weights_small", "weights", lambda: _ops().unpermute(
