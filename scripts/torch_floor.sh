@@ -24,4 +24,4 @@ export PYTHONPATH="$COPY"
 (cd /tmp && "$VENV/bin/python" "$OLDPWD/scripts/floor_smoke.py")
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_gemm.py tests/test_routing.py \
   tests/test_mla.py tests/test_compat_deep_gemm.py tests/test_compat_flash_mla.py tests/test_nn.py tests/test_hostile_inputs.py \
-  tests/test_linear.py tests/test_train_kernels.py
+  tests/test_linear.py tests/test_train_kernels.py tests/test_train.py tests/test_distributed.py

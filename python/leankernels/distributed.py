@@ -255,9 +255,10 @@ def _to_wire(h: DispatchHandle, rows: torch.Tensor, fill=0) -> torch.Tensor:
     if h.capacity is None:
         return rows
     slots = h.world * h.capacity
-    buf = torch.full((slots + 1, *rows.shape[1:]), fill, dtype=rows.dtype, device=rows.device)
-    buf[torch.where(h.slot >= 0, h.slot, slots)] = rows      # unsent rows land in the spare slot
-    return buf[:slots]
+    src = rows.view(torch.uint8) if rows.dtype == _FP8 else rows   # fp8 as bytes (torch 2.4: no fp8 fill)
+    buf = torch.full((slots + 1, *src.shape[1:]), fill, dtype=src.dtype, device=src.device)
+    buf[torch.where(h.slot >= 0, h.slot, slots)] = src       # unsent rows land in the spare slot
+    return buf[:slots].view(_FP8) if rows.dtype == _FP8 else buf[:slots]
 
 
 def _from_wire(h: DispatchHandle, buf: torch.Tensor) -> torch.Tensor:

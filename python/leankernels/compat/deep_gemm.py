@@ -493,7 +493,7 @@ def _flat_groups(name: str, x, ks: List[int], mn: int) -> torch.Tensor:
     for k in ks:
         parts.append(x[p:p + mn * k].view(mn, k))
         p += mn * k
-    return torch.cat(parts, dim=1)
+    return torch.cat([t.view(torch.uint8) for t in parts], dim=1).view(_FP8)   # bytes: torch 2.4 has no float8 cat
 
 
 def _accumulate_out(name: str, d: torch.Tensor, y: torch.Tensor, c) -> None:

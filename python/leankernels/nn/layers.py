@@ -201,6 +201,21 @@ def _norm(src: plain.RMSNorm, trainable: bool = False) -> plain.RMSNorm:
 
 
 # ------------------------------------------------------------------------------------ MoE
+def _bf16_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``x[rows of e] @ w[e].T`` in bf16 for rows sorted by expert (the training baseline):
+    ``F.grouped_mm`` where torch has it (2.8+), else a loop over the experts (reads offs on the
+    host)."""
+    xb, wb = x.bfloat16(), w.bfloat16()
+    if hasattr(F, "grouped_mm"):
+        return F.grouped_mm(xb, wb.transpose(1, 2), offs=offs)
+    out, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        out.append(xb[start:end] @ wb[e].T)
+        start = end
+    out.append(xb.new_zeros(x.shape[0] - start, w.shape[1]))
+    return torch.cat(out)
+
+
 class SwiGLU(nn.Module):
     """Dense SwiGLU MLP (shared experts) with gate and up fused into one ``[2I, H]`` weight:
     ``down(silu(g) * u)`` where ``[g, u] = gate_up(x)``. Fp8Linear or nn.Linear projections."""
@@ -380,13 +395,13 @@ class MoE(nn.Module):
             w2 = _fp8_copy(self.w2_master, self.w2, self.w2_scale, self._fp8_keys[1])
             h = fp8_grouped_linear(xs, self.w13_master, p.offs, quantized=None if w13[0] is None else w13)
         else:
-            h = F.grouped_mm(xs.bfloat16(), self.w13_master.bfloat16().transpose(1, 2), offs=p.offs)
+            h = _bf16_grouped_mm(xs, self.w13_master, p.offs)
         g, u = h.float().chunk(2, dim=-1)
         a = (F.silu(g) * u).to(self.dtype)
         if self.fp8_experts:
             y = fp8_grouped_linear(a, self.w2_master, p.offs, quantized=None if w2[0] is None else w2)
         else:
-            y = F.grouped_mm(a.bfloat16(), self.w2_master.bfloat16().transpose(1, 2), offs=p.offs).to(self.dtype)
+            y = _bf16_grouped_mm(a, self.w2_master, p.offs).to(self.dtype)
         return unpermute(y, p, weights)
 
     @torch.no_grad()
