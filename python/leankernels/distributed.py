@@ -66,8 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gemm import fp8_grouped_gemm
-from .linear import fp8_grouped_linear
-from .nn.layers import MoE, SwiGLU, _fp8_copy, _no_grad_needed
+from .nn.layers import MoE, SwiGLU, _no_grad_needed
 from .quant import dequantize_fp8, quantize_fp8
 from .routing import RoutePlan, permute, plan, unpermute
 
@@ -679,6 +678,7 @@ class ExpertParallelMoE(nn.Module):
             self.register_buffer(name, getattr(experts, name))
         self.w13_master, self.w2_master = experts.w13_master, experts.w2_master
         self._fp8_keys = getattr(experts, "_fp8_keys", None)
+        self.fp8_experts = True
         if trainable:
             self.register_buffer("load_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.int64,
                                                             device=gate_weight.device), persistent=False)
@@ -727,15 +727,9 @@ class ExpertParallelMoE(nn.Module):
         if self.training:
             self.load_counts += torch.bincount(ids.reshape(-1).long().clamp_min(-1) + 1,
                                                minlength=self.cfg.n_routed_experts + 1)[1:]
-        rows = dequantize(recv, h, self.dtype)
-        w13 = _fp8_copy(self.w13_master, self.w13, self.w13_scale, self._fp8_keys[0])
-        w2 = _fp8_copy(self.w2_master, self.w2, self.w2_scale, self._fp8_keys[1])
-        hid = fp8_grouped_linear(rows, self.w13_master, h.offs, quantized=None if w13[0] is None else w13)
-        g, u = hid.float().chunk(2, dim=-1)
-        a = (F.silu(g) * u).to(self.dtype)
-        y = fp8_grouped_linear(a, self.w2_master, h.offs, quantized=None if w2[0] is None else w2)
-        return combine(y, h)
+        return combine(self._grouped_swiglu(dequantize(recv, h, self.dtype), h.offs), h)
 
+    _grouped_swiglu = MoE._grouped_swiglu   # FP8 experts (fp8_experts is always True here)
     balance = MoE.balance   # with the counts summed over the group: every rank calls it together
 
     def _global_counts(self, counts: torch.Tensor) -> torch.Tensor:

@@ -44,10 +44,11 @@ def _no_grad_needed(module: nn.Module, x: torch.Tensor) -> None:
 
 def _fp8_copy(master: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, key: list):
     """``(q, scale)``: the 128x128 FP8 copy of a master weight, re-quantized into the buffers only
-    when the master changed since the last call (``key`` holds its storage and version). While
-    torch.compile traces, returns ``(None, None)``: the op then quantizes inside the graph."""
+    when the master changed since the last call (``key`` holds its storage and version), for the
+    ``quantized=`` argument of fp8_linear / fp8_grouped_linear. While torch.compile traces,
+    returns None: the op then quantizes inside the graph."""
     if torch.compiler.is_compiling():
-        return None, None
+        return None
     now = (master.data_ptr(), master._version)
     if key[0] != now:
         with torch.no_grad():
@@ -171,7 +172,7 @@ class Fp8Linear(nn.Module):
         if self.master_weight is not None:
             q = _fp8_copy(self.master_weight, self.weight, self.weight_scale_inv, self._fp8_key)
             return fp8_linear(x if x.dtype == self.dtype else x.to(self.dtype), self.master_weight, self.bias,
-                              quantized=None if q[0] is None else q)
+                              quantized=q)
         _no_grad_needed(self, x)
         return fp8_linear_forward(x, self.weight, self.weight_scale_inv, self.bias, self.dtype)
 
@@ -389,20 +390,23 @@ class MoE(nn.Module):
     def _train_experts(self, x: torch.Tensor, weights: torch.Tensor, p) -> torch.Tensor:
         if self.training:
             self.load_counts += p.counts
-        xs = permute(x.to(self.dtype), p)
+        y = self._grouped_swiglu(permute(x.to(self.dtype), p), p.offs)
+        return unpermute(y, p, weights)
+
+    def _grouped_swiglu(self, rows: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """The trainable routed experts on rows sorted by expert: gate/up, SwiGLU, down, through
+        fp8_grouped_linear (or the bf16 baseline); shared with the expert-parallel layer."""
         if self.fp8_experts:
-            w13 = _fp8_copy(self.w13_master, self.w13, self.w13_scale, self._fp8_keys[0])
-            w2 = _fp8_copy(self.w2_master, self.w2, self.w2_scale, self._fp8_keys[1])
-            h = fp8_grouped_linear(xs, self.w13_master, p.offs, quantized=None if w13[0] is None else w13)
+            h = fp8_grouped_linear(rows, self.w13_master, offs,
+                                   quantized=_fp8_copy(self.w13_master, self.w13, self.w13_scale, self._fp8_keys[0]))
         else:
-            h = _bf16_grouped_mm(xs, self.w13_master, p.offs)
+            h = _bf16_grouped_mm(rows, self.w13_master, offs)
         g, u = h.float().chunk(2, dim=-1)
         a = (F.silu(g) * u).to(self.dtype)
         if self.fp8_experts:
-            y = fp8_grouped_linear(a, self.w2_master, p.offs, quantized=None if w2[0] is None else w2)
-        else:
-            y = _bf16_grouped_mm(a, self.w2_master, p.offs).to(self.dtype)
-        return unpermute(y, p, weights)
+            return fp8_grouped_linear(a, self.w2_master, offs,
+                                      quantized=_fp8_copy(self.w2_master, self.w2, self.w2_scale, self._fp8_keys[1]))
+        return _bf16_grouped_mm(a, self.w2_master, offs).to(self.dtype)
 
     @torch.no_grad()
     def balance(self, rate: float = 1e-3) -> torch.Tensor:
