@@ -13,6 +13,13 @@
 #include <immintrin.h>
 #endif
 
+#ifdef _OPENMP
+#include <omp.h>
+#else
+inline int omp_get_num_threads() { return 1; }
+inline int omp_get_thread_num() { return 0; }
+#endif
+
 #include "common/fp8.h"
 #include "common/k_groups.h"
 #include "cpu/isa.h"

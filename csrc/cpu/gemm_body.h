@@ -600,25 +600,29 @@ inline void scale_block(DV (&blk)[MR][NC], const float* sa, int64_t sa_stride, f
 }
 
 // Few rows (m <= kDMR): every weight chunk is decoded into registers and used at once.
-template <int MR, int NC>
-void fused_rows(const ChunkDecoder& dec, const uint8_t* const* col, const Problem& p, const DV* a_dec,
-                const float* sa, const float* sbrow, Totals& tot, Exact& exact) {
+// sc[r * KB + kb]: the scale of row r's block kb times kFix; kSafe: every |scale| <= kSafeScale,
+// so each block's partial sums take one FMA (else scale_block, which checks each).
+// NOTES: per 128-byte weight block the loop body is the decode, the dot products and one FMA
+// per output: on Zen 4 the kernel is bound by the vector pipes (~1.2 zmm ops per cycle), so
+// every op left in the block loop costs bandwidth. One sum per output and block suffices (the
+// out-of-order window overlaps consecutive blocks' chains); the scale is precomputed.
+template <int MR, int NC, bool kSafe>
+void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, const Problem& p, const DV* a_dec,
+                const float* sa, const float* sbrow, const float* sc, Totals& tot, Exact& exact) {
+#if LK_ISA >= 3
+  // NOTES: a local copy, so the byte tables stay in registers: read through the reference,
+  // they were reloaded for every chunk (the loop's rare paths store to memory), which more than
+  // doubled the loads per weight chunk (+25% hot). The other levels' table serves rare chunks.
+  const ChunkDecoder dec = dec_in;
+#else
+  const ChunkDecoder& dec = dec_in;
+#endif
   DV t[MR][NC];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NC; ++c) t[r][c] = dv_zero();
   const int64_t per_row = p.KB * kVB;
   const int64_t ahead = NC * p.K;  // prefetch distance: the next group (2-8 KiB further: no gain)
-  for (int64_t kb = 0; kb < p.KB; ++kb) {
-    const int64_t k0 = kb * kQuantGroup, kv = std::min<int64_t>(kQuantGroup, p.K - k0);
-    alignas(64) uint8_t tail[NC][kQuantGroup];
-    const uint8_t* src[NC];
-    for (int c = 0; c < NC; ++c) {
-      src[c] = whole_block(col[c] + k0, kv, tail[c]);
-      // NOTES: the next group of NC weight rows (NC * K bytes on), same block: the streams of a
-      // group are short (K bytes each) and the hardware prefetcher would start each cold.
-      __builtin_prefetch(col[c] + k0 + ahead, 0, 3);
-      __builtin_prefetch(col[c] + k0 + ahead + 64, 0, 3);
-    }
+  auto block = [&](int64_t kb, const uint8_t* const* src) {
     DV blk[MR][NC];
     for (int r = 0; r < MR; ++r)
       for (int c = 0; c < NC; ++c) blk[r][c] = dv_zero();
@@ -629,7 +633,32 @@ void fused_rows(const ChunkDecoder& dec, const uint8_t* const* col, const Proble
         for (int v = 0; v < kVC; ++v)
           for (int r = 0; r < MR; ++r) blk[r][c] = dv_dot(blk[r][c], a_dec[r * per_row + kb * kVB + ch * kVC + v], w[v]);
       }
-    scale_block<MR, NC>(blk, sa + kb, p.KB, sbrow[kb], t, exact, 0);
+    if constexpr (kSafe) {
+      for (int r = 0; r < MR; ++r)
+        for (int c = 0; c < NC; ++c) t[r][c] = dv_fma(blk[r][c], sc[r * p.KB + kb], t[r][c]);
+    } else {
+      scale_block<MR, NC>(blk, sa + kb, p.KB, sbrow[kb], t, exact, 0);
+    }
+  };
+  const int64_t whole = p.K / kQuantGroup;
+  for (int64_t kb = 0; kb < whole; ++kb) {
+    const int64_t k0 = kb * kQuantGroup;
+    const uint8_t* src[NC];
+    for (int c = 0; c < NC; ++c) {
+      src[c] = col[c] + k0;
+      // NOTES: the next group of NC weight rows (NC * K bytes on), same block: the streams of a
+      // group are short (K bytes each) and the hardware prefetcher would start each cold.
+      __builtin_prefetch(src[c] + ahead, 0, 3);
+      __builtin_prefetch(src[c] + ahead + 64, 0, 3);
+    }
+    block(kb, src);
+  }
+  if (whole < p.KB) {  // the K tail, zero padded
+    const int64_t k0 = whole * kQuantGroup;
+    alignas(64) uint8_t tail[NC][kQuantGroup];
+    const uint8_t* src[NC];
+    for (int c = 0; c < NC; ++c) src[c] = whole_block(col[c] + k0, p.K - k0, tail[c]);
+    block(whole, src);
   }
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NC; ++c) tot[r][c] = t[r][c];
@@ -669,7 +698,9 @@ inline void panel_rows(const DV* arow, int64_t a_stride, const DV* panel, int64_
 // no longer stays in L1 beside the stream, and 4 rows sharing each a load win (+45% at K=14336).
 template <int NC>
 void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, const Segment& seg, int64_t n0,
-                 int64_t n1) {
+                 int64_t n1, float* sc) {
+  const float* sc_row = nullptr;  // the weight block row sc was computed for (m <= kDMR)
+  bool sc_safe = false;
   const int64_t m = seg.r1 - seg.r0;
   const uint8_t* bg = p.b + seg.group * p.N * p.K;
   const float* sbg = p.b_scale + seg.group * p.NB * p.KB;
@@ -684,10 +715,20 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
     for (int64_t r = 0; r < m; ++r)
       for (int c = 0; c < NC; ++c) tot[r][c] = dv_zero(), exact[r][c] = 0.0f;
     const float* sa0 = p.a_scale + seg.r0 * p.KB;
+    if (m <= kDMR && sbrow != sc_row) {  // the rows' block scales for this weight block row
+      sc_row = sbrow;
+      sc_safe = true;
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t kb = 0; kb < p.KB; ++kb) {
+          const float s = sa0[r * p.KB + kb] * sbrow[kb];
+          sc_safe = sc_safe && std::fabs(s) <= kSafeScale;
+          sc[r * p.KB + kb] = s * kFix;
+        }
+    }
     if (m == kDMR) {
-      fused_rows<kDMR, NC>(dec, col, p, a_dec, sa0, sbrow, tot, exact);
+      (sc_safe ? fused_rows<kDMR, NC, true> : fused_rows<kDMR, NC, false>)(dec, col, p, a_dec, sa0, sbrow, sc, tot, exact);
     } else if (m == 1) {
-      fused_rows<1, NC>(dec, col, p, a_dec, sa0, sbrow, tot, exact);
+      (sc_safe ? fused_rows<1, NC, true> : fused_rows<1, NC, false>)(dec, col, p, a_dec, sa0, sbrow, sc, tot, exact);
     } else {
       for (int64_t kb0 = 0; kb0 < p.KB; kb0 += kChunkBlocks) {
         const int64_t nb = std::min(kChunkBlocks, p.KB - kb0);
@@ -731,9 +772,15 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
   for (size_t i = 0; i < segs.size(); ++i)
     for (int64_t n0 = 0; n0 < p.N; n0 += cols) items.push_back({int64_t(i), n0});
   const int64_t n_items = int64_t(items.size());
-  std::atomic<int64_t> next_item{0};
-  // One parallel region: decode the rows of a, then take work items from a shared counter.
-  // Small problems run on the calling thread (see kParallelMacs).
+  // NOTES: each thread walks its own contiguous share of the items (one long sequential stream
+  // of weight bytes, which the hardware prefetcher follows across item boundaries), then helps
+  // with the others' shares from their fronts. Taking items round-robin from one shared counter
+  // broke every thread's stream into 64 KiB pieces: 1.3x from the second core instead of 1.8x.
+  constexpr int kMaxShares = 64;
+  struct alignas(64) Share { std::atomic<int64_t> next; int64_t end; };
+  Share shares[kMaxShares];
+  // One parallel region: decode the rows of a, then the items. Small problems run on the
+  // calling thread (see kParallelMacs).
 #pragma omp parallel if (rows * p.N * p.K >= kParallelMacs)
   {
 #pragma omp for schedule(static)
@@ -744,12 +791,22 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
         decode_block(dec, src + kb * kQuantGroup, std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup),
                             a_dec + i * per_row + kb * kVB);
     }
-    for (;;) {
-      const int64_t it = next_item.fetch_add(1);
-      if (it >= n_items) break;
-      const Segment& seg = segs[size_t(items[it].first)];
-      (p.K <= 4096 ? decode_item<1> : decode_item<4>)(p, dec, a_dec + first[size_t(items[it].first)] * per_row, seg, items[it].second,
-                  std::min(p.N, items[it].second + cols));
+    const int nt = std::min(omp_get_num_threads(), kMaxShares), me = omp_get_thread_num();
+    if (me < nt) {
+      shares[me].next.store(n_items * me / nt, std::memory_order_relaxed);
+      shares[me].end = n_items * (me + 1) / nt;
+    }
+#pragma omp barrier
+    std::vector<float> sc(size_t(kDMR * p.KB));  // decode_item's scale cache
+    for (int v = 0; v < nt; ++v) {  // own share first, then the next ones
+      Share& sh = shares[(me + v) % nt];
+      for (;;) {
+        const int64_t it = sh.next.fetch_add(1, std::memory_order_relaxed);
+        if (it >= sh.end) break;
+        const Segment& seg = segs[size_t(items[it].first)];
+        (p.K <= 4096 ? decode_item<1> : decode_item<4>)(p, dec, a_dec + first[size_t(items[it].first)] * per_row, seg,
+                                                        items[it].second, std::min(p.N, items[it].second + cols), sc.data());
+      }
     }
   }
 }
