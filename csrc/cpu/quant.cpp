@@ -12,6 +12,7 @@
 #include "common/fp8.h"
 #include "common/k_groups.h"
 #include "cpu/isa.h"
+#include "cpu/parallel.h"
 
 // NOTES: GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own undefined-vector idiom.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"

@@ -17,331 +17,44 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "common/fp8.h"
 #include "common/gate.h"
+#include "cpu/isa.h"
+#include "cpu/parallel.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#define LK_VARIANT_BODY "cpu/routing_body.h"
+#include "cpu/variants.h"
 
 namespace lk::cpu {
-namespace {
-
-// NOTES: a parallel region costs a thread wake-up, and on a loaded machine (CI, shared boxes)
-// a whole scheduler time slice (~10 ms measured here) when the other core is busy; so regions
-// fork only for work of a millisecond or more (~2^18 elements).
-constexpr int64_t kParallelWork = 1 << 18;
-
-int num_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-// fp32 -> IEEE half, round to nearest even, NaN stays NaN (PyTorch's conversion).
-uint16_t f32_to_f16(float f) {
-  uint32_t x = f32_bits(f);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  x &= 0x7fffffffu;
-  if (x > 0x7f800000u) return uint16_t(sign | 0x7e00u);   // NaN
-  if (x >= 0x47800000u) return uint16_t(sign | 0x7c00u);  // >= 65536: Inf
-  if (x < 0x38800000u) {                                   // below 2^-14: subnormal result
-    const float v = f32_from_bits(x) + 0.5f;               // the ulp of 0.5 is 2^-24
-    return uint16_t(sign | (f32_bits(v) - 0x3f000000u));
-  }
-  x += (uint32_t(15 - 127) << 23) + 0xfffu + ((x >> 13) & 1u);
-  return uint16_t(sign | (x >> 13));
-}
-
-void narrow(const float* in, DType dtype, int64_t n, void* out) {
-  switch (dtype) {
-    case DType::f32:
-      std::copy(in, in + n, static_cast<float*>(out));
-      break;
-    case DType::bf16: {
-      uint16_t* p = static_cast<uint16_t*>(out);
-      for (int64_t i = 0; i < n; ++i) p[i] = f32_to_bf16(in[i]);
-      break;
-    }
-    case DType::f16: {
-      uint16_t* p = static_cast<uint16_t*>(out);
-      for (int64_t i = 0; i < n; ++i) p[i] = f32_to_f16(in[i]);
-      break;
-    }
-    default:
-      throw ArgError("leankernels: unpermute input must be float32, bfloat16 or float16");
-  }
-}
-
-struct Ranked {
-  uint32_t key;
-  int32_t index;
-};
-
-// Inserts (key, index) into list[0..n) sorted by descending key, ties by ascending index, keeping
-// at most cap entries. Candidates arrive in ascending index order, so an equal key goes after.
-inline void insert_ranked(Ranked* list, int64_t& n, int64_t cap, uint32_t key, int32_t index) {
-  if (n == cap && key <= list[cap - 1].key) return;
-  int64_t i = n < cap ? n++ : cap - 1;
-  while (i > 0 && list[i - 1].key < key) {
-    list[i] = list[i - 1];
-    --i;
-  }
-  list[i] = {key, index};
-}
-
-// A lower bound on the L-th (so on the top_k-th, top_k <= L) largest key: the smallest of the
-// maxima of L strided subsets. L is a compile-time constant so the max loop vectorises.
-template <int L>
-uint32_t kth_bound(const uint32_t* key, int64_t E) {
-  uint32_t m[L] = {};
-  const int64_t full = E / L * L;
-  for (int64_t e = 0; e < full; e += L)
-    for (int l = 0; l < L; ++l) m[l] = std::max(m[l], key[e + l]);
-  for (int64_t e = full; e < E; ++e) m[e - full] = std::max(m[e - full], key[e]);
-  uint32_t b = m[0];
-  for (int l = 1; l < L; ++l) b = std::min(b, m[l]);
-  return b;
-}
-
-void scores_row(const float* x, int64_t E, bool sigmoid, float* s, double* tmp) {
-  if (sigmoid) {
-    for (int64_t e = 0; e < E; ++e) s[e] = sigmoid_score(x[e]);
-    return;
-  }
-  // softmax over the non-NaN logits; a row without a finite maximum is all NaN, like PyTorch
-  float m = kNegInf;
-  for (int64_t e = 0; e < E; ++e) m = x[e] > m ? x[e] : m;   // NaN never compares greater
-  if (!std::isfinite(m)) {
-    for (int64_t e = 0; e < E; ++e) s[e] = __builtin_nanf("");
-    return;
-  }
-  const double md = m;
-  for (int64_t e = 0; e < E; ++e) tmp[e] = softmax_term(x[e], md);
-  double sum = 0.0;  // in index order: a fixed order keeps the result deterministic
-  for (int64_t e = 0; e < E; ++e) sum += x[e] == x[e] ? tmp[e] : 0.0;
-  const double inv_sum = 1.0 / sum;
-  for (int64_t e = 0; e < E; ++e) s[e] = nan_or(x[e], float(tmp[e] * inv_sum));
-}
-
-}  // namespace
 
 void route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t row_stride,
            const float* bias, bool sigmoid, int64_t top_k, int64_t n_group, int64_t topk_group,
            bool renormalize, float scale, float* weights, int32_t* ids) {
-  LK_CHECK(T >= 0 && E > 0, "route: bad logits shape");
-  LK_CHECK(top_k >= 1 && top_k <= E, "route: top_k must be in [1, num_experts]");
-  LK_CHECK(n_group >= 1 && E % n_group == 0, "route: n_group must divide num_experts");
-  LK_CHECK(topk_group >= 1 && topk_group <= n_group, "route: topk_group must be in [1, n_group]");
-  const int64_t G = E / n_group;
-  LK_CHECK(n_group == 1 || top_k <= topk_group * G, "route: top_k exceeds the experts of the kept groups");
-  LK_CHECK(n_group == 1 || bias == nullptr || G >= 2, "route: top-2 group scores need >= 2 experts per group");
-  if (T == 0) return;
-
-  // NOTES: the top_k search first takes a lower bound on the k-th best key: the smallest of
-  // the maxima of L >= top_k disjoint strided subsets (L distinct elements, all >= it), a
-  // vectorised max over L lanes; only keys >= the bound (typically 2-3 x top_k of them) go
-  // through the sorted insertion, so the E-long loop is one well-predicted compare each.
-  const int64_t L = top_k <= 8 ? 8 : (top_k <= 16 ? 16 : 32);
-#pragma omp parallel if (T * E >= kParallelWork)
-  {
-    std::vector<float> x(E), s(E);
-    std::vector<double> tmp(sigmoid ? 0 : E);
-    std::vector<uint32_t> key(E, 0u);
-    std::vector<Ranked> groups(topk_group), best(top_k);
-    std::vector<uint8_t> keep(n_group);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
-      widen_row(logits, dtype, t * row_stride, E, x.data());
-      scores_row(x.data(), E, sigmoid, s.data(), tmp.data());
-      uint32_t* k32 = key.data();
-      if (bias) {
-        for (int64_t e = 0; e < E; ++e) k32[e] = order_key(s[e] + bias[e]);
-      } else {
-        for (int64_t e = 0; e < E; ++e) k32[e] = order_key(s[e]);
-      }
-      if (n_group > 1) {
-        int64_t ng = 0;
-        for (int64_t g = 0; g < n_group; ++g) {
-          const uint32_t* v = k32 + g * G;
-          uint32_t a1 = 0, a2 = 0;  // top-2 keys, branch-free (keys order like their values)
-          for (int64_t i = 0; i < G; ++i) {
-            const uint32_t lo = std::min(a1, v[i]);
-            a1 = std::max(a1, v[i]);
-            a2 = std::max(a2, lo);
-          }
-          const uint32_t gk = bias ? order_key(key_value(a1) + key_value(a2)) : a1;
-          insert_ranked(groups.data(), ng, topk_group, gk, int32_t(g));
-        }
-        std::fill(keep.begin(), keep.end(), uint8_t(0));
-        for (int64_t i = 0; i < ng; ++i) keep[groups[i].index] = 1;
-        for (int64_t g = 0; g < n_group; ++g)
-          if (!keep[g]) std::fill(k32 + g * G, k32 + (g + 1) * G, 0u);  // 0: not a candidate
-      }
-      const uint32_t bound = std::max(1u, L == 8    ? kth_bound<8>(k32, E)
-                                          : L == 16 ? kth_bound<16>(k32, E)
-                                                    : kth_bound<32>(k32, E));
-      int64_t nb = 0;
-      for (int64_t e = 0; e < E; ++e)
-        if (k32[e] >= bound) insert_ranked(best.data(), nb, top_k, k32[e], int32_t(e));
-      float* w = weights + t * top_k;
-      int32_t* id = ids + t * top_k;
-      float denom = 0.0f;
-      for (int64_t k = 0; k < top_k; ++k) {
-        id[k] = best[k].index;
-        w[k] = s[best[k].index];
-        denom = k == 0 ? w[k] : denom + w[k];
-      }
-      for (int64_t k = 0; k < top_k; ++k) w[k] = (renormalize ? w[k] / denom : w[k]) * scale;
-    }
-  }
+  LK_CPU_DISPATCH(route, logits, dtype, T, E, row_stride, bias, sigmoid, top_k, n_group, topk_group, renormalize,
+                  scale, weights, ids)
 }
 
 void plan(const int32_t* ids, int64_t T, int64_t top_k, int64_t E, int64_t align, int64_t R,
           int32_t* counts, int32_t* offs, int32_t* row_token, int32_t* token_row) {
-  LK_CHECK(E > 0 && align >= 1 && T >= 0 && top_k >= 0, "plan: bad sizes");
-  const int64_t N = T * top_k;
-  LK_CHECK(R >= N + std::min(E, N) * (align - 1), "plan: row_token too small for the bound");
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(num_threads(), N / kParallelWork + 1));
-  const int64_t chunk = ceil_div(std::max<int64_t>(N, 1), chunks);
-  std::vector<int64_t> hist(chunks * E, 0);
-
-#pragma omp parallel for schedule(static) if (chunks > 1)
-  for (int64_t c = 0; c < chunks; ++c) {
-    int64_t* h = hist.data() + c * E;
-    for (int64_t i = c * chunk, end = std::min(N, (c + 1) * chunk); i < end; ++i) {
-      const int32_t e = ids[i];
-      if (e >= 0 && e < E) ++h[e];
-    }
-  }
-  int64_t end = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    int64_t n = 0;
-    for (int64_t c = 0; c < chunks; ++c) n += hist[c * E + e];
-    const int64_t start = end;
-    end += ceil_div(n, align) * align;
-    counts[e] = int32_t(n);
-    offs[e] = int32_t(end);
-    int64_t run = start;  // hist becomes each chunk's first row inside expert e
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t h = hist[c * E + e];
-      hist[c * E + e] = run;
-      run += h;
-    }
-  }
-#pragma omp parallel for schedule(static) if (R >= kParallelWork)
-  for (int64_t r = 0; r < R; ++r) row_token[r] = -1;
-#pragma omp parallel for schedule(static) if (chunks > 1)
-  for (int64_t c = 0; c < chunks; ++c) {
-    int64_t* h = hist.data() + c * E;
-    for (int64_t i = c * chunk, stop = std::min(N, (c + 1) * chunk); i < stop; ++i) {
-      const int32_t e = ids[i];
-      if (e >= 0 && e < E) {
-        const int64_t row = h[e]++;
-        token_row[i] = int32_t(row);
-        row_token[row] = int32_t(i / top_k);
-      } else {
-        token_row[i] = -1;
-      }
-    }
-  }
+  LK_CPU_DISPATCH(plan, ids, T, top_k, E, align, R, counts, offs, row_token, token_row)
 }
 
 void permute(const void* x, int64_t elem_size, int64_t T, int64_t H, int64_t row_stride,
              const int32_t* row_token, int64_t R, void* out) {
-  const char* src = static_cast<const char*>(x);
-  char* dst = static_cast<char*>(out);
-  const int64_t row_bytes = H * elem_size;
-#pragma omp parallel for schedule(static) if (R * row_bytes >= 32 * kParallelWork)
-  for (int64_t r = 0; r < R; ++r) {
-    const int32_t t = row_token[r];
-    char* d = dst + r * row_bytes;
-    if (t >= 0 && t < T)
-      std::memcpy(d, src + t * row_stride * elem_size, size_t(row_bytes));
-    else
-      std::memset(d, 0, size_t(row_bytes));
-  }
+  LK_CPU_DISPATCH(permute, x, elem_size, T, H, row_stride, row_token, R, out)
 }
 
 void permute_fp8(const void* x, DType dtype, int64_t T, int64_t H, int64_t row_stride,
                  const int32_t* row_token, int64_t R, uint8_t* q, float* scale, bool ue8m0) {
-  const int64_t groups = ceil_div(H, kQuantGroup);
-  if (R >= T && T > 0) {
-    // NOTES: each token appears top_k times in expert order, so quantize every token once with
-    // the SIMD quantizer (bit-identical to the scalar codec below) and copy its codes and
-    // scales to each of its rows: top_k times less encoding (T=1, top-8, H=7168: 136 -> ~15 us).
-    std::vector<uint8_t> tq(size_t(T * H));
-    std::vector<float> ts(size_t(T * groups));
-    quantize_fp8(x, dtype, 1, T, H, 0, row_stride, 1, tq.data(), ts.data(), ue8m0);
-    const float pad_scale = fp8_scale_from_amax(0.0f, ue8m0);  // a padding row: zeros
-#pragma omp parallel for schedule(static) if (R * H >= 32 * kParallelWork)
-    for (int64_t r = 0; r < R; ++r) {
-      const int32_t t = row_token[r];
-      if (t >= 0 && t < T) {
-        std::memcpy(q + r * H, tq.data() + t * H, size_t(H));
-        std::memcpy(scale + r * groups, ts.data() + t * groups, size_t(groups) * sizeof(float));
-      } else {
-        std::memset(q + r * H, 0, size_t(H));
-        std::fill(scale + r * groups, scale + (r + 1) * groups, pad_scale);
-      }
-    }
-    return;
-  }
-#pragma omp parallel if (R * H >= 4 * kParallelWork)
-  {
-    std::vector<float> buf(H);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) {
-      const int32_t t = row_token[r];
-      if (t >= 0 && t < T)
-        widen_row(x, dtype, t * row_stride, H, buf.data());
-      else
-        std::fill(buf.begin(), buf.end(), 0.0f);
-      uint8_t* qrow = q + r * H;
-      float* srow = scale + r * groups;
-      for (int64_t g0 = 0, g = 0; g0 < H; g0 += kQuantGroup, ++g) {
-        const int64_t n = std::min<int64_t>(kQuantGroup, H - g0);
-        const float* v = buf.data() + g0;
-        uint32_t m = 0;
-        for (int64_t k = 0; k < n; ++k) m = std::max(m, abs_bits(v[k]));
-        const float s = fp8_scale_from_amax(f32_from_bits(m), ue8m0);
-        srow[g] = s;
-        for (int64_t k = 0; k < n; ++k) qrow[g0 + k] = fp8_quantize_value(v[k], s);
-      }
-    }
-  }
+  LK_CPU_DISPATCH(permute_fp8, x, dtype, T, H, row_stride, row_token, R, q, scale, ue8m0)
 }
 
 void unpermute(const void* y, DType dtype, int64_t R, int64_t H, const int32_t* token_row,
                const float* weights, int64_t T, int64_t top_k, void* out) {
-  const int64_t es = dtype == DType::f32 ? 4 : 2;
-  // NOTES: H is processed in slices that stay in L1 (acc + one y slice), so the fp32
-  // accumulator never goes to memory: y is read once and out written once.
-  constexpr int64_t kSlice = 2048;
-#pragma omp parallel if (T * top_k * H >= 4 * kParallelWork)
-  {
-    float acc[kSlice];
-    float row[kSlice];
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t h0 = 0; h0 < H; h0 += kSlice) {
-        const int64_t n = std::min(kSlice, H - h0);
-        std::fill(acc, acc + n, 0.0f);
-        for (int64_t k = 0; k < top_k; ++k) {
-          const int32_t r = token_row[t * top_k + k];
-          if (r < 0 || r >= R) continue;
-          const float w = weights[t * top_k + k];
-          widen_row(y, dtype, r * H + h0, n, row);
-          for (int64_t i = 0; i < n; ++i) acc[i] += w * row[i];
-        }
-        narrow(acc, dtype, n, static_cast<char*>(out) + (t * H + h0) * es);
-      }
-    }
-  }
+  LK_CPU_DISPATCH(unpermute, y, dtype, R, H, token_row, weights, T, top_k, out)
 }
 
 #if !defined(__SIZEOF_INT128__)

@@ -26,6 +26,7 @@ _IDS = (torch.int32, torch.int64)
 _SCORES = ("softmax", "sigmoid")
 MAX_TOP_K = 32
 _INT32, _F32 = torch.int32, torch.float32
+_Tensor = torch.Tensor
 _I32 = (_INT32,)
 
 
@@ -181,17 +182,20 @@ def plan(ids, num_experts: int, align: int = 1) -> RoutePlan:
     return RoutePlan(*_ops.plan(ids, num_experts, align))
 
 
-def _check_plan(plan) -> RoutePlan:
-    if not isinstance(plan, tuple) or len(plan) != 4:
+def _plan_maps(plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's (row_token, token_row), validated: the only fields permute and unpermute read."""
+    if isinstance(plan, tuple) and len(plan) == 4:
+        rt, tr = plan[2], plan[3]
+        if (type(rt) is _Tensor and type(tr) is _Tensor and rt.dtype is _INT32 and tr.dtype is _INT32
+                and rt.dim() == 1 and tr.dim() == 2 and (rt.is_cpu or rt.is_cuda) and (tr.is_cpu or tr.is_cuda)):
+            return rt, tr  # the common case in one expression; anything else takes the checks below
+    else:
         raise TypeError(f"plan must be the RoutePlan returned by leankernels.plan; got {type(plan).__name__}")
-    if type(plan) is not RoutePlan:
-        plan = RoutePlan(*plan)
-    for name, t in zip(_PLAN_FIELDS, plan):
-        if not (isinstance(t, torch.Tensor) and t.dtype is _INT32 and (t.is_cpu or t.is_cuda)):
-            _checks.tensor(name, t, _I32)  # raises, naming the field (or accepts a meta tensor)
-    if plan.row_token.dim() != 1 or plan.token_row.dim() != 2:
+    for name, t in zip(_PLAN_FIELDS[2:], (rt, tr)):
+        _checks.tensor(name, t, _I32)  # raises, naming the field (or accepts a meta tensor)
+    if rt.dim() != 1 or tr.dim() != 2:
         raise ValueError("plan has the wrong shapes; pass the RoutePlan returned by leankernels.plan")
-    return plan
+    return rt, tr
 
 
 def permute(x, plan: RoutePlan, quantize: bool = False, scale_fmt: str = "fp32"):
@@ -212,19 +216,18 @@ def permute(x, plan: RoutePlan, quantize: bool = False, scale_fmt: str = "fp32")
     src = x
     x = _interop.to_torch(x)
     _checks.tensor("x", x, _FLOAT, dim=2)
-    plan = _check_plan(plan)
-    _checks.same_device2("x", x, "row_token", plan.row_token)
+    row_token, token_row = _plan_maps(plan)
+    _checks.same_device2("x", x, "row_token", row_token)
     if x.is_cuda:
         _cuda_checked("x", x)
-    if x.shape[0] != plan.token_row.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} tokens but plan was made for {plan.token_row.shape[0]}")
-    if not isinstance(quantize, bool):
+    if x.shape[0] != token_row.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} tokens but plan was made for {token_row.shape[0]}")
+    if quantize is not False and quantize is not True:
         raise TypeError(f"quantize must be a bool; got {type(quantize).__name__}")
-    if scale_fmt not in ("fp32", "ue8m0"):
+    if scale_fmt != "fp32" and scale_fmt != "ue8m0":
         raise ValueError(f"scale_fmt must be 'fp32' or 'ue8m0'; got {scale_fmt!r}")
-    row_token = plan.row_token
     fast = _ops.direct(x, row_token)
-    if fast:
+    if fast and not row_token.is_contiguous():
         row_token = row_token.contiguous()
     if quantize and not fast:
         _checks.no_grad_needed("permute(quantize=True)", "train with quantize=False (differentiable) and "
@@ -234,7 +237,7 @@ def permute(x, plan: RoutePlan, quantize: bool = False, scale_fmt: str = "fp32")
         if src is x:
             return q, s
         return _interop.like_input(q, src), _interop.like_input(s, src)
-    out = _ops.permute_impl(x, row_token) if fast else _ops.permute(x, row_token, plan.token_row)
+    out = _ops.permute_impl(x, row_token) if fast else _ops.permute(x, row_token, token_row)
     return out if src is x else _interop.like_input(out, src)
 
 
@@ -255,18 +258,18 @@ def unpermute(y, plan: RoutePlan, weights):
     y = _interop.to_torch(y)
     weights = _interop.to_torch(weights)
     _checks.tensor("y", y, _FLOAT, dim=2)
-    plan = _check_plan(plan)
+    row_token, token_row = _plan_maps(plan)
     _checks.tensor("weights", weights, _FLOAT, dim=2)
-    _checks.same_device2("y", y, "token_row", plan.token_row)
+    _checks.same_device2("y", y, "token_row", token_row)
     _checks.same_device2("y", y, "weights", weights)
     if y.is_cuda:
         _cuda_checked("y", y)
-    if y.shape[0] != plan.row_token.shape[0]:
-        raise ValueError(f"y has {y.shape[0]} rows but plan has {plan.row_token.shape[0]}")
-    _checks.shape("weights", weights, plan.token_row.shape)
+    if y.shape[0] != row_token.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} rows but plan has {row_token.shape[0]}")
+    if weights.shape != token_row.shape:
+        _checks.shape("weights", weights, tuple(token_row.shape))
     if weights.dtype is not _F32:
         weights = weights.float()
-    token_row = plan.token_row
     op = _ops.unpermute_impl if _ops.direct(y, token_row, weights) else _ops.unpermute
     out = op(y, token_row, weights)
     return out if src is y else _interop.like_input(out, src)
