@@ -143,21 +143,22 @@ def test_infinite_scale_gives_inf_like_the_reference(device, out_dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_rows_with_extreme_scales(device):
-    # Experts with 1-2 rows take the CPU decode kernel, whose per-block scaling has a fast path
-    # (every |a_scale * b_scale| <= 2^100) and an exact one; a K tail (300) and a second weight
-    # block row (N = 136) included. Inf and a huge finite scale must give the reference's values.
-    counts, N, K = [1, 2, 1, 0, 2], 136, 300
+    # Experts with 1-4 rows take the CPU decode kernel's register path, whose per-block scaling
+    # has a fast path (every |a_scale * b_scale| <= 2^100) and an exact one; a K tail (300) and
+    # a second weight block row (N = 136) included. Inf and a huge finite scale must give the
+    # reference's values, and only in their own rows.
+    counts, N, K = [1, 2, 3, 0, 4, 2], 136, 300
     M = sum(counts)
     _, _, a, s, b, t = _operands(M, N, K, E=len(counts), seed=81, device=device)
-    s[1, 2] = float("inf")               # expert 1's first row (its last, partial K block)
-    s[4, 0] = 2.0 ** 120                 # expert 4's first row: finite, past the fast path's bound
+    s[1, 2] = float("inf")               # expert 1 (2 rows), its last (partial) K block
+    s[4, 0] = -float("inf")              # expert 2 (3 rows)
+    s[6, 1] = 2.0 ** 120                 # expert 4 (4 rows): finite, past the fast path's bound
     offs = _offs(counts, device)
     got = lk.fp8_grouped_gemm(a, s, b, t, offs, out_dtype=torch.float32).cpu()
     want = ref.fp8_grouped_gemm(a.cpu(), s.cpu(), b.cpu(), t.cpu(), offs.cpu(), torch.float32)
-    assert want[1].isinf().all() and want[4].isfinite().all() and want[4].abs().max() > 2.0 ** 100
-    assert torch.equal(got[1], want[1])
-    _close_f32(got[4], want[4])
-    keep = [0, 2, 3, 5]
+    assert want[[1, 4]].isinf().all() and want[6].isfinite().all() and want[6].abs().max() > 2.0 ** 100
+    assert torch.equal(got[[1, 4]], want[[1, 4]])
+    keep = [r for r in range(M) if r not in (1, 4)]
     _close_f32(got[keep], want[keep])
 
 

@@ -565,6 +565,11 @@ constexpr int kNC = 4;                     // most weight rows walked together (
 constexpr int64_t kChunkBlocks = 4;        // K blocks per L1 panel (rows > kDMR)
 constexpr int64_t kItemBytes = 64 * 1024;  // weight bytes per work item (at least 16 columns)
 constexpr int64_t kDecodeMaxRows = LK_ISA >= 3 ? 8 : 16;  // above: the row-tiled kernels
+// NOTES: with short rows (K <= 4096, one weight row at a time) up to 4 rows take the register
+// path on the zmm levels: the L1 panel's stores and reloads cost ~5% at V2-Lite T=16. With long
+// rows (4 weight rows walked together) 3-4 rows x 4 weight rows do not fit the registers, and
+// walking 2 at a time lost ~10% (dense K=14336, T=4): those keep the panel.
+constexpr int kFusedRows = LK_ISA >= 2 ? 4 : kDMR;
 
 // A 128-wide K block of `src` with kv <= 128 valid bytes, readable in full: `src` itself when
 // the block is whole, else a copy in `buf` zero-padded past kv (the K tail).
@@ -588,18 +593,18 @@ using Exact = float[kDecodeMaxRows][kNC];
 // Adds one K block's sums blk[r][c] (lanes: partial sums) times a_scale * b_scale to the totals.
 template <int MR, int NC>
 inline void scale_block(DV (&blk)[MR][NC], const float* sa, int64_t sa_stride, float sb, DV (&t)[MR][NC],
-                        Exact& exact, int64_t r0) {
+                        Exact& exact, int64_t r0, int c0 = 0) {
   for (int r = 0; r < MR; ++r) {
     const float s = sa[r * sa_stride] * sb;
     if (__builtin_expect(std::fabs(s) <= kSafeScale, 1)) {
       for (int c = 0; c < NC; ++c) t[r][c] = dv_fma(blk[r][c], s * kFix, t[r][c]);
     } else {  // Inf / NaN / huge: the reference's order, (block sum) * scale
-      for (int c = 0; c < NC; ++c) exact[r0 + r][c] += (dv_hsum(blk[r][c]) * kFix) * s;
+      for (int c = 0; c < NC; ++c) exact[r0 + r][c0 + c] += (dv_hsum(blk[r][c]) * kFix) * s;
     }
   }
 }
 
-// Few rows (m <= kDMR): every weight chunk is decoded into registers and used at once.
+// Few rows (m <= kFusedRows): every weight chunk is decoded into registers and used at once.
 // sc[r * KB + kb]: the scale of row r's block kb times kFix; kSafe: every |scale| <= kSafeScale,
 // so each block's partial sums take one FMA (else scale_block, which checks each).
 // NOTES: per 128-byte weight block the loop body is the decode, the dot products and one FMA
@@ -607,7 +612,7 @@ inline void scale_block(DV (&blk)[MR][NC], const float* sa, int64_t sa_stride, f
 // every op left in the block loop costs bandwidth. One sum per output and block suffices (the
 // out-of-order window overlaps consecutive blocks' chains); the scale is precomputed.
 template <int MR, int NC, bool kSafe>
-void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, const Problem& p, const DV* a_dec,
+void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, const Problem& p, const DV* a_dec,
                 const float* sa, const float* sbrow, const float* sc, Totals& tot, Exact& exact) {
 #if LK_ISA >= 3
   // NOTES: a local copy, so the byte tables stay in registers: read through the reference,
@@ -637,7 +642,7 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, const Pro
       for (int r = 0; r < MR; ++r)
         for (int c = 0; c < NC; ++c) t[r][c] = dv_fma(blk[r][c], sc[r * p.KB + kb], t[r][c]);
     } else {
-      scale_block<MR, NC>(blk, sa + kb, p.KB, sbrow[kb], t, exact, 0);
+      scale_block<MR, NC>(blk, sa + kb, p.KB, sbrow[kb], t, exact, 0, c0);
     }
   };
   const int64_t whole = p.K / kQuantGroup;
@@ -661,7 +666,7 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, const Pro
     block(whole, src);
   }
   for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NC; ++c) tot[r][c] = t[r][c];
+    for (int c = 0; c < NC; ++c) tot[r][c0 + c] = t[r][c];
 }
 
 // More rows: per chunk of K blocks the NC weight rows are decoded once into an L1 panel
@@ -699,7 +704,7 @@ inline void panel_rows(const DV* arow, int64_t a_stride, const DV* panel, int64_
 template <int NC>
 void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, const Segment& seg, int64_t n0,
                  int64_t n1, float* sc) {
-  const float* sc_row = nullptr;  // the weight block row sc was computed for (m <= kDMR)
+  const float* sc_row = nullptr;  // the weight block row sc was computed for (m <= kFusedRows)
   bool sc_safe = false;
   const int64_t m = seg.r1 - seg.r0;
   const uint8_t* bg = p.b + seg.group * p.N * p.K;
@@ -715,7 +720,7 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
     for (int64_t r = 0; r < m; ++r)
       for (int c = 0; c < NC; ++c) tot[r][c] = dv_zero(), exact[r][c] = 0.0f;
     const float* sa0 = p.a_scale + seg.r0 * p.KB;
-    if (m <= kDMR && sbrow != sc_row) {  // the rows' block scales for this weight block row
+    if (m <= kFusedRows && sbrow != sc_row) {  // the rows' block scales for this weight block row
       sc_row = sbrow;
       sc_safe = true;
       for (int64_t r = 0; r < m; ++r)
@@ -725,10 +730,21 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
           sc[r * p.KB + kb] = s * kFix;
         }
     }
-    if (m == kDMR) {
-      (sc_safe ? fused_rows<kDMR, NC, true> : fused_rows<kDMR, NC, false>)(dec, col, p, a_dec, sa0, sbrow, sc, tot, exact);
-    } else if (m == 1) {
-      (sc_safe ? fused_rows<1, NC, true> : fused_rows<1, NC, false>)(dec, col, p, a_dec, sa0, sbrow, sc, tot, exact);
+    // the register path: MR rows, the NC weight rows together (MR <= 2) or one at a time
+    const auto fused = [&](auto mr) {
+      constexpr int MR = decltype(mr)::value, NCF = MR <= 2 ? NC : 1;
+      for (int c = 0; c < NC; c += NCF)
+        (sc_safe ? fused_rows<MR, NCF, true> : fused_rows<MR, NCF, false>)(dec, col + c, c, p, a_dec, sa0, sbrow, sc,
+                                                                            tot, exact);
+    };
+    if (m == 1) {
+      fused(std::integral_constant<int, 1>{});
+    } else if (m == 2 && kFusedRows >= 2) {
+      fused(std::integral_constant<int, kFusedRows >= 2 ? 2 : 1>{});
+    } else if (m == 3 && kFusedRows >= 3 && NC == 1) {
+      fused(std::integral_constant<int, kFusedRows >= 3 ? 3 : 1>{});
+    } else if (m == 4 && kFusedRows >= 4 && NC == 1) {
+      fused(std::integral_constant<int, kFusedRows >= 4 ? 4 : 1>{});
     } else {
       for (int64_t kb0 = 0; kb0 < p.KB; kb0 += kChunkBlocks) {
         const int64_t nb = std::min(kChunkBlocks, p.KB - kb0);
@@ -797,7 +813,7 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
       shares[me].end = n_items * (me + 1) / nt;
     }
 #pragma omp barrier
-    std::vector<float> sc(size_t(kDMR * p.KB));  // decode_item's scale cache
+    std::vector<float> sc(size_t(kFusedRows * p.KB));  // decode_item's scale cache
     for (int v = 0; v < nt; ++v) {  // own share first, then the next ones
       Share& sh = shares[(me + v) % nt];
       for (;;) {
