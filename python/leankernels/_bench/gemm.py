@@ -214,6 +214,7 @@ SPARE_EXPERTS = 4
 BANK = 4
 
 BF16_BASELINE = "torch bf16 F.grouped_mm"
+READ_BASELINE = "plain read of the same bytes (torch int64 sum, cache flushed)"
 INT8_BASELINE = "torch int8 weight-only (_weight_int8pack_mm per expert)"
 BF16_DENSE = "torch bf16 F.linear"
 INT8_DENSE = "torch int8 weight-only (_weight_int8pack_mm)"
@@ -243,6 +244,43 @@ def _ensure_memory(need: float, what: str) -> None:
     avail = _available_bytes()
     if avail is not None and need > 0.85 * avail:
         raise MemoryError(f"{what} needs ~{need / 1e9:.1f} GB of weights; {avail / 1e9:.1f} GB available")
+
+
+class SameBytesRead:
+    """A plain read pass over as many bytes as a decode case's weights (torch int64 sum; the LLC
+    flushed before every call, like every row): the case's own read ceiling, timed in the same
+    interleaved rounds as ours, so a memory bandwidth that drifts during the run (this VM's
+    moved between 29 and 46 GB/s within minutes) moves both alike. ratio = its time / ours:
+    the fraction of a plain read's rate at which ours streams the weights."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = int(nbytes)
+        self.buf: Optional[torch.Tensor] = None
+
+    def setup(self) -> None:
+        if self.buf is None:
+            _ensure_memory(self.nbytes, "the same-bytes read buffer")
+            self.buf = torch.ones(max(self.nbytes // 8, 1), dtype=torch.int64)  # written: no zero pages
+
+    def teardown(self) -> None:
+        self.buf = None
+
+    def __call__(self):
+        return self.buf.sum()
+
+
+def _with_read(st, nbytes: int):
+    """(setup, teardown, reader) for a decode case whose state st has setup()/teardown()."""
+    rd = SameBytesRead(nbytes)
+
+    def setup():
+        st.setup()
+        rd.setup()
+
+    def teardown():
+        rd.teardown()
+        st.teardown()
+    return setup, teardown, rd
 
 
 def _int8_weight(w: torch.Tensor):
@@ -476,11 +514,12 @@ def grouped_decode_case(shape: MoeShape, proj: str, T: int, masked: bool = False
     extra.update({"experts used": st.used, "experts allocated": st.P, "rows": st.rows, "layout": layout})
     if masked:
         extra["M_max"] = int(st.a3.shape[1])
+    setup, teardown, rd = _with_read(st, st.touched_bytes())
     return Case(domain="gemm", name=f"fp8_grouped_gemm{'_masked' if masked else ''} decode {shape.model} {proj}",
                 shape=f"T={T} top{shape.top_k} E={shape.E} N={N} K={K}: {st.used} experts, {st.rows} rows{where}",
-                ours=st.ours, baselines={BF16_BASELINE: st.bf16, INT8_BASELINE: st.int8},
+                ours=st.ours, baselines={BF16_BASELINE: st.bf16, INT8_BASELINE: st.int8, READ_BASELINE: rd},
                 flops=2.0 * st.rows * N * K, bytes=float(st.touched_bytes()), check=st.check, bound="memory",
-                ceiling="read", rotate=_FLUSH, setup=st.setup, teardown=st.teardown, extra=extra)
+                ceiling="read", rotate=_FLUSH, setup=setup, teardown=teardown, extra=extra)
 
 
 def dense_decode_case(T: int, quick: bool = False) -> Case:
@@ -488,10 +527,12 @@ def dense_decode_case(T: int, quick: bool = False) -> Case:
     if quick:
         N, K = _quick_dim(N), _quick_dim(K)
     st = DenseDecode(T, N, K)
+    setup, teardown, rd = _with_read(st, st.touched_bytes())
     return Case(domain="gemm", name="fp8_gemm decode dense" + (" stand-in" if quick else ""),
-                shape=f"T={T} N={N} K={K}", ours=st.ours, baselines={BF16_DENSE: st.bf16, INT8_DENSE: st.int8},
+                shape=f"T={T} N={N} K={K}", ours=st.ours,
+                baselines={BF16_DENSE: st.bf16, INT8_DENSE: st.int8, READ_BASELINE: rd},
                 flops=2.0 * T * N * K, bytes=float(st.touched_bytes()), check=st.check, bound="memory",
-                ceiling="read", rotate=_FLUSH, setup=st.setup, teardown=st.teardown,
+                ceiling="read", rotate=_FLUSH, setup=setup, teardown=teardown,
                 extra=_extra(st, f"dense-T{T}"))
 
 

@@ -22,6 +22,7 @@ from .. import routing
 from ..mla import LatentCache
 from ..nn import DecoderBlock, DeepSeekConfig, MoE, plain
 from .case import Case
+from .gemm import READ_BASELINE, _with_read
 from .timing import LLC_FLUSH
 
 
@@ -138,10 +139,11 @@ def moe_decode_case(quick: bool) -> Case:
     label = "V2-Lite" + (" stand-in" if quick else "")
     shape = (f"T=1 hidden={cfg.hidden_size} E={cfg.n_routed_experts} top{cfg.num_experts_per_tok} "
              f"I={cfg.moe_intermediate_size} shared={cfg.n_shared_experts}")
+    setup, teardown, rd = _with_read(st, st.active_bytes)
     return Case("nn", f"MoE decode step {label} batch 1", shape, st.run_ours,
-                {"plain PyTorch MoE (expert loop, bf16)": st.run_ref}, bytes=float(st.active_bytes),
-                check=st.check, bound="memory", ceiling="read", rotate=LLC_FLUSH, setup=st.setup,
-                teardown=st.teardown,
+                {"plain PyTorch MoE (expert loop, bf16)": st.run_ref, READ_BASELINE: rd},
+                bytes=float(st.active_bytes), check=st.check, bound="memory", ceiling="read", rotate=LLC_FLUSH,
+                setup=setup, teardown=teardown,
                 extra={"bytes are": "active FP8 weights: the chosen routed experts' gate/up/down + the shared "
                                     "experts (router and block scales not counted)",
                        "active weight bytes": st.active_bytes, "routed expert bytes": st.routed_bytes,
