@@ -619,7 +619,7 @@ inline void scale_block(DV (&blk)[MR][NC], const float* sa, int64_t sa_stride, f
 // sc[r * KB + kb]: the scale of row r's block kb times kFix; kSafe: every |scale| <= kSafeScale,
 // so each block's partial sums take one FMA (else scale_block, which checks each).
 // NOTES: per 128-byte weight block the loop body is the decode, the dot products and one FMA
-// per output: on Zen 4 the kernel is bound by the vector pipes (~1.2 zmm ops per cycle), so
+// per output: on Zen 4 the kernel is bound by the vector pipes (about one zmm op per cycle), so
 // every op left in the block loop costs bandwidth. One sum per output and block suffices (the
 // out-of-order window overlaps consecutive blocks' chains); the scale is precomputed.
 template <int MR, int NC, bool kSafe>
