@@ -14,16 +14,10 @@
 #include <immintrin.h>
 #endif
 
-#ifdef _OPENMP
-#include <omp.h>
-#else
-inline int omp_get_num_threads() { return 1; }
-inline int omp_get_thread_num() { return 0; }
-#endif
-
 #include "common/fp8.h"
 #include "common/k_groups.h"
 #include "cpu/isa.h"
+#include "cpu/parallel.h"
 
 // NOTES: GCC 12's AVX-512 headers trip -Wmaybe-uninitialized (and, once inlined into
 // pack_a_block, -Wuninitialized) on their own undefined-vector idiom.

@@ -1,9 +1,13 @@
-// parallel_for: OpenMP only when the work is worth a parallel region.
+// parallel_for / parallel_ranges: OpenMP only when the work is worth a parallel region.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #ifdef _OPENMP
 #include <omp.h>
+#else  // a build without OpenMP: one thread
+inline int omp_get_num_threads() { return 1; }
+inline int omp_get_thread_num() { return 0; }
 #endif
 
 namespace lk::cpu {
@@ -31,6 +35,14 @@ inline int64_t parallel_chunks(bool parallel) {
   (void)parallel;
   return 1;
 #endif
+}
+
+// body(begin, end) over [0, n) in one contiguous range per thread (parallel), or in one range on
+// the calling thread: each range sets up its scratch once.
+template <class Body>
+inline void parallel_ranges(int64_t n, bool parallel, const Body& body) {
+  const int64_t chunks = std::min(n, parallel_chunks(parallel));
+  parallel_for(chunks, chunks > 1, [&](int64_t c) { body(c * n / chunks, (c + 1) * n / chunks); });
 }
 
 }  // namespace lk::cpu

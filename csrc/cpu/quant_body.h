@@ -274,8 +274,7 @@ void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64
   // NOTES: small inputs (decode: one token) run on the calling thread. An OpenMP region costs
   // microseconds on an idle machine but milliseconds when a core is busy with another process
   // (the region waits for a descheduled thread).
-  const int64_t chunks = std::min(units, parallel_chunks(batch * rows * K >= kParallelElems));
-  parallel_for(chunks, chunks > 1, [&](int64_t c) {
+  parallel_ranges(units, batch * rows * K >= kParallelElems, [&](int64_t u_begin, int64_t u_end) {
     std::vector<float> buf(K - tail0 > kQuantGroup ? K - tail0 : kQuantGroup);
     std::vector<uint32_t> amax(groups);
     std::vector<float> sc(groups);
@@ -283,7 +282,7 @@ void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64
     std::vector<uint32_t> amax_lanes(block_rows == 1 ? 0 : full * kLanes);
     VecF v[kVecs];
 #endif
-    for (int64_t u = c * units / chunks, u_end = (c + 1) * units / chunks; u < u_end; ++u) {
+    for (int64_t u = u_begin; u < u_end; ++u) {
       const int64_t b = u / row_blocks, rb = u % row_blocks;
       const int64_t r0 = rb * block_rows, r1 = std::min(rows, r0 + block_rows);
       float* srow = scale + u * groups;

@@ -143,8 +143,7 @@ void route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t row_st
   // vectorised max over L lanes; only keys >= the bound (typically 2-3 x top_k of them) go
   // through the sorted insertion, so the E-long loop is one well-predicted compare each.
   const int64_t L = top_k <= 8 ? 8 : (top_k <= 16 ? 16 : 32);
-  const int64_t chunks = std::min(T, parallel_chunks(T * E >= kParallelWork));
-  parallel_for(chunks, chunks > 1, [&](int64_t c) {
+  parallel_ranges(T, T * E >= kParallelWork, [&](int64_t t_begin, int64_t t_end) {
     // NOTES: stack scratch for the usual expert counts (no allocation per call)
     constexpr int64_t kStackE = 512;
     float x_st[kStackE], s_st[kStackE];
@@ -164,7 +163,7 @@ void route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t row_st
     Ranked* groups = groups_st;
     if (topk_group > 64) groups_v.resize(topk_group), groups = groups_v.data();
     std::vector<uint8_t> keep(n_group > 1 ? n_group : 0);
-    for (int64_t t = c * T / chunks, t_end = (c + 1) * T / chunks; t < t_end; ++t) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
       widen_row(logits, dtype, t * row_stride, E, x);
       scores_row(x, E, sigmoid, s, tmp.data());
       if (bias) {
@@ -294,10 +293,9 @@ void permute_fp8(const void* x, DType dtype, int64_t T, int64_t H, int64_t row_s
     });
     return;
   }
-  const int64_t chunks = std::min(R, parallel_chunks(R * H >= 4 * kParallelWork));
-  parallel_for(chunks, chunks > 1, [&](int64_t c) {
+  parallel_ranges(R, R * H >= 4 * kParallelWork, [&](int64_t r_begin, int64_t r_end) {
     std::vector<float> buf(H);
-    for (int64_t r = c * R / chunks, r_end = (c + 1) * R / chunks; r < r_end; ++r) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
       const int32_t t = row_token[r];
       if (t >= 0 && t < T)
         widen_row(x, dtype, t * row_stride, H, buf.data());
@@ -324,10 +322,9 @@ void unpermute(const void* y, DType dtype, int64_t R, int64_t H, const int32_t* 
   // NOTES: H is processed in slices that stay in L1 (acc + one y slice), so the fp32
   // accumulator never goes to memory: y is read once and out written once.
   constexpr int64_t kSlice = 2048;
-  const int64_t chunks = std::min(T, parallel_chunks(T * top_k * H >= 4 * kParallelWork));
-  parallel_for(chunks, chunks > 1, [&](int64_t c) {
+  parallel_ranges(T, T * top_k * H >= 4 * kParallelWork, [&](int64_t t_begin, int64_t t_end) {
     alignas(64) float acc[kSlice];
-    for (int64_t t = c * T / chunks, t_end = (c + 1) * T / chunks; t < t_end; ++t) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
       for (int64_t h0 = 0; h0 < H; h0 += kSlice) {
         const int64_t n = std::min(kSlice, H - h0);
         std::fill(acc, acc + n, 0.0f);
