@@ -95,6 +95,40 @@ def test_hostile_bytes_every_path(cpu_path):
            ref.fp8_grouped_gemm(a, sa, bb, sbb, offs, torch.float32))
 
 
+
+@pytest.mark.parametrize("flush", [False, True])
+@pytest.mark.parametrize("counts,N,K", [([1, 2, 4, 1], 160, 5000), ([1, 2], 136, 640)])
+def test_decode_nan_codes_and_subnormals_safe_scales_every_path(cpu_path, flush, counts, N, K):
+    """Decode shapes (1-4 rows per expert) with every scale finite and small: the fast decode of
+    the avx512/avx2 paths (e4m3 bits moved into an fp32, NaN codes flagged per walk and the walk
+    redone) must match the reference: NaN only in the columns whose weight row holds a NaN code;
+    outputs made of e4m3 subnormals only (a weight row, a row of a) exact, also with
+    torch.set_flush_denormal(True) (MXCSR DAZ and FTZ set on the calling thread, which runs the
+    whole of the smaller call). K = 5000: weight rows are walked 4 at a time, with a K tail."""
+    E, M = len(counts), sum(counts)
+    a, sa = lk.quantize_fp8(randn(M, K, seed=21))
+    b, sb = _weights(E, N, K, 22)
+    bu, au = b.view(torch.uint8), a.view(torch.uint8)
+    sub = torch.arange(K) % 7 + 1
+    bu[1, 9] = (sub | (torch.arange(K) % 2 * 128)).to(torch.uint8)   # expert 1, column 9: +-subnormals
+    au[2] = sub.to(torch.uint8)                                     # expert 1's second row: subnormals
+    bu[0, 5, K - 3] = 0x7F                                          # expert 0 column 5, in the K tail
+    bu[1, 130, 7] = 0xFF                                            # expert 1, second weight block row
+    offs = torch.tensor(counts).cumsum(0).int()
+    want = ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32)
+    assert want[0, 5].isnan() and want[1:3, 130].isnan().all() and want.isnan().sum() == 3
+    assert (want[1:3, 9] != 0).all() and (want[2, :128] != 0).all()
+    try:
+        torch.set_flush_denormal(flush)
+        got = lk.fp8_grouped_gemm(a, sa, b, sb, offs, out_dtype=torch.float32)
+    finally:
+        torch.set_flush_denormal(False)
+    _close(got, want)
+    # made of subnormals: each value within 1e-6 of the sum of its terms' magnitudes
+    mag = ref.fp8_grouped_gemm((au & 0x7F).view(a.dtype), sa, (bu & 0x7F).view(b.dtype), sb, offs, torch.float32)
+    for r, cols in ((1, [9]), (2, list(range(128)))):
+        assert ((got[r, cols] - want[r, cols]).abs() <= 1e-6 * mag[r, cols]).all(), (r, cols)
+
 def test_paths_listed_and_forced():
     assert PATHS[-1] == "generic" and lk.cpu_path() in PATHS
     with pytest.raises(ValueError, match="CPU path must be one of"):

@@ -22,8 +22,8 @@
 //    about one zmm op per cycle across its vector pipes, so a core decodes ~25-30 GB/s: the two
 //    cores of the development VM together sit at or above its DRAM read rate (30-46 GB/s).
 //    Decode per CPU level: avx512bf16 e4m3 -> bf16 by two vpermt2b byte tables (exact) and
-//    vdpbf16ps; avx512/avx2 e4m3 -> fp16 by a shift (the 2^-8 offset folded into the scale,
-//    subnormals exact) and vcvtph2ps, then FMAs; generic a table.
+//    vdpbf16ps; avx512/avx2 e4m3 -> fp32 by bit moves (9 integer ops per vector of bytes, the
+//    2^-120 offset folded into a and the scale, subnormals exact), then FMAs; generic a table.
 //    Bound at V2-Lite T=1 (6 experts x N=2816 x K=2048, 34.6 MB fp8): the DRAM read of the
 //    weights, ~1 ms at 37 GB/s on 2 Zen 4 cores; the decode costs ~12 vector ops per 64 bytes.
 //
@@ -465,11 +465,8 @@ void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const
 // Per CPU level, a "DV" vector and the decode of one 128-wide K block (weights and a alike):
 //   avx512bf16: DV = zmm of 32 bf16; e4m3 -> bf16 by the vpermt2b byte tables (exact, subnormals
 //               and NaN included); dot = vdpbf16ps (32 multiply-adds).
-//   avx512/avx2: e4m3 -> fp16 is a shift: sign-extended byte << 7 with bit 14 cleared is the
-//               fp16 of value * 2^-8, subnormals included (an e4m3 subnormal becomes an fp16
-//               subnormal), and vcvtph2ps widens it exactly; the 2^16 of a product of two such
-//               values goes into the block scale. NaN codes (0x7f/0xff) would decode as 480, so
-//               a 32-byte chunk holding one takes the table decode instead (one compare per chunk).
+//   avx512/avx2: e4m3 -> fp32 by bit moves (value * 2^-120, subnormals exact), then FMAs; NaN
+//               codes flagged and decoded by a table (see the level's ChunkDecoder).
 //   generic:    a 256-entry float table.
 // Per 128-wide K block and (row, column) the lanes hold partial block sums; they are scaled by
 // a_scale * b_scale lane-wise. That equals the reference's (block sum) * scale up to rounding
@@ -493,27 +490,55 @@ struct ChunkDecoder {
     out[0] = _mm512_castsi512_ps(w0);
     out[1] = _mm512_castsi512_ps(w1);
   }
+  template <class Mark> void fast(const uint8_t* src, DV* out, Mark&) const { (*this)(src, out); }
 };
 #elif LK_ISA >= 1
-constexpr int kChunk = 32;
-constexpr float kFix = 65536.0f;    // each decoded value is value * 2^-8
+// e4m3 -> fp32 by bit moves, for weights and a alike: a byte's magnitude (4 exponent and 3
+// mantissa bits) placed at fp32 bits 26..20 with its sign at bit 31 is the fp32 of value *
+// 2^-120; an e4m3 subnormal becomes an fp32 subnormal of the same digits (exact), zero stays
+// zero. Per 16-bit word: an arithmetic shift right by 4 puts the high byte's magnitude at bits
+// 10..4 and copies its sign into bits 15..11, and an AND with 0x87f0 leaves sign + magnitude,
+// a bf16 (the low bytes first move up by 8); its fp32 is the word in the high half of a dword.
+// So 9 integer ops give the fp32 of 4 bytes per dword lane, in 4 vectors: dword i of out[j]
+// holds byte 4i + kByteOf[j] (a and b use the same order, and the sum does not care).
+// NOTES: the fp16 route (sign-extend, shift, mask, vcvtph2ps) needs ~14 ops per 32 bytes and
+// was the AVX2 path's bound: 1.9x the avx512bf16 path at V2-Lite T=1.
+// a is decoded once per call to value * 2^112 (two exact multiplies), so a product is
+// value_a * value_b * 2^-8, always a normal fp32: kFix = 2^8 goes into the block scale. The
+// weights' subnormals need MXCSR's DAZ off, which the kernel sets for its threads (FlushGuard).
+// NaN codes (0x7f/0xff) would decode as 480: the hot loop ORs nothing per chunk but keeps a
+// byte max of (byte + byte), whose value 0xfe marks a NaN code; a walk that met one is redone
+// with the table (fused_rows), and the panel path checks each chunk.
+constexpr int kVC = 4;
+constexpr float kFix = 256.0f;
+constexpr int kByteOf[kVC] = {3, 1, 2, 0};
 #if LK_ISA >= 2
 using DV = __m512;
-constexpr int kVC = 2;
+using IV = __m512i;
+constexpr int kChunk = 64;
 constexpr int kDMR = 2;
 inline DV dv_zero() { return _mm512_setzero_ps(); }
 inline DV dv_dot(DV acc, DV a, DV w) { return _mm512_fmadd_ps(a, w, acc); }
 inline DV dv_fma(DV x, float s, DV acc) { return _mm512_fmadd_ps(x, _mm512_set1_ps(s), acc); }
 inline float dv_hsum(DV v) { return _mm512_reduce_add_ps(v); }
-inline void dv_from_bytes(__m256i x, DV* out) {  // 32 e4m3 -> 32 fp32 (value * 2^-8)
-  const __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(x), 7), _mm512_set1_epi16(int16_t(0xbfff)));
-  out[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-  out[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+inline IV iv_load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline IV iv_zero() { return _mm512_setzero_si512(); }
+inline void iv_decode(IV x, DV* out) {
+  const IV keep = _mm512_set1_epi16(int16_t(0x87f0)), hi = _mm512_set1_epi32(int32_t(0xffff0000u));
+  const IV odd = _mm512_and_si512(_mm512_srai_epi16(x, 4), keep);
+  const IV even = _mm512_and_si512(_mm512_srai_epi16(_mm512_slli_epi16(x, 8), 4), keep);
+  out[0] = _mm512_castsi512_ps(_mm512_and_si512(odd, hi));
+  out[1] = _mm512_castsi512_ps(_mm512_slli_epi32(odd, 16));
+  out[2] = _mm512_castsi512_ps(_mm512_and_si512(even, hi));
+  out[3] = _mm512_castsi512_ps(_mm512_slli_epi32(even, 16));
 }
+inline IV iv_nan_mark(IV acc, IV x) { return _mm512_max_epu8(acc, _mm512_add_epi8(x, x)); }
+inline bool iv_nan_any(IV acc) { return _mm512_cmpeq_epi8_mask(acc, _mm512_set1_epi8(char(0xfe))) != 0; }
 #else
 using DV = __m256;
-constexpr int kVC = 4;
-constexpr int kDMR = 1;             // 16 ymm registers: one row's 4 sums + 4 totals + 4 weights
+using IV = __m256i;
+constexpr int kChunk = 32;
+constexpr int kDMR = 1;             // 16 ymm registers: one row's sums + totals + 4 weights
 inline DV dv_zero() { return _mm256_setzero_ps(); }
 inline DV dv_dot(DV acc, DV a, DV w) { return _mm256_fmadd_ps(a, w, acc); }
 inline DV dv_fma(DV x, float s, DV acc) { return _mm256_fmadd_ps(x, _mm256_set1_ps(s), acc); }
@@ -522,32 +547,55 @@ inline float dv_hsum(DV v) {
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
-inline void dv_from_bytes(__m256i x, DV* out) {
-  const __m256i keep = _mm256_set1_epi16(int16_t(0xbfff));
-  for (int h = 0; h < 2; ++h) {
-    const __m128i bytes = h == 0 ? _mm256_castsi256_si128(x) : _mm256_extracti128_si256(x, 1);
-    const __m256i f16 = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7), keep);
-    out[2 * h] = _mm256_cvtph_ps(_mm256_castsi256_si128(f16));
-    out[2 * h + 1] = _mm256_cvtph_ps(_mm256_extracti128_si256(f16, 1));
-  }
+inline IV iv_load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline IV iv_zero() { return _mm256_setzero_si256(); }
+inline void iv_decode(IV x, DV* out) {
+  const IV keep = _mm256_set1_epi16(int16_t(0x87f0)), hi = _mm256_set1_epi32(int32_t(0xffff0000u));
+  const IV odd = _mm256_and_si256(_mm256_srai_epi16(x, 4), keep);
+  const IV even = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(x, 8), 4), keep);
+  out[0] = _mm256_castsi256_ps(_mm256_and_si256(odd, hi));
+  out[1] = _mm256_castsi256_ps(_mm256_slli_epi32(odd, 16));
+  out[2] = _mm256_castsi256_ps(_mm256_and_si256(even, hi));
+  out[3] = _mm256_castsi256_ps(_mm256_slli_epi32(even, 16));
+}
+inline IV iv_nan_mark(IV acc, IV x) { return _mm256_max_epu8(acc, _mm256_add_epi8(x, x)); }
+inline bool iv_nan_any(IV acc) {
+  return _mm256_movemask_epi8(_mm256_cmpeq_epi8(acc, _mm256_set1_epi8(char(0xfe)))) != 0;
 }
 #endif
+constexpr float kAFix = 0x1p116f;   // a: value * 2^-120 -> value * 2^112 in two exact steps
+// Flags a NaN code among the chunks `fast` decoded (see above).
+struct NanMark {
+  IV acc = iv_zero();
+  bool any() const { return iv_nan_any(acc); }
+};
 struct ChunkDecoder {
-  float table[256];                 // value * 2^-8, for chunks holding a NaN code
+  float table[256];                 // value * 2^-120 (NaN kept), for chunks holding a NaN code
   ChunkDecoder() {
-    for (int i = 0; i < 256; ++i) table[i] = fp8e4m3_to_f32(uint8_t(i)) * 0.00390625f;
+    for (int i = 0; i < 256; ++i) table[i] = std::ldexp(fp8e4m3_to_f32(uint8_t(i)), -120);
   }
-  void operator()(const uint8_t* src, DV* out) const {  // kChunk readable bytes
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-    const __m256i mag = _mm256_set1_epi8(0x7f);
-    if (__builtin_expect(_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_and_si256(x, mag), mag)) != 0, 0)) {
-      alignas(64) float v[kChunk];
-      for (int i = 0; i < kChunk; ++i) v[i] = table[src[i]];
+  void fast(const uint8_t* src, DV* out, NanMark& nan) const {  // kChunk readable bytes
+    const IV x = iv_load(src);
+    nan.acc = iv_nan_mark(nan.acc, x);
+    iv_decode(x, out);
+  }
+  void operator()(const uint8_t* src, DV* out) const {  // checked: NaN codes decode as NaN
+    NanMark nan;
+    fast(src, out, nan);
+    if (__builtin_expect(nan.any(), 0)) {
+      alignas(64) float v[kVC][kChunk / 4];
+      for (int j = 0; j < kVC; ++j)
+        for (int i = 0; i < kChunk / 4; ++i) v[j][i] = table[src[4 * i + kByteOf[j]]];
       memcpy(out, v, sizeof(v));
-      return;
     }
-    dv_from_bytes(x, out);
   }
+};
+// MXCSR with DAZ and FTZ off on this thread while alive: the decoded weights' subnormals must
+// count, and so must a product's (torch.set_flush_denormal(True) sets both bits).
+struct FlushGuard {
+  unsigned saved = _mm_getcsr();
+  FlushGuard() { _mm_setcsr(saved & ~0x8040u); }
+  ~FlushGuard() { _mm_setcsr(saved); }
 };
 #else
 typedef float DV __attribute__((vector_size(16)));
@@ -567,7 +615,15 @@ struct ChunkDecoder {
   void operator()(const uint8_t* src, DV* out) const {
     for (int v = 0; v < kVC; ++v) out[v] = DV{table[src[4 * v]], table[src[4 * v + 1]], table[src[4 * v + 2]], table[src[4 * v + 3]]};
   }
+  template <class Mark> void fast(const uint8_t* src, DV* out, Mark&) const { (*this)(src, out); }
 };
+#endif
+#if LK_ISA == 0 || LK_ISA == 3      // exact decoders: a needs no fix, no chunk needs a check
+constexpr float kAFix = 1.0f;
+struct NanMark {
+  bool any() const { return false; }
+};
+struct FlushGuard {};               // normal fp32 values (generic), vdpbf16ps ignores MXCSR
 #endif
 
 constexpr int kCB = kQuantGroup / kChunk;  // chunks per 128-wide K block
@@ -622,7 +678,9 @@ inline void scale_block(DV (&blk)[MR][NC], const float* sa, int64_t sa_stride, f
 // per output: on Zen 4 the kernel is bound by the vector pipes (about one zmm op per cycle), so
 // every op left in the block loop costs bandwidth. One sum per output and block suffices (the
 // out-of-order window overlaps consecutive blocks' chains); the scale is precomputed.
-template <int MR, int NC, bool kSafe>
+// kChecked: every chunk checked for NaN codes (ChunkDecoder::operator()); else the walk flags
+// them (NanMark) and, having met one, is redone checked. Unsafe scales always run checked.
+template <int MR, int NC, bool kSafe, bool kChecked = !kSafe>
 void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, const Problem& p, const DV* a_dec,
                 const float* sa, const float* sbrow, const float* sc, Totals& tot, Exact& exact) {
 #if LK_ISA >= 3
@@ -638,6 +696,7 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
     for (int c = 0; c < NC; ++c) t[r][c] = dv_zero();
   const int64_t per_row = p.KB * kVB;
   const int64_t ahead = NC * p.K;  // prefetch distance: the next group (2-8 KiB further: no gain)
+  NanMark nan;
   auto block = [&](int64_t kb, const uint8_t* const* src) {
     DV blk[MR][NC];
     for (int r = 0; r < MR; ++r)
@@ -645,7 +704,8 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
     for (int ch = 0; ch < kCB; ++ch)
       for (int c = 0; c < NC; ++c) {
         DV w[kVC];
-        dec(src[c] + ch * kChunk, w);
+        if constexpr (kChecked) dec(src[c] + ch * kChunk, w);
+        else dec.fast(src[c] + ch * kChunk, w, nan);
         for (int v = 0; v < kVC; ++v)
           for (int r = 0; r < MR; ++r) blk[r][c] = dv_dot(blk[r][c], a_dec[r * per_row + kb * kVB + ch * kVC + v], w[v]);
       }
@@ -675,6 +735,10 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
     const uint8_t* src[NC];
     for (int c = 0; c < NC; ++c) src[c] = whole_block(col[c] + k0, p.K - k0, tail[c]);
     block(whole, src);
+  }
+  if (!kChecked && __builtin_expect(nan.any(), 0)) {  // a NaN code: the walk again, checked
+    fused_rows<MR, NC, kSafe, true>(dec, col, c0, p, a_dec, sa, sbrow, sc, tot, exact);
+    return;
   }
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NC; ++c) tot[r][c0 + c] = t[r][c];
@@ -810,13 +874,16 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
   // calling thread (see kParallelMacs).
 #pragma omp parallel if (rows * p.N * p.K >= kParallelMacs)
   {
+    [[maybe_unused]] const FlushGuard no_flush;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
       const size_t s = size_t(std::upper_bound(first.begin(), first.end(), i) - first.begin() - 1);
       const uint8_t* src = p.a + (segs[s].r0 + (i - first[s])) * p.K;
+      DV* out = a_dec + i * per_row;
       for (int64_t kb = 0; kb < p.KB; ++kb)
-        decode_block(dec, src + kb * kQuantGroup, std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup),
-                            a_dec + i * per_row + kb * kVB);
+        decode_block(dec, src + kb * kQuantGroup, std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup), out + kb * kVB);
+      if (kAFix != 1.0f)  // x * 2^116 + 0, twice (exact)
+        for (int64_t v = 0; v < per_row; ++v) out[v] = dv_fma(dv_fma(out[v], kAFix, dv_zero()), kAFix, dv_zero());
     }
     const int nt = std::min(omp_get_num_threads(), kMaxShares), me = omp_get_thread_num();
     if (me < nt) {
