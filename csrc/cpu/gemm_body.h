@@ -566,7 +566,9 @@ inline bool iv_nan_any(IV acc) {
 constexpr float kAFix = 0x1p116f;   // a: value * 2^-120 -> value * 2^112 in two exact steps
 // Flags a NaN code among the chunks `fast` decoded (see above).
 struct NanMark {
-  IV acc = iv_zero();
+  IV acc;
+  NanMark() : acc(iv_zero()) {}  // NOTES: not a default member initializer, whose implicit
+                                 // constructor GCC compiles outside the target region
   bool any() const { return iv_nan_any(acc); }
 };
 struct ChunkDecoder {
