@@ -274,6 +274,36 @@ def test_unpermute_matches_reference(device, dtype, H):
     assert (out.cpu()[nowhere] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H", [7168, 7200, 17])
+def test_unpermute_cpu_paths_exact(dtype, H):
+    """The CPU combine on every CPU path (register sums on the AVX-512 levels: column blocks of
+    128 and 32, then a tail) against fp32 sums in k order (torch.addcmul; the kernel's fused
+    multiply-adds may differ in the last fp32 bit), one rounding to the output dtype; Inf and
+    NaN inputs give the same non-finite pattern."""
+    T, K = 3, 8
+    w, ids, p = _routed(T, 32, K, "cpu", seed=H, align=1, drop=False)
+    y = randn(p.row_token.shape[0], H, seed=H + 1, dtype=dtype)
+    y[p.token_row[1, 2], 5] = float("inf")
+    y[p.token_row[2, 0], H - 1] = float("nan")
+    acc = torch.zeros(T, H)
+    for k in range(K):
+        acc = torch.addcmul(acc, w[:, k:k + 1], y[p.token_row[:, k].long()].float())
+    want = acc.to(dtype)
+    old = leankernels.cpu_path()
+    try:
+        for path in leankernels.cpu_paths():
+            leankernels.set_cpu_path(path)
+            got = leankernels.unpermute(y, p, w)
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), path
+            fin = want.isfinite()
+            torch.testing.assert_close(got[fin].float(), want[fin].float(), rtol=2e-6 if dtype == torch.float32 else 8e-3,
+                                       atol=1e-6)
+            assert gemm_diff(got[fin].float(), want[fin].float()) < 1e-9, path
+    finally:
+        leankernels.set_cpu_path(old)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_permute_unpermute_roundtrip(device):
     """Unpermute of the permuted rows with weights summing to 1 gives x back (fp32)."""

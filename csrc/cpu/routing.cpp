@@ -19,6 +19,9 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 #include "common/fp8.h"
 #include "common/gate.h"
