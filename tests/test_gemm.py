@@ -142,17 +142,18 @@ def test_infinite_scale_gives_inf_like_the_reference(device, out_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_decode_rows_with_extreme_scales(device):
+@pytest.mark.parametrize("K", [300, 4500])
+def test_decode_rows_with_extreme_scales(device, K):
     # Experts with 1-4 rows take the CPU decode kernel's register path, whose per-block scaling
     # has a fast path (every |a_scale * b_scale| <= 2^100) and an exact one; a K tail (300) and
     # a second weight block row (N = 136) included. Inf and a huge finite scale must give the
     # reference's values, and only in their own rows.
-    counts, N, K = [1, 2, 3, 0, 4, 2], 136, 300
+    counts, N = [1, 2, 3, 0, 4, 2], 136  # K = 4500: weight rows in groups of 4 on the CPU
     M = sum(counts)
     _, _, a, s, b, t = _operands(M, N, K, E=len(counts), seed=81, device=device)
     s[1, 2] = float("inf")               # expert 1 (2 rows), its last (partial) K block
     s[4, 0] = -float("inf")              # expert 2 (3 rows)
-    s[6, 1] = 2.0 ** 120                 # expert 4 (4 rows): finite, past the fast path's bound
+    s[6, 1] = 2.0 ** 116                 # expert 4 (4 rows): finite, past the fast path's bound
     offs = _offs(counts, device)
     got = lk.fp8_grouped_gemm(a, s, b, t, offs, out_dtype=torch.float32).cpu()
     want = ref.fp8_grouped_gemm(a.cpu(), s.cpu(), b.cpu(), t.cpu(), offs.cpu(), torch.float32)

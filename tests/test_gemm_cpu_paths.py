@@ -114,9 +114,13 @@ def test_decode_nan_codes_and_subnormals_safe_scales_every_path(cpu_path, flush,
     au[2] = sub.to(torch.uint8)                                     # expert 1's second row: subnormals
     bu[0, 5, K - 3] = 0x7F                                          # expert 0 column 5, in the K tail
     bu[1, 130, 7] = 0xFF                                            # expert 1, second weight block row
+    if E > 2:
+        bu[2, 17, K - 100] = 0x7F                                   # expert 2: 4 rows, 2 weight rows at a time
     offs = torch.tensor(counts).cumsum(0).int()
     want = ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32)
-    assert want[0, 5].isnan() and want[1:3, 130].isnan().all() and want.isnan().sum() == 3
+    e2 = slice(3, 3 + counts[2]) if len(counts) > 2 else slice(0, 0)
+    assert want[0, 5].isnan() and want[1:3, 130].isnan().all() and want[e2, 17].isnan().all()
+    assert want.isnan().sum() == 3 + len(range(M)[e2])
     assert (want[1:3, 9] != 0).all() and (want[2, :128] != 0).all()
     try:
         torch.set_flush_denormal(flush)

@@ -634,10 +634,12 @@ constexpr int kNC = 4;                     // most weight rows walked together (
 constexpr int64_t kChunkBlocks = 4;        // K blocks per L1 panel (rows > kDMR)
 constexpr int64_t kItemBytes = 64 * 1024;  // weight bytes per work item (at least 16 columns)
 constexpr int64_t kDecodeMaxRows = LK_ISA >= 3 ? 8 : 16;  // above: the row-tiled kernels
-// NOTES: with short rows (K <= 4096, one weight row at a time) up to 4 rows take the register
-// path on the zmm levels: the L1 panel's stores and reloads cost ~5% at V2-Lite T=16. With long
-// rows (4 weight rows walked together) 3-4 rows x 4 weight rows do not fit the registers, and
-// walking 2 at a time lost ~10% (dense K=14336, T=4): those keep the panel.
+// NOTES: up to 4 rows take the register path on the zmm levels: the L1 panel's stores and
+// reloads cost ~5% at V2-Lite T=16 (short rows, one weight row at a time). With long rows (4
+// weight rows in a group) 3-4 rows x 4 weight rows do not fit the registers, so they walk 2 of
+// the group's weight rows at a time: dense K=14336 T=3/T=4 +18-20% (avx512bf16) and +44-49%
+// (avx512) against the panel, since the prefetches of the next group go to L2 (before that,
+// walking 2 at a time had lost ~10%).
 constexpr int kFusedRows = LK_ISA >= 2 ? 4 : kDMR;
 
 // A 128-wide K block of `src` with kv <= 128 valid bytes, readable in full: `src` itself when
@@ -815,9 +817,9 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
           sc[r * p.KB + kb] = s * kFix;
         }
     }
-    // the register path: MR rows, the NC weight rows together (MR <= 2) or one at a time
+    // the register path: MR rows, the NC weight rows together (MR <= 2), else two at a time
     const auto fused = [&](auto mr) {
-      constexpr int MR = decltype(mr)::value, NCF = MR <= 2 ? NC : 1;
+      constexpr int MR = decltype(mr)::value, NCF = MR <= 2 ? NC : (NC >= 2 ? 2 : 1);
       for (int c = 0; c < NC; c += NCF)
         (sc_safe ? fused_rows<MR, NCF, true> : fused_rows<MR, NCF, false>)(dec, col + c, c, p, a_dec, sa0, sbrow, sc,
                                                                             tot, exact);
@@ -826,9 +828,9 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
       fused(std::integral_constant<int, 1>{});
     } else if (m == 2 && kFusedRows >= 2) {
       fused(std::integral_constant<int, kFusedRows >= 2 ? 2 : 1>{});
-    } else if (m == 3 && kFusedRows >= 3 && NC == 1) {
+    } else if (m == 3 && kFusedRows >= 3) {
       fused(std::integral_constant<int, kFusedRows >= 3 ? 3 : 1>{});
-    } else if (m == 4 && kFusedRows >= 4 && NC == 1) {
+    } else if (m == 4 && kFusedRows >= 4) {
       fused(std::integral_constant<int, kFusedRows >= 4 ? 4 : 1>{});
     } else {
       for (int64_t kb0 = 0; kb0 < p.KB; kb0 += kChunkBlocks) {
