@@ -317,8 +317,11 @@ struct Scratch {
 // b_block(c, kb): weight column c's block kb (kv_of(kb) <= 128 valid bytes); sb_of(c, kb): its
 // scale for column c; packed(t, kb): index of the item's tile t, block kb in pa (pack_a_tile).
 template <class BBlock, class KvOf, class SbOf, class Packed>
-void item_products(const Decoder& dec, const PackedA& pa, int64_t tiles, int64_t nc, int64_t KB, BBlock b_block,
+void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int64_t nc, int64_t KB, BBlock b_block,
                    KvOf kv_of, SbOf sb_of, Packed packed, Scratch& s) {
+  // NOTES: a local copy keeps the byte tables in registers (through the reference they were
+  // reloaded for every weight row, since the panel stores may alias them).
+  const Decoder dec = dec_in;
   // NOTES: weight blocks kPrefetchBlocks ahead, and the item's first blocks up front (with
   // short K loops, k-grouped experts of a few token groups, their misses would otherwise be
   // taken one by one at the top of the loop); a block's third cache line when it starts
