@@ -12,15 +12,17 @@
 //    Work items are (segment, ~64 KiB of weight rows) in memory order; each thread walks its
 //    own contiguous share of them (one long stream for the hardware prefetcher), then takes
 //    what is left of the others' shares. Weight rows are walked along K one at a time
-//    (K <= 4096: one sequential sweep) or four at a time (longer rows share each load of a):
-//    each 128-wide block is decoded into registers and used at once (m <= 2, or m <= 4 with
-//    short rows) or decoded into a 4-block L1 panel that register tiles of 2 rows reuse. Lanes
+//    (K <= 4096: one sequential sweep) or four at a time (longer rows share each load of a),
+//    the next weight rows prefetched (kPrefetchHint): each 128-wide block is decoded into
+//    registers and used at once (m <= 4 on the zmm levels; 3-4 rows walk 2 weight rows at a
+//    time) or decoded into a 4-block L1 panel that register tiles of 2 rows reuse. Lanes
 //    of an accumulator are K positions; per block the partial sums are scaled lane-wise (see
 //    "decode path" below for why that matches the reference), and one horizontal sum per
 //    output remains at the end. a's rows are decoded once per call.
 //    Per 64 weight bytes at one row the loop is 5 decode ops + 2 vdpbf16ps; Zen 4 retires
-//    about one zmm op per cycle across its vector pipes, so a core decodes ~25-30 GB/s: the two
-//    cores of the development VM together sit at or above its DRAM read rate (30-46 GB/s).
+//    about one zmm op per cycle across its vector pipes, so a core decodes ~25-30 GB/s hot and
+//    ~17-23 GB/s streaming from DRAM: the two cores of the development VM match its read rate
+//    when that is 30-40 GB/s, not when it peaks at 50-54 GB/s.
 //    Decode per CPU level: avx512bf16 e4m3 -> bf16 by two vpermt2b byte tables (exact) and
 //    vdpbf16ps; avx512/avx2 e4m3 -> fp32 by bit moves (9 integer ops per vector of bytes, the
 //    2^-120 offset folded into a and the scale, subnormals exact), then FMAs; generic a table.
@@ -666,6 +668,8 @@ inline void decode_block(const ChunkDecoder& dec, const uint8_t* src, int64_t kv
 // NOTES: measured against prefetcht0 (the same interleaved runs, 2 Zen 4 cores, with the
 // avx512bf16 and avx2 paths): four rows at a time +8-18% (V3 gate/up T=1 and T=4, dense T=1: at
 // 4 x 7-14 KiB ahead the L1 copies were evicted before use), one row +2-8% (V2-Lite, V3 down).
+// One row at a time on the register path also prefetches 16 rows on into L2: +3-6% more at one
+// row per expert (V2-Lite gate/up and down, V3 down; 40 interleaved rounds); 8 rows on: +1-3%.
 template <int NC>
 constexpr int kPrefetchHint = NC == 1 ? 0 : 2;
 
@@ -741,6 +745,10 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
       // group are short (K bytes each) and the hardware prefetcher would start each cold.
       __builtin_prefetch(src[c] + ahead, 0, kPrefetchHint<NC>);
       __builtin_prefetch(src[c] + ahead + 64, 0, kPrefetchHint<NC>);
+      if constexpr (NC == 1) {  // and into L2 16 rows on (see kPrefetchHint)
+        __builtin_prefetch(src[c] + 16 * ahead, 0, 2);
+        __builtin_prefetch(src[c] + 16 * ahead + 64, 0, 2);
+      }
     }
     block(kb, src);
   }
