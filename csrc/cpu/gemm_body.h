@@ -485,6 +485,7 @@ constexpr float kFix = 1.0f;        // decoded values are exact
 constexpr int kDMR = 2;             // rows per register tile
 inline DV dv_zero() { return _mm512_setzero_ps(); }
 inline DV dv_dot(DV acc, DV a, DV w) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)w); }
+inline DV dv_add(DV a, DV b) { return _mm512_add_ps(a, b); }
 inline DV dv_fma(DV x, float s, DV acc) { return _mm512_fmadd_ps(x, _mm512_set1_ps(s), acc); }
 inline float dv_hsum(DV v) { return _mm512_reduce_add_ps(v); }
 struct ChunkDecoder {
@@ -524,6 +525,7 @@ constexpr int kChunk = 64;
 constexpr int kDMR = 2;
 inline DV dv_zero() { return _mm512_setzero_ps(); }
 inline DV dv_dot(DV acc, DV a, DV w) { return _mm512_fmadd_ps(a, w, acc); }
+inline DV dv_add(DV a, DV b) { return _mm512_add_ps(a, b); }
 inline DV dv_fma(DV x, float s, DV acc) { return _mm512_fmadd_ps(x, _mm512_set1_ps(s), acc); }
 inline float dv_hsum(DV v) { return _mm512_reduce_add_ps(v); }
 inline IV iv_load(const uint8_t* p) { return _mm512_loadu_si512(p); }
@@ -546,6 +548,7 @@ constexpr int kChunk = 32;
 constexpr int kDMR = 1;             // 16 ymm registers: one row's sums + totals + 4 weights
 inline DV dv_zero() { return _mm256_setzero_ps(); }
 inline DV dv_dot(DV acc, DV a, DV w) { return _mm256_fmadd_ps(a, w, acc); }
+inline DV dv_add(DV a, DV b) { return _mm256_add_ps(a, b); }
 inline DV dv_fma(DV x, float s, DV acc) { return _mm256_fmadd_ps(x, _mm256_set1_ps(s), acc); }
 inline float dv_hsum(DV v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -612,6 +615,7 @@ constexpr float kFix = 1.0f;
 constexpr int kDMR = 1;
 inline DV dv_zero() { return DV{}; }
 inline DV dv_dot(DV acc, DV a, DV w) { return acc + a * w; }
+inline DV dv_add(DV a, DV b) { return a + b; }
 inline DV dv_fma(DV x, float s, DV acc) { return acc + x * s; }
 inline float dv_hsum(DV v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 struct ChunkDecoder {
@@ -716,17 +720,31 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
   const int64_t per_row = p.KB * kVB;
   const int64_t ahead = NC * p.K;  // prefetch distance: the next group (2-8 KiB further: no gain)
   NanMark nan;
+  // NOTES: with one row and one weight row, two partial sums per block (then added): one sum
+  // made a block of the fp32 levels a chain of 8-16 dependent FMAs, which bound the avx2 path
+  // (+15-25% on 2 cores cold, V2-Lite and V3 down T=1; avx512bf16 +1-5% on one core).
+  constexpr int kChains = MR * NC == 1 && LK_ISA >= 1 ? 2 : 1;
   auto block = [&](int64_t kb, const uint8_t* const* src) {
     DV blk[MR][NC];
+    DV part[MR][NC][kChains];
     for (int r = 0; r < MR; ++r)
-      for (int c = 0; c < NC; ++c) blk[r][c] = dv_zero();
+      for (int c = 0; c < NC; ++c)
+        for (int q = 0; q < kChains; ++q) part[r][c][q] = dv_zero();
     for (int ch = 0; ch < kCB; ++ch)
       for (int c = 0; c < NC; ++c) {
         DV w[kVC];
         if constexpr (kChecked) dec(src[c] + ch * kChunk, w);
         else dec.fast(src[c] + ch * kChunk, w, nan);
         for (int v = 0; v < kVC; ++v)
-          for (int r = 0; r < MR; ++r) blk[r][c] = dv_dot(blk[r][c], a_dec[r * per_row + kb * kVB + ch * kVC + v], w[v]);
+          for (int r = 0; r < MR; ++r) {
+            DV& acc = part[r][c][(ch * kVC + v) % kChains];
+            acc = dv_dot(acc, a_dec[r * per_row + kb * kVB + ch * kVC + v], w[v]);
+          }
+      }
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < NC; ++c) {
+        blk[r][c] = part[r][c][0];
+        for (int q = 1; q < kChains; ++q) blk[r][c] = dv_add(blk[r][c], part[r][c][q]);
       }
     if constexpr (kSafe) {
       for (int r = 0; r < MR; ++r)
