@@ -186,11 +186,11 @@ void pack_a_tile(const Decoder& dec, const uint8_t* a, const float* a_scale, int
   }
 }
 
-// totals[c][16 rows] += (a_blk . b_blk[c]) * scale[c][16 rows] for the 24 columns of a panel.
+// totals[c][16 rows] += (a_blk . b_blk[c]) * (sa[16 rows] * sb[c]) for the 24 columns of a panel.
 // a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64 slots. kLoopSlots 32 when the
 // block holds at most 64 valid K positions (slots 32..63 are its second 64 bytes, all zero).
 template <int kLoopSlots = kSlots>
-void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* scale, float* totals) {
+void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* sa, const float* sb, float* totals) {
   static_assert(kLoopSlots == kSlots || kLoopSlots == kSlots / 2, "whole 64-byte halves of a block");
   __m512 acc[kNTile];
 #pragma GCC unroll 24
@@ -201,10 +201,13 @@ void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* scale
     for (int c = 0; c < kNTile; ++c)
       acc[c] = _mm512_dpbf16_ps(acc[c], av, (__m512bh)_mm512_set1_epi32(int(panel[c * kSlots + s])));
   }
+  // NOTES: the scales multiplied here, not stored per tile beforehand: 2 fewer memory ops per
+  // column and block (dense prefill M=512 N=4096 K=7168 ~2.5% faster in alternating runs).
+  const __m512 sav = _mm512_loadu_ps(sa);
 #pragma GCC unroll 24
   for (int c = 0; c < kNTile; ++c)
-    _mm512_storeu_ps(totals + c * kTileRows,
-                     _mm512_fmadd_ps(acc[c], _mm512_loadu_ps(scale + c * kTileRows), _mm512_loadu_ps(totals + c * kTileRows)));
+    _mm512_storeu_ps(totals + c * kTileRows, _mm512_fmadd_ps(acc[c], _mm512_mul_ps(sav, _mm512_set1_ps(sb[c])),
+                                                             _mm512_loadu_ps(totals + c * kTileRows)));
 }
 
 #else
@@ -311,7 +314,7 @@ struct PackedA {  // every 16-row tile of the used rows of a, transposed (pack_a
 
 struct Scratch {
   std::vector<uint32_t> panel = std::vector<uint32_t>(kNTile * kSlots);
-  std::vector<float> scale = std::vector<float>(kNTile * kTileRows);
+  std::vector<float> scale = std::vector<float>(kNTile);  // the block's weight scale per column
   std::vector<float> totals = std::vector<float>(kTilesPerItem * kNTile * kTileRows);
 };
 
@@ -351,15 +354,12 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
       decode_block(dec, b_block(std::min(c, nc - 1), kb), kv, c < nc, blk);
       for (int q = 0; q < 4; ++q) _mm512_storeu_si512(s.panel.data() + c * kSlots + 16 * q, blk[q]);
     }
+    for (int64_t c = 0; c < kNTile; ++c) s.scale[size_t(c)] = c < nc ? sb_of(c, kb) : 0.0f;
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t i = packed(t, kb);
-      const __m512 sav = _mm512_loadu_ps(pa.sa_t.data() + i * kTileRows);
-      for (int64_t c = 0; c < kNTile; ++c) {
-        const float sb = c < nc ? sb_of(c, kb) : 0.0f;
-        _mm512_storeu_ps(s.scale.data() + c * kTileRows, _mm512_mul_ps(sav, _mm512_set1_ps(sb)));
-      }
       (kv <= kQuantGroup / 2 ? micro_kernel<kSlots / 2> : micro_kernel<kSlots>)(
-          pa.a_t.data() + i * kSlots * kTileRows, s.panel.data(), s.scale.data(), s.totals.data() + t * kNTile * kTileRows);
+          pa.a_t.data() + i * kSlots * kTileRows, s.panel.data(), pa.sa_t.data() + i * kTileRows, s.scale.data(),
+          s.totals.data() + t * kNTile * kTileRows);
     }
   }
 }
