@@ -530,15 +530,6 @@ inline DV dv_fma(DV x, float s, DV acc) { return _mm512_fmadd_ps(x, _mm512_set1_
 inline float dv_hsum(DV v) { return _mm512_reduce_add_ps(v); }
 inline IV iv_load(const uint8_t* p) { return _mm512_loadu_si512(p); }
 inline IV iv_zero() { return _mm512_setzero_si512(); }
-inline void iv_decode(IV x, DV* out) {
-  const IV keep = _mm512_set1_epi16(int16_t(0x87f0)), hi = _mm512_set1_epi32(int32_t(0xffff0000u));
-  const IV odd = _mm512_and_si512(_mm512_srai_epi16(x, 4), keep);
-  const IV even = _mm512_and_si512(_mm512_srai_epi16(_mm512_slli_epi16(x, 8), 4), keep);
-  out[0] = _mm512_castsi512_ps(_mm512_and_si512(odd, hi));
-  out[1] = _mm512_castsi512_ps(_mm512_slli_epi32(odd, 16));
-  out[2] = _mm512_castsi512_ps(_mm512_and_si512(even, hi));
-  out[3] = _mm512_castsi512_ps(_mm512_slli_epi32(even, 16));
-}
 inline IV iv_nan_mark(IV acc, IV x) { return _mm512_max_epu8(acc, _mm512_add_epi8(x, x)); }
 inline bool iv_nan_any(IV acc) { return _mm512_cmpeq_epi8_mask(acc, _mm512_set1_epi8(char(0xfe))) != 0; }
 #else
@@ -557,20 +548,25 @@ inline float dv_hsum(DV v) {
 }
 inline IV iv_load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline IV iv_zero() { return _mm256_setzero_si256(); }
-inline void iv_decode(IV x, DV* out) {
-  const IV keep = _mm256_set1_epi16(int16_t(0x87f0)), hi = _mm256_set1_epi32(int32_t(0xffff0000u));
-  const IV odd = _mm256_and_si256(_mm256_srai_epi16(x, 4), keep);
-  const IV even = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(x, 8), 4), keep);
-  out[0] = _mm256_castsi256_ps(_mm256_and_si256(odd, hi));
-  out[1] = _mm256_castsi256_ps(_mm256_slli_epi32(odd, 16));
-  out[2] = _mm256_castsi256_ps(_mm256_and_si256(even, hi));
-  out[3] = _mm256_castsi256_ps(_mm256_slli_epi32(even, 16));
-}
 inline IV iv_nan_mark(IV acc, IV x) { return _mm256_max_epu8(acc, _mm256_add_epi8(x, x)); }
 inline bool iv_nan_any(IV acc) {
   return _mm256_movemask_epi8(_mm256_cmpeq_epi8(acc, _mm256_set1_epi8(char(0xfe)))) != 0;
 }
 #endif
+// kChunk bytes (one IV) -> the fp32 of each, in 4 DVs (see above), in GCC vector arithmetic
+// (>> of signed lanes is arithmetic): vpsraw / vpand / vpsllw / vpslld at either width.
+inline void iv_decode(IV x, DV* out) {
+  typedef int16_t I16 __attribute__((vector_size(kChunk)));
+  typedef uint16_t U16 __attribute__((vector_size(kChunk)));
+  typedef uint32_t U32 __attribute__((vector_size(kChunk)));
+  const I16 keep = I16{} + int16_t(0x87f0);
+  const U32 odd = U32(((I16)x >> 4) & keep);
+  const U32 even = U32((I16)((U16)x << 8) >> 4 & keep);
+  out[0] = DV(odd & 0xffff0000u);
+  out[1] = DV(odd << 16);
+  out[2] = DV(even & 0xffff0000u);
+  out[3] = DV(even << 16);
+}
 constexpr float kAFix = 0x1p116f;   // a: value * 2^-120 -> value * 2^112 in two exact steps
 // Flags a NaN code among the chunks `fast` decoded (see above).
 struct NanMark {
