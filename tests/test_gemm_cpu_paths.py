@@ -95,7 +95,6 @@ def test_hostile_bytes_every_path(cpu_path):
            ref.fp8_grouped_gemm(a, sa, bb, sbb, offs, torch.float32))
 
 
-
 @pytest.mark.parametrize("flush", [False, True])
 @pytest.mark.parametrize("counts,N,K", [([1, 2, 4, 1], 160, 5000), ([1, 2], 136, 640)])
 def test_decode_nan_codes_and_subnormals_safe_scales_every_path(cpu_path, flush, counts, N, K):
@@ -132,6 +131,7 @@ def test_decode_nan_codes_and_subnormals_safe_scales_every_path(cpu_path, flush,
     mag = ref.fp8_grouped_gemm((au & 0x7F).view(a.dtype), sa, (bu & 0x7F).view(b.dtype), sb, offs, torch.float32)
     for r, cols in ((1, [9]), (2, list(range(128)))):
         assert ((got[r, cols] - want[r, cols]).abs() <= 1e-6 * mag[r, cols]).all(), (r, cols)
+
 
 def test_paths_listed_and_forced():
     assert PATHS[-1] == "generic" and lk.cpu_path() in PATHS
