@@ -16,6 +16,7 @@
 
 #include "common/fp8.h"
 #include "common/k_groups.h"
+#include "cpu/bf16_simd.h"
 #include "cpu/isa.h"
 #include "cpu/parallel.h"
 

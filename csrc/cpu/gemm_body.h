@@ -364,16 +364,8 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
   }
 }
 
-// fp32 -> bf16 of 16 lanes, f32_to_bf16's rounding (RNE, NaN kept quiet). NOTES: not
-// vcvtneps2bf16, which flushes fp32 subnormals to zero.
-inline __m256i bf16_of(__m512i u) {
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-  return _mm512_cvtepi32_epi16(r);
-}
+// fp32 -> bf16 of 16 lanes (cpu/bf16_simd.h), packed.
+inline __m256i bf16_of(__m512i u) { return _mm512_cvtepi32_epi16(bf16_bits16(u)); }
 
 // An item's totals ([tile][24 columns][16 rows]) -> out rows [row0, row0 + rows), columns
 // [n0, n0 + nc): 16x16 transposes, then one masked store per output row and 16 columns.
@@ -512,9 +504,9 @@ struct ChunkDecoder {
 // a is decoded once per call to value * 2^112 (two exact multiplies), so a product is
 // value_a * value_b * 2^-8, always a normal fp32: kFix = 2^8 goes into the block scale. The
 // weights' subnormals need MXCSR's DAZ off, which the kernel sets for its threads (FlushGuard).
-// NaN codes (0x7f/0xff) would decode as 480: the hot loop ORs nothing per chunk but keeps a
-// byte max of (byte + byte), whose value 0xfe marks a NaN code; a walk that met one is redone
-// with the table (fused_rows), and the panel path checks each chunk.
+// NaN codes (0x7f/0xff) would decode as 480: the hot loop only keeps a byte max of
+// (byte + byte), whose value 0xfe marks a NaN code; a walk that met one is redone with the table
+// (fused_rows), and the panel path checks each chunk.
 constexpr int kVC = 4;
 constexpr float kFix = 256.0f;
 constexpr int kByteOf[kVC] = {3, 1, 2, 0};
@@ -695,8 +687,8 @@ inline void scale_block(DV (&blk)[MR][NC], const float* sa, int64_t sa_stride, f
 // so each block's partial sums take one FMA (else scale_block, which checks each).
 // NOTES: per 128-byte weight block the loop body is the decode, the dot products and one FMA
 // per output: on Zen 4 the kernel is bound by the vector pipes (about one zmm op per cycle), so
-// every op left in the block loop costs bandwidth. One sum per output and block suffices (the
-// out-of-order window overlaps consecutive blocks' chains); the scale is precomputed.
+// every op left in the block loop costs bandwidth. One or two sums per output and block (see
+// kChains: the out-of-order window overlaps consecutive blocks' chains); the scale is precomputed.
 // kChecked: every chunk checked for NaN codes (ChunkDecoder::operator()); else the walk flags
 // them (NanMark) and, having met one, is redone checked. Unsafe scales always run checked.
 template <int MR, int NC, bool kSafe, bool kChecked = !kSafe>

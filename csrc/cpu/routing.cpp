@@ -25,8 +25,13 @@
 
 #include "common/fp8.h"
 #include "common/gate.h"
+#include "cpu/bf16_simd.h"
 #include "cpu/isa.h"
 #include "cpu/parallel.h"
+
+// NOTES: GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own undefined-vector
+// idiom once inlined into the combine (as in gemm.cpp).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #define LK_VARIANT_BODY "cpu/routing_body.h"
 #include "cpu/variants.h"

@@ -324,15 +324,6 @@ void permute_fp8(const void* x, DType dtype, int64_t T, int64_t H, int64_t row_s
 // sums per row and 16 columns: at T=1, top-8, H=7168 (bf16) the zmm stores were its bound
 // (~4.5 cycles per 32 columns and row).
 constexpr int kMaxCombine = 32;
-// (maskz forms: GCC 12 warns about the plain forms' undefined passthrough once inlined here)
-// narrow()'s bf16 rounding on 16 lanes (RNE, NaN kept quiet): the bf16 in each dword's low half.
-inline __m512i bf16_bits(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(0xffff, u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_maskz_srli_epi32(0xffff, _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-  return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_maskz_srli_epi32(0xffff, u, 16), _mm512_set1_epi32(0x40)));
-}
 // 16 * NV columns from h: NV independent FMA chains (the k order is fixed within each).
 // bf16: each 64-byte load of 32 columns is widened by two unpacks with zero (the bf16 in the
 // high half of a dword is its fp32), in the unpacks' in-lane order, which the saturating pack
@@ -360,8 +351,10 @@ inline void combine_cols(const void* const* rows, const float* w, int n, DType d
       s[v + 1] = _mm512_fmadd_ps(wk, _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, x)), s[v + 1]);
     }
   }
-  for (int v = 0; v < NV; v += 2)
-    _mm512_storeu_si512(static_cast<uint16_t*>(out) + h + 16 * v, _mm512_packus_epi32(bf16_bits(s[v]), bf16_bits(s[v + 1])));
+  for (int v = 0; v < NV; v += 2) {
+    const __m512i lo = bf16_bits16(_mm512_castps_si512(s[v])), hi = bf16_bits16(_mm512_castps_si512(s[v + 1]));
+    _mm512_storeu_si512(static_cast<uint16_t*>(out) + h + 16 * v, _mm512_packus_epi32(lo, hi));
+  }
 }
 void combine_token(const void* const* rows, const float* w, int n, DType dtype, int64_t H, void* out) {
   // NOTES: 8 chains: with 2 (32 columns) the FMA latency bound the loop (~48 cycles per 32
