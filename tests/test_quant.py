@@ -58,6 +58,29 @@ def test_codec_matches_torch_on_every_float_pattern_class():
     assert K > 0
 
 
+def test_codec_normal_only_groups_round_half_to_even():
+    """Groups whose every |x / scale| is a normal e4m3 (>= 2^-6) take the AVX-512 codec's path
+    without the subnormal branch: ties between adjacent normal codes, one fp32 ulp either side
+    of each tie, both signs, with fp32 and UE8M0 scales (scale 1 and 2^-3 * a power of two)."""
+    codes = torch.arange(8, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 2^-6 .. 448
+    mid = (codes[1:] + codes[:-1]) / 2
+    vals = torch.cat([codes, mid, torch.nextafter(mid, mid + 1), torch.nextafter(mid, mid - 1)])
+    vals = vals[(vals >= 2.0**-6) & (vals <= 448)]
+    vals = torch.cat([vals, -vals])
+    vals = vals[torch.randperm(vals.numel(), generator=torch.Generator().manual_seed(3))]
+    n = -(-vals.numel() // 127)
+    x = torch.full((n * 127,), 1.0)  # pad with an ordinary normal value
+    x[: vals.numel()] = vals
+    x = torch.cat([torch.full((n, 1), 448.0), x.reshape(n, 127)], 1).reshape(1, -1)  # one 448 per group
+    for fmt, mult in (("fp32", 1.0), ("ue8m0", 2.0**-3)):
+        xs = x * mult
+        q, s = lk.quantize_fp8(xs, scale_fmt=fmt)
+        assert_same_quant((q, s), ref.quantize_fp8(xs, (1, 128), fmt))
+        if fmt == "fp32":
+            assert torch.all(s == 1.0)
+            assert torch.equal(bits(q), bits(x.to(torch.float8_e4m3fn)))
+
+
 # ------------------------------------------------------------------------------ round trips
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
