@@ -186,21 +186,47 @@ void pack_a_tile(const Decoder& dec, const uint8_t* a, const float* a_scale, int
   }
 }
 
+// The next K block's weight columns, decoded into the other panel while a micro-kernel runs.
+struct NextPanel {
+  const uint8_t* src[kNTile];  // each column's 128-byte block (any valid pointer past nc)
+  int64_t kv;                  // valid bytes per block
+  int64_t nc;                  // valid columns; the others decode as zero
+  uint32_t* panel;             // [kNTile][kSlots]
+};
+
+inline void decode_column(const Decoder& dec, const NextPanel& np, int c) {
+  __m512i blk[4];
+  decode_block(dec, np.src[c], np.kv, c < np.nc, blk);
+  for (int q = 0; q < 4; ++q) _mm512_storeu_si512(np.panel + c * kSlots + 16 * q, blk[q]);
+}
+
 // totals[c][16 rows] += (a_blk . b_blk[c]) * (sa[16 rows] * sb[c]) for the 24 columns of a panel.
 // a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64 slots. kLoopSlots 32 when the
 // block holds at most 64 valid K positions (slots 32..63 are its second 64 bytes, all zero).
+// With `next`, the next block's panel is decoded in between, one column per two slots.
+// NOTES: software pipelining. The decode (byte-table lookups, unpacks, stores) uses other
+// ports than vdpbf16ps, but as a phase of its own between micro-kernels (~350 instructions,
+// the scheduler's window) it hardly overlapped them: dense N=4096 K=14336 M=16 spent ~20% of
+// its time there. Spread through the slot loop it runs beside the dot products.
 template <int kLoopSlots = kSlots>
-void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* sa, const float* sb, float* totals) {
+void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* sa, const float* sb, float* totals,
+                  const Decoder* dec = nullptr, const NextPanel* next = nullptr) {
   static_assert(kLoopSlots == kSlots || kLoopSlots == kSlots / 2, "whole 64-byte halves of a block");
   __m512 acc[kNTile];
 #pragma GCC unroll 24
   for (int c = 0; c < kNTile; ++c) acc[c] = _mm512_setzero_ps();
-  for (int s = 0; s < kLoopSlots; ++s) {
-    const __m512bh av = (__m512bh)_mm512_loadu_si512(a_t + s * kTileRows);
+  int col = 0;
+  for (int s = 0; s < kLoopSlots; s += 2) {
+    for (int u = 0; u < 2; ++u) {
+      const __m512bh av = (__m512bh)_mm512_loadu_si512(a_t + (s + u) * kTileRows);
 #pragma GCC unroll 24
-    for (int c = 0; c < kNTile; ++c)
-      acc[c] = _mm512_dpbf16_ps(acc[c], av, (__m512bh)_mm512_set1_epi32(int(panel[c * kSlots + s])));
+      for (int c = 0; c < kNTile; ++c)
+        acc[c] = _mm512_dpbf16_ps(acc[c], av, (__m512bh)_mm512_set1_epi32(int(panel[c * kSlots + s + u])));
+    }
+    if (next != nullptr && col < kNTile) decode_column(*dec, *next, col++);
   }
+  if (next != nullptr)
+    for (; col < kNTile; ++col) decode_column(*dec, *next, col);
   // NOTES: the scales multiplied here, not stored per tile beforehand: 2 fewer memory ops per
   // column and block (dense prefill M=512 N=4096 K=7168 ~2.5% faster in alternating runs).
   const __m512 sav = _mm512_loadu_ps(sa);
@@ -313,7 +339,7 @@ struct PackedA {  // every 16-row tile of the used rows of a, transposed (pack_a
 };
 
 struct Scratch {
-  std::vector<uint32_t> panel = std::vector<uint32_t>(kNTile * kSlots);
+  std::vector<uint32_t> panel = std::vector<uint32_t>(2 * kNTile * kSlots);  // this block's and the next's
   std::vector<float> scale = std::vector<float>(kNTile);  // the block's weight scale per column
   std::vector<float> totals = std::vector<float>(kTilesPerItem * kNTile * kTileRows);
 };
@@ -349,17 +375,30 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
         if (reinterpret_cast<uintptr_t>(q) & 63) __builtin_prefetch(q + 127, 0, 1);
       }
     const int64_t kv = kv_of(kb);
-    for (int64_t c = 0; c < kNTile; ++c) {  // columns past N decode as zero
-      __m512i blk[4];
-      decode_block(dec, b_block(std::min(c, nc - 1), kb), kv, c < nc, blk);
-      for (int q = 0; q < 4; ++q) _mm512_storeu_si512(s.panel.data() + c * kSlots + 16 * q, blk[q]);
+    uint32_t* panel = s.panel.data() + (kb & 1) * kNTile * kSlots;
+    NextPanel np;  // block kb + 1, decoded during the first tile's micro-kernel
+    const bool has_next = kb + 1 < KB;
+    if (has_next) {
+      for (int c = 0; c < kNTile; ++c) np.src[c] = b_block(std::min<int64_t>(c, nc - 1), kb + 1);
+      np.kv = kv_of(kb + 1);
+      np.nc = nc;
+      np.panel = s.panel.data() + ((kb + 1) & 1) * kNTile * kSlots;
+    }
+    if (kb == 0) {  // columns past N decode as zero
+      NextPanel first;
+      for (int c = 0; c < kNTile; ++c) first.src[c] = b_block(std::min<int64_t>(c, nc - 1), 0);
+      first.kv = kv;
+      first.nc = nc;
+      first.panel = panel;
+      for (int c = 0; c < kNTile; ++c) decode_column(dec, first, c);
     }
     for (int64_t c = 0; c < kNTile; ++c) s.scale[size_t(c)] = c < nc ? sb_of(c, kb) : 0.0f;
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t i = packed(t, kb);
+      const NextPanel* next = t == 0 && has_next ? &np : nullptr;
       (kv <= kQuantGroup / 2 ? micro_kernel<kSlots / 2> : micro_kernel<kSlots>)(
-          pa.a_t.data() + i * kSlots * kTileRows, s.panel.data(), pa.sa_t.data() + i * kTileRows, s.scale.data(),
-          s.totals.data() + t * kNTile * kTileRows);
+          pa.a_t.data() + i * kSlots * kTileRows, panel, pa.sa_t.data() + i * kTileRows, s.scale.data(),
+          s.totals.data() + t * kNTile * kTileRows, &dec, next);
     }
   }
 }
