@@ -203,7 +203,9 @@ inline void decode_column(const Decoder& dec, const NextPanel& np, int c) {
 // totals[c][16 rows] += (a_blk . b_blk[c]) * (sa[16 rows] * sb[c]) for the 24 columns of a panel.
 // a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64 slots. kLoopSlots 32 when the
 // block holds at most 64 valid K positions (slots 32..63 are its second 64 bytes, all zero).
-// With `next`, the next block's panel is decoded in between, one column per two slots.
+// With `next`, the next block's panel is decoded in between: one column after each pair of
+// slots, skipping every fourth pair, so 24 columns spread over the 64 slots (one column per
+// pair, all in the first 48 slots: ~4% slower at dense M=16; one per slot, slower still).
 // NOTES: software pipelining. The decode (byte-table lookups, unpacks, stores) uses other
 // ports than vdpbf16ps, but as a phase of its own between micro-kernels (~350 instructions,
 // the scheduler's window) it hardly overlapped them: dense N=4096 K=14336 M=16 spent ~20% of
@@ -223,7 +225,7 @@ void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* sa, c
       for (int c = 0; c < kNTile; ++c)
         acc[c] = _mm512_dpbf16_ps(acc[c], av, (__m512bh)_mm512_set1_epi32(int(panel[c * kSlots + s + u])));
     }
-    if (next != nullptr && col < kNTile) decode_column(*dec, *next, col++);
+    if (next != nullptr && col < kNTile && (s >> 1) % 4 != 3) decode_column(*dec, *next, col++);
   }
   if (next != nullptr)
     for (; col < kNTile; ++col) decode_column(*dec, *next, col);
