@@ -307,3 +307,93 @@ def test_cupy_zero_copy():
     d = lk.dequantize_fp8(q, s)
     assert isinstance(d, cp.ndarray)
     torch.testing.assert_close(torch.from_dlpack(d).cpu(), ref.dequantize_fp8(*want))
+
+
+# ------------------------------------------------------------------------------ SwiGLU + quantize
+def _swiglu_want(h: torch.Tensor, scale_fmt: str = "fp32"):
+    g, u = h.float().chunk(2, dim=-1)
+    return ref.quantize_fp8(torch.nn.functional.silu(g) * u, (1, 128), scale_fmt)
+
+
+def _assert_close_quant(got, want, max_code_diffs: int = 0):
+    """Scales within an fp32 ulp or two, dequantized values within one e4m3 step of the
+    group's scale (a product within a few ulp of a rounding boundary may round the other way),
+    and at most max_code_diffs codes different."""
+    (q, s), (qr, sr) = got, want
+    assert q.dtype == torch.float8_e4m3fn and q.shape == qr.shape and s.shape == sr.shape
+    torch.testing.assert_close(s.cpu(), sr, rtol=3e-7, atol=0, equal_nan=True)
+    diffs = int((bits(q.cpu()) != bits(qr)).sum())
+    assert diffs <= max_code_diffs, f"{diffs} codes differ"
+    if diffs:
+        d, dr = lk.dequantize_fp8(q.cpu(), s.cpu()), lk.dequantize_fp8(qr, sr)
+        step = sr.repeat_interleave(128, dim=-1)[..., : d.shape[-1]] * 32  # e4m3 step at 448: 32
+        assert torch.all((d - dr).abs() <= step)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(6, 2 * 1408), (33, 2 * 300), (2, 5, 2 * 256), (1, 2 * 64), (0, 2 * 256)])
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
+def test_silu_mul_quantize_matches_unfused(device, dtype, shape, scale_fmt):
+    h = randn(*shape, seed=hash((shape, str(dtype), scale_fmt)) % 1000, dtype=dtype, device=device, scale=4.0)
+    got = lk.silu_mul_quantize_fp8(h, scale_fmt)
+    n = h.numel() // 2
+    _assert_close_quant(got, _swiglu_want(h.cpu(), scale_fmt), max_code_diffs=max(1, n // 100000))
+    if scale_fmt == "ue8m0" and n:
+        assert torch.equal(got[1], torch.exp2(torch.log2(got[1]).round()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silu_mul_quantize_sweep_and_row_stride(device):
+    """silu over [-100, 100] (exp's clamp, both signs, the tails), u of both signs, several
+    group scales; h a row-strided view (gate and up halves of a wider row)."""
+    g = torch.linspace(-100, 100, 24 * 256)
+    u = torch.linspace(-3, 5, g.numel()).flip(0) * torch.logspace(-3, 3, g.numel())
+    wide = torch.zeros(24, 2 * 256 + 7)
+    wide[:, 3:259], wide[:, 259:515] = g.reshape(24, 256), u.reshape(24, 256)
+    h = wide.to(device)[:, 3:515]
+    assert h.stride(0) == 2 * 256 + 7
+    _assert_close_quant(lk.silu_mul_quantize_fp8(h), _swiglu_want(h.cpu()), max_code_diffs=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silu_mul_quantize_hostile_values(device):
+    h = randn(4, 2 * 384, seed=41, device=device)
+    h[0, 5] = float("nan")           # gate NaN: that group NaN
+    h[1, 384 + 130] = float("inf")   # up Inf: group 1 of row 1 Inf scale
+    h[2, :] = 0.0                    # an all-zero row: zeros with the floor scale
+    h[3, 0:128] = -1e4               # silu(-1e4) = -0: the group is zero
+    h[3, 128:256] = 3e19             # gate and up 3e19: the products overflow to Inf
+    h[3, 384 + 128:384 + 256] = 3e19
+    q, s = lk.silu_mul_quantize_fp8(h)
+    want = _swiglu_want(h.cpu())
+    assert torch.isnan(s[0, 0]) and torch.isinf(s[1, 1]) and torch.isinf(s[3, 1])
+    assert torch.equal(s[2].cpu(), want[1][2])
+    assert torch.all(bits(q[2]) == 0) and torch.all(bits(q[3, :128]) & 0x7f == 0)
+    _assert_close_quant((q, s), want)
+
+
+def test_silu_mul_quantize_bad_inputs():
+    with pytest.raises(ValueError, match="h"):
+        lk.silu_mul_quantize_fp8(torch.randn(4, 301))
+    with pytest.raises(TypeError, match="h"):
+        lk.silu_mul_quantize_fp8(torch.randint(0, 5, (4, 256)))
+    with pytest.raises(ValueError, match="scale_fmt"):
+        lk.silu_mul_quantize_fp8(torch.randn(4, 256), "e8m0")
+    with pytest.raises(ValueError, match="h"):
+        lk.silu_mul_quantize_fp8(torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="grad"):
+        lk.silu_mul_quantize_fp8(torch.randn(2, 256, requires_grad=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silu_mul_quantize_opcheck_and_compile(device):
+    h = randn(5, 2 * 300, seed=43, device=device)
+    opcheck(torch.ops.leankernels.silu_mul_quantize_fp8.default, (h, False))
+
+    def f(x):
+        q, s = lk.silu_mul_quantize_fp8(x * 2)
+        return lk.dequantize_fp8(q, s) + 1
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(h), f(h), rtol=0, atol=0)

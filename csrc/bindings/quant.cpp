@@ -19,6 +19,15 @@ void register_quant(py::module_& m) {
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
+      "silu_mul_quantize_fp8",
+      [](uintptr_t h, int dtype, int64_t rows, int64_t I, int64_t row_stride, uintptr_t q, uintptr_t scale,
+         bool ue8m0) {
+        LK_CHECK(dtype >= 0 && dtype <= 2, "silu_mul_quantize_fp8: h must be float32, bfloat16 or float16");
+        ::lk::cpu::silu_mul_quantize_fp8(ptr<const void>(h), DType(dtype), rows, I, row_stride, ptr<uint8_t>(q),
+                                         ptr<float>(scale), ue8m0);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
       "dequantize_fp8",
       [](uintptr_t q, uintptr_t scale, int64_t batch, int64_t rows, int64_t K, int64_t block_rows,
          uintptr_t out, int device, uintptr_t stream) {

@@ -3,6 +3,7 @@
 #include "cpu/quant.h"
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -27,6 +28,11 @@ void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64
                   int64_t batch_stride, int64_t row_stride, int64_t block_rows, uint8_t* q,
                   float* scale, bool ue8m0) {
   LK_CPU_DISPATCH(quantize_fp8, x, dtype, batch, rows, K, batch_stride, row_stride, block_rows, q, scale, ue8m0)
+}
+
+void silu_mul_quantize_fp8(const void* h, DType dtype, int64_t rows, int64_t I, int64_t row_stride, uint8_t* q,
+                           float* scale, bool ue8m0) {
+  LK_CPU_DISPATCH(silu_mul_quantize_fp8, h, dtype, rows, I, row_stride, q, scale, ue8m0)
 }
 
 void dequantize_fp8(const uint8_t* q, const float* scale, int64_t batch, int64_t rows, int64_t K,

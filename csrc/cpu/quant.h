@@ -22,4 +22,11 @@ void dequantize_fp8(const uint8_t* q, const float* scale, int64_t batch, int64_t
 void quantize_fp8_transposed(const void* x, DType dtype, int64_t M, int64_t K, int64_t row_stride,
                              const int32_t* offs, int64_t num_experts, uint8_t* q, float* scale, bool ue8m0);
 
+// The SwiGLU activation of h [rows, 2I] (row stride row_stride elements, unit column stride),
+// silu(h[:, :I]) * h[:, I:] in fp32, quantized like quantize_fp8 in 1x128 groups: q [rows, I]
+// contiguous e4m3, scale [rows, ceil(I/128)] fp32. silu(g) = g / (1 + exp(-g)); full groups of
+// finite inputs use a vector exp within a few ulp of libm's, the others libm's.
+void silu_mul_quantize_fp8(const void* h, DType dtype, int64_t rows, int64_t I, int64_t row_stride, uint8_t* q,
+                           float* scale, bool ue8m0);
+
 }  // namespace lk::cpu

@@ -7,7 +7,7 @@ CUDA graphs). See README.md for the API and measured figures.
 __version__ = "0.1.0"
 
 from ._lib import build_info, cpu_path, cpu_paths, cuda_available, set_cpu_path  # noqa: E402
-from .quant import dequantize_fp8, quantize_fp8, quantize_fp8_transposed  # noqa: E402
+from .quant import dequantize_fp8, quantize_fp8, quantize_fp8_transposed, silu_mul_quantize_fp8  # noqa: E402
 from .routing import RoutePlan, permute, plan, route, unpermute, update_bias  # noqa: E402
 from .mla import LatentCache, PagedLatentCache, mla_append, mla_decode  # noqa: E402
 from .gemm import fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_masked, fp8_k_grouped_gemm  # noqa: E402
@@ -24,6 +24,7 @@ __all__ = [
     "quantize_fp8",
     "dequantize_fp8",
     "quantize_fp8_transposed",
+    "silu_mul_quantize_fp8",
     "route",
     "plan",
     "permute",

@@ -167,6 +167,34 @@ def _(x, block_rows, ue8m0):
             x.new_empty(_quant_scale_shape(x.shape, block_rows), dtype=torch.float32))
 
 
+def silu_mul_quantize_fp8_impl(h, ue8m0):
+    """h: [R, 2I] float, unit column stride."""
+    R, I = h.shape[0], h.shape[1] // 2
+    if h.is_cuda:  # no fused CUDA kernel: the same math in two steps (torch's silu, then quantize)
+        g, u = h.float().chunk(2, dim=-1)
+        return quantize_fp8_impl(torch.nn.functional.silu(g).mul_(u), 1, ue8m0)
+    q = torch.empty(R, I, dtype=FP8)
+    scale = torch.empty(R, -(-I // GROUP), dtype=_F32)
+    if R == 0 or I == 0:
+        return q, scale
+    _C.silu_mul_quantize_fp8(h.data_ptr(), _DTYPE_CODES[h.dtype], R, I, h.stride(0), q.data_ptr(),
+                             scale.data_ptr(), ue8m0)
+    return q, scale
+
+
+@_custom_op("leankernels::silu_mul_quantize_fp8", mutates_args=())
+def silu_mul_quantize_fp8(h: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _need_t("h", h, _FLOATS, dim=2)
+    _need(h.shape[1] % 2 == 0, f"h must have an even last dim (gate and up halves); got shape {tuple(h.shape)}")
+    return silu_mul_quantize_fp8_impl(h if h.stride(1) == 1 else h.contiguous(), ue8m0)
+
+
+@silu_mul_quantize_fp8.register_fake
+def _(h, ue8m0):
+    R, I = h.shape[0], h.shape[1] // 2
+    return h.new_empty((R, I), dtype=FP8), h.new_empty((R, _cdiv(I, GROUP)), dtype=torch.float32)
+
+
 def dequantize_fp8_impl(q, scale, block_rows):
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     if q.numel() == 0:

@@ -63,12 +63,11 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .gemm import fp8_grouped_gemm
 from .nn.layers import MoE, SwiGLU, _no_grad_needed
-from .quant import dequantize_fp8, quantize_fp8
+from .quant import dequantize_fp8, silu_mul_quantize_fp8
 from .routing import RoutePlan, permute, plan, unpermute
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
@@ -726,8 +725,7 @@ class ExpertParallelMoE(nn.Module):
         if self.trainable:
             return self._train_experts(recv, h, ids), h
         hid = fp8_grouped_gemm(*recv, self.w13, self.w13_scale, h.offs, torch.float32)
-        g, u = hid.chunk(2, dim=-1)
-        a, s = quantize_fp8(F.silu(g) * u)
+        a, s = silu_mul_quantize_fp8(hid)
         y = fp8_grouped_gemm(a, s, self.w2, self.w2_scale, h.offs, self.dtype)
         return combine(y, h), h
 

@@ -82,6 +82,45 @@ def quantize_fp8(x, block=(1, 128), scale_fmt: str = "fp32"):
     return _interop.like_input(q, src), _interop.like_input(scale, src)
 
 
+def silu_mul_quantize_fp8(h, scale_fmt: str = "fp32"):
+    """The SwiGLU activation and its FP8 quantization in one pass: ``quantize_fp8(silu(g) * u)``
+    with ``[g, u] = h.chunk(2, -1)``, the way a SwiGLU MLP (or MoE expert) feeds its down
+    projection, without the two intermediate tensors.
+
+    Args:
+        h: ``[..., 2I]`` float32, bfloat16 or float16 (gate/up projection output, gate first).
+        scale_fmt: ``"fp32"`` or ``"ue8m0"``, as quantize_fp8.
+
+    Returns:
+        ``(a_fp8 [..., I], scale [..., ceil(I/128)])`` in quantize_fp8's 1x128 format. silu and
+        the product are computed in fp32 (silu(g) = g / (1 + exp(-g))); on the CPU the exp of
+        whole finite groups is a vector one within a few ulp of libm's, so a code can differ
+        from ``quantize_fp8(F.silu(g) * u)``'s by one step where the product sits on a rounding
+        boundary. NaN and Inf follow quantize_fp8. CUDA tensors take exactly those two steps.
+    """
+    src = h
+    h = _interop.to_torch(h)
+    _checks.tensor("h", h, _INPUT_DTYPES)
+    if scale_fmt not in _SCALE_FMTS:
+        raise ValueError(f"scale_fmt must be 'fp32' or 'ue8m0'; got {scale_fmt!r}")
+    if h.dim() < 1 or h.shape[-1] % 2:
+        raise ValueError(f"h must be [..., 2I] (gate and up halves); got shape {tuple(h.shape)}")
+    lead, two_i = h.shape[:-1], h.shape[-1]
+    h2 = h.reshape(-1, two_i) if h.dim() != 2 else h
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    if _ops.direct(h2):
+        q, scale = _ops.silu_mul_quantize_fp8_impl(h2, scale_fmt == "ue8m0")
+    else:
+        _checks.no_grad_needed("silu_mul_quantize_fp8", "compute F.silu(g) * u and train through fp8_linear", h)
+        q, scale = _ops.silu_mul_quantize_fp8(h2, scale_fmt == "ue8m0")
+    if h.dim() != 2:
+        q, scale = q.view(*lead, q.shape[-1]), scale.view(*lead, scale.shape[-1])
+    if src is h:
+        return q, scale
+    return _interop.like_input(q, src), _interop.like_input(scale, src)
+
+
 def dequantize_fp8(x_fp8, scale, block=(1, 128)):
     """Inverse of quantize_fp8: ``x_fp8.float() * scale`` broadcast over each block, as fp32.
 

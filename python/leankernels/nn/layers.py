@@ -21,7 +21,7 @@ from torch import nn
 from ..gemm import fp8_gemm, fp8_grouped_gemm
 from ..linear import fp8_grouped_linear, fp8_linear
 from ..mla import LATENT, ROPE, LatentCache, mla_append, mla_decode
-from ..quant import quantize_fp8
+from ..quant import quantize_fp8, silu_mul_quantize_fp8
 from ..routing import permute, plan, route, unpermute, update_bias
 from . import plain
 from .config import DeepSeekConfig, rope_interleaved, rope_tables
@@ -70,12 +70,15 @@ def fp8_linear_forward(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     ``weight`` float8_e4m3fn ``[N, K]`` with 128x128 ``weight_scale``, fp32 accumulation, the bias
     added in fp32. Shared by ``Fp8Linear`` and the transformers integration's FP8 linears."""
     a, s = quantize_fp8(x.reshape(-1, x.shape[-1]))
+    return _fp8_gemm_bias(a, s, weight, weight_scale, bias, out_dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def _fp8_gemm_bias(a, s, weight, weight_scale, bias, out_dtype):
+    """fp8_gemm of quantized rows a [M, K] (+ bias, added in fp32) in out_dtype."""
     if bias is None and out_dtype in _OUT:
-        y = fp8_gemm(a, s, weight, weight_scale, out_dtype)
-    else:
-        y = fp8_gemm(a, s, weight, weight_scale, torch.float32)
-        y = (y if bias is None else y + bias.float()).to(out_dtype)
-    return y.view(*x.shape[:-1], weight.shape[0])
+        return fp8_gemm(a, s, weight, weight_scale, out_dtype)
+    y = fp8_gemm(a, s, weight, weight_scale, torch.float32)
+    return (y if bias is None else y + bias.float()).to(out_dtype)
 
 
 class Fp8Linear(nn.Module):
@@ -238,11 +241,13 @@ class SwiGLU(nn.Module):
         if isinstance(gp, Fp8Linear) and not gp.trainable and isinstance(dp, Fp8Linear) and not dp.trainable:
             # NOTES: the inference path in as few ops as possible (a decode step pays ~20-50 us
             # per op with cold caches): gate/up straight to fp32 (no bf16 rounding, no cast),
-            # SwiGLU in place, the down projection quantizes the fp32 activations itself.
+            # SwiGLU and the down projection's quantization in one pass (one batch-1 op after a
+            # cache flush: ~48 us, against ~95 for chunk, silu, mul and quantize).
             _no_grad_needed(gp, x)
             gu = fp8_linear_forward(x, gp.weight, gp.weight_scale_inv, gp.bias, torch.float32)
-            g, u = gu.chunk(2, dim=-1)
-            return dp(F.silu(g).mul_(u))
+            a, s = silu_mul_quantize_fp8(gu.reshape(-1, gu.shape[-1]))
+            y = _fp8_gemm_bias(a, s, dp.weight, dp.weight_scale_inv, dp.bias, dp.dtype)
+            return y.view(*x.shape[:-1], y.shape[-1])
         dt = dp.weight.dtype if isinstance(dp, nn.Linear) else torch.float32
         gu = gp(x.to(dt) if isinstance(gp, nn.Linear) else x).float()
         g, u = gu.chunk(2, dim=-1)
@@ -390,8 +395,7 @@ class MoE(nn.Module):
             return self._train_experts(x, weights, p)
         a, s = permute(x, p, quantize=True)
         h = fp8_grouped_gemm(a, s, self.w13, self.w13_scale, p.offs, torch.float32)
-        g, u = h.chunk(2, dim=-1)
-        a, s = quantize_fp8(F.silu(g).mul_(u))
+        a, s = silu_mul_quantize_fp8(h)
         y = fp8_grouped_gemm(a, s, self.w2, self.w2_scale, p.offs, self.dtype)
         return unpermute(y, p, weights)
 
