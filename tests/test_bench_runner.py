@@ -76,7 +76,8 @@ def test_quick_bench_json_is_complete(quick_run):
         if r["ceiling"] == "read":
             assert r["pct_ceiling"] > 0 and r["x_ceiling_time"] > 0
     quant = [r for r in results["rows"] if r["domain"] == "quant"]
-    assert {r["case"].split()[1] for r in quant} == {"1x128", "128x128"}
+    assert {r["case"].split()[1] for r in quant if r["case"].startswith("quantize_fp8 ")} == {"1x128", "128x128"}
+    assert any(r["case"].startswith("silu_mul_quantize_fp8") for r in quant)
     for r in quant:
         assert r["ceiling"] == "copy" and r["gbs"] > 0 and r["pct_ceiling"] > 0
         assert r["bytes"] > 0 and r["flops"] == 0
@@ -86,7 +87,8 @@ def test_quick_bench_markdown(quick_run):
     _, results, md, _ = quick_run
     assert "| case | shape | ours | baseline | baseline time | ratio |" in md
     assert "Command: `python -m leankernels bench" in md
-    n_rows = sum(1 for line in md.splitlines() if line.startswith("| quantize_fp8 "))  # not quantize_fp8_transposed (gemm)
+    n_rows = sum(1 for line in md.splitlines()  # not quantize_fp8_transposed (gemm)
+                 if line.startswith("| quantize_fp8 ") or line.startswith("| silu_mul_quantize_fp8 "))
     assert n_rows == sum(1 for r in results["rows"] if r["domain"] == "quant")
 
 

@@ -75,6 +75,40 @@ def _call_cases(device: str, quick: bool) -> list[Case]:
     return out
 
 
+def _swiglu_cases(device: str, quick: bool) -> list[Case]:
+    """silu_mul_quantize_fp8 (SwiGLU activation + 1x128 quantization in one pass) against the
+    unfused ops it replaces in an MoE or MLP (chunk, F.silu, mul, quantize_fp8), on fp32
+    gate/up outputs: V2-Lite's 6 expert rows of a batch-1 token (I=1408) and an MoE prefill's
+    rows (512 tokens x top-6)."""
+    import torch.nn.functional as F
+
+    import leankernels
+
+    def unfused(h):
+        g, u = h.chunk(2, dim=-1)
+        return leankernels.quantize_fp8(F.silu(g).mul_(u))
+
+    out = []
+    for rows in ([6] if quick else [6, 3072]):
+        I = 1408
+        gen = torch.Generator(device=device)
+        gen.manual_seed(rows)
+        sets = InputSets([torch.randn(rows, 2 * I, generator=gen, device=device) * 2 for _ in range(2)])
+
+        def check(sets=sets):
+            (q, s), (q2, s2) = leankernels.silu_mul_quantize_fp8(sets.current), unfused(sets.current)
+            near = (q.float() - q2.float()).abs() <= q2.float().abs() * 0.125 + 2.0 ** -9
+            return bool(torch.allclose(s, s2, rtol=3e-7, atol=0) and near.all())
+
+        numel = rows * I
+        out.append(Case("quant", "silu_mul_quantize_fp8 (SwiGLU + 1x128)", f"{rows}x{2 * I} fp32",
+                        lambda sets=sets: leankernels.silu_mul_quantize_fp8(sets.current),
+                        {"chunk + F.silu + mul_ + quantize_fp8": lambda sets=sets: unfused(sets.current)},
+                        bytes=float(numel * 2 * 4 + numel + numel // 128 * 4), check=check, bound="memory",
+                        extra={"rows": rows, "I": I}, rotate=sets.advance))
+    return out
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     import leankernels
     from .. import reference
@@ -84,7 +118,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     compiled = None if quick else _compiled_reference()
     gen = torch.Generator(device=device)
     gen.manual_seed(1234)
-    out = _call_cases(device, quick)
+    out = _call_cases(device, quick) + _swiglu_cases(device, quick)
     for block, shape in _shapes(device, quick):
         sets = InputSets([torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(torch.bfloat16)
                           for _ in range(n_sets)])
