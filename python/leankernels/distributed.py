@@ -653,7 +653,7 @@ class ExpertParallelMoE(nn.Module):
     shape out; every rank of the group must call forward together (T may differ, 0 included).
 
     Forward: gate (``MoE.route``, the full gate on every rank) -> ``dispatch`` (FP8 rows) ->
-    ``fp8_grouped_gemm`` (gate/up) -> SwiGLU -> ``quantize_fp8`` -> ``fp8_grouped_gemm`` (down)
+    ``fp8_grouped_gemm`` (gate/up) -> ``silu_mul_quantize_fp8`` -> ``fp8_grouped_gemm`` (down)
     -> ``combine`` -> + shared experts. ``capacity`` (attribute, default None) selects
     dispatch's fixed-capacity mode.
 

@@ -257,7 +257,7 @@ class SwiGLU(nn.Module):
 class MoE(nn.Module):
     """DeepSeek-style MoE on leankernels ops: shared experts (a dense SwiGLU MLP) plus routed
     experts through ``route -> plan -> permute(quantize=True) -> fp8_grouped_gemm`` (gate and
-    up fused, ``[E, 2I, H]``) ``-> SwiGLU -> quantize_fp8 -> fp8_grouped_gemm`` (down,
+    up fused, ``[E, 2I, H]``) ``-> silu_mul_quantize_fp8 -> fp8_grouped_gemm`` (down,
     ``[E, H, I]``) ``-> unpermute``. No step waits for the host.
 
     Args:
