@@ -368,6 +368,20 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
       if (reinterpret_cast<uintptr_t>(q) & 63) __builtin_prefetch(q + 127, 0, 1);
     }
   std::fill(s.totals.begin(), s.totals.end(), 0.0f);
+  // Block kb's weight columns and their panel (the two panels alternate); columns past N
+  // decode as zero.
+  const auto block_panel = [&](int64_t kb) {
+    NextPanel bp;
+    for (int c = 0; c < kNTile; ++c) bp.src[c] = b_block(std::min<int64_t>(c, nc - 1), kb);
+    bp.kv = kv_of(kb);
+    bp.nc = nc;
+    bp.panel = s.panel.data() + (kb & 1) * kNTile * kSlots;
+    return bp;
+  };
+  {
+    const NextPanel first = block_panel(0);
+    for (int c = 0; c < kNTile; ++c) decode_column(dec, first, c);
+  }
   for (int64_t kb = 0; kb < KB; ++kb) {
     if (kb + kPrefetchBlocks < KB)
       for (int64_t c = 0; c < nc; ++c) {
@@ -378,22 +392,9 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
       }
     const int64_t kv = kv_of(kb);
     uint32_t* panel = s.panel.data() + (kb & 1) * kNTile * kSlots;
-    NextPanel np;  // block kb + 1, decoded during the first tile's micro-kernel
     const bool has_next = kb + 1 < KB;
-    if (has_next) {
-      for (int c = 0; c < kNTile; ++c) np.src[c] = b_block(std::min<int64_t>(c, nc - 1), kb + 1);
-      np.kv = kv_of(kb + 1);
-      np.nc = nc;
-      np.panel = s.panel.data() + ((kb + 1) & 1) * kNTile * kSlots;
-    }
-    if (kb == 0) {  // columns past N decode as zero
-      NextPanel first;
-      for (int c = 0; c < kNTile; ++c) first.src[c] = b_block(std::min<int64_t>(c, nc - 1), 0);
-      first.kv = kv;
-      first.nc = nc;
-      first.panel = panel;
-      for (int c = 0; c < kNTile; ++c) decode_column(dec, first, c);
-    }
+    NextPanel np;  // block kb + 1, decoded during the first tile's micro-kernel
+    if (has_next) np = block_panel(kb + 1);
     for (int64_t c = 0; c < kNTile; ++c) s.scale[size_t(c)] = c < nc ? sb_of(c, kb) : 0.0f;
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t i = packed(t, kb);

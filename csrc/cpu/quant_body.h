@@ -233,7 +233,7 @@ inline void encode_group(const VecF* v, VecF s, uint8_t* q) {
 // a normal e4m3 (|x / s| >= 2^-6 exactly: s * 2^-6 is exact and 2^-6 representable), and the
 // AVX-512 codec skips its subnormal path (~2 of 11 vector ops; in real activations nearly every
 // group: a lane that small is below amax / 28672; zeros always take the full path).
-inline void encode_group_scaled(const VecF* v, float s, bool ue8m0, uint8_t* q, uint32_t amin = 0) {
+inline void encode_group_scaled(const VecF* v, float s, bool ue8m0, uint8_t* q, uint32_t amin) {
   const bool sub = f32_from_bits(amin) < s * 0.015625f;
   if (ue8m0) {
     if (sub) encode_group<true, true>(v, splat(1.0f / s), q);

@@ -275,7 +275,11 @@ void permute(const void* x, int64_t elem_size, int64_t T, int64_t H, int64_t row
 void permute_fp8(const void* x, DType dtype, int64_t T, int64_t H, int64_t row_stride,
                  const int32_t* row_token, int64_t R, uint8_t* q, float* scale, bool ue8m0) {
   const int64_t groups = ceil_div(H, kQuantGroup);
-  const float pad_scale = fp8_scale_from_amax(0.0f, ue8m0);  // a padding row: zeros
+  const float pad_scale = fp8_scale_from_amax(0.0f, ue8m0);
+  const auto pad_row = [&](int64_t r) {  // a padding row: zeros
+    std::memset(q + r * H, 0, size_t(H));
+    std::fill(scale + r * groups, scale + (r + 1) * groups, pad_scale);
+  };
   if (R >= T && T > 0 && T * H < kDirectQuant) {
     // Decode size: each token is quantized straight into its first row and that row copied to
     // its other rows; no scratch (T=1, top-8, H=7168: ~0.3 us of a 2.7 us call).
@@ -284,8 +288,7 @@ void permute_fp8(const void* x, DType dtype, int64_t T, int64_t H, int64_t row_s
     for (int64_t r = 0; r < R; ++r) {
       const int32_t t = row_token[r];
       if (t < 0 || t >= T) {
-        std::memset(q + r * H, 0, size_t(H));
-        std::fill(scale + r * groups, scale + (r + 1) * groups, pad_scale);
+        pad_row(r);
       } else if (first[t] < 0) {
         first[t] = r;
         ::lk::cpu::quantize_fp8(static_cast<const char*>(x) + t * row_stride * elem, dtype, 1, 1, H, 0, 0, 1,
@@ -310,8 +313,7 @@ void permute_fp8(const void* x, DType dtype, int64_t T, int64_t H, int64_t row_s
         std::memcpy(q + r * H, tq.data() + t * H, size_t(H));
         std::memcpy(scale + r * groups, ts.data() + t * groups, size_t(groups) * sizeof(float));
       } else {
-        std::memset(q + r * H, 0, size_t(H));
-        std::fill(scale + r * groups, scale + (r + 1) * groups, pad_scale);
+        pad_row(r);
       }
     });
     return;
