@@ -406,16 +406,36 @@ void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64
         // Fused: each group is loaded once into registers, reduced, scaled and encoded.
         const int64_t off = b * batch_stride + r0 * row_stride;
         uint8_t* qrow = q + (b * rows + r0) * K;
+        // NOTES: software pipelined: the next group is loaded and reduced before this one is
+        // encoded, so its reductions (a latency chain: |x| max and min, the scale's division)
+        // run beside this group's encode. One thread, bf16: 1x7168 2.37 -> 2.03 us, 1x57344
+        // 14.8 -> 12.1 us, 512x7168 924 -> 748 us. (Encoding x * RN(1/s) instead of the
+        // division, with a division only near an e4m3 tie, was 40% slower: more uops.)
+        VecF nv[kVecs];
+        uint32_t amax_g = 0, amin_g = 0;
+        if (full > 0) {
+          load_group(x, dtype, off, v);
+          amax_g = group_amax_v(v);
+          amin_g = group_amin_v(v);
+        }
         for (int64_t g = 0; g < full; ++g) {
-          load_group(x, dtype, off + g * kQuantGroup, v);
-          const float s = fp8_scale_from_amax(f32_from_bits(group_amax_v(v)), ue8m0);
+          uint32_t amax_n = 0, amin_n = 0;
+          if (g + 1 < full) {
+            load_group(x, dtype, off + (g + 1) * kQuantGroup, nv);
+            amax_n = group_amax_v(nv);
+            amin_n = group_amin_v(nv);
+          }
+          const float s = fp8_scale_from_amax(f32_from_bits(amax_g), ue8m0);
           srow[g] = s;
           if (finite_scale(s)) {
-            encode_group_scaled(v, s, ue8m0, qrow + g * kQuantGroup, group_amin_v(v));
+            encode_group_scaled(v, s, ue8m0, qrow + g * kQuantGroup, amin_g);
           } else {
             spill_group(v, buf.data());
             encode_scalar(buf.data(), kQuantGroup, s, qrow + g * kQuantGroup);
           }
+          for (int i = 0; i < kVecs; ++i) v[i] = nv[i];
+          amax_g = amax_n;
+          amin_g = amin_n;
         }
         if (tail0 < K) {
           widen_row(x, dtype, off + tail0, K - tail0, buf.data());
