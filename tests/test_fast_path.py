@@ -260,3 +260,114 @@ def test_meta_and_fake_inputs_take_the_op_path():
     with FakeTensorMode() as mode:
         q, s = lk.quantize_fp8(mode.from_tensor(randn(4, 300)))
     assert q.shape == (4, 300) and s.shape == (4, 3) and q.dtype == FP8
+
+
+# ------------------------------------------------------------------------------ leankernels.nn
+# An inference forward on the CPU checks its operands once and calls the implementations
+# (nn/layers.py, _fp8_weight_ok): no public function and no torch.library op in between. The
+# first MoE forward takes the public functions (they check route's arguments); later ones not.
+from leankernels.nn import DeepSeekConfig, Fp8Linear, MoE, plain  # noqa: E402
+from leankernels.nn import layers as _layers  # noqa: E402
+
+NN_CFG = DeepSeekConfig(hidden_size=256, num_attention_heads=4, q_lora_rank=128, n_routed_experts=8,
+                        moe_intermediate_size=128, num_experts_per_tok=2, n_group=4, topk_group=2,
+                        max_position_embeddings=256)
+_PUBLIC = ("fp8_gemm", "fp8_grouped_gemm", "quantize_fp8", "silu_mul_quantize_fp8", "permute", "plan", "route",
+           "unpermute")
+
+
+@contextlib.contextmanager
+def counting_public(monkeypatch):
+    """Count the calls nn/layers.py makes to the public functions."""
+    calls = {n: 0 for n in _PUBLIC}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    with monkeypatch.context() as m:
+        for n in _PUBLIC:
+            m.setattr(_layers, n, counted(n, getattr(_layers, n)))
+        yield calls
+
+
+def _nn_moe(seed=40, dtype=torch.bfloat16):
+    return MoE.from_float(plain.make_block(NN_CFG, "cpu", torch.float32, seed).mlp, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_moe_inference_forward_calls_the_implementations(dtype, monkeypatch):
+    m = _nn_moe(dtype=dtype)
+    x = randn(2, 9, NN_CFG.hidden_size, seed=41, dtype=torch.bfloat16)
+    with torch.no_grad(), counting_public(monkeypatch) as calls:
+        first = m(x)
+        # the routed experts' first forward: public functions; the shared experts: never
+        assert calls["route"] == 1 and calls["permute"] == 1 and calls["fp8_grouped_gemm"] == 2
+        assert calls["fp8_gemm"] == 0 and calls["silu_mul_quantize_fp8"] == 1
+        counts = dict(calls)
+        with counting(monkeypatch, "route") as ops_calls:
+            second = m(x)
+        assert calls == counts, "the second forward called a public function"
+        assert ops_calls == {"op": 0, "impl": 1}
+        with Recorder() as rec:
+            third = m(x)  # a dispatch mode still sees every op
+    assert {f.__name__.split(".")[0] for f in rec.seen} >= {"route", "plan", "permute_fp8", "fp8_grouped_gemm",
+                                                             "silu_mul_quantize_fp8", "unpermute", "quantize_fp8",
+                                                             "fp8_gemm"}
+    _assert_bitwise((second, third), (first, first))
+
+
+def test_moe_inference_forward_checks_what_it_skips(monkeypatch):
+    """Operands the implementations would misread send the forward back to the public
+    functions, which raise or convert as before."""
+    m = _nn_moe(seed=42)
+    x = randn(7, NN_CFG.hidden_size, seed=43)
+    with torch.no_grad():
+        m(x)
+        # a bias of another dtype: the public route widens it
+        bias = m.e_score_correction_bias
+        m.e_score_correction_bias = bias.bfloat16()
+        with counting_public(monkeypatch) as calls:
+            got = m(x)
+        assert calls["route"] == 1
+        m.e_score_correction_bias = bias.bfloat16().float()
+        with counting_public(monkeypatch) as calls:
+            _assert_bitwise((m(x),), (got,))
+        assert calls["route"] == 0
+        m.e_score_correction_bias = bias
+        # a subclass's own route and experts are called
+        seen = []
+
+        class Traced(MoE):
+            def route(self, x):
+                seen.append("route")
+                return super().route(x)
+        t = Traced(NN_CFG)
+        t.load_state_dict(m.state_dict())
+        t(x)
+        t(x)
+        assert seen == ["route", "route"]
+        # Module.to(dtype) converts the FP8 buffers too: a clear error, not a misread
+        m.to(torch.bfloat16)
+        with pytest.raises(TypeError, match="float8_e4m3fn"):
+            m(x)
+
+
+def test_fp8_linear_inference_forward_calls_the_implementations(monkeypatch):
+    lin = torch.nn.Linear(300, 136, bias=False)
+    f = Fp8Linear.from_float(lin, torch.float32)
+    x = randn(3, 5, 300, seed=44)
+    with torch.no_grad(), counting_public(monkeypatch) as calls:
+        got = f(x)
+        assert all(v == 0 for v in calls.values())
+    a, s = lk.quantize_fp8(x.reshape(-1, 300))
+    _assert_bitwise((got,), (lk.fp8_gemm(a, s, f.weight, f.weight_scale_inv, torch.float32).view(3, 5, 136),))
+    fb = Fp8Linear.from_float(torch.nn.Linear(300, 136, bias=True), torch.float32)
+    with torch.no_grad(), counting_public(monkeypatch) as calls:
+        fb(x)  # a bias: the public functions
+        assert calls["fp8_gemm"] == 1
+    f.weight_scale_inv = f.weight_scale_inv[:1]  # a wrong scale shape: the public check names it
+    with torch.no_grad(), pytest.raises(ValueError, match="b_scale"):
+        f(x)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _ops
 from ..gemm import fp8_gemm, fp8_grouped_gemm
 from ..linear import fp8_grouped_linear, fp8_linear
 from ..mla import LATENT, ROPE, LatentCache, mla_append, mla_decode
@@ -27,6 +28,8 @@ from . import plain
 from .config import DeepSeekConfig, rope_interleaved, rope_tables
 
 _OUT = (torch.bfloat16, torch.float32)
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_FP8, _F32 = torch.float8_e4m3fn, torch.float32
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -65,12 +68,40 @@ def _fp8_zeros(*shape, device=None) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ Fp8Linear
+# ------------------------------------------------------------------ the eager CPU inference path
+# NOTES: an inference forward on the CPU checks its operands once (_fp8_weight_ok and the
+# caller's own checks) and calls the ops' implementations (leankernels._ops.*_impl), not the
+# public functions, which would each check their arguments again. At decode the caches are cold
+# when a layer runs (the other layers' weights have streamed through them since its last call),
+# and cold, each public call costs ~40 us more than its implementation (route 74 vs 27 us, unpermute
+# 60 vs 21: the checks touch many cold torch attribute getters): ~500 us of a V2-Lite MoE layer's
+# ~3 ms at batch 1. Only plain eager calls take it (``_ops.direct``: no torch.compile, no
+# dispatch or function mode, no autograd need); anything else takes the public functions.
+def _fp8_weight_ok(w: torch.Tensor, s: torch.Tensor, *shape: int) -> bool:
+    """Whether w is float8_e4m3fn of ``shape`` with its fp32 128x128 block scales s, both on the CPU."""
+    return (w.dtype is _FP8 and s.dtype is _F32 and w.is_cpu and s.is_cpu and w.shape == shape
+            and s.shape == (*shape[:-2], _cdiv(shape[-2], 128), _cdiv(shape[-1], 128)))
+
+
+def _cpu_rows(x: torch.Tensor) -> bool:
+    """Whether x (rows [T, K]) is a float tensor on the CPU."""
+    return x.is_cpu and x.dtype in _FLOATS
+
+
 def fp8_linear_forward(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias, out_dtype):
     """``x [..., K] @ weight.T (+ bias)`` in ``out_dtype``: x quantized per call in 1x128 groups,
     ``weight`` float8_e4m3fn ``[N, K]`` with 128x128 ``weight_scale``, fp32 accumulation, the bias
     added in fp32. Shared by ``Fp8Linear`` and the transformers integration's FP8 linears."""
-    a, s = quantize_fp8(x.reshape(-1, x.shape[-1]))
-    return _fp8_gemm_bias(a, s, weight, weight_scale, bias, out_dtype).view(*x.shape[:-1], weight.shape[0])
+    x2 = x.reshape(-1, x.shape[-1])
+    N = weight.shape[0]
+    if (_ops.direct(x2, weight, weight_scale) and bias is None and out_dtype in _OUT and _cpu_rows(x2)
+            and weight.dim() == 2 and _fp8_weight_ok(weight, weight_scale, N, x2.shape[1])):
+        a, s = _ops.quantize_fp8_impl(x2, 1, False)
+        y = _ops.fp8_gemm_impl(a, s, weight, weight_scale, out_dtype)
+    else:
+        a, s = quantize_fp8(x2)
+        y = _fp8_gemm_bias(a, s, weight, weight_scale, bias, out_dtype)
+    return y.view(*x.shape[:-1], N)
 
 
 def _fp8_gemm_bias(a, s, weight, weight_scale, bias, out_dtype):
@@ -244,14 +275,35 @@ class SwiGLU(nn.Module):
             # SwiGLU and the down projection's quantization in one pass (one batch-1 op after a
             # cache flush: ~48 us, against ~95 for chunk, silu, mul and quantize).
             _no_grad_needed(gp, x)
-            gu = fp8_linear_forward(x, gp.weight, gp.weight_scale_inv, gp.bias, torch.float32)
-            a, s = silu_mul_quantize_fp8(gu.reshape(-1, gu.shape[-1]))
-            y = _fp8_gemm_bias(a, s, dp.weight, dp.weight_scale_inv, dp.bias, dp.dtype)
+            x2 = x.reshape(-1, x.shape[-1])
+            y = self._eager_cpu(x2)
+            if y is None:
+                gu = fp8_linear_forward(x2, gp.weight, gp.weight_scale_inv, gp.bias, torch.float32)
+                a, s = silu_mul_quantize_fp8(gu)
+                y = _fp8_gemm_bias(a, s, dp.weight, dp.weight_scale_inv, dp.bias, dp.dtype)
             return y.view(*x.shape[:-1], y.shape[-1])
         dt = dp.weight.dtype if isinstance(dp, nn.Linear) else torch.float32
         gu = gp(x.to(dt) if isinstance(gp, nn.Linear) else x).float()
         g, u = gu.chunk(2, dim=-1)
         return dp((F.silu(g) * u).to(dt))
+
+    def _eager_cpu(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """The FP8 inference forward of rows x2 [T, H] through the ops' implementations, or None
+        where it does not apply (see the NOTES above _fp8_weight_ok)."""
+        gp, dp = self.gate_up_proj, self.down_proj
+        wg, sg, wd, sd = gp.weight, gp.weight_scale_inv, dp.weight, dp.weight_scale_inv
+        if wg.dim() != 2 or wd.dim() != 2:
+            return None
+        N = wg.shape[0]  # gate and up: N // 2 each
+        if not (_ops.direct(x2, wg, sg, wd, sd) and gp.bias is None and dp.bias is None and dp.dtype in _OUT
+                and _cpu_rows(x2) and N % 2 == 0 and _fp8_weight_ok(wg, sg, N, x2.shape[1])
+                and _fp8_weight_ok(wd, sd, wd.shape[0], N // 2)):
+            return None
+        a, s = _ops.quantize_fp8_impl(x2, 1, False)
+        gu = _ops.fp8_gemm_impl(a, s, wg, sg, _F32)
+        a, s = _ops.silu_mul_quantize_fp8_impl(gu, False)
+        return _ops.fp8_gemm_impl(a, s, wd, sd, dp.dtype)
+
 
 
 class MoE(nn.Module):
@@ -294,6 +346,7 @@ class MoE(nn.Module):
         self.register_parameter("w13_master", None)
         self.register_parameter("w2_master", None)
         self.fp8_experts = True
+        self._routes_checked = set()  # bias given or not: route's arguments passed its checks (_eager_cpu)
         self.shared_experts = None
         if cfg.n_shared_experts:
             Is = I * cfg.n_shared_experts
@@ -446,13 +499,42 @@ class MoE(nn.Module):
             raise ValueError(f"x must have last dim hidden_size={self.cfg.hidden_size}; got shape {tuple(shape)}")
         if not self.trainable:
             _no_grad_needed(self, x)
-        weights, ids = self.route(x2)
-        out = self.experts(x2, weights, ids)
+        out = None if self.trainable else self._eager_cpu(x2)
+        if out is None:
+            weights, ids = self.route(x2)
+            if not _ops._is_compiling():
+                self._routes_checked.add(self.e_score_correction_bias is None)
+            out = self.experts(x2, weights, ids)
         if self.shared_experts is not None:
             sh = self.shared_experts(x2)
             # one add: torch adds bf16/fp16 in fp32 and rounds once, as (a.float() + b.float()).to(dt)
             out = out + sh if sh.dtype == out.dtype else (out.float() + sh.float()).to(self.dtype)
         return out.view(*shape[:-1], shape[-1])
+
+    def _eager_cpu(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """The routed experts' inference forward of rows x2 [T, H] through the ops'
+        implementations (route, plan, permute + quantize, GEMM, SiLU x up + quantize, GEMM,
+        unpermute), or None where it does not apply (see the NOTES above _fp8_weight_ok): route's
+        arguments are checked by the first forward, which takes the public functions."""
+        cfg = self.cfg
+        E, H, I, k = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+        w13, s13, w2, s2 = self.w13, self.w13_scale, self.w2, self.w2_scale
+        bias, gw = self.e_score_correction_bias, self.gate_weight
+        if not (_ops.direct(x2, gw, bias, w13, s13, w2, s2) and (bias is None) in self._routes_checked
+                and type(self).route is MoE.route and type(self).experts is MoE.experts and self.dtype in _OUT
+                and _cpu_rows(x2) and x2.shape[0] * k < 2**31 and gw.shape == (E, H) and gw.is_cpu
+                and (bias is None or (bias.dtype is _F32 and bias.is_cpu and bias.shape == (E,) and bias.is_contiguous()))
+                and _fp8_weight_ok(w13, s13, E, 2 * I, H) and _fp8_weight_ok(w2, s2, E, H, I)):
+            return None
+        logits = F.linear(x2.float(), gw.float())
+        weights, ids = _ops.route_impl(logits, k, cfg.scoring_func == "sigmoid", bias, cfg.n_group, cfg.topk_group,
+                                       cfg.norm_topk_prob, float(cfg.routed_scaling_factor))
+        _, offs, row_token, token_row = _ops.plan_impl(ids, E, 1)
+        a, s = _ops.permute_fp8_impl(x2, row_token, False)
+        h = _ops.fp8_grouped_gemm_impl(a, s, w13, s13, offs, _F32)
+        a, s = _ops.silu_mul_quantize_fp8_impl(h, False)
+        y = _ops.fp8_grouped_gemm_impl(a, s, w2, s2, offs, self.dtype)
+        return _ops.unpermute_impl(y, token_row, weights)
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in list(self.parameters()) + list(self.buffers()))
