@@ -92,6 +92,27 @@ def test_moe_matches_plain(device, gate):
     assert gemm_diff(got, want) < 5e-3
 
 
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
+def test_moe_decode_sizes_match_plain(gate):
+    """At decode sizes (<= 16 tokens on the CPU) the router logits come from gate_logits, not
+    F.linear: the same expert choice as the plain gate and the same bounds; the first forward
+    (public functions) and the later ones (the ops' implementations) agree bitwise."""
+    cfg = CFG if gate == "sigmoid" else CFG.replace(scoring_func="softmax", n_group=1, topk_group=1)
+    pm = _block(cfg, seed=11).mlp
+    m = MoE.from_float(pm, dtype=torch.float32)
+    for T in (1, 3, 16):
+        x = randn(T, cfg.hidden_size, seed=12 + T)
+        with torch.no_grad():
+            want, got, again = pm(x), m(x), m(x)
+            w_ref, ids_ref = pm.gate(x)
+            w, ids = m.route(x)
+        assert torch.equal(ids.long().sort(-1).values, ids_ref.sort(-1).values)
+        torch.testing.assert_close(w.gather(1, ids.long().argsort(-1)), w_ref.gather(1, ids_ref.argsort(-1)),
+                                   rtol=1e-5, atol=1e-6)
+        assert gemm_diff(got, want) < 5e-3
+        assert torch.equal(got, again)
+
+
 def test_moe_from_weights_matches_from_float_and_bf16_out():
     pm = _block(seed=9).mlp
     ex = [(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in pm.experts]

@@ -547,3 +547,40 @@ def test_bad_inputs_mixed_devices():
         leankernels.route(_logits(2, 20000, seed=1, device="cuda"), 4)
     with pytest.raises(ValueError, match="num_experts"):
         leankernels.plan(torch.zeros(4, 2, dtype=torch.int32, device="cuda"), 20000)
+
+
+# ------------------------------------------------------------------------------ gate_logits
+# The router's x @ W^T at decode sizes (leankernels.nn.MoE, <= 16 tokens on the CPU): fp32
+# sums in a fixed order, compared with the float64 product (F.linear's own error is of the same
+# size, ~1e-7 relative to sum |x * w|).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,H,E", [(1, 2048, 64), (3, 100, 7), (16, 7168, 256), (2, 63, 1), (5, 1, 3)])
+def test_gate_logits_matches_float64(dtype, T, H, E):
+    from leankernels import _ops
+    x = randn(T, H, seed=T * 31 + H, dtype=dtype)
+    w = randn(E, H, seed=E + 5)
+    want = x.double() @ w.double().T
+    bound = (x.double().abs() @ w.double().abs().T) * 2.0**-21 + 1e-30
+    for fn in (_ops.gate_logits_impl, _ops.gate_logits):
+        got = fn(x, w)
+        assert got.dtype == torch.float32 and got.shape == (T, E)
+        assert torch.all((got.double() - want).abs() <= bound)
+    wide = randn(T, H + 37, seed=3, dtype=dtype)[:, :H]  # row stride > H
+    xs = wide.clone()
+    torch.testing.assert_close(_ops.gate_logits(wide, w), _ops.gate_logits(xs, w), rtol=0, atol=0)
+
+
+def test_gate_logits_edges_and_errors():
+    from leankernels import _ops
+    w = randn(8, 64, seed=1)
+    assert _ops.gate_logits(torch.empty(0, 64), w).shape == (0, 8)
+    assert _ops.gate_logits(randn(2, 64, seed=2), w[:0]).shape == (2, 0)
+    with pytest.raises(ValueError, match="hidden size"):
+        _ops.gate_logits(randn(2, 65, seed=2), w)
+    with pytest.raises(TypeError, match="weight"):
+        _ops.gate_logits(randn(2, 64, seed=2), w.double())
+    with pytest.raises(TypeError, match="x"):
+        _ops.gate_logits(randn(2, 64, seed=2).int(), w)
+    with pytest.raises(ValueError, match="x"):
+        _ops.gate_logits(randn(2, 2, 64, seed=2), w)
+    torch.library.opcheck(_ops.gate_logits, (randn(3, 200, seed=4, dtype=torch.bfloat16), randn(9, 200, seed=5)))

@@ -21,6 +21,14 @@ void register_routing(py::module_& m) {
             ptr<float>(weights), ptr<int32_t>(ids));
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "gate_logits",
+      [](uintptr_t x, int dtype, int64_t T, int64_t H, int64_t row_stride, uintptr_t w, int64_t E, uintptr_t out) {
+        LK_CHECK(dtype >= 0 && dtype <= 2, "gate_logits: x must be float32, bfloat16 or float16");
+        LK_CHECK(T >= 0 && H >= 0 && E >= 0 && row_stride >= 0, "gate_logits: bad sizes");
+        cpu::gate_logits(ptr<const void>(x), DType(dtype), T, H, row_stride, ptr<const float>(w), E, ptr<float>(out));
+      },
+      py::call_guard<py::gil_scoped_release>());
   // Size in int32 elements of the CUDA plan's workspace (0 on the CPU).
   m.def("plan_workspace_size", [](int64_t T, int64_t top_k, int64_t E) -> int64_t {
 #ifdef LEANKERNELS_WITH_CUDA

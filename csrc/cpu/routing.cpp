@@ -1,5 +1,7 @@
 // Expert gating and token routing on the CPU.
 //
+// gate_logits: the router's x @ W^T at decode sizes (the MoE layer calls it for few tokens):
+// tokens widened once, then parallel over experts, each weight row meeting every token in L1.
 // route: OpenMP over tokens. Per token the logits row is widened once, the scores are computed
 // by a vectorised float64 loop (common/gate.h: correctly rounded fp32 scores, the same bits as
 // the GPU and the reference), then group scores, the kept groups and the top_k experts are
@@ -43,6 +45,11 @@ void route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t row_st
            bool renormalize, float scale, float* weights, int32_t* ids) {
   LK_CPU_DISPATCH(route, logits, dtype, T, E, row_stride, bias, sigmoid, top_k, n_group, topk_group, renormalize,
                   scale, weights, ids)
+}
+
+void gate_logits(const void* x, DType dtype, int64_t T, int64_t H, int64_t row_stride, const float* w, int64_t E,
+                 float* out) {
+  LK_CPU_DISPATCH(gate_logits, x, dtype, T, H, row_stride, w, E, out)
 }
 
 void plan(const int32_t* ids, int64_t T, int64_t top_k, int64_t E, int64_t align, int64_t R,

@@ -11,6 +11,11 @@ void route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t row_st
            const float* bias, bool sigmoid, int64_t top_k, int64_t n_group, int64_t topk_group,
            bool renormalize, float scale, float* weights, int32_t* ids);
 
+// Router logits: out [T, E] fp32 (contiguous) = x [T, H] (row-strided, unit column stride,
+// widened to fp32) times w [E, H]^T (fp32, contiguous), fp32 sums.
+void gate_logits(const void* x, DType dtype, int64_t T, int64_t H, int64_t row_stride, const float* w, int64_t E,
+                 float* out);
+
 // ids int32 [T*top_k] contiguous -> counts [E], offs [E], row_token [R], token_row [T*top_k].
 void plan(const int32_t* ids, int64_t T, int64_t top_k, int64_t E, int64_t align, int64_t R,
           int32_t* counts, int32_t* offs, int32_t* row_token, int32_t* token_row);

@@ -240,6 +240,37 @@ def plan_rows(num_tokens: int, top_k: int, num_experts: int, align: int) -> int:
     return n + torch.sym_min(num_experts, n) * (align - 1)  # sym_min: T may be symbolic when traced
 
 
+def gate_logits_impl(x, weight):
+    """The router's fp32 logits x [T, H] @ weight [E, H]^T on the CPU (leankernels.nn.MoE at
+    decode sizes; fp32 sums, ~1 ulp from F.linear's); weight: contiguous float32; CUDA: F.linear."""
+    if x.is_cuda:
+        return torch.nn.functional.linear(x.float(), weight)
+    T, H = x.shape
+    E = weight.shape[0]
+    out = torch.empty(T, E, dtype=_F32)
+    if T == 0 or E == 0:
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    _C.gate_logits(x.data_ptr(), _DTYPE_CODES[x.dtype], T, H, x.stride(0), weight.data_ptr(), E, out.data_ptr())
+    return out
+
+
+@_custom_op("leankernels::gate_logits", mutates_args=())
+def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    _need_t("x", x, _FLOATS, dim=2)
+    _need_t("weight", weight, (torch.float32,), dim=2)
+    _need(weight.shape[1] == x.shape[1], f"x and weight must have the same hidden size; got {x.shape[1]} and "
+                                         f"{weight.shape[1]}")
+    _need(x.device == weight.device, "x and weight must be on the same device")
+    return gate_logits_impl(x, weight.contiguous())
+
+
+@gate_logits.register_fake
+def _(x, weight):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
 def route_impl(logits, top_k, sigmoid, bias, n_group, topk_group, renormalize, scale):
     """bias: None or a contiguous float32 [E]."""
     T, E = logits.shape

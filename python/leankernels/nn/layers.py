@@ -88,6 +88,21 @@ def _cpu_rows(x: torch.Tensor) -> bool:
     return x.is_cpu and x.dtype in _FLOATS
 
 
+# NOTES: at most this many tokens, the router's logits come from gate_logits (a C++ fp32 GEMV
+# over the [E, H] gate weight, each weight row meeting every token once in L1) instead of
+# x.float() and F.linear: V2-Lite batch 1 after a cache flush ~150 -> ~30 us. Above, torch's
+# GEMM (compute-bound by then) is faster.
+_GATE_ROWS = 16
+
+
+def _router_logits(x2: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [T, E] of rows x2 [T, H] and the gate weight gw [E, H]."""
+    if (_cpu_rows(x2) and x2.dim() == 2 and x2.shape[0] <= _GATE_ROWS and gw.dtype is _F32 and gw.dim() == 2
+            and x2.shape[1] == gw.shape[1] and not gw.requires_grad and gw.is_cpu):
+        return (_ops.gate_logits_impl if _ops.direct(x2, gw) else _ops.gate_logits)(x2, gw.contiguous())
+    return F.linear(x2.float(), gw.float())
+
+
 def fp8_linear_forward(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias, out_dtype):
     """``x [..., K] @ weight.T (+ bias)`` in ``out_dtype``: x quantized per call in 1x128 groups,
     ``weight`` float8_e4m3fn ``[N, K]`` with 128x128 ``weight_scale``, fp32 accumulation, the bias
@@ -437,7 +452,7 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor):
         """(weights fp32 [T, top_k], ids int32 [T, top_k]) for tokens x [T, H]."""
         cfg = self.cfg
-        logits = F.linear(x.float(), self.gate_weight.float())
+        logits = _router_logits(x, self.gate_weight)
         return route(logits, cfg.num_experts_per_tok, cfg.scoring_func, self.e_score_correction_bias,
                      cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, float(cfg.routed_scaling_factor))
 
@@ -523,10 +538,11 @@ class MoE(nn.Module):
         if not (_ops.direct(x2, gw, bias, w13, s13, w2, s2) and (bias is None) in self._routes_checked
                 and type(self).route is MoE.route and type(self).experts is MoE.experts and self.dtype in _OUT
                 and _cpu_rows(x2) and x2.shape[0] * k < 2**31 and gw.shape == (E, H) and gw.is_cpu
-                and (bias is None or (bias.dtype is _F32 and bias.is_cpu and bias.shape == (E,) and bias.is_contiguous()))
+                and gw.dtype is _F32 and (bias is None or (bias.dtype is _F32 and bias.is_cpu and bias.shape == (E,) and bias.is_contiguous()))
                 and _fp8_weight_ok(w13, s13, E, 2 * I, H) and _fp8_weight_ok(w2, s2, E, H, I)):
             return None
-        logits = F.linear(x2.float(), gw.float())
+        T = x2.shape[0]
+        logits = _ops.gate_logits_impl(x2, gw.contiguous()) if T <= _GATE_ROWS else F.linear(x2.float(), gw)
         weights, ids = _ops.route_impl(logits, k, cfg.scoring_func == "sigmoid", bias, cfg.n_group, cfg.topk_group,
                                        cfg.norm_topk_prob, float(cfg.routed_scaling_factor))
         _, offs, row_token, token_row = _ops.plan_impl(ids, E, 1)
