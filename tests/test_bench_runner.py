@@ -248,6 +248,19 @@ def test_run_case_calls_per_sample():
     assert 1.0 < r["ratio"] < 4.0
 
 
+def test_run_case_min_reps():
+    """Case.min_reps raises the run's minimum (and maximum) sample count for that case only."""
+    cfg = TimingConfig(warmup=1, min_reps=3, max_reps=5, budget_s=0.001)
+
+    def slow():
+        time.sleep(0.002)
+
+    (few,) = runner.run_case(_case(ours=slow, baselines={"b": slow}), "cpu", cfg, None, _ceil())
+    (many,) = runner.run_case(_case(ours=slow, baselines={"b": slow}, min_reps=9), "cpu", cfg, None, _ceil())
+    assert few["ours_reps"] < 9 and many["ours_reps"] >= 9 and many["baseline_reps"] >= 9
+    assert cfg.min_reps == 3 and cfg.max_reps == 5
+
+
 def test_missing_and_broken_domains(monkeypatch):
     status, reason, cases = runner.load_cases("no_such_domain", "cpu", True)
     assert status == "skipped" and cases == [] and "no_such_domain" in reason

@@ -37,6 +37,9 @@ class Case:
     calls: int = 1                   # for microsecond calls: each timed sample runs ours (and
     #   each baseline) this many times back to back and the runner reports the time per call,
     #   so ours and the baselines are measured alike (steady state, timer overhead amortised)
+    min_reps: int = 0                # at least this many timed calls (on top of the run's own
+    #   minimum): for slow, noisy cases (a whole generate() takes ~1 s, so the time budget alone
+    #   gives 3 samples and their median moves with the machine's memory phase)
 
 
 class InputSets:

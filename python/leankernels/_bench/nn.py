@@ -233,7 +233,7 @@ def generate_cases(quick: bool) -> list[Case]:
             "nn", f"transformers generate() V2-Lite-shaped batch {batch}, patched: {variant}",
             f"4 layers, 64 experts top-6, bf16 weights, 4-token prompt + {st.NEW} new tokens",
             st.run_ours, {f"transformers default experts ({'grouped_mm'})": st.run_ref},
-            check=st.check, bound="memory", setup=st.setup, teardown=st.teardown,
+            check=st.check, bound="memory", setup=st.setup, teardown=st.teardown, min_reps=7,
             extra={"tokens per call": batch * st.NEW,
                    "ours": f"patch_deepseek_v3({st.VARIANTS[variant]})",
                    "check": ("bf16 experts mode: the first new token equals the unpatched model's"

@@ -9,6 +9,8 @@ Library use::
 """
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as _dt
 import importlib
 import math
@@ -224,6 +226,8 @@ def _run_case(case: Case, device: str, cfg: TimingConfig, flusher, ceilings: dic
         except Exception as e:  # noqa: BLE001
             check, check_error = False, f"{type(e).__name__}: {e}"
     calls = max(1, int(getattr(case, "calls", 1) or 1))
+    if getattr(case, "min_reps", 0) > cfg.min_reps:
+        cfg = dataclasses.replace(cfg, min_reps=case.min_reps, max_reps=max(cfg.max_reps, case.min_reps))
 
     def repeated(fn):
         if calls == 1:
