@@ -175,6 +175,51 @@ def test_fp8_experts_match_fp8_emulation():
     assert (got.double() - want).abs().max() <= 2e-3 * want.abs().max()
 
 
+def test_fp8_experts_eager_path_calls_the_implementations(monkeypatch):
+    """On the CPU, eagerly, the fp8 mode checks its inputs once and calls the ops'
+    implementations (SiLU x up and the quantization fused for transformers' default gate); a
+    dispatch mode still sees the ops; a module's own gate is honoured; int32 ids outside [0, E)
+    are dropped as with int64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "leankernels":
+                self.ops.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model(initializer_range=0.1)
+    experts, x, ids, w = _experts_inputs(model)
+    assert lkt._silu_gate(experts)
+    calls = []
+    for name in ("plan", "permute", "unpermute", "fp8_grouped_gemm"):
+        monkeypatch.setattr(lkt, name, lambda *a, _n=name, _f=getattr(lkt, name), **k: calls.append(_n) or _f(*a, **k))
+    with torch.no_grad():
+        fast = lkt.leankernels_experts_forward(experts, x, ids, w)
+        assert calls == []
+        with Seen() as seen:
+            public = lkt.leankernels_experts_forward(experts, x, ids, w)
+    assert calls and {"plan", "permute_fp8", "fp8_grouped_gemm", "unpermute"} <= seen.ops
+    assert "silu_mul_quantize_fp8" not in seen.ops  # the public path runs the module's own gate
+    # the fused SwiGLU + quantization vs the module's gate then quantize_fp8: codes may differ
+    # where a product sits within an ulp of a rounding boundary
+    assert (fast.double() - public.double()).abs().max() <= 1e-2 * public.abs().max()
+    bad = ids.int().clone()
+    bad[0, 0], bad[1, 0] = -5, experts.num_experts + 3
+    with torch.no_grad():
+        got = lkt.leankernels_experts_forward(experts, x, bad, w)
+        want = lkt.leankernels_experts_forward(experts, x, bad.long(), w)
+    assert torch.equal(got, want)
+    experts._apply_gate = lambda h: torch.zeros(h.shape[0], h.shape[1] // 2)  # a module's own gate
+    assert not lkt._silu_gate(experts)
+    with torch.no_grad():
+        assert torch.equal(lkt.leankernels_experts_forward(experts, x, ids, w), torch.zeros_like(x))
+
+
 def test_bf16_mode_matches_transformers_experts():
     model = tiny_model(initializer_range=0.1)
     experts, x, ids, w = _experts_inputs(model)

@@ -104,6 +104,7 @@ if _version_tuple(transformers.__version__) > TESTED_RANGE[1]:
 CACHE_ARG = "cache" if "cache" in __import__("inspect").signature(
     _dsv3.DeepseekV3Attention.forward).parameters else "past_key_values"
 
+from .. import _ops
 from ..gemm import fp8_grouped_gemm
 from ..mla import DIM, LATENT, ROPE, LatentCache, mla_append, mla_decode
 from ..nn.layers import fp8_linear_forward
@@ -242,6 +243,38 @@ def _row_experts(p, num_experts: int) -> torch.Tensor:
     return torch.searchsorted(p.offs, rows, right=True).clamp_(max=num_experts - 1)
 
 
+def _silu_gate(experts) -> bool:
+    """Whether the module gates with transformers' default ``act_fn(gate) * up`` (concatenated
+    halves) and a SiLU activation: then silu_mul_quantize_fp8 does gate and quantization at once."""
+    gate = getattr(type(experts), "_apply_gate", None)
+    act = experts.__dict__.get("_modules", {}).get("act_fn")
+    return (getattr(gate, "__name__", "") == "_default_apply_gate" and "_apply_gate" not in experts.__dict__
+            and (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"))
+
+
+def _fp8_eager_cpu(experts, x, ids, weights, w1, s1, w2, s2):
+    """The fp8 mode through the ops' implementations, its inputs checked once here (see the
+    NOTES in leankernels.nn.layers: at decode the public functions' own checks cost ~40 us per
+    op with cold caches); None where it does not apply (the public functions then run)."""
+    E, N1, H = w1.shape
+    if not (_ops.direct(x, ids, weights, w1, s1, w2, s2) and x.is_cpu and ids.is_cpu and weights.is_cpu
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.dim() == 2 and x.shape[1] == H
+            and ids.dim() == 2 and ids.dtype in (torch.int32, torch.int64) and ids.shape[0] == x.shape[0]
+            and weights.shape == ids.shape and weights.dtype.is_floating_point
+            and ids.shape[0] * ids.shape[1] < 2**31 and w2.shape == (E, H, N1 // 2)):
+        return None
+    ids = ids.contiguous() if ids.dtype is torch.int32 else ids.clamp(-1, E).to(torch.int32)
+    _, offs, row_token, token_row = _ops.plan_impl(ids, E, 1)
+    a, s = _ops.permute_fp8_impl(x, row_token, False)
+    h = _ops.fp8_grouped_gemm_impl(a, s, w1, s1, offs, torch.float32)
+    if _silu_gate(experts):
+        a, s = _ops.silu_mul_quantize_fp8_impl(h, False)
+    else:
+        a, s = quantize_fp8(experts._apply_gate(h), (1, 128))
+    y = _ops.fp8_grouped_gemm_impl(a, s, w2, s2, offs, torch.float32)
+    return _ops.unpermute_impl(y, token_row, weights.float().contiguous()).to(x.dtype)
+
+
 def leankernels_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                                 top_k_weights: torch.Tensor) -> torch.Tensor:
     """The ``"leankernels"`` experts implementation (transformers' experts forward signature).
@@ -267,8 +300,13 @@ def leankernels_experts_forward(self, hidden_states: torch.Tensor, top_k_index: 
     if reason is not None:
         return _fall_back(self, reason)(self, hidden_states, top_k_index, top_k_weights)
     E = self.gate_up_proj.shape[0]
+    fp8 = get_experts_mode(self) == "fp8"
+    if fp8 and not getattr(self, "has_bias", False):
+        out = _fp8_eager_cpu(self, hidden_states, top_k_index, top_k_weights, *fp8_expert_weights(self))
+        if out is not None:
+            return out
     p = plan(top_k_index, E)
-    if get_experts_mode(self) == "fp8":
+    if fp8:
         w1, s1, w2, s2 = fp8_expert_weights(self)
         b1, b2 = _biases(self)
         row_e = _row_experts(p, E) if b1 is not None else None
