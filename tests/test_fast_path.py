@@ -355,6 +355,40 @@ def test_moe_inference_forward_checks_what_it_skips(monkeypatch):
             m(x)
 
 
+def test_moe_inference_forward_runs_the_shared_experts_beside_the_routed(monkeypatch):
+    """The eager MoE forward runs the shared experts' steps itself, interleaved with the routed
+    ones, bitwise as routed experts + the shared module's own forward; with one token it reads
+    the token's quantized row from permute instead of quantizing x again. A hook on the shared
+    experts, or a SwiGLU subclass with its own forward, gets the module called."""
+    m = _nn_moe(seed=45)
+    H = NN_CFG.hidden_size
+    with torch.no_grad():
+        for T in (1, 5):
+            x = randn(T, H, seed=46 + T, dtype=torch.bfloat16)
+            m(x)  # the first forward checks route's arguments
+            with counting(monkeypatch, "quantize_fp8") as q, counting(monkeypatch, "fp8_gemm") as g:
+                got = m(x)
+            assert q == {"op": 0, "impl": 0 if T == 1 else 1}, (T, q)
+            assert g == {"op": 0, "impl": 2}
+            want = m._add_shared(m.experts(x, *m.route(x)), m.shared_experts(x))
+            _assert_bitwise((got,), (want,))
+        x = randn(3, H, seed=50, dtype=torch.bfloat16)
+        want = m(x)
+        seen = []
+        handle = m.shared_experts.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        _assert_bitwise((m(x),), (want,))
+        handle.remove()
+        assert seen == [(3, H)]
+
+        class Own(type(m.shared_experts)):
+            def forward(self, x):
+                seen.append("own")
+                return super().forward(x)
+        m.shared_experts.__class__ = Own
+        _assert_bitwise((m(x),), (want,))
+        assert seen[-1] == "own"
+
+
 def test_fp8_linear_inference_forward_calls_the_implementations(monkeypatch):
     lin = torch.nn.Linear(300, 136, bias=False)
     f = Fp8Linear.from_float(lin, torch.float32)
