@@ -23,6 +23,7 @@ from ._lib import _DTYPE_CODES, FP8, GROUP, _C, device_args, dtype_code
 
 # ------------------------------------------------------------------------- the eager fast path
 _Tensor, _Parameter, _strided = torch.Tensor, torch.nn.Parameter, torch.strided
+_CPU = torch.device("cpu")
 _grad_on = torch.is_grad_enabled
 try:  # private torch hooks; should one be missing in some torch release, every call takes the op
     _is_compiling = torch.compiler.is_compiling
@@ -383,9 +384,14 @@ def permute_fp8_impl(x, row_token, ue8m0):
     """row_token: contiguous int32 [R]."""
     T, H = x.shape
     R = row_token.shape[0]
-    dev = x.device
-    q = torch.empty(R, H, dtype=FP8, device=dev)
-    scale = torch.empty(R, -(-H // GROUP), dtype=_F32, device=dev)
+    if x.is_cpu:  # the device as a constant (not x.device): -0.2 us of a ~8 us decode-size call
+        q = torch.empty(R, H, dtype=FP8, device=_CPU)
+        scale = torch.empty(R, -(-H // GROUP), dtype=_F32, device=_CPU)
+        device, stream = -1, 0
+    else:
+        q = torch.empty(R, H, dtype=FP8, device=x.device)
+        scale = torch.empty(R, -(-H // GROUP), dtype=_F32, device=x.device)
+        device, stream = device_args(x)
     if R == 0 or H == 0:
         return q, scale
     if x.is_contiguous():
@@ -394,7 +400,6 @@ def permute_fp8_impl(x, row_token, ue8m0):
         if x.stride(1) != 1:
             x = x.contiguous()
         row_stride = x.stride(0)
-    device, stream = (-1, 0) if x.is_cpu else device_args(x)
     _C.permute_fp8(x.data_ptr(), _DTYPE_CODES[x.dtype], T, H, row_stride, row_token.data_ptr(), R,
                    q.data_ptr(), scale.data_ptr(), ue8m0, device, stream)
     return q, scale
