@@ -679,12 +679,7 @@ constexpr int64_t kDecodeMaxRows = LK_ISA >= 3 ? 8 : 16;  // above: the row-tile
 // the group's weight rows at a time: dense K=14336 T=3/T=4 +18-20% (avx512bf16) and +44-49%
 // (avx512) against the panel, since the prefetches of the next group go to L2 (before that,
 // walking 2 at a time had lost ~10%).
-// On the avx512bf16 path 5-8 rows against short weight rows (K <= 4096, one at a time) take the
-// register path too (8 rows: 8 sums + 8 totals in registers): the panel's 2-row tiles kept too few
-// independent sums. Hot, one Zen 4 core, K=2048: 5 rows 7.7 -> 11.8 GB/s of weights, 6 rows 6.6 ->
-// 10.0, 8 rows 5.0 -> 6.5 (8 rows of decoded a fill L1 at this K). Long rows keep the panel (5-8
-// rows x 1 weight row: K=7168 8 rows 8.3 -> 5.8 GB/s).
-constexpr int kFusedRows = LK_ISA >= 3 ? 8 : LK_ISA >= 2 ? 4 : kDMR;
+constexpr int kFusedRows = LK_ISA >= 2 ? 4 : kDMR;
 
 // A 128-wide K block of `src` with kv <= 128 valid bytes, readable in full: `src` itself when
 // the block is whole, else a copy in `buf` zero-padded past kv (the K tail).
@@ -936,13 +931,6 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
       fused(std::integral_constant<int, kFusedRows >= 3 ? 3 : 1>{});
     } else if (m == 4 && kFusedRows >= 4) {
       fused(std::integral_constant<int, kFusedRows >= 4 ? 4 : 1>{});
-    } else if (NC == 1 && m <= kFusedRows) {  // 5-8 rows against short weight rows (see kFusedRows)
-      if constexpr (NC == 1) {
-        if (m == 5) fused(std::integral_constant<int, kFusedRows >= 5 ? 5 : 1>{});
-        else if (m == 6) fused(std::integral_constant<int, kFusedRows >= 6 ? 6 : 1>{});
-        else if (m == 7) fused(std::integral_constant<int, kFusedRows >= 7 ? 7 : 1>{});
-        else fused(std::integral_constant<int, kFusedRows >= 8 ? 8 : 1>{});
-      }
     } else {
       for (int64_t kb0 = 0; kb0 < p.KB; kb0 += kChunkBlocks) {
         const int64_t nb = std::min(kChunkBlocks, p.KB - kb0);
