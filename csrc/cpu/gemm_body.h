@@ -11,8 +11,9 @@
 //    so the kernel's job is to decode each weight byte once, cheaply, and use it for all m rows.
 //    Work items are (segment, ~64 KiB of weight rows) in memory order; each thread walks its
 //    own contiguous share of them (one long stream for the hardware prefetcher), then takes
-//    what is left of the others' shares. Weight rows are walked along K one at a time
-//    (K <= 4096: one sequential sweep) or four at a time (longer rows share each load of a),
+//    what is left of the others' shares. Weight rows are walked along K one at a time (one
+//    row of a and K <= 4096: one sequential sweep) or four at a time (longer rows, or more
+//    rows of a: each load of a serves four weight rows),
 //    the next weight rows prefetched (kPrefetchHint): each 128-wide block is decoded into
 //    registers and used at once (m <= 4 on the zmm levels; 3-4 rows walk 2 weight rows at a
 //    time) or decoded into a 4-block L1 panel that register tiles of 2 rows reuse. Lanes
@@ -882,8 +883,12 @@ struct Sums16 {
 
 // Output columns [n0, n1) of one small segment; a_dec: its rows, decoded. NC weight rows are
 // walked along K together. NOTES: one row at a time reads memory in one sequential sweep (the
-// best for short rows, K <= 4096: +25% at V2-Lite's K=2048), but for long rows a's decoded row
-// no longer stays in L1 beside the stream, and 4 rows sharing each a load win (+45% at K=14336).
+// best for one row of a against short rows, K <= 4096: +25% at V2-Lite's K=2048), but for long
+// rows a's decoded row no longer stays in L1 beside the stream, and 4 rows sharing each a load
+// win (+45% at K=14336). With 2+ rows of a the dot products weigh more than the stream: 4
+// weight rows at a time there too (8 experts x m rows, K=2048, after a cache flush, the same
+// process alternating builds: m=2 +3%, m=3-4 +4-6%, m=6-8 +41-47%; one core hot, m=2 20.0 ->
+// 22.6 GB/s, m=4 13.3 -> 15.0; V2-Lite T=4 / T=16 routing: within 1%).
 template <int NC>
 void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, const Segment& seg, int64_t n0,
                  int64_t n1, float* sc) {
@@ -1016,7 +1021,7 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
         const int64_t it = sh.next.fetch_add(1, std::memory_order_relaxed);
         if (it >= sh.end) break;
         const Segment& seg = segs[size_t(items[it].first)];
-        (p.K <= 4096 ? decode_item<1> : decode_item<4>)(p, dec, a_dec + first[size_t(items[it].first)] * per_row, seg,
+        (p.K <= 4096 && seg.r1 - seg.r0 == 1 ? decode_item<1> : decode_item<4>)(p, dec, a_dec + first[size_t(items[it].first)] * per_row, seg,
                                                         items[it].second, std::min(p.N, items[it].second + cols), sc.data());
       }
     }
