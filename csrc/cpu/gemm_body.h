@@ -26,7 +26,8 @@
 //    when that is 30-40 GB/s, not when it peaks at 50-54 GB/s.
 //    Decode per CPU level: avx512bf16 e4m3 -> bf16 by two vpermt2b byte tables (exact) and
 //    vdpbf16ps; avx512/avx2 e4m3 -> fp32 by bit moves (9 integer ops per vector of bytes, the
-//    2^-120 offset folded into a and the scale, subnormals exact), then FMAs; generic a table.
+//    2^-120 offset folded into a and the scale, subnormals exact; avx2 moves two of them with
+//    vpshufb), then FMAs; generic a table.
 //    Bound at V2-Lite T=1 (6 experts x N=2816 x K=2048, 34.6 MB fp8): the DRAM read of the
 //    weights, ~1 ms at 37 GB/s on 2 Zen 4 cores; the decode costs ~12 vector ops per 64 bytes.
 //
@@ -594,11 +595,11 @@ inline bool iv_nan_any(IV acc) {
   return _mm256_movemask_epi8(_mm256_cmpeq_epi8(acc, _mm256_set1_epi8(char(0xfe)))) != 0;
 }
 #endif
-// kChunk bytes (one IV) -> the fp32 of each, in 4 DVs (see above), in GCC vector arithmetic
-// (>> of signed lanes is arithmetic): vpsraw / vpand / vpsllw / vpslld at either width.
+// kChunk bytes (one IV) -> the fp32 of each, in 4 DVs (see above).
 #if LK_ISA == 1
-// NOTES: Zen 1 (AVX2 only) runs vector shifts on one of its four 128-bit pipes, so the 5 ymm
-// shifts per 32 bytes of the generic version below bound the decode there. Here two byte moves
+// avx2: vpsraw / vpand / vpshufb. NOTES: Zen 1 (AVX2 only) runs vector shifts on one of its four
+// 128-bit pipes, so the 5 ymm shifts per 32 bytes of the avx512 level's version below bound the
+// decode there. Here two byte moves
 // are vpshufb (two pipes) instead: 2 shifts + 3 shuffles. Same bytes out, same order. Measured
 // (2026-12-01, 2-core Zen 1 EPYC VM, scripts/ab_builds.py, 9 rounds, cache flushed, 8 experts,
 // K=2048 N=2816 and K=1408 N=2048): 1 row +2-3%, 2 rows +21%, 4 rows +16%. Not measured on
@@ -618,6 +619,7 @@ inline void iv_decode(IV x, DV* out) {
   out[3] = _mm256_castsi256_ps(_mm256_shuffle_epi8(even, lo_up));
 }
 #else
+// avx512: GCC vector arithmetic (>> of signed lanes is arithmetic): vpsraw / vpand / vpsllw / vpslld.
 inline void iv_decode(IV x, DV* out) {
   typedef int16_t I16 __attribute__((vector_size(kChunk)));
   typedef uint16_t U16 __attribute__((vector_size(kChunk)));
