@@ -25,6 +25,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
+#define LK_VARIANT_AMX 1  // the row-tiled GEMMs have an AMX level (cpu/isa.h)
 #define LK_VARIANT_BODY "cpu/gemm_body.h"
 #include "cpu/variants.h"
 

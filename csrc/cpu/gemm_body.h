@@ -90,7 +90,8 @@ std::vector<Segment> segments(GemmLayout layout, const int32_t* groups, int64_t 
 // and broadcasts one bf16 pair of each of 24 weight rows, which stay K-major as stored: the
 // weights need no transpose, only a byte-table decode.
 constexpr int kTileRows = 16;           // rows per zmm (fp32 lanes)
-constexpr int64_t kNTile = 24;          // weight columns per item = accumulators per tile
+// weight columns per item: accumulators per tile (zmm levels), two 16-row AMX tiles (amx)
+constexpr int64_t kNTile = LK_ISA >= 4 ? 32 : 24;
 constexpr int64_t kTilesPerItem = 4;    // 64 rows per item share one decoded weight panel
 constexpr int kSlots = kQuantGroup / 2; // bf16 pairs per 128-wide K block
 constexpr int64_t kPrefetchBlocks = 4;  // how far ahead weight rows are prefetched
@@ -246,6 +247,81 @@ void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* sa, c
                                                              _mm512_loadu_ps(totals + c * kTileRows)));
 }
 
+#if LK_ISA >= 4
+// AMX (TDPBF16PS): the weights are the A operand and a the B operand, so neither is transposed
+// for the tiles: a weight tile is 16 decoded panel rows x 16 slots (one 64-byte row each, the
+// panel's 256-byte stride), a's tile is 16 slots x 16 rows of the a_t layout (contiguous), and
+// C[c][r] (16 weight columns x 16 rows of a, fp32) is the totals layout [column][16 rows].
+// Tiles: 0-3 C (weight tile 0/1 x a tile 0/1), 4-5 weights, 6-7 a; all 16 x 64 bytes.
+// NOTES: GCC 12's tile intrinsics are asm statements without a "memory" clobber (and
+// _tile_loadconfig claims to read 8 bytes of the 64): the compiler barriers below keep the
+// panel, a_t and config stores before the tile loads, and the C-tile stores before their reads.
+// The tile state is configured per item and released after it: another library's AMX code
+// (oneDNN under torch) may load its own configuration on the same thread between our calls.
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+inline void amx_configure() {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  asm volatile("" ::: "memory");
+  _tile_loadconfig(&cfg);
+}
+
+// C tiles = one K block of the panel's 32 columns x a tiles i0 (and i1 when `two`); `half`: the
+// block holds at most 64 valid K positions (slots 32..63 are zero).
+inline void amx_block(const uint32_t* panel, const uint32_t* a0, const uint32_t* a1, bool two, bool half) {
+  asm volatile("" ::: "memory");
+  _tile_zero(0);
+  _tile_zero(1);
+  if (two) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const int steps = half ? kSlots / 32 : kSlots / 16;
+  for (int j = 0; j < steps; ++j) {
+    _tile_loadd(4, panel + 16 * j, kSlots * 4);
+    _tile_loadd(5, panel + 16 * kSlots + 16 * j, kSlots * 4);
+    _tile_loadd(6, a0 + 16 * j * kTileRows, kTileRows * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if (two) {
+      _tile_loadd(7, a1 + 16 * j * kTileRows, kTileRows * 4);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
+
+// totals[a tile][c][16 rows] += C[c][16 rows] * (sa[16 rows] * sb[c]) for the C tiles of amx_block.
+inline void amx_flush(float (*cbuf)[kNTile * kTileRows], const float* sa0, const float* sa1, const float* sb,
+                      float* totals, bool two) {
+  _tile_stored(0, cbuf[0], kTileRows * 4);
+  _tile_stored(1, cbuf[0] + 16 * kTileRows, kTileRows * 4);
+  if (two) {
+    _tile_stored(2, cbuf[1], kTileRows * 4);
+    _tile_stored(3, cbuf[1] + 16 * kTileRows, kTileRows * 4);
+  }
+  asm volatile("" ::: "memory");
+  for (int t = 0; t < 1 + int(two); ++t) {
+    const __m512 sav = _mm512_loadu_ps(t == 0 ? sa0 : sa1);
+    float* tt = totals + t * kNTile * kTileRows;
+#pragma GCC unroll 8
+    for (int c = 0; c < kNTile; ++c)
+      _mm512_storeu_ps(tt + c * kTileRows,
+                       _mm512_fmadd_ps(_mm512_loadu_ps(cbuf[t] + c * kTileRows), _mm512_mul_ps(sav, _mm512_set1_ps(sb[c])),
+                                       _mm512_loadu_ps(tt + c * kTileRows)));
+  }
+}
+#endif
+
 #else
 using Elem = float;
 
@@ -352,6 +428,9 @@ struct Scratch {
   std::vector<uint32_t> panel = std::vector<uint32_t>(2 * kNTile * kSlots);  // this block's and the next's
   std::vector<float> scale = std::vector<float>(kNTile);  // the block's weight scale per column
   std::vector<float> totals = std::vector<float>(kTilesPerItem * kNTile * kTileRows);
+#if LK_ISA >= 4
+  alignas(64) float cbuf[2][kNTile * kTileRows];  // C tiles stored for the scaling
+#endif
 };
 
 // The K loop of one item: s.totals[tile][24 columns][16 rows] += every K block's products.
@@ -376,6 +455,9 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
       if (reinterpret_cast<uintptr_t>(q) & 63) __builtin_prefetch(q + 127, 0, 1);
     }
   std::fill(s.totals.begin(), s.totals.end(), 0.0f);
+#if LK_ISA >= 4
+  amx_configure();
+#endif
   // Block kb's weight columns and their panel (the two panels alternate); columns past N
   // decode as zero.
   const auto block_panel = [&](int64_t kb) {
@@ -404,6 +486,20 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
     NextPanel np;  // block kb + 1, decoded during the first tile's micro-kernel
     if (has_next) np = block_panel(kb + 1);
     for (int64_t c = 0; c < kNTile; ++c) s.scale[size_t(c)] = c < nc ? sb_of(c, kb) : 0.0f;
+#if LK_ISA >= 4
+    // Two a tiles at a time; the next block's panel is decoded while the first pair's tile
+    // products run (the TMUL unit works beside the vector pipes).
+    for (int64_t t = 0; t < tiles; t += 2) {
+      const bool two = t + 1 < tiles;
+      const int64_t i0 = packed(t, kb), i1 = two ? packed(t + 1, kb) : i0;
+      amx_block(panel, pa.a_t.data() + i0 * kSlots * kTileRows, pa.a_t.data() + i1 * kSlots * kTileRows, two,
+                kv <= kQuantGroup / 2);
+      if (t == 0 && has_next)
+        for (int c = 0; c < kNTile; ++c) decode_column(dec, np, c);
+      amx_flush(s.cbuf, pa.sa_t.data() + i0 * kTileRows, pa.sa_t.data() + i1 * kTileRows, s.scale.data(),
+                s.totals.data() + t * kNTile * kTileRows, two);
+    }
+#else
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t i = packed(t, kb);
       const NextPanel* next = t == 0 && has_next ? &np : nullptr;
@@ -411,7 +507,11 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
           pa.a_t.data() + i * kSlots * kTileRows, panel, pa.sa_t.data() + i * kTileRows, s.scale.data(),
           s.totals.data() + t * kNTile * kTileRows, &dec, next);
     }
+#endif
   }
+#if LK_ISA >= 4
+  _tile_release();
+#endif
 }
 
 // fp32 -> bf16 of 16 lanes (cpu/bf16_simd.h), packed.
@@ -691,7 +791,7 @@ struct ChunkDecoder {
   template <class Mark> void fast(const uint8_t* src, DV* out, Mark&) const { (*this)(src, out); }
 };
 #endif
-#if LK_ISA == 0 || LK_ISA == 3      // exact decoders: a needs no fix, no chunk needs a check
+#if LK_ISA == 0 || LK_ISA >= 3      // exact decoders: a needs no fix, no chunk needs a check
 constexpr float kAFix = 1.0f;
 struct NanMark {
   bool any() const { return false; }

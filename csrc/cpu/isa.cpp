@@ -3,8 +3,27 @@
 
 #include <atomic>
 
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace lk::cpu {
 namespace {
+
+// AMX tile data is off for every process until it asks the kernel (Linux 5.16+) for it: without
+// the grant the first tile instruction faults. The grant is process-wide and permanent.
+bool amx_usable() {
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+  if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+  constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023, kXtileData = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXtileData) != 0) return false;
+  unsigned long long perm = 0;
+  return syscall(SYS_arch_prctl, kArchGetXcompPerm, &perm) == 0 && ((perm >> kXtileData) & 1);
+#else
+  return false;
+#endif
+}
 
 int detect() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -15,6 +34,7 @@ int detect() {
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   const bool bf16 = avx512 && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bf16");
   // F16C is not in GCC 12's __builtin_cpu_supports list; every AVX2 CPU made has it (Haswell+, Zen+).
+  if (bf16 && amx_usable()) return 4;
   return bf16 ? 3 : avx512 ? 2 : avx2 ? 1 : 0;
 #else
   return 0;
@@ -30,9 +50,9 @@ std::atomic<int>& active() {
 
 const char* isa_name(int level) {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const char* names[kIsaLevels] = {"generic", "avx2", "avx512", "avx512bf16"};
+  static const char* names[kIsaLevels] = {"generic", "avx2", "avx512", "avx512bf16", "amx"};
 #else
-  static const char* names[kIsaLevels] = {"generic", nullptr, nullptr, nullptr};
+  static const char* names[kIsaLevels] = {"generic", nullptr, nullptr, nullptr, nullptr};
 #endif
   return level >= 0 && level < kIsaLevels ? names[level] : nullptr;
 }

@@ -4,6 +4,8 @@
 // unless the build asks for it (LEANKERNELS_NATIVE=ON, for local builds only).
 //
 // Levels (x86-64), each a superset of the one below:
+//   4 amx         avx512bf16 + AMX-BF16 tiles (Sapphire Rapids+; Linux grants the tile state):
+//                 the row-tiled GEMMs run on TDPBF16PS; every other kernel is the avx512bf16 one
 //   3 avx512bf16  AVX-512 F/BW/VL/DQ + VBMI + BF16 (Zen 4+, Sapphire Rapids+): vdpbf16ps, vpermt2b
 //   2 avx512      AVX-512 F/BW/VL/DQ (Skylake-SP, Cascade Lake, Ice Lake, ...)
 //   1 avx2        AVX2 + FMA + F16C (Haswell+, Zen 1+)
@@ -14,9 +16,9 @@
 
 namespace lk::cpu {
 
-constexpr int kIsaLevels = 4;
+constexpr int kIsaLevels = 5;
 
-// Name of a level ("avx512bf16", "avx512", "avx2", "generic"); nullptr when out of range.
+// Name of a level ("amx", "avx512bf16", "avx512", "avx2", "generic"); nullptr when out of range.
 const char* isa_name(int level);
 // The best level this CPU (and OS: the AVX-512 register state must be enabled) can run.
 int isa_supported();

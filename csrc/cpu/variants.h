@@ -5,9 +5,11 @@
 //   #include "cpu/variants.h"
 //
 // The body defines its functions inside `namespace lk::cpu::LK_NS` and selects code with
-// `#if LK_ISA >= n` (3 avx512bf16, 2 avx512, 1 avx2, 0 generic), never with __AVX512F__ and
-// friends: in C++ GCC does not update those macros under `#pragma GCC target`.
+// `#if LK_ISA >= n` (4 amx, 3 avx512bf16, 2 avx512, 1 avx2, 0 generic), never with __AVX512F__
+// and friends: in C++ GCC does not update those macros under `#pragma GCC target`.
 // The .cpp then forwards each entry point with LK_CPU_DISPATCH.
+// Level 4 (amx) is compiled only where the .cpp defines LK_VARIANT_AMX first (the GEMMs); in
+// every other kernel file the amx path runs the avx512bf16 code (a namespace alias).
 //
 // NOTES: target regions (`#pragma GCC target`), not one translation unit per -m flag: inline
 // functions and template instantiations shared by several units (std::vector<float>,
@@ -22,6 +24,12 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define LK_VARIANTS_X86 1
+#ifdef LK_VARIANT_AMX
+#define LK_ISA 4
+#define LK_NS amx
+#define LK_TARGET "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512vbmi,avx512bf16,amx-tile,amx-bf16"
+#include "cpu/variant_region.h"
+#endif
 #define LK_ISA 3
 #define LK_NS avx512bf16
 #define LK_TARGET "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512vbmi,avx512bf16"
@@ -34,6 +42,11 @@
 #define LK_NS avx2
 #define LK_TARGET "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"
 #include "cpu/variant_region.h"
+#ifndef LK_VARIANT_AMX
+namespace lk::cpu {
+namespace amx = avx512bf16;
+}  // namespace lk::cpu
+#endif
 #endif  // x86
 
 #define LK_ISA 0
@@ -47,6 +60,7 @@
 #ifdef LK_VARIANTS_X86
 #define LK_CPU_DISPATCH(fn, ...)                                    \
   switch (::lk::cpu::isa_active()) {                                \
+    case 4: return ::lk::cpu::amx::fn(__VA_ARGS__);                 \
     case 3: return ::lk::cpu::avx512bf16::fn(__VA_ARGS__);          \
     case 2: return ::lk::cpu::avx512::fn(__VA_ARGS__);              \
     case 1: return ::lk::cpu::avx2::fn(__VA_ARGS__);                \

@@ -48,7 +48,7 @@ def device_args(t: torch.Tensor) -> tuple[int, int]:
 
 # The CPU kernels exist once per instruction-set level; the best one this CPU runs is used
 # unless LEANKERNELS_CPU names another (csrc/cpu/isa.h).
-CPU_PATHS = ("avx512bf16", "avx512", "avx2", "generic")
+CPU_PATHS = ("amx", "avx512bf16", "avx512", "avx2", "generic")
 
 
 def cpu_paths() -> list[str]:
