@@ -43,6 +43,9 @@
 //      totals += block sums * (a_scale * b_scale): 24 FMAs per 1536 dots.
 //    - Weight rows of the next K blocks are prefetched while the current block computes.
 //    The micro-kernel runs at ~85% of the measured vdpbf16ps peak.
+//    AMX path (amx level: Sapphire Rapids+ with the Linux tile-data grant): the same packed a
+//    tiles and decoded weight panels (32 columns, 128-row items), the products on TDPBF16PS
+//    tiles (see "AMX" below): ~6x the vdpbf16ps kernel's rate on a 2-core Intel Xeon VM.
 //    Other levels: rows decoded to fp32 (table), a 4x3 dot-product micro-kernel with 16-lane
 //    arrays that the compiler turns into the level's SIMD FMAs, same numerics.
 //
@@ -92,7 +95,9 @@ std::vector<Segment> segments(GemmLayout layout, const int32_t* groups, int64_t 
 constexpr int kTileRows = 16;           // rows per zmm (fp32 lanes)
 // weight columns per item: accumulators per tile (zmm levels), two 16-row AMX tiles (amx)
 constexpr int64_t kNTile = LK_ISA >= 4 ? 32 : 24;
-constexpr int64_t kTilesPerItem = 4;    // 64 rows per item share one decoded weight panel
+// rows per item (in 16-row tiles) that share one decoded weight panel: 64 (zmm levels), 128 (amx:
+// its tile products are cheap next to the panel decode; 256 rows ran slower)
+constexpr int64_t kTilesPerItem = LK_ISA >= 4 ? 8 : 4;
 constexpr int kSlots = kQuantGroup / 2; // bf16 pairs per 128-wide K block
 constexpr int64_t kPrefetchBlocks = 4;  // how far ahead weight rows are prefetched
 
@@ -252,7 +257,19 @@ void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* sa, c
 // for the tiles: a weight tile is 16 decoded panel rows x 16 slots (one 64-byte row each, the
 // panel's 256-byte stride), a's tile is 16 slots x 16 rows of the a_t layout (contiguous), and
 // C[c][r] (16 weight columns x 16 rows of a, fp32) is the totals layout [column][16 rows].
-// Tiles: 0-3 C (weight tile 0/1 x a tile 0/1), 4-5 weights, 6-7 a; all 16 x 64 bytes.
+// A step is one K block of two 16-row a tiles against an item's 32 weight columns. Tiles: 0-3
+// C (weight tile 0/1 x a tile 0/1), 4-5 weights, 6-7 a; all 16 rows x 64 bytes.
+// Per 128-wide K block every C tile is stored and scaled into fp32 totals (a_scale x b_scale
+// differ per block), as the zmm kernels do: per step 16 tile products, 4 tile stores and 64
+// scaled adds, plus the panel decode shared by the item's 8 a tiles.
+// NOTES: measured on a 2-core Intel Xeon VM (AMX-BF16): one tile product ~5 ns (16x16x32
+// MACs, ~3.3 TFLOP/s per core hot), but vector work did not overlap with the tile products:
+// a microbenchmark's 16 products plus 64 independent zmm FMAs took the sum of both times, and
+// interleaving the scaling and decode between the products (amx_step) gained nothing
+// measurable over running them after the products. Left out in a test build, the scaling and
+// the decode each cost ~5 ms of dense M=512 N=4096 K=7168's ~21 ms (2 cores, bf16 out; ~11 ms
+// without both). Also tried: one a tile x four weight tiles per step (64-column items): the
+// same at M=512, 2x slower at M=16.
 // NOTES: GCC 12's tile intrinsics are asm statements without a "memory" clobber (and
 // _tile_loadconfig claims to read 8 bytes of the 64): the compiler barriers below keep the
 // panel, a_t and config stores before the tile loads, and the C-tile stores before their reads.
@@ -275,9 +292,35 @@ inline void amx_configure() {
   _tile_loadconfig(&cfg);
 }
 
-// C tiles = one K block of the panel's 32 columns x a tiles i0 (and i1 when `two`); `half`: the
-// block holds at most 64 valid K positions (slots 32..63 are zero).
-inline void amx_block(const uint32_t* panel, const uint32_t* a0, const uint32_t* a1, bool two, bool half) {
+// An AMX step's C tiles, stored, waiting to be scaled into the totals by the next step.
+struct AmxPending {
+  const float* cbuf;  // [2 a tiles][kNTile columns][16 rows]
+  const float* sa[2];  // a scales of the step's a tiles (16 rows each)
+  const float* sb;     // weight scale per column for the step's K block
+  float* totals;       // the first a tile's totals ([kNTile][16 rows]; the second follows)
+  bool two;
+};
+
+// totals[t][c][16 rows] += C[t][c][16 rows] * (sa[t][16 rows] * sb[c]) for columns [c0, c1).
+inline void amx_scale_columns(const AmxPending& p, int c0, int c1) {
+  for (int t = 0; t < 1 + int(p.two); ++t) {
+    const __m512 sav = _mm512_loadu_ps(p.sa[t]);
+    const float* cb = p.cbuf + t * kNTile * kTileRows;
+    float* tt = p.totals + t * kNTile * kTileRows;
+    for (int c = c0; c < c1; ++c)
+      _mm512_storeu_ps(tt + c * kTileRows, _mm512_fmadd_ps(_mm512_loadu_ps(cb + c * kTileRows),
+                                                           _mm512_mul_ps(sav, _mm512_set1_ps(p.sb[c])),
+                                                           _mm512_loadu_ps(tt + c * kTileRows)));
+  }
+}
+
+// One step: C tiles = one K block of the panel's 32 columns x a tiles a0 (and a1 when `two`),
+// stored to cbuf_out; `half`: the block holds at most 64 valid K positions (slots 32..63 are
+// zero). Between the tile products the vector pipes do the rest, a quarter per 32-wide K
+// step: the previous step's scaling (prev) and, when given, the decode of the next block's
+// panel (next).
+inline void amx_step(const uint32_t* panel, const uint32_t* a0, const uint32_t* a1, bool two, bool half,
+                     const AmxPending* prev, const Decoder& dec, const NextPanel* next, float* cbuf_out) {
   asm volatile("" ::: "memory");
   _tile_zero(0);
   _tile_zero(1);
@@ -286,39 +329,32 @@ inline void amx_block(const uint32_t* panel, const uint32_t* a0, const uint32_t*
     _tile_zero(3);
   }
   const int steps = half ? kSlots / 32 : kSlots / 16;
+  constexpr int kChunk = kNTile / 4;  // columns of vector work per quarter
   for (int j = 0; j < steps; ++j) {
     _tile_loadd(4, panel + 16 * j, kSlots * 4);
-    _tile_loadd(5, panel + 16 * kSlots + 16 * j, kSlots * 4);
     _tile_loadd(6, a0 + 16 * j * kTileRows, kTileRows * 4);
     _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(5, panel + 16 * kSlots + 16 * j, kSlots * 4);
     _tile_dpbf16ps(1, 5, 6);
     if (two) {
       _tile_loadd(7, a1 + 16 * j * kTileRows, kTileRows * 4);
       _tile_dpbf16ps(2, 4, 7);
       _tile_dpbf16ps(3, 5, 7);
     }
-  }
-}
-
-// totals[a tile][c][16 rows] += C[c][16 rows] * (sa[16 rows] * sb[c]) for the C tiles of amx_block.
-inline void amx_flush(float (*cbuf)[kNTile * kTileRows], const float* sa0, const float* sa1, const float* sb,
-                      float* totals, bool two) {
-  _tile_stored(0, cbuf[0], kTileRows * 4);
-  _tile_stored(1, cbuf[0] + 16 * kTileRows, kTileRows * 4);
-  if (two) {
-    _tile_stored(2, cbuf[1], kTileRows * 4);
-    _tile_stored(3, cbuf[1] + 16 * kTileRows, kTileRows * 4);
+    for (int q = j * 4 / steps; q < (j + 1) * 4 / steps; ++q) {
+      if (prev != nullptr) amx_scale_columns(*prev, q * kChunk, (q + 1) * kChunk);
+      if (next != nullptr)
+        for (int c = q * kChunk; c < (q + 1) * kChunk; ++c) decode_column(dec, *next, c);
+    }
   }
   asm volatile("" ::: "memory");
-  for (int t = 0; t < 1 + int(two); ++t) {
-    const __m512 sav = _mm512_loadu_ps(t == 0 ? sa0 : sa1);
-    float* tt = totals + t * kNTile * kTileRows;
-#pragma GCC unroll 8
-    for (int c = 0; c < kNTile; ++c)
-      _mm512_storeu_ps(tt + c * kTileRows,
-                       _mm512_fmadd_ps(_mm512_loadu_ps(cbuf[t] + c * kTileRows), _mm512_mul_ps(sav, _mm512_set1_ps(sb[c])),
-                                       _mm512_loadu_ps(tt + c * kTileRows)));
+  _tile_stored(0, cbuf_out, kTileRows * 4);
+  _tile_stored(1, cbuf_out + 16 * kTileRows, kTileRows * 4);
+  if (two) {
+    _tile_stored(2, cbuf_out + kNTile * kTileRows, kTileRows * 4);
+    _tile_stored(3, cbuf_out + (kNTile + 16) * kTileRows, kTileRows * 4);
   }
+  asm volatile("" ::: "memory");
 }
 #endif
 
@@ -429,7 +465,8 @@ struct Scratch {
   std::vector<float> scale = std::vector<float>(kNTile);  // the block's weight scale per column
   std::vector<float> totals = std::vector<float>(kTilesPerItem * kNTile * kTileRows);
 #if LK_ISA >= 4
-  alignas(64) float cbuf[2][kNTile * kTileRows];  // C tiles stored for the scaling
+  alignas(64) float cbuf[2][2 * kNTile * kTileRows];  // C tiles of the last two steps
+  std::vector<float> scale2 = std::vector<float>(kNTile);  // the previous block's weight scales
 #endif
 };
 
@@ -457,6 +494,8 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
   std::fill(s.totals.begin(), s.totals.end(), 0.0f);
 #if LK_ISA >= 4
   amx_configure();
+  AmxPending pending{};
+  int64_t step = 0;
 #endif
   // Block kb's weight columns and their panel (the two panels alternate); columns past N
   // decode as zero.
@@ -485,21 +524,24 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
     const bool has_next = kb + 1 < KB;
     NextPanel np;  // block kb + 1, decoded during the first tile's micro-kernel
     if (has_next) np = block_panel(kb + 1);
-    for (int64_t c = 0; c < kNTile; ++c) s.scale[size_t(c)] = c < nc ? sb_of(c, kb) : 0.0f;
 #if LK_ISA >= 4
-    // Two a tiles at a time; the next block's panel is decoded while the first pair's tile
-    // products run (the TMUL unit works beside the vector pipes).
+    // The weight scales alternate between two arrays: the previous block's are still in use.
+    std::vector<float>& scale = kb & 1 ? s.scale2 : s.scale;
+    for (int64_t c = 0; c < kNTile; ++c) scale[size_t(c)] = c < nc ? sb_of(c, kb) : 0.0f;
+    // Two a tiles per step; each step's C tiles are scaled into the totals during the next.
     for (int64_t t = 0; t < tiles; t += 2) {
       const bool two = t + 1 < tiles;
       const int64_t i0 = packed(t, kb), i1 = two ? packed(t + 1, kb) : i0;
-      amx_block(panel, pa.a_t.data() + i0 * kSlots * kTileRows, pa.a_t.data() + i1 * kSlots * kTileRows, two,
-                kv <= kQuantGroup / 2);
-      if (t == 0 && has_next)
-        for (int c = 0; c < kNTile; ++c) decode_column(dec, np, c);
-      amx_flush(s.cbuf, pa.sa_t.data() + i0 * kTileRows, pa.sa_t.data() + i1 * kTileRows, s.scale.data(),
-                s.totals.data() + t * kNTile * kTileRows, two);
+      float* cbuf_out = s.cbuf[step & 1];
+      amx_step(panel, pa.a_t.data() + i0 * kSlots * kTileRows, pa.a_t.data() + i1 * kSlots * kTileRows, two,
+               kv <= kQuantGroup / 2, step > 0 ? &pending : nullptr, dec, t == 0 && has_next ? &np : nullptr,
+               cbuf_out);
+      pending = {cbuf_out, {pa.sa_t.data() + i0 * kTileRows, pa.sa_t.data() + i1 * kTileRows}, scale.data(),
+                 s.totals.data() + t * kNTile * kTileRows, two};
+      ++step;
     }
 #else
+    for (int64_t c = 0; c < kNTile; ++c) s.scale[size_t(c)] = c < nc ? sb_of(c, kb) : 0.0f;
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t i = packed(t, kb);
       const NextPanel* next = t == 0 && has_next ? &np : nullptr;
@@ -510,6 +552,7 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
 #endif
   }
 #if LK_ISA >= 4
+  if (step > 0) amx_scale_columns(pending, 0, kNTile);
   _tile_release();
 #endif
 }
