@@ -69,10 +69,13 @@ def test_grouped_mixed_segments_every_path(cpu_path):
         _close(got3[e, :m], want3[e, :m])
 
 
-def test_hostile_bytes_every_path(cpu_path):
+@pytest.mark.parametrize("M,K", [(3, 640), (40, 680), (150, 680)])
+def test_hostile_bytes_every_path(cpu_path, M, K):
     """NaN codes (0x7f / 0xff) with finite scales, every e4m3 subnormal, Inf, NaN and > 2**100
-    scales: the same non-finite pattern and values as the reference."""
-    M, N, K = 3, 260, 640
+    scales: the same non-finite pattern and values as the reference. M = 3: the decode kernel;
+    40 and 150: the row-tiled kernels (an odd number of 16-row tiles, more tiles than one work
+    item holds), with a K tail of 40 (a half-empty last block)."""
+    N = 260
     a, sa = lk.quantize_fp8(randn(M, K, seed=7))
     b, sb = lk.quantize_fp8(randn(N, K, seed=8, scale=0.05), (128, 128))
     bu, au = b.view(torch.uint8), a.view(torch.uint8)
@@ -88,8 +91,8 @@ def test_hostile_bytes_every_path(cpu_path):
     assert torch.isnan(want).any() and torch.isinf(want).any() and torch.isfinite(want).any()
     assert torch.isfinite(want[2, 20:30]).all() and want[2, 20:30].abs().max() > 2.0 ** 100
     _close(lk.fp8_gemm(a, sa, b, sb, out_dtype=torch.float32), want)
-    # the same bytes as a decode-shaped grouped call
-    offs = torch.tensor([1, 3], dtype=torch.int32)
+    # the same bytes as a grouped call (expert 0: one row, the decode kernel; expert 1: the rest)
+    offs = torch.tensor([1, M], dtype=torch.int32)
     bb, sbb = torch.stack([b, b]), torch.stack([sb, sb])
     _close(lk.fp8_grouped_gemm(a, sa, bb, sbb, offs, out_dtype=torch.float32),
            ref.fp8_grouped_gemm(a, sa, bb, sbb, offs, torch.float32))
