@@ -6,7 +6,7 @@
 //
 // Two kernels, chosen per weight group (segment) by its row count m:
 //
-// 1. Decode kernel (m <= kDecodeMaxRows: 8 on the avx512bf16 path, 16 elsewhere), vectorised
+// 1. Decode kernel (m <= kDecodeKernelRows: 5 on amx, 8 on avx512bf16, 16 elsewhere), vectorised
 //    along K. At decode shapes (1-16 rows per expert) the GEMM is bound by reading its weights,
 //    so the kernel's job is to decode each weight byte once, cheaply, and use it for all m rows.
 //    Work items are (segment, ~64 KiB of weight rows) in memory order; each thread walks its
@@ -848,6 +848,10 @@ constexpr int kNC = 4;                     // most weight rows walked together (
 constexpr int64_t kChunkBlocks = 4;        // K blocks per L1 panel (rows > kDMR)
 constexpr int64_t kItemBytes = 64 * 1024;  // weight bytes per work item (at least 16 columns)
 constexpr int64_t kDecodeMaxRows = LK_ISA >= 3 ? 8 : 16;  // above: the row-tiled kernels
+// Segments up to this many rows take the decode kernel. amx: 5 (the tile kernel is faster from
+// 6 rows: 8 experts x 6-8 rows, N=2816 K=2048 after a cache flush, 4.4-5.2 -> 3.2-3.3 ms;
+// K=1408 2.3-2.8 -> 2.1-2.2 ms; at 4 rows a tie or the decode kernel ahead).
+constexpr int64_t kDecodeKernelRows = LK_ISA >= 4 ? 5 : kDecodeMaxRows;
 // NOTES: up to 4 rows take the register path on the zmm levels: the L1 panel's stores and
 // reloads cost ~5% at V2-Lite T=16 (short rows, one weight row at a time). With long rows (4
 // weight rows in a group) 3-4 rows x 4 weight rows do not fit the registers, so they walk 2 of
@@ -1282,7 +1286,7 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
   }
   // Few rows per weight group (decode): vectorised along K; the rest: the row-tiled kernels.
   std::vector<Segment> small, large;
-  for (const Segment& s : segs) (s.r1 - s.r0 <= kDecodeMaxRows ? small : large).push_back(s);
+  for (const Segment& s : segs) (s.r1 - s.r0 <= kDecodeKernelRows ? small : large).push_back(s);
   gemm_decode(p, small);
   if (large.empty()) return;
   gemm_rows(p, large, layout == GemmLayout::masked ? num_groups * M : M);
