@@ -263,8 +263,9 @@ void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* sa, c
 // differ per block), as the zmm kernels do: per step 16 tile products, 4 tile stores and 64
 // scaled adds, plus the panel decode shared by the item's 8 a tiles.
 // NOTES: measured on a 2-core Intel Xeon VM (AMX-BF16): one tile product ~5 ns (16x16x32
-// MACs, ~3.3 TFLOP/s per core hot), but vector work did not overlap with the tile products:
-// a microbenchmark's 16 products plus 64 independent zmm FMAs took the sum of both times, and
+// MACs, ~3.3 TFLOP/s per core hot), but vector arithmetic did not overlap with the tile
+// products: in a microbenchmark, 16 products plus 64 zmm FMAs (or ymm FMAs, or vpermt2b)
+// took the sum of both times, while 64 zmm stores did overlap; and
 // interleaving the scaling and decode between the products (amx_step) gained nothing
 // measurable over running them after the products. Left out in a test build, the scaling and
 // the decode each cost ~5 ms of dense M=512 N=4096 K=7168's ~21 ms (2 cores, bf16 out; ~11 ms
