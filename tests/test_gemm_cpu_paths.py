@@ -51,7 +51,7 @@ def test_dense_every_path(cpu_path, M, N, K):
 def test_grouped_mixed_segments_every_path(cpu_path):
     """One call with empty experts, 1-2 row experts (decode kernel) and a 40-row expert (row
     kernels); rows past offs[-1] untouched."""
-    counts = [1, 0, 2, 40, 3, 0, 16, 9]
+    counts = [1, 0, 2, 40, 3, 0, 16, 9, 5, 6]  # 5 | 6: the decode | tile kernel on the amx path
     E, N, K = len(counts), 136, 300
     offs = torch.tensor(counts).cumsum(0).int()
     M = int(offs[-1]) + 3
@@ -61,7 +61,7 @@ def test_grouped_mixed_segments_every_path(cpu_path):
     got = lk.fp8_grouped_gemm(a, sa, b, sb, offs, out_dtype=torch.float32)
     want = ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32, out=out.clone())
     _close(got[: int(offs[-1])], want[: int(offs[-1])])
-    masked = torch.tensor([1, 0, 2, 5, 16, 3, 0, 1], dtype=torch.int32)
+    masked = torch.tensor([1, 0, 2, 5, 16, 3, 0, 1, 6, 8], dtype=torch.int32)
     a3, sa3 = lk.quantize_fp8(randn(E, 16, K, seed=5))
     got3 = lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, masked, out_dtype=torch.float32)
     want3 = ref.fp8_grouped_gemm_masked(a3, sa3, b, sb, masked, torch.float32)
@@ -134,6 +134,29 @@ def test_decode_nan_codes_and_subnormals_safe_scales_every_path(cpu_path, flush,
     mag = ref.fp8_grouped_gemm((au & 0x7F).view(a.dtype), sa, (bu & 0x7F).view(b.dtype), sb, offs, torch.float32)
     for r, cols in ((1, [9]), (2, list(range(128)))):
         assert ((got[r, cols] - want[r, cols]).abs() <= 1e-6 * mag[r, cols]).all(), (r, cols)
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_amx_path_needs_amx_cpu():
+    """The amx path is listed only on a CPU whose cpuid has AMX-BF16 tiles and AVX-512-BF16 (and
+    only after Linux granted the tile state: a CPU with the flags may still lack it)."""
+    if "amx" in PATHS:
+        assert PATHS[:2] == ["amx", "avx512bf16"]
+        flags = _cpu_flags()
+        if flags:
+            assert {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags, sorted(flags)
+    elif "avx512bf16" not in PATHS:
+        assert "amx" not in PATHS
 
 
 def test_paths_listed_and_forced():
