@@ -25,7 +25,9 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
+#ifdef LK_HAS_AMX  // (CMake: the compiler has the AMX intrinsics)
 #define LK_VARIANT_AMX 1  // the row-tiled GEMMs have an AMX level (cpu/isa.h)
+#endif
 #define LK_VARIANT_BODY "cpu/gemm_body.h"
 #include "cpu/variants.h"
 

@@ -14,7 +14,7 @@ namespace {
 // AMX tile data is off for every process until it asks the kernel (Linux 5.16+) for it: without
 // the grant the first tile instruction faults. The grant is process-wide and permanent.
 bool amx_usable() {
-#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#if defined(LK_HAS_AMX) && defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
   if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
   constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023, kXtileData = 18;
   if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXtileData) != 0) return false;
