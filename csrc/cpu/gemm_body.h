@@ -467,11 +467,11 @@ struct PackedA {  // every 16-row tile of the used rows of a, transposed (pack_a
 
 struct Scratch {
   std::vector<uint32_t> panel = std::vector<uint32_t>(2 * kNTile * kSlots);  // this block's and the next's
-  std::vector<float> scale = std::vector<float>(kNTile);  // the block's weight scale per column
+  // the block's weight scale per column (amx: this block's and the previous one's, alternating)
+  std::vector<float> scale = std::vector<float>((LK_ISA >= 4 ? 2 : 1) * kNTile);
   std::vector<float> totals = std::vector<float>(kTilesPerItem * kNTile * kTileRows);
 #if LK_ISA >= 4
   alignas(64) float cbuf[2][2 * kNTile * kTileRows];  // C tiles of the last two steps
-  std::vector<float> scale2 = std::vector<float>(kNTile);  // the previous block's weight scales
 #endif
 };
 
@@ -530,9 +530,9 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
     NextPanel np;  // block kb + 1, decoded during the first tile's micro-kernel
     if (has_next) np = block_panel(kb + 1);
 #if LK_ISA >= 4
-    // The weight scales alternate between two arrays: the previous block's are still in use.
-    std::vector<float>& scale = kb & 1 ? s.scale2 : s.scale;
-    for (int64_t c = 0; c < kNTile; ++c) scale[size_t(c)] = c < nc ? sb_of(c, kb) : 0.0f;
+    // The weight scales alternate between two halves: the previous block's are still in use.
+    float* scale = s.scale.data() + (kb & 1) * kNTile;
+    for (int64_t c = 0; c < kNTile; ++c) scale[c] = c < nc ? sb_of(c, kb) : 0.0f;
     // Two a tiles per step; each step's C tiles are scaled into the totals during the next.
     for (int64_t t = 0; t < tiles; t += 2) {
       const bool two = t + 1 < tiles;
@@ -541,7 +541,7 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
       amx_step(panel, pa.a_t.data() + i0 * kSlots * kTileRows, pa.a_t.data() + i1 * kSlots * kTileRows, two,
                kv <= kQuantGroup / 2, step > 0 ? &pending : nullptr, dec, t == 0 && has_next ? &np : nullptr,
                cbuf_out);
-      pending = {cbuf_out, {pa.sa_t.data() + i0 * kTileRows, pa.sa_t.data() + i1 * kTileRows}, scale.data(),
+      pending = {cbuf_out, {pa.sa_t.data() + i0 * kTileRows, pa.sa_t.data() + i1 * kTileRows}, scale,
                  s.totals.data() + t * kNTile * kTileRows, two};
       ++step;
     }

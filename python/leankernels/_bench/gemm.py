@@ -536,6 +536,18 @@ def dense_decode_case(T: int, quick: bool = False) -> Case:
                 extra=_extra(st, f"dense-T{T}"))
 
 
+def _on_cpu_path(path: str, fn):
+    """fn run with the CPU path `path` forced, the path in use restored after."""
+    def run():
+        cur = _lib.cpu_path()
+        _lib.set_cpu_path(path)
+        try:
+            return fn()
+        finally:
+            _lib.set_cpu_path(cur)
+    return run
+
+
 def cpu_paths_case(quick: bool = False) -> Optional[Case]:
     """The V2-Lite T=1 gate/up GEMM on the CPU path in use (ours) and on every other path this
     CPU runs (lk.set_cpu_path, forced per call, the path in use restored after): ratio = that
@@ -551,13 +563,7 @@ def cpu_paths_case(quick: bool = False) -> Optional[Case]:
     st = GroupedDecode(shape, proj, N, K, 1, formats=("fp8",))
 
     def on(path):
-        def run():
-            _lib.set_cpu_path(path)
-            try:
-                return st.ours()
-            finally:
-                _lib.set_cpu_path(cur)
-        return run
+        return _on_cpu_path(path, st.ours)
 
     def check():
         return all(st.check(on(p)) for p in paths)
@@ -579,18 +585,8 @@ def prefill_case(quick: bool = False) -> Case:
         M, N, K = M // 4, _quick_dim(N), _quick_dim(K)
     c = _dense_case("cpu", M, N, K, name="fp8_gemm prefill dense", bound="compute", ceiling="bf16_matmul")
     c.extra["ratio is"] = "our rate / torch bf16 matmul rate on this shape"
-    cur = _lib.cpu_path()
-    if cur == "amx":  # what the AMX tiles buy: the same GEMM on the vdpbf16ps kernels, forced
-        ours = c.ours
-
-        def forced():
-            _lib.set_cpu_path("avx512bf16")
-            try:
-                return ours()
-            finally:
-                _lib.set_cpu_path(cur)
-
-        c.baselines["leankernels avx512bf16 path (forced)"] = forced
+    if _lib.cpu_path() == "amx":  # what the AMX tiles buy: the same GEMM on the vdpbf16ps kernels
+        c.baselines["leankernels avx512bf16 path (forced)"] = _on_cpu_path("avx512bf16", c.ours)
         c.extra["ratio is"] += "; avx512bf16 row: that path's time / the amx path's"
     return c
 
