@@ -51,7 +51,7 @@ def test_dense_every_path(cpu_path, M, N, K):
 def test_grouped_mixed_segments_every_path(cpu_path):
     """One call with empty experts, 1-2 row experts (decode kernel) and a 40-row expert (row
     kernels); rows past offs[-1] untouched."""
-    counts = [1, 0, 2, 40, 3, 0, 16, 9, 5, 6]  # 5 | 6: the decode | tile kernel on the amx path
+    counts = [1, 0, 2, 40, 3, 0, 16, 9, 4, 5]  # 4 | 5: the decode | tile kernel on the amx path
     E, N, K = len(counts), 136, 300
     offs = torch.tensor(counts).cumsum(0).int()
     M = int(offs[-1]) + 3
@@ -106,7 +106,8 @@ def test_decode_nan_codes_and_subnormals_safe_scales_every_path(cpu_path, flush,
     redone) must match the reference: NaN only in the columns whose weight row holds a NaN code;
     outputs made of e4m3 subnormals only (a weight row, a row of a) exact, also with
     torch.set_flush_denormal(True) (MXCSR DAZ and FTZ set on the calling thread, which runs the
-    whole of the smaller call). K = 5000: weight rows are walked 4 at a time, with a K tail."""
+    whole of the smaller call). K = 5000: weight rows are walked 4 at a time, with a K tail (on
+    the amx path the 1-2 row experts take the decode kernel, the 4-row one the tile kernel)."""
     E, M = len(counts), sum(counts)
     a, sa = lk.quantize_fp8(randn(M, K, seed=21))
     b, sb = _weights(E, N, K, 22)

@@ -6,7 +6,7 @@
 //
 // Two kernels, chosen per weight group (segment) by its row count m:
 //
-// 1. Decode kernel (m <= kDecodeKernelRows: 5 on amx, 8 on avx512bf16, 16 elsewhere), vectorised
+// 1. Decode kernel (m <= decode_kernel_rows: 2-4 on amx, 8 on avx512bf16, 16 elsewhere), vectorised
 //    along K. At decode shapes (1-16 rows per expert) the GEMM is bound by reading its weights,
 //    so the kernel's job is to decode each weight byte once, cheaply, and use it for all m rows.
 //    Work items are (segment, ~64 KiB of weight rows) in memory order; each thread walks its
@@ -853,10 +853,15 @@ constexpr int kNC = 4;                     // most weight rows walked together (
 constexpr int64_t kChunkBlocks = 4;        // K blocks per L1 panel (rows > kDMR)
 constexpr int64_t kItemBytes = 64 * 1024;  // weight bytes per work item (at least 16 columns)
 constexpr int64_t kDecodeMaxRows = LK_ISA >= 3 ? 8 : 16;  // above: the row-tiled kernels
-// Segments up to this many rows take the decode kernel. amx: 5 (the tile kernel is faster from
-// 6 rows: 8 experts x 6-8 rows, N=2816 K=2048 after a cache flush, 4.4-5.2 -> 3.2-3.3 ms;
-// K=1408 2.3-2.8 -> 2.1-2.2 ms; at 4 rows a tie or the decode kernel ahead).
-constexpr int64_t kDecodeKernelRows = LK_ISA >= 4 ? 5 : kDecodeMaxRows;
+// Segments up to decode_kernel_rows(K) rows take the decode kernel. amx: 4, and 2 where K > 4096
+// (weight rows walked 4 at a time): there the decode kernel is bound by its dot products from 3
+// rows, while the tile kernel stays at the memory rate whatever the rows. Measured on a 2-core
+// Intel Xeon (AMX), weights read from DRAM, decode kernel -> tile kernel, ms: dense N=4096
+// K=14336 T=3 3.2-3.6 -> 2.9-3.0, T=4 3.6-3.9 -> 3.0, T=2 2.5-2.6 (tile 3.0-3.1); 4 experts
+// N=4096 K=7168 T=3 6.3-7.0 -> 6.1-6.2, T=2 5.1-5.6 (tile 6.2-6.3); 8 experts N=2816 K=2048
+// T=5 3.9 -> 3.2-3.6, N=2048 K=1408 T=5 2.0-2.2 -> 1.9, T=4 1.6 (tile 1.9).
+constexpr int64_t kDecodeKernelRows = LK_ISA >= 4 ? 4 : kDecodeMaxRows;
+inline int64_t decode_kernel_rows(int64_t K) { return LK_ISA >= 4 && K > 4096 ? 2 : kDecodeKernelRows; }
 // NOTES: up to 4 rows take the register path on the zmm levels: the L1 panel's stores and
 // reloads cost ~5% at V2-Lite T=16 (short rows, one weight row at a time). With long rows (4
 // weight rows in a group) 3-4 rows x 4 weight rows do not fit the registers, so they walk 2 of
@@ -1291,7 +1296,7 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
   }
   // Few rows per weight group (decode): vectorised along K; the rest: the row-tiled kernels.
   std::vector<Segment> small, large;
-  for (const Segment& s : segs) (s.r1 - s.r0 <= kDecodeKernelRows ? small : large).push_back(s);
+  for (const Segment& s : segs) (s.r1 - s.r0 <= decode_kernel_rows(K) ? small : large).push_back(s);
   gemm_decode(p, small);
   if (large.empty()) return;
   gemm_rows(p, large, layout == GemmLayout::masked ? num_groups * M : M);
