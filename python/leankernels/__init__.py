@@ -12,6 +12,7 @@ from .routing import RoutePlan, permute, plan, route, unpermute, update_bias  # 
 from .mla import LatentCache, PagedLatentCache, mla_append, mla_decode  # noqa: E402
 from .gemm import fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_masked, fp8_k_grouped_gemm  # noqa: E402
 from .linear import fp8_grouped_linear, fp8_linear  # noqa: E402
+from .memory import to_hugepages  # noqa: E402
 from . import nn, reference  # noqa: E402
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "fp8_linear",
     "fp8_grouped_linear",
     "fp8_k_grouped_gemm",
+    "to_hugepages",
     "reference",
     "nn",
     "LatentCache",

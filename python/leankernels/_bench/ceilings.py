@@ -7,6 +7,9 @@
   CPU, 1 GiB on GPUs, a quarter of that with --quick; median time of each), counting bytes
   read. Decode-shaped GEMMs and the batch-1 MoE only read their weights, so their "% of
   ceiling" is against this one.
+- ``read_2m`` (CPU, Linux with transparent huge pages): the same read over 2 MiB huge pages
+  (leankernels.memory), the ceiling of weights kept there (leankernels.nn modules, the cases
+  marked "2 MiB pages"); in a VM fewer page walks make it the higher one.
 - ``bf16_matmul``: the best rate ``torch.matmul`` reaches in bf16 over a few large square shapes.
 - ``fp32_matmul`` (CPU only): the same in fp32 (CPUs without bf16 units reach more in fp32).
 - ``fp8_matmul`` (GPU sm_89+): ``torch._scaled_mm`` e4m3 x e4m3 -> bf16, per-tensor scales.
@@ -21,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ..memory import empty_hugepages, hugepages_available
 from .timing import L2Flusher, TimingConfig, time_one
 
 
@@ -52,10 +56,14 @@ def _copy(device: str, quick: bool, cfg: TimingConfig, flusher) -> Ceiling:
     return Ceiling("copy", "memory", gbs, f"copy_ of {mib} MiB fp32 (read + write counted)")
 
 
-def _read(device: str, quick: bool, cfg: TimingConfig, flusher) -> Ceiling:
+def _read(device: str, quick: bool, cfg: TimingConfig, flusher, huge: bool = False) -> Ceiling:
     cuda = device.startswith("cuda")
     mib = (256 if quick else 1024) if cuda else (128 if quick else 512)
-    src = torch.ones((mib << 20) // 4, dtype=torch.float32, device=device)  # written: no zero pages
+    n = (mib << 20) // 4
+    if huge:  # written: no zero pages
+        src = empty_hugepages(n, dtype=torch.float32).fill_(1.0)
+    else:
+        src = torch.ones(n, dtype=torch.float32, device=device)
     ops = {"fp32 sum": lambda: src.sum(), "fp32 amax": lambda: src.amax(),
            "int64 sum": lambda: src.view(torch.int64).sum()}
     best, best_op = 0.0, None
@@ -65,8 +73,9 @@ def _read(device: str, quick: bool, cfg: TimingConfig, flusher) -> Ceiling:
         if gbs > best:
             best, best_op = gbs, name
     del src
-    return Ceiling("read", "memory", best, f"read-only pass over {mib} MiB (bytes read counted): best of "
-                   f"{' / '.join(ops)} (best: {best_op})")
+    return Ceiling("read_2m" if huge else "read", "memory", best,
+                   f"read-only pass over {mib} MiB{' in 2 MiB huge pages' if huge else ''} (bytes read counted): "
+                   f"best of {' / '.join(ops)} (best: {best_op})")
 
 
 def _matmul(device: str, dtype: torch.dtype, sizes, cfg: TimingConfig, flusher) -> Optional[Ceiling]:
@@ -122,6 +131,8 @@ def measure(device: str, quick: bool = False, flusher: Optional[L2Flusher] = Non
     out = {}
     for c in (_copy(device, quick, cfg, flusher), _read(device, quick, cfg, flusher)):
         out[c.name] = c
+    if not cuda and hugepages_available():
+        out["read_2m"] = _read(device, quick, cfg, flusher, huge=True)
     if cuda:
         sizes = (4096, 8192) if quick else (4096, 8192, 16384)
         for c in (_matmul(device, torch.bfloat16, sizes, cfg, flusher), _fp8_matmul(device, sizes, cfg, flusher)):

@@ -30,6 +30,7 @@ from .. import gemm as lkg
 from .. import quant
 from .. import reference as ref
 from .. import routing
+from ..memory import empty_hugepages, hugepages_available, to_hugepages
 from .case import Case
 from .timing import LLC_FLUSH
 
@@ -253,14 +254,16 @@ class SameBytesRead:
     moved between 29 and 46 GB/s within minutes) moves both alike. ratio = its time / ours:
     the fraction of a plain read's rate at which ours streams the weights."""
 
-    def __init__(self, nbytes: int):
-        self.nbytes = int(nbytes)
+    def __init__(self, nbytes: int, huge: bool = False):
+        self.nbytes, self.huge = int(nbytes), huge   # huge: in 2 MiB pages, like weights kept there
         self.buf: Optional[torch.Tensor] = None
 
     def setup(self) -> None:
         if self.buf is None:
             _ensure_memory(self.nbytes, "the same-bytes read buffer")
-            self.buf = torch.ones(max(self.nbytes // 8, 1), dtype=torch.int64)  # written: no zero pages
+            n = max(self.nbytes // 8, 1)   # written: no zero pages
+            self.buf = (empty_hugepages(n, dtype=torch.int64).fill_(1) if self.huge
+                        else torch.ones(n, dtype=torch.int64))
 
     def teardown(self) -> None:
         self.buf = None
@@ -269,9 +272,9 @@ class SameBytesRead:
         return self.buf.sum()
 
 
-def _with_read(st, nbytes: int):
+def _with_read(st, nbytes: int, huge: bool = False):
     """(setup, teardown, reader) for a decode case whose state st has setup()/teardown()."""
-    rd = SameBytesRead(nbytes)
+    rd = SameBytesRead(nbytes, huge)
 
     def setup():
         st.setup()
@@ -319,12 +322,13 @@ class GroupedDecode:
 
     ``formats``: the weight formats to allocate in setup(): "fp8" (ours), "bf16" and "int8"
     (the torch baselines). ``masked``: ours is fp8_grouped_gemm_masked on an [E, M_max, K] copy
-    of the same rows (M_max = the most rows any expert got; 1 at T=1)."""
+    of the same rows (M_max = the most rows any expert got; 1 at T=1). ``huge``: every format's
+    weights in 2 MiB huge pages (leankernels.memory), else torch's default allocation."""
 
     def __init__(self, shape: MoeShape, proj: str, N: int, K: int, T: int, masked: bool = False,
-                 formats=("fp8", "bf16", "int8"), seed: int = 0):
+                 formats=("fp8", "bf16", "int8"), seed: int = 0, huge: bool = False):
         self.shape, self.proj, self.N, self.K, self.T = shape, proj, N, K, T
-        self.masked, self.formats, self.seed = masked, tuple(formats), seed
+        self.masked, self.formats, self.seed, self.huge = masked, tuple(formats), seed, huge
         E = shape.E
         ids = random_ids(T, E, shape.top_k, seed)
         used = torch.unique(ids)
@@ -378,19 +382,20 @@ class GroupedDecode:
         _ensure_memory(self.pool_bytes() + nb * N * K * (4 + sum(_ELEM[f] for f in self.formats)),
                        f"{self.shape.model} {self.proj} ({P} experts allocated)")
         bank = _bank(nb, N, K, self.formats, seed=1000 + self.seed)
-        self.b = torch.empty(P, N, K, dtype=torch.float8_e4m3fn)
+        empty = empty_hugepages if self.huge else torch.empty
+        self.b = empty(P, N, K, dtype=torch.float8_e4m3fn)
         self.sb = torch.empty(P, _cdiv(N, GROUP), _cdiv(K, GROUP))
         for e in range(P):
             q, sc = bank[e % nb]["fp8"]
             self.b[e].copy_(q)
             self.sb[e].copy_(sc)
         if "bf16" in self.formats:
-            self.wb = torch.empty(P, N, K, dtype=torch.bfloat16)
+            self.wb = empty(P, N, K, dtype=torch.bfloat16)
             for e in range(P):
                 self.wb[e].copy_(bank[e % nb]["bf16"])
             self.wbt = self.wb.transpose(-2, -1)   # F.grouped_mm takes [E, K, N]; the [E, N, K] view
         if "int8" in self.formats:
-            self.qi = torch.empty(P, N, K, dtype=torch.int8)
+            self.qi = empty(P, N, K, dtype=torch.int8)
             self.si = torch.empty(P, N, dtype=torch.bfloat16)
             for e in range(P):
                 q, sc = bank[e % nb]["int8"]
@@ -453,8 +458,8 @@ class DenseDecode:
     """T rows through one dense [N, K] weight: ours fp8_gemm, torch bf16 F.linear and int8
     weight-only on the same weight; prepared like GroupedDecode (weights in setup())."""
 
-    def __init__(self, T: int, N: int, K: int, seed: int = 0):
-        self.T, self.N, self.K, self.seed = T, N, K, seed
+    def __init__(self, T: int, N: int, K: int, seed: int = 0, huge: bool = False):
+        self.T, self.N, self.K, self.seed, self.huge = T, N, K, seed, huge
         g = torch.Generator().manual_seed(seed + 2)
         self.x = torch.randn(T, K, generator=g).bfloat16()
         self.a, self.sa = quant.quantize_fp8(self.x, (1, GROUP))
@@ -469,6 +474,8 @@ class DenseDecode:
         _ensure_memory(8 * self.N * self.K, f"dense N={self.N} K={self.K}")
         d = _bank(1, self.N, self.K, ("fp8", "bf16", "int8"), seed=2000 + self.seed)[0]
         (self.b, self.sb), self.wb, (self.qi, self.si) = d["fp8"], d["bf16"], d["int8"]
+        if self.huge:
+            self.b, self.wb, self.qi = to_hugepages(self.b), to_hugepages(self.wb), to_hugepages(self.qi)
 
     def teardown(self) -> None:
         self.b = self.sb = self.wb = self.qi = self.si = None
@@ -504,36 +511,41 @@ def _extra(st, key: str) -> dict:
             "weight bytes int8 touched": st.touched_bytes("int8")}
 
 
-def grouped_decode_case(shape: MoeShape, proj: str, T: int, masked: bool = False, quick: bool = False) -> Case:
+HUGE_NOTE = ", 2 MiB pages"   # case-name suffix: every format's weights and the same-bytes read in huge pages
+
+
+def grouped_decode_case(shape: MoeShape, proj: str, T: int, masked: bool = False, quick: bool = False,
+                        huge: bool = False) -> Case:
     shape = _model(shape, quick)
     N, K = next((n, k) for p, n, k in shape.projs if p == proj)
-    st = GroupedDecode(shape, proj, N, K, T, masked=masked)
+    st = GroupedDecode(shape, proj, N, K, T, masked=masked, huge=huge)
     layout = "masked" if masked else "contiguous"
     where = f" ({st.P} of {shape.E} allocated)" if shape.remap else ""
-    extra = _extra(st, f"{shape.model.split()[0]}-{proj.replace('/', '')}-T{T}-{layout}")
+    extra = _extra(st, f"{shape.model.split()[0]}-{proj.replace('/', '')}-T{T}-{layout}{'-2m' if huge else ''}")
     extra.update({"experts used": st.used, "experts allocated": st.P, "rows": st.rows, "layout": layout})
     if masked:
         extra["M_max"] = int(st.a3.shape[1])
-    setup, teardown, rd = _with_read(st, st.touched_bytes())
-    return Case(domain="gemm", name=f"fp8_grouped_gemm{'_masked' if masked else ''} decode {shape.model} {proj}",
+    setup, teardown, rd = _with_read(st, st.touched_bytes(), huge)
+    return Case(domain="gemm", name=f"fp8_grouped_gemm{'_masked' if masked else ''} decode {shape.model} {proj}"
+                                    f"{HUGE_NOTE if huge else ''}",
                 shape=f"T={T} top{shape.top_k} E={shape.E} N={N} K={K}: {st.used} experts, {st.rows} rows{where}",
                 ours=st.ours, baselines={BF16_BASELINE: st.bf16, INT8_BASELINE: st.int8, READ_BASELINE: rd},
                 flops=2.0 * st.rows * N * K, bytes=float(st.touched_bytes()), check=st.check, bound="memory",
-                ceiling="read", rotate=_FLUSH, setup=setup, teardown=teardown, extra=extra)
+                ceiling="read_2m" if huge else "read", rotate=_FLUSH, setup=setup, teardown=teardown, extra=extra)
 
 
-def dense_decode_case(T: int, quick: bool = False) -> Case:
+def dense_decode_case(T: int, quick: bool = False, huge: bool = False) -> Case:
     N, K = DENSE_DECODE_NK
     if quick:
         N, K = _quick_dim(N), _quick_dim(K)
-    st = DenseDecode(T, N, K)
-    setup, teardown, rd = _with_read(st, st.touched_bytes())
-    return Case(domain="gemm", name="fp8_gemm decode dense" + (" stand-in" if quick else ""),
+    st = DenseDecode(T, N, K, huge=huge)
+    setup, teardown, rd = _with_read(st, st.touched_bytes(), huge)
+    return Case(domain="gemm", name="fp8_gemm decode dense" + (" stand-in" if quick else "") + (HUGE_NOTE if huge else ""),
                 shape=f"T={T} N={N} K={K}", ours=st.ours,
                 baselines={BF16_DENSE: st.bf16, INT8_DENSE: st.int8, READ_BASELINE: rd},
                 flops=2.0 * T * N * K, bytes=float(st.touched_bytes()), check=st.check, bound="memory",
-                ceiling="read", rotate=_FLUSH, setup=setup, teardown=teardown,
-                extra=_extra(st, f"dense-T{T}"))
+                ceiling="read_2m" if huge else "read", rotate=_FLUSH, setup=setup, teardown=teardown,
+                extra=_extra(st, f"dense-T{T}{'-2m' if huge else ''}"))
 
 
 def _on_cpu_path(path: str, fn):
@@ -592,28 +604,34 @@ def prefill_case(quick: bool = False) -> Case:
 
 
 def decode_specs(quick: bool = False) -> list[tuple]:
-    """(kind, args) of every decode-shaped CPU case, in run order; kind in "grouped", "masked", "dense"."""
+    """(kind, args) of every decode-shaped CPU case, in run order; kind in "grouped", "masked",
+    "dense", and "grouped_2m" / "dense_2m" (T=1 with every weight in 2 MiB huge pages, where
+    the OS has them: see leankernels.memory)."""
     Ts = DECODE_T_QUICK if quick else DECODE_T
     out = [("grouped", (V2_LITE, proj, T)) for T in Ts for proj, _, _ in V2_LITE.projs]
     out += [("grouped", (V3_EXPERTS, proj, T)) for T in Ts for proj, _, _ in V3_EXPERTS.projs]
     out += [("masked", (V3_EXPERTS, proj, 1)) for proj, _, _ in V3_EXPERTS.projs]
     out += [("dense", (T,)) for T in Ts]
+    if hugepages_available():
+        out += [("grouped_2m", (V2_LITE, proj, 1)) for proj, _, _ in V2_LITE.projs] + [("dense_2m", (1,))]
     return out
 
 
 def spec_id(spec: tuple) -> str:
     kind, args = spec
-    if kind == "dense":
-        return f"dense-T{args[0]}"
+    pages = "-2m" if kind.endswith("_2m") else ""
+    if kind.startswith("dense"):
+        return f"dense-T{args[0]}{pages}"
     shape, proj, T = args
-    return f"{shape.model}-{proj.replace('/', '')}-T{T}-{'masked' if kind == 'masked' else 'contiguous'}"
+    return f"{shape.model}-{proj.replace('/', '')}-T{T}-{'masked' if kind == 'masked' else 'contiguous'}{pages}"
 
 
 def decode_case(spec: tuple, quick: bool = False) -> Case:
     kind, args = spec
-    if kind == "dense":
-        return dense_decode_case(*args, quick=quick)
-    return grouped_decode_case(*args, masked=kind == "masked", quick=quick)
+    huge = kind.endswith("_2m")
+    if kind.startswith("dense"):
+        return dense_decode_case(*args, quick=quick, huge=huge)
+    return grouped_decode_case(*args, masked=kind == "masked", quick=quick, huge=huge)
 
 
 def decode_cases(device: str, quick: bool) -> list[Case]:

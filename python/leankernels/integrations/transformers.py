@@ -108,6 +108,7 @@ from .. import _ops
 from ..gemm import fp8_grouped_gemm
 from ..mla import DIM, LATENT, ROPE, LatentCache, mla_append, mla_decode
 from ..nn.layers import fp8_linear_forward
+from ..memory import to_hugepages
 from ..quant import quantize_fp8
 from ..reference import mla_cache_dequantize
 from ..routing import permute, plan, route, unpermute
@@ -210,8 +211,14 @@ def fp8_expert_weights(experts):
     call."""
     gu, dn = experts.gate_up_proj, experts.down_proj
     return _cached_on(experts, "_leankernels_fp8", (gu, dn),
-                      lambda: (*quantize_fp8(_nk(experts, "gate_up_proj").detach().contiguous(), (128, 128)),
-                               *quantize_fp8(_nk(experts, "down_proj").detach().contiguous(), (128, 128))))
+                      lambda: (*_fp8_weight(_nk(experts, "gate_up_proj").detach().contiguous()),
+                               *_fp8_weight(_nk(experts, "down_proj").detach().contiguous())))
+
+
+def _fp8_weight(w: torch.Tensor):
+    """quantize_fp8(w, (128, 128)), the FP8 bytes in 2 MiB huge pages on the CPU (leankernels.memory)."""
+    q, s = quantize_fp8(w, (128, 128))
+    return (to_hugepages(q) if q.is_cpu else q), s
 
 
 def _dense_grouped(experts, x: torch.Tensor, p) -> torch.Tensor:
@@ -337,7 +344,7 @@ def _fp8_linear_weight(linear):
     """``(w, scale)``: the module's weight in FP8 with 128x128 block scales, cached on the module
     and re-quantized when the weight changes."""
     w = linear.weight
-    return _cached_on(linear, "_leankernels_fp8", (w,), lambda: quantize_fp8(w.detach(), (128, 128)))
+    return _cached_on(linear, "_leankernels_fp8", (w,), lambda: _fp8_weight(w.detach()))
 
 
 class LeanKernelsFp8Linear(torch.nn.Linear):

@@ -22,6 +22,7 @@ from torch.nn.modules import module as _nn_module
 from .. import _ops
 from ..gemm import fp8_gemm, fp8_grouped_gemm
 from ..linear import fp8_grouped_linear, fp8_linear
+from ..memory import empty_hugepages
 from ..mla import LATENT, ROPE, LatentCache, mla_append, mla_decode
 from ..quant import quantize_fp8, silu_mul_quantize_fp8
 from ..routing import permute, plan, route, unpermute, update_bias
@@ -64,8 +65,9 @@ def _fp8_copy(master: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, key: l
 
 
 def _fp8_zeros(*shape, device=None) -> torch.Tensor:
-    """float8_e4m3fn zeros as zero bytes (torch 2.4 has no fill kernel for float8 on the CPU)."""
-    return torch.zeros(*shape, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+    """float8_e4m3fn zeros as zero bytes (torch 2.4 has no fill kernel for float8 on the CPU); on
+    the CPU in 2 MiB huge pages (leankernels.memory: decode streams them 20-30% faster in a VM)."""
+    return empty_hugepages(*shape, dtype=torch.uint8, device=device).zero_().view(torch.float8_e4m3fn)
 
 
 # ------------------------------------------------------------------------------ Fp8Linear
