@@ -81,6 +81,44 @@ def test_codec_normal_only_groups_round_half_to_even():
             assert torch.equal(bits(q), bits(x.to(torch.float8_e4m3fn)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_codec_division_near_ties_every_cpu_path(dtype):
+    """The SIMD codecs' quotient (no vdivps: x * RN(1/s) corrected by two FMAs) must be the IEEE
+    x / s: groups with random non-power-of-two scales whose values are x = RN(t * s) for every
+    e4m3 tie point t and its neighbours, so x / s lands within an ulp of a tie; signed zeros and
+    values far below the e4m3 range included; every CPU path, 1x128 and 128x128 blocks and the
+    transposed quantization, against PyTorch's own x / s and e4m3 conversion."""
+    g = torch.Generator().manual_seed(11)
+    codes = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    ties = torch.cat([(codes[1:] + codes[:-1]) / 2, codes[1:]])
+    t = torch.cat([ties, torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1)])
+    t = torch.cat([t, -t, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 2.0**-10, -(2.0**-10)])])
+    groups = -(-t.numel() // 127)
+    amax = torch.rand(groups, generator=g, dtype=torch.float64) * 1e3 + 1e-3   # any scale
+    s = (amax.float() / 448).double()
+    x = torch.zeros(groups, 128, dtype=torch.float64)
+    x[:, 0] = amax.float().double()                          # the group's amax: scale = RN(amax / 448)
+    tt = torch.zeros(groups * 127, dtype=torch.float64)
+    tt[: t.numel()] = t[torch.randperm(t.numel(), generator=g)].double()
+    x[:, 1:] = (tt.reshape(groups, 127) * s[:, None]).clamp(-amax[:, None], amax[:, None])
+    x = x.to(dtype).reshape(1, -1)
+    xt = torch.cat([x.reshape(groups, 128)] * 2, 0)[:128].contiguous()   # 128 rows for the 128x128 / transposed cases
+    old = lk.cpu_path()
+    try:
+        for path in lk.cpu_paths():
+            lk.set_cpu_path(path)
+            for inp, block in ((x, (1, 128)), (xt, (128, 128))):
+                q, sc = lk.quantize_fp8(inp, block)
+                qr, sr = ref.quantize_fp8(inp, block)
+                assert torch.equal(sc, sr), path
+                assert torch.equal(bits(q), bits(qr)), (path, block)
+            qt, st_ = lk.quantize_fp8_transposed(xt)
+            qtr, str_ = ref.quantize_fp8_transposed(xt)
+            assert torch.equal(st_, str_) and torch.equal(bits(qt), bits(qtr)), path
+    finally:
+        lk.set_cpu_path(old)
+
+
 # ------------------------------------------------------------------------------ round trips
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)

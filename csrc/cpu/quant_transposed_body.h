@@ -57,16 +57,19 @@ void tile_encode(const void* x, DType dt, int64_t row_stride, int64_t t0, int64_
   bool finite = kc == kTCols;
   for (int64_t c = 0; c < kc && finite; ++c) finite = finite_scale(s[c]);
   if (finite) {
-    alignas(64) float sv[kTCols];
-    for (int64_t c = 0; c < kTCols; ++c) sv[c] = ue8m0 ? 1.0f / s[c] : s[c];  // see encode_group_scaled
-    VecF sc[kVecs32], v[kVecs32];
-    for (int i = 0; i < kVecs32; ++i) sc[i] = load16(sv, DType::f32, i * kLanes);
+    alignas(64) float yv[kTCols];
+    for (int64_t c = 0; c < kTCols; ++c) yv[c] = 1.0f / s[c];  // see encode_group_scaled
+    VecF sc[kVecs32], yc[kVecs32], v[kVecs32];
+    for (int i = 0; i < kVecs32; ++i) {
+      sc[i] = load16(s, DType::f32, i * kLanes);
+      yc[i] = load16(yv, DType::f32, i * kLanes);
+    }
     for (int64_t t = t0; t < t1; ++t) {
       for (int i = 0; i < kVecs32; ++i) v[i] = load16(x, dt, t * row_stride + k0 + i * kLanes);
       if (ue8m0)
-        encode32<true>(v, sc, codes[t - t0]);
+        encode32<true>(v, sc, yc, codes[t - t0]);
       else
-        encode32<false>(v, sc, codes[t - t0]);
+        encode32<false>(v, sc, yc, codes[t - t0]);
     }
     return;
   }
