@@ -113,6 +113,44 @@ def test_moe_decode_sizes_match_plain(gate):
         assert torch.equal(got, again)
 
 
+class _OpByOpMoE(MoE):
+    """MoE whose forward takes the public ops step by step (an overridden route disables the
+    eager CPU path and its fused C++ call)."""
+
+    def route(self, x):
+        return super().route(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
+def test_moe_fused_decode_equals_op_by_op(monkeypatch, dtype, shared, gate):
+    """At decode sizes (<= 16 tokens) the CPU forward is one C++ call (cpu/moe.h): bitwise the
+    op-by-op forward (public route, plan, permute, GEMMs, SiLU x up, unpermute, shared add),
+    bf16 and fp32 outputs, with and without shared experts, bf16 and fp32 inputs; the fused
+    call really ran; 17 tokens take the op-by-op path."""
+    from leankernels import _ops
+
+    cfg = CFG if gate == "sigmoid" else CFG.replace(scoring_func="softmax", n_group=1, topk_group=1,
+                                                    norm_topk_prob=False, routed_scaling_factor=1.0)
+    if not shared:
+        cfg = cfg.replace(n_shared_experts=0)
+    pm = _block(cfg, seed=31).mlp
+    fused, ops = MoE.from_float(pm, dtype=dtype), _OpByOpMoE.from_float(pm, dtype=dtype)
+    assert (fused.shared_experts is not None) == shared
+    calls = []
+    real = _ops.moe_decode_impl
+    monkeypatch.setattr(_ops, "moe_decode_impl", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    with torch.inference_mode():
+        for T, xdt in ((1, torch.bfloat16), (2, torch.float32), (5, torch.bfloat16), (16, torch.float32),
+                       (17, torch.bfloat16)):
+            x = randn(T, cfg.hidden_size, seed=40 + T).to(xdt)
+            fused(x)                                  # the first forward checks route's arguments
+            got, want = fused(x), ops(x)
+            assert got.dtype == dtype and torch.equal(got, want), (T, xdt)
+    assert sorted(set(calls)) == [1, 2, 5, 16]   # every call after the first, up to 16 tokens
+
+
 def test_moe_from_weights_matches_from_float_and_bf16_out():
     pm = _block(seed=9).mlp
     ex = [(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in pm.experts]

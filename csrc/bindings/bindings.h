@@ -42,5 +42,6 @@ void register_gemm_sched(py::module_& m);
 void register_routing(py::module_& m);
 void register_mla(py::module_& m);
 void register_gemm(py::module_& m);
+void register_moe(py::module_& m);
 
 }  // namespace lk::bind

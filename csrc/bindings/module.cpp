@@ -10,4 +10,5 @@ PYBIND11_MODULE(_C, m) {
   lk::bind::register_routing(m);
   lk::bind::register_mla(m);
   lk::bind::register_gemm(m);
+  lk::bind::register_moe(m);
 }

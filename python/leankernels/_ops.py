@@ -257,6 +257,31 @@ def gate_logits_impl(x, weight):
     return out
 
 
+def moe_decode_impl(x, gate_w, bias, top_k, sigmoid, n_group, topk_group, renormalize, scale, w13, s13, w2, s2,
+                    shared, out_dtype):
+    """A DeepSeek MoE layer's forward for a few tokens on the CPU in one C++ call (cpu/moe.h:
+    the op-by-op eager forward's kernels in its order, the same result bitwise), on operands the
+    caller checked: x [T, H] float, gate_w fp32 [E, H], bias None or fp32 [E], w13 / s13
+    [E, 2I, H] e4m3 and its 128x128 scales, w2 / s2 [E, H, I], shared None or (gate_up [2Is, H],
+    its scales, down [H, Is], its scales, out_dtype); out_dtype f32 or bf16."""
+    T, H = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    E, I = gate_w.shape[0], w2.shape[2]
+    out = torch.empty(T, H, dtype=out_dtype)
+    ws = [t if t.is_contiguous() else t.contiguous() for t in (gate_w, w13, s13, w2, s2)]
+    if shared is None:
+        sp, Is = (0, 0, 0, 0), 0
+    else:
+        ws += [t if t.is_contiguous() else t.contiguous() for t in shared[:4]]   # alive through the call
+        sp, Is = tuple(t.data_ptr() for t in ws[5:]), shared[2].shape[1]
+    _C.moe_decode(x.data_ptr(), _DTYPE_CODES[x.dtype], T, H, x.stride(0), ws[0].data_ptr(), E, top_k, sigmoid,
+                  0 if bias is None else bias.data_ptr(), n_group, topk_group, renormalize, scale,
+                  ws[1].data_ptr(), ws[2].data_ptr(), I, ws[3].data_ptr(), ws[4].data_ptr(), sp[0], sp[1], Is,
+                  sp[2], sp[3], out.data_ptr(), _DTYPE_CODES[out_dtype])
+    return out
+
+
 @_custom_op("leankernels::gate_logits", mutates_args=())
 def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _need_t("x", x, _FLOATS, dim=2)

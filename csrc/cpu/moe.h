@@ -1,0 +1,40 @@
+// A whole DeepSeek MoE layer forward at decode sizes on the CPU, in one call (python:
+// leankernels.nn.MoE's eager CPU path).
+#pragma once
+#include "common/common.h"
+
+namespace lk::cpu {
+
+// Every pointer is to contiguous memory (x: rows x_stride apart), checked by the caller.
+struct MoeDecodeArgs {
+  const void* x;  // [T, H] tokens
+  DType x_dtype;
+  int64_t T, H, x_stride;
+  const float* gate_w;  // [E, H] router weight, fp32
+  int64_t E, top_k;
+  bool sigmoid;
+  const float* bias;  // [E] selection bias or nullptr
+  int64_t n_group, topk_group;
+  bool renormalize;
+  float scale;
+  const uint8_t* w13;  // routed experts, gate and up fused: [E, 2I, H] e4m3, [E, ceil(2I/128), ceil(H/128)]
+  const float* s13;
+  int64_t I;
+  const uint8_t* w2;  // routed down: [E, H, I], [E, ceil(H/128), ceil(I/128)]
+  const float* s2;
+  const uint8_t* wg;  // shared experts' gate_up [2Is, H] (nullptr: no shared experts)
+  const float* sg;
+  int64_t Is;
+  const uint8_t* wd;  // shared down [H, Is]
+  const float* sd;
+  void* out;  // [T, H] in out_dtype (f32 or bf16): routed + shared
+  DType out_dtype;
+};
+
+// The same steps, kernels and order as the op-by-op forward (leankernels.nn.MoE._eager_cpu:
+// gate_logits, route, plan, permute_fp8, the grouped GEMMs and silu_mul_quantize_fp8, the
+// shared experts beside them, unpermute, the shared add rounded once), so the result is the
+// same bitwise; the intermediates live in a per-thread workspace reused across calls.
+void moe_decode(const MoeDecodeArgs& a);
+
+}  // namespace lk::cpu
