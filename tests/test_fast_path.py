@@ -356,20 +356,25 @@ def test_moe_inference_forward_checks_what_it_skips(monkeypatch):
 
 
 def test_moe_inference_forward_runs_the_shared_experts_beside_the_routed(monkeypatch):
-    """The eager MoE forward runs the shared experts' steps itself, interleaved with the routed
-    ones, bitwise as routed experts + the shared module's own forward; with one token it reads
-    the token's quantized row from permute instead of quantizing x again. A hook on the shared
+    """The eager MoE forward at decode sizes is one C++ call (cpu/moe.h) that runs the shared
+    experts' steps itself, interleaved with the routed ones, bitwise as routed experts + the
+    shared module's own forward (with one token it reads the token's quantized row from permute
+    instead of quantizing x again); no Python-level quantize or GEMM runs. A hook on the shared
     experts, or a SwiGLU subclass with its own forward, gets the module called."""
     m = _nn_moe(seed=45)
     H = NN_CFG.hidden_size
+    real = _ops.moe_decode_impl
     with torch.no_grad():
         for T in (1, 5):
             x = randn(T, H, seed=46 + T, dtype=torch.bfloat16)
             m(x)  # the first forward checks route's arguments
-            with counting(monkeypatch, "quantize_fp8") as q, counting(monkeypatch, "fp8_gemm") as g:
+            fused = []
+            with counting(monkeypatch, "quantize_fp8") as q, counting(monkeypatch, "fp8_gemm") as g, \
+                    monkeypatch.context() as mp:
+                mp.setattr(_ops, "moe_decode_impl", lambda *a: fused.append(a[0].shape[0]) or real(*a))
                 got = m(x)
-            assert q == {"op": 0, "impl": 0 if T == 1 else 1}, (T, q)
-            assert g == {"op": 0, "impl": 2}
+            assert q == {"op": 0, "impl": 0} and g == {"op": 0, "impl": 0}, (T, q, g)
+            assert fused == [T]
             want = m._add_shared(m.experts(x, *m.route(x)), m.shared_experts(x))
             _assert_bitwise((got,), (want,))
         x = randn(3, H, seed=50, dtype=torch.bfloat16)
