@@ -220,6 +220,36 @@ def test_fp8_experts_eager_path_calls_the_implementations(monkeypatch):
         assert torch.equal(lkt.leankernels_experts_forward(experts, x, ids, w), torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_experts_fused_decode_equals_op_by_op(monkeypatch, dtype):
+    """Up to 16 tokens the fp8 experts are one C++ call (cpu/moe.h moe_experts): bitwise the
+    op-by-op implementation path, int32 and int64 ids, ids outside [0, E) dropped (int64 ones
+    beyond the int32 range too), fp32 and bf16 tokens; the fused call really ran."""
+    from leankernels import _ops
+
+    model = tiny_model(initializer_range=0.1)
+    real = _ops.moe_experts_impl
+    for T in (1, 3, 16):
+        experts, x, ids, w = _experts_inputs(model, T=T, seed=7 + T)
+        x = x.to(dtype)
+        ids = ids.clone()
+        ids[0, 0] = -5
+        if T > 1:
+            ids[1, 1] = experts.num_experts + 3
+            ids[2 % T, 0] = 2**40
+        for idt in (torch.int64, torch.int32):
+            if idt is torch.int32 and T > 1:
+                ids[2 % T, 0] = 2**20
+            calls = []
+            with torch.no_grad(), monkeypatch.context() as mp:
+                mp.setattr(_ops, "moe_experts_impl", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+                fused = lkt.leankernels_experts_forward(experts, x, ids.to(idt), w)
+                mp.setattr(lkt, "_FUSED_ROWS", 0)
+                ops = lkt.leankernels_experts_forward(experts, x, ids.to(idt), w)
+            assert calls == [T] and fused.dtype == dtype
+            assert torch.equal(fused, ops), (T, idt)
+
+
 def test_bf16_mode_matches_transformers_experts():
     model = tiny_model(initializer_range=0.1)
     experts, x, ids, w = _experts_inputs(model)

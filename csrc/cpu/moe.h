@@ -31,6 +31,28 @@ struct MoeDecodeArgs {
   DType out_dtype;
 };
 
+// The routed experts alone, for tokens routed by the caller (transformers' experts forward):
+// ids [T, top_k] int32 or int64 (ids outside [0, E) are not routed here), weights [T, top_k]
+// fp32; the down GEMM's output and the weighted sum in fp32, rounded once to out_dtype.
+struct MoeExpertsArgs {
+  const void* x;
+  DType x_dtype;
+  int64_t T, H, x_stride;
+  const void* ids;
+  DType ids_dtype;
+  const float* weights;
+  int64_t top_k, E;
+  const uint8_t* w13;
+  const float* s13;
+  int64_t I;
+  const uint8_t* w2;
+  const float* s2;
+  void* out;  // [T, H], f32 or bf16
+  DType out_dtype;
+};
+
+void moe_experts(const MoeExpertsArgs& a);
+
 // The same steps, kernels and order as the op-by-op forward (leankernels.nn.MoE._eager_cpu:
 // gate_logits, route, plan, permute_fp8, the grouped GEMMs and silu_mul_quantize_fp8, the
 // shared experts beside them, unpermute, the shared add rounded once), so the result is the

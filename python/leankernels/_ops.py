@@ -282,6 +282,25 @@ def moe_decode_impl(x, gate_w, bias, top_k, sigmoid, n_group, topk_group, renorm
     return out
 
 
+def moe_experts_impl(x, ids, weights, w13, s13, w2, s2):
+    """Routed experts for tokens the caller routed, in one C++ call (cpu/moe.h moe_experts: the
+    op-by-op steps plan, permute + quantize, the grouped GEMMs with SiLU x up + quantize between,
+    unpermute in fp32, rounded once to x's dtype), on checked operands: x [T, H] float32 or
+    bfloat16, ids [T, k] int32 / int64, weights [T, k] float, w13 / s13 [E, 2I, H], w2 / s2
+    [E, H, I]."""
+    T, H = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    ids = ids if ids.is_contiguous() else ids.contiguous()
+    weights = weights if weights.dtype is _F32 and weights.is_contiguous() else weights.float().contiguous()
+    ws = [t if t.is_contiguous() else t.contiguous() for t in (w13, s13, w2, s2)]
+    out = torch.empty(T, H, dtype=x.dtype)
+    _C.moe_experts(x.data_ptr(), _DTYPE_CODES[x.dtype], T, H, x.stride(0), ids.data_ptr(), _DTYPE_CODES[ids.dtype],
+                   weights.data_ptr(), ids.shape[1], w13.shape[0], ws[0].data_ptr(), ws[1].data_ptr(), w2.shape[2],
+                   ws[2].data_ptr(), ws[3].data_ptr(), out.data_ptr(), _DTYPE_CODES[x.dtype])
+    return out
+
+
 @_custom_op("leankernels::gate_logits", mutates_args=())
 def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _need_t("x", x, _FLOATS, dim=2)

@@ -259,6 +259,13 @@ def _silu_gate(experts) -> bool:
             and (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"))
 
 
+# NOTES: up to this many tokens (decode) the fp8 experts run as one C++ call (cpu/moe.h
+# moe_experts): the same kernels in the same order, the same result bitwise, without the
+# Python steps and allocations between them (V2-Lite-shaped generate() batch 1 on a 2-core Xeon
+# VM: see BENCHMARKS.md).
+_FUSED_ROWS = 16
+
+
 def _fp8_eager_cpu(experts, x, ids, weights, w1, s1, w2, s2):
     """The fp8 mode through the ops' implementations, its inputs checked once here (see the
     NOTES in leankernels.nn.layers: at decode the public functions' own checks cost ~40 us per
@@ -270,6 +277,8 @@ def _fp8_eager_cpu(experts, x, ids, weights, w1, s1, w2, s2):
             and weights.shape == ids.shape and weights.dtype.is_floating_point
             and ids.shape[0] * ids.shape[1] < 2**31 and w2.shape == (E, H, N1 // 2)):
         return None
+    if x.shape[0] <= _FUSED_ROWS and x.dtype is not torch.float16 and _silu_gate(experts):
+        return _ops.moe_experts_impl(x, ids, weights, w1, s1, w2, s2)
     ids = ids.contiguous() if ids.dtype is torch.int32 else ids.clamp(-1, E).to(torch.int32)
     _, offs, row_token, token_row = _ops.plan_impl(ids, E, 1)
     a, s = _ops.permute_fp8_impl(x, row_token, False)
