@@ -3,8 +3,8 @@
 A decode step streams every active weight byte from DRAM once, so its speed is the memory
 system's. With the default 4 KiB pages every 4 KiB of weights costs a TLB miss, and in a virtual
 machine a miss is a two-level page walk: on a 2-core Intel Xeon KVM guest a plain read pass ran
-at 22-24 GB/s over 4 KiB pages and 31 GB/s over 2 MiB pages, and the FP8 decode GEMMs 20-30%
-faster (BENCHMARKS.md). ``leankernels.nn`` modules and the transformers integration keep their
+at 22-24 GB/s over 4 KiB pages and 32-34 GB/s over 2 MiB pages, and the FP8 decode GEMMs 11-13%
+faster in the bench (up to ~25% in isolated runs; BENCHMARKS.md). ``leankernels.nn`` modules and the transformers integration keep their
 FP8 weights this way; ``to_hugepages`` does it for weights a user passes to the raw ops.
 
 How: an anonymous private mapping, ``madvise(MADV_HUGEPAGE)`` before its first touch, the tensor
