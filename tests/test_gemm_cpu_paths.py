@@ -69,6 +69,22 @@ def test_grouped_mixed_segments_every_path(cpu_path):
         _close(got3[e, :m], want3[e, :m])
 
 
+def test_items_of_several_strips_and_k_ranges_every_path(cpu_path):
+    """Prefill-sized calls whose row-tiled items cover several column strips and, on the amx
+    path, cut K into ranges whose totals carry over (cpu/gemm_body.h process_item): dense and
+    grouped (two experts, row tails), N and K tails."""
+    N, K = 2100, 2200
+    a, sa = lk.quantize_fp8(randn(300, K, seed=7))
+    b, sb = _weights(2, N, K, 8)
+    want = ref.fp8_gemm(a, sa, b[0], sb[0], torch.float32)
+    _close(lk.fp8_gemm(a, sa, b[0], sb[0], out_dtype=torch.float32), want)
+    got = lk.fp8_gemm(a, sa, b[0], sb[0])
+    torch.testing.assert_close(got, want.bfloat16(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    offs = torch.tensor([270, 300], dtype=torch.int32)
+    got = lk.fp8_grouped_gemm(a, sa, b, sb, offs, out_dtype=torch.float32)
+    _close(got, ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32))
+
+
 @pytest.mark.parametrize("M,K", [(3, 640), (40, 680), (150, 680)])
 def test_hostile_bytes_every_path(cpu_path, M, K):
     """NaN codes (0x7f / 0xff) with finite scales, every e4m3 subnormal, Inf, NaN and > 2**100

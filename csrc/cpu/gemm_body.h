@@ -97,7 +97,7 @@ constexpr int kTileRows = 16;           // rows per zmm (fp32 lanes)
 constexpr int64_t kNTile = LK_ISA >= 4 ? 32 : 24;
 // rows per item (in 16-row tiles) that share one decoded weight panel: 64 (zmm levels), 128 (amx:
 // its tile products are cheap next to the panel decode; 256 rows ran slower)
-constexpr int64_t kTilesPerItem = LK_ISA >= 4 ? 8 : 4;
+constexpr int64_t kTilesPerItem = LK_ISA >= 4 ? 16 : 4;
 constexpr int kSlots = kQuantGroup / 2; // bf16 pairs per 128-wide K block
 constexpr int64_t kPrefetchBlocks = 4;  // how far ahead weight rows are prefetched
 
@@ -300,22 +300,34 @@ struct AmxPending {
   const float* sb;     // weight scale per column for the step's K block
   float* totals;       // the first a tile's totals ([kNTile][16 rows]; the second follows)
   bool two;
+  bool uniform;        // sb is the same for every column (dense and grouped items: one 128-column block)
 };
 
 // totals[t][c][16 rows] += C[t][c][16 rows] * (sa[t][16 rows] * sb[c]) for columns [c0, c1).
 // NOTES: out of line: inlined into item_products, GCC 12 kept the loop counter and the
 // pointers in stack slots (register pressure), ~5% of dense M=512 in alternating runs.
+// NOTES: with one sb for the item's columns (p.uniform), sa * sb is one multiply per a tile
+// instead of one per column: the same values, half the vector arithmetic, which on the AMX
+// machine does not overlap the tile products.
 __attribute__((noinline)) void amx_scale_columns(const AmxPending& p, int c0, int c1) {
   const float* __restrict sb = p.sb;
   for (int t = 0; t < 1 + int(p.two); ++t) {
     const __m512 sav = _mm512_loadu_ps(p.sa[t]);
     const float* __restrict cb = p.cbuf + t * kNTile * kTileRows;
     float* __restrict tt = p.totals + t * kNTile * kTileRows;
+    if (p.uniform) {
+      const __m512 s = _mm512_mul_ps(sav, _mm512_set1_ps(sb[0]));
 #pragma GCC unroll 8
-    for (int c = c0; c < c1; ++c)
-      _mm512_storeu_ps(tt + c * kTileRows, _mm512_fmadd_ps(_mm512_loadu_ps(cb + c * kTileRows),
-                                                           _mm512_mul_ps(sav, _mm512_set1_ps(sb[c])),
-                                                           _mm512_loadu_ps(tt + c * kTileRows)));
+      for (int c = c0; c < c1; ++c)
+        _mm512_storeu_ps(tt + c * kTileRows,
+                         _mm512_fmadd_ps(_mm512_loadu_ps(cb + c * kTileRows), s, _mm512_loadu_ps(tt + c * kTileRows)));
+    } else {
+#pragma GCC unroll 8
+      for (int c = c0; c < c1; ++c)
+        _mm512_storeu_ps(tt + c * kTileRows, _mm512_fmadd_ps(_mm512_loadu_ps(cb + c * kTileRows),
+                                                             _mm512_mul_ps(sav, _mm512_set1_ps(sb[c])),
+                                                             _mm512_loadu_ps(tt + c * kTileRows)));
+    }
   }
 }
 
@@ -442,6 +454,7 @@ MicroKernel pick(int mr, int nr) {
 
 struct WorkItem {
   int64_t group, r0, r1, n0, tile;  // tile: first 16-row a tile of the item (AVX512 path)
+  int64_t n1 = 0;                   // AVX512 path: columns [n0, n1) (strips of kNTile)
 };
 
 struct Problem {
@@ -460,27 +473,48 @@ inline void store_out(const Problem& p, int64_t row, int64_t col, float v) {
 }
 
 #if LK_ISA >= 3
+// 64-byte aligned storage for what tiles and zmm loads read: a tile load whose rows straddle
+// cache lines is ~6x slower (2-core Intel Xeon VM: 1 KiB from L1 2.4 ns aligned, 15 ns at
+// malloc's 16-byte alignment, against ~4.5 ns per tile product).
+template <class T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <class U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+template <class T>
+using AlignedVec = std::vector<T, Aligned64<T>>;
+
 struct PackedA {  // every 16-row tile of the used rows of a, transposed (pack_a_tile)
-  std::vector<uint32_t> a_t;
-  std::vector<float> sa_t;
+  AlignedVec<uint32_t> a_t;
+  AlignedVec<float> sa_t;
 };
 
 struct Scratch {
-  std::vector<uint32_t> panel = std::vector<uint32_t>(2 * kNTile * kSlots);  // this block's and the next's
+  AlignedVec<uint32_t> panel = AlignedVec<uint32_t>(2 * kNTile * kSlots);  // this block's and the next's
   // the block's weight scale per column (amx: this block's and the previous one's, alternating)
   std::vector<float> scale = std::vector<float>((LK_ISA >= 4 ? 2 : 1) * kNTile);
-  std::vector<float> totals = std::vector<float>(kTilesPerItem * kNTile * kTileRows);
+  AlignedVec<float> totals = AlignedVec<float>(kTilesPerItem * kNTile * kTileRows);
+  AlignedVec<float> strips;  // process_item: totals of each strip of the item
 #if LK_ISA >= 4
   alignas(64) float cbuf[2][2 * kNTile * kTileRows];  // C tiles of the last two steps
 #endif
 };
 
-// The K loop of one item: s.totals[tile][24 columns][16 rows] += every K block's products.
+// The K loop of one item over blocks [kb0, KB): totals[tile][kNTile columns][16 rows] += each
+// block's products, in block order (a K range continues the totals of the one before it exactly).
 // b_block(c, kb): weight column c's block kb (kv_of(kb) <= 128 valid bytes); sb_of(c, kb): its
 // scale for column c; packed(t, kb): index of the item's tile t, block kb in pa (pack_a_tile).
 template <class BBlock, class KvOf, class SbOf, class Packed>
-void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int64_t nc, int64_t KB, BBlock b_block,
-                   KvOf kv_of, SbOf sb_of, Packed packed, Scratch& s) {
+void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int64_t nc, int64_t kb0, int64_t KB,
+                   BBlock b_block, KvOf kv_of, SbOf sb_of, Packed packed, float* totals, Scratch& s) {
   // NOTES: a local copy keeps the byte tables in registers (through the reference they were
   // reloaded for every weight row, since the panel stores may alias them).
   const Decoder dec = dec_in;
@@ -489,14 +523,13 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
   // taken one by one at the top of the loop); a block's third cache line when it starts
   // mid-line (any K, token groups). Written out in place: the same prefetches as a lambda
   // made the dense prefill ~9% slower (GCC 12 codegen).
-  for (int64_t kb = 0; kb < std::min(KB, kPrefetchBlocks); ++kb)
+  for (int64_t kb = kb0; kb < std::min(KB, kb0 + kPrefetchBlocks); ++kb)
     for (int64_t c = 0; c < nc; ++c) {
       const uint8_t* q = b_block(c, kb);
       __builtin_prefetch(q, 0, 1);
       __builtin_prefetch(q + 64, 0, 1);
       if (reinterpret_cast<uintptr_t>(q) & 63) __builtin_prefetch(q + 127, 0, 1);
     }
-  std::fill(s.totals.begin(), s.totals.end(), 0.0f);
 #if LK_ISA >= 4
   amx_configure();
   AmxPending pending{};
@@ -513,10 +546,10 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
     return bp;
   };
   {
-    const NextPanel first = block_panel(0);
+    const NextPanel first = block_panel(kb0);
     for (int c = 0; c < kNTile; ++c) decode_column(dec, first, c);
   }
-  for (int64_t kb = 0; kb < KB; ++kb) {
+  for (int64_t kb = kb0; kb < KB; ++kb) {
     if (kb + kPrefetchBlocks < KB)
       for (int64_t c = 0; c < nc; ++c) {
         const uint8_t* q = b_block(c, kb + kPrefetchBlocks);
@@ -531,8 +564,13 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
     if (has_next) np = block_panel(kb + 1);
 #if LK_ISA >= 4
     // The weight scales alternate between two halves: the previous block's are still in use.
+    // Columns past nc (zero products, never stored) repeat the last column's scale.
     float* scale = s.scale.data() + (kb & 1) * kNTile;
-    for (int64_t c = 0; c < kNTile; ++c) scale[c] = c < nc ? sb_of(c, kb) : 0.0f;
+    bool uniform = true;
+    for (int64_t c = 0; c < kNTile; ++c) {
+      scale[c] = c < nc ? sb_of(c, kb) : scale[nc - 1];
+      uniform = uniform && scale[c] == scale[0];
+    }
     // Two a tiles per step; each step's C tiles are scaled into the totals during the next.
     for (int64_t t = 0; t < tiles; t += 2) {
       const bool two = t + 1 < tiles;
@@ -542,7 +580,7 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
                kv <= kQuantGroup / 2, step > 0 ? &pending : nullptr, dec, t == 0 && has_next ? &np : nullptr,
                cbuf_out);
       pending = {cbuf_out, {pa.sa_t.data() + i0 * kTileRows, pa.sa_t.data() + i1 * kTileRows}, scale,
-                 s.totals.data() + t * kNTile * kTileRows, two};
+                 totals + t * kNTile * kTileRows, two, uniform};
       ++step;
     }
 #else
@@ -552,7 +590,7 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
       const NextPanel* next = t == 0 && has_next ? &np : nullptr;
       (kv <= kQuantGroup / 2 ? micro_kernel<kSlots / 2> : micro_kernel<kSlots>)(
           pa.a_t.data() + i * kSlots * kTileRows, panel, pa.sa_t.data() + i * kTileRows, s.scale.data(),
-          s.totals.data() + t * kNTile * kTileRows, &dec, next);
+          totals + t * kNTile * kTileRows, &dec, next);
     }
 #endif
   }
@@ -567,9 +605,9 @@ inline __m256i bf16_of(__m512i u) { return _mm512_cvtepi32_epi16(bf16_bits16(u))
 
 // An item's totals ([tile][24 columns][16 rows]) -> out rows [row0, row0 + rows), columns
 // [n0, n0 + nc): 16x16 transposes, then one masked store per output row and 16 columns.
-void store_item(const Problem& p, const Scratch& s, int64_t row0, int64_t rows, int64_t n0, int64_t nc) {
+void store_item(const Problem& p, const float* totals, int64_t row0, int64_t rows, int64_t n0, int64_t nc) {
   for (int64_t t = 0; t * kTileRows < rows; ++t) {
-    const float* tt = s.totals.data() + t * kNTile * kTileRows;
+    const float* tt = totals + t * kNTile * kTileRows;
     for (int64_t c0 = 0; c0 < nc; c0 += 16) {
       __m512i v[16];
       for (int j = 0; j < 16; ++j)
@@ -587,17 +625,31 @@ void store_item(const Problem& p, const Scratch& s, int64_t row0, int64_t rows, 
   }
 }
 
-void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const WorkItem& w, Scratch& s) {
+// An item: rows [r0, r1) x the strips of kNTile columns in [n0, n1). With several strips the K
+// loop is cut into ranges of kb_step blocks, each run for every strip before the next (the
+// totals of all strips wait in s.strips): a's packed tiles for one range stay in L2 while the
+// strips use them, where the whole K of a 128-row item (1.8 MiB bf16 at K=7168) does not.
+void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const WorkItem& w, int64_t kb_step,
+                  Scratch& s) {
   const int64_t rows = w.r1 - w.r0, tiles = ceil_div(rows, kTileRows);
-  const int64_t nc = std::min(kNTile, p.N - w.n0);
-  const uint8_t* bg = p.b + (w.group * p.N + w.n0) * p.K;
+  const int64_t strips = ceil_div(w.n1 - w.n0, kNTile), strip_floats = kTilesPerItem * kNTile * kTileRows;
+  if (int64_t(s.strips.size()) < strips * strip_floats) s.strips.resize(size_t(strips * strip_floats));
+  std::fill(s.strips.begin(), s.strips.begin() + strips * strip_floats, 0.0f);
   const float* sbg = p.b_scale + w.group * p.NB * p.KB;
-  item_products(
-      dec, pa, tiles, nc, p.KB, [&](int64_t c, int64_t kb) { return bg + c * p.K + kb * kQuantGroup; },
-      [&](int64_t kb) { return std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup); },
-      [&](int64_t c, int64_t kb) { return sbg[((w.n0 + c) / kQuantGroup) * p.KB + kb]; },
-      [&](int64_t t, int64_t kb) { return (w.tile + t) * p.KB + kb; }, s);
-  store_item(p, s, w.r0, rows, w.n0, nc);
+  for (int64_t kb0 = 0; kb0 < p.KB; kb0 += kb_step) {
+    const int64_t kb1 = std::min(p.KB, kb0 + kb_step);
+    for (int64_t j = 0; j < strips; ++j) {
+      const int64_t n0 = w.n0 + j * kNTile, nc = std::min(kNTile, p.N - n0);
+      const uint8_t* bg = p.b + (w.group * p.N + n0) * p.K;
+      float* totals = s.strips.data() + j * strip_floats;
+      item_products(
+          dec, pa, tiles, nc, kb0, kb1, [&](int64_t c, int64_t kb) { return bg + c * p.K + kb * kQuantGroup; },
+          [&](int64_t kb) { return std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup); },
+          [&](int64_t c, int64_t kb) { return sbg[((n0 + c) / kQuantGroup) * p.KB + kb]; },
+          [&](int64_t t, int64_t kb) { return (w.tile + t) * p.KB + kb; }, totals, s);
+      if (kb1 == p.KB) store_item(p, totals, w.r0, rows, n0, nc);
+    }
+  }
 }
 #else
 struct PackedA {  // the used rows of a decoded to fp32, zero padded to Kp
@@ -1242,15 +1294,28 @@ void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
   PackedA pa;
   std::vector<WorkItem> items;
 #if LK_ISA >= 3
-  // 16-row tiles of every segment, then items of up to kTilesPerItem tiles x kNTile columns.
+  // 16-row tiles of every segment, then items of up to kTilesPerItem tiles x `strips` strips of
+  // kNTile columns: as many strips per item as leave each thread kItemsPerThread items.
+  constexpr int64_t kItemsPerThread = 16, kMaxStrips = 8;
+  constexpr int64_t kARangeBytes = int64_t(1) << 20;  // a's packed tiles per K range (L2: 2 MiB)
+  const int64_t item_rows = kTilesPerItem * kTileRows, n_strips = ceil_div(N, kNTile);
+  int64_t row_items = 0;
+  for (const Segment& s : segs) row_items += ceil_div(s.r1 - s.r0, item_rows);
+  const int64_t strips = std::clamp<int64_t>(row_items * n_strips / (kItemsPerThread * parallel_chunks(true)), 1,
+                                             kMaxStrips);
+  int64_t kb_step = KB;
+  if (strips > 1) {
+    const int64_t ranges = ceil_div(KB, std::max<int64_t>(1, kARangeBytes / (item_rows * kSlots * 4)));
+    kb_step = ceil_div(KB, ranges);
+  }
   std::vector<std::pair<int64_t, int64_t>> tiles;  // (first row, rows)
   for (const Segment& s : segs) {
     const int64_t first_tile = int64_t(tiles.size());
     for (int64_t r0 = s.r0; r0 < s.r1; r0 += kTileRows) tiles.push_back({r0, std::min<int64_t>(kTileRows, s.r1 - r0)});
-    for (int64_t r0 = s.r0; r0 < s.r1; r0 += kTilesPerItem * kTileRows)
-      for (int64_t n0 = 0; n0 < N; n0 += kNTile)
-        items.push_back({s.group, r0, std::min(s.r1, r0 + kTilesPerItem * kTileRows), n0,
-                         first_tile + (r0 - s.r0) / kTileRows});
+    for (int64_t r0 = s.r0; r0 < s.r1; r0 += item_rows)
+      for (int64_t n0 = 0; n0 < N; n0 += strips * kNTile)
+        items.push_back({s.group, r0, std::min(s.r1, r0 + item_rows), n0, first_tile + (r0 - s.r0) / kTileRows,
+                         std::min(N, n0 + strips * kNTile)});
   }
   const int64_t n_tiles = int64_t(tiles.size());
   pa.a_t.resize(size_t(n_tiles) * KB * kSlots * kTileRows);
@@ -1272,7 +1337,12 @@ void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
   }
 #endif
 
+#if LK_ISA >= 3
+  parallel_items(int64_t(items.size()),
+                 [&](int64_t it, Scratch& s) { process_item(p, dec, pa, items[size_t(it)], kb_step, s); });
+#else
   parallel_items(int64_t(items.size()), [&](int64_t it, Scratch& s) { process_item(p, dec, pa, items[size_t(it)], s); });
+#endif
 }
 
 }  // namespace

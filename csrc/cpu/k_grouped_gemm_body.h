@@ -82,13 +82,14 @@ void k_grouped_rows(const Problem& p, int64_t M, const std::vector<KGroup>& grou
     const ExpertGroups& eg = ranges[w.range];
     const int64_t rows = w.m1 - w.m0, nc = std::min(kNTile, p.N - w.n0), mt0 = w.m0 / kTileRows;
     const KGroup* grp = groups.data() + eg.g0;
+    std::fill(s.totals.begin(), s.totals.end(), 0.0f);
     item_products(
-        dec, pa, ceil_div(rows, kTileRows), nc, eg.g1 - eg.g0,
+        dec, pa, ceil_div(rows, kTileRows), nc, 0, eg.g1 - eg.g0,
         [&](int64_t c, int64_t j) { return p.b + (w.n0 + c) * p.K + grp[j].t0; },
         [&](int64_t j) { return grp[j].t1 - grp[j].t0; },
         [&](int64_t c, int64_t j) { return p.b_scale[(w.n0 + c) * p.KB + grp[j].col]; },
-        [&](int64_t t, int64_t j) { return (mt0 + t) * n_groups + eg.g0 + j; }, s);
-    store_item(p, s, eg.expert * M + w.m0, rows, w.n0, nc);
+        [&](int64_t t, int64_t j) { return (mt0 + t) * n_groups + eg.g0 + j; }, s.totals.data(), s);
+    store_item(p, s.totals.data(), eg.expert * M + w.m0, rows, w.n0, nc);
   });
 }
 #else
