@@ -31,8 +31,10 @@
 //    Bound at V2-Lite T=1 (6 experts x N=2816 x K=2048, 34.6 MB fp8): the DRAM read of the
 //    weights, ~1 ms at 37 GB/s on 2 Zen 4 cores; the decode costs ~12 vector ops per 64 bytes.
 //
-// 2. Row-tiled kernels (m larger: prefill), vectorised over rows. Work items are (group, row
-//    tile, column tile) from a shared counter.
+// 2. Row-tiled kernels (m larger: prefill), vectorised over rows. Work items are (group, rows,
+//    1-8 strips of kNTile columns) from a shared counter; an item of several strips runs its K
+//    loop in ranges (~1 MiB of a's packed tiles each), every strip per range, so a's tiles are
+//    read from L2 by all the strips (process_item).
 //    AVX512_BF16 path (Zen 4, Sapphire Rapids, ...): every e4m3 value is exact in bf16, so the
 //    products run on `vdpbf16ps` (32 multiply-adds per instruction, fp32 accumulate).
 //    - Each 16-row tile of a is decoded and transposed once per call into [k-pair][16 rows]
@@ -44,8 +46,8 @@
 //    - Weight rows of the next K blocks are prefetched while the current block computes.
 //    The micro-kernel runs at ~85% of the measured vdpbf16ps peak.
 //    AMX path (amx level: Sapphire Rapids+ with the Linux tile-data grant): the same packed a
-//    tiles and decoded weight panels (32 columns, 128-row items), the products on TDPBF16PS
-//    tiles (see "AMX" below): ~6x the vdpbf16ps kernel's rate on a 2-core Intel Xeon VM.
+//    tiles and decoded weight panels (32 columns, 256-row items), the products on TDPBF16PS
+//    tiles (see "AMX" below): ~7x the vdpbf16ps kernel's rate on a 2-core Intel Xeon VM.
 //    Other levels: rows decoded to fp32 (table), a 4x3 dot-product micro-kernel with 16-lane
 //    arrays that the compiler turns into the level's SIMD FMAs, same numerics.
 //
@@ -95,8 +97,10 @@ std::vector<Segment> segments(GemmLayout layout, const int32_t* groups, int64_t 
 constexpr int kTileRows = 16;           // rows per zmm (fp32 lanes)
 // weight columns per item: accumulators per tile (zmm levels), two 16-row AMX tiles (amx)
 constexpr int64_t kNTile = LK_ISA >= 4 ? 32 : 24;
-// rows per item (in 16-row tiles) that share one decoded weight panel: 64 (zmm levels), 128 (amx:
-// its tile products are cheap next to the panel decode; 256 rows ran slower)
+// rows per item (in 16-row tiles) that share one decoded weight panel: 64 (zmm levels), 256 (amx:
+// its tile products are cheap next to the panel decode and the weights' DRAM reads, which each
+// item repeats. Dense M=512 N=4096 K=7168 (2 cores, alternating runs): 128 rows 19.9 ms,
+// 256 rows 16.3-17.1 ms, 512 rows 17.6-17.8 ms; 256 rows before K ranges: 22.5-23.2 ms)
 constexpr int64_t kTilesPerItem = LK_ISA >= 4 ? 16 : 4;
 constexpr int kSlots = kQuantGroup / 2; // bf16 pairs per 128-wide K block
 constexpr int64_t kPrefetchBlocks = 4;  // how far ahead weight rows are prefetched
