@@ -607,23 +607,57 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
 // fp32 -> bf16 of 16 lanes (cpu/bf16_simd.h), packed.
 inline __m256i bf16_of(__m512i u) { return _mm512_cvtepi32_epi16(bf16_bits16(u)); }
 
-// An item's totals ([tile][24 columns][16 rows]) -> out rows [row0, row0 + rows), columns
-// [n0, n0 + nc): 16x16 transposes, then one masked store per output row and 16 columns.
-void store_item(const Problem& p, const float* totals, int64_t row0, int64_t rows, int64_t n0, int64_t nc) {
+// Columns per item at most (process_item, k_grouped_rows): strips of kNTile columns, at most this
+// many per item, so that their totals sit in L2 (8 x 32 KiB on amx).
+constexpr int64_t kMaxStrips = 8;
+
+// How many strips of kNTile columns an item takes: enough that each thread still gets 16 items.
+inline int64_t strips_per_item(int64_t row_items, int64_t N) {
+  return std::clamp<int64_t>(row_items * ceil_div(N, kNTile) / (16 * parallel_chunks(true)), 1, kMaxStrips);
+}
+
+// An item's totals (per strip j of kNTile columns: totals + j * strip_floats, [tile][kNTile
+// columns][16 rows]) -> out rows [row0, row0 + rows), columns [n0, n1): per 16-row tile, 16x16
+// transposes into an L1 stage, then each row's n1 - n0 columns written in whole 64-byte stores.
+// NOTES: row by row over all the item's columns, not strip by strip: every output row is its own
+// 4 KiB page at these widths, and a store per strip took a TLB miss per row and strip (nested
+// paging in a VM: costly). The k-grouped GEMM (E=8 T=4096 N_out=1408 K=2048, bf16 out, output
+// pre-faulted) spent ~10 ms of ~28 ms in the strip-wise stores.
+void store_item(const Problem& p, const float* totals, int64_t strip_floats, int64_t row0, int64_t rows, int64_t n0,
+                int64_t n1) {
+  const bool f32 = p.out_dtype == DType::f32;
+  const int64_t width = n1 - n0;
+  alignas(64) float stage[kTileRows][kMaxStrips * kNTile + 16];  // f32, or bf16 in its first half
   for (int64_t t = 0; t * kTileRows < rows; ++t) {
-    const float* tt = totals + t * kNTile * kTileRows;
-    for (int64_t c0 = 0; c0 < nc; c0 += 16) {
+    const int64_t tr = std::min<int64_t>(kTileRows, rows - t * kTileRows);
+    for (int64_t c = 0; c < width; c += (c % kNTile) + 16 < kNTile ? 16 : kNTile - c % kNTile) {
+      const int64_t j = c / kNTile, c0 = c % kNTile;  // strip j's columns c0.. (c0: 0 or 16)
+      const float* tt = totals + j * strip_floats + t * kNTile * kTileRows;
       __m512i v[16];
-      for (int j = 0; j < 16; ++j)
-        v[j] = c0 + j < kNTile ? _mm512_loadu_si512(tt + (c0 + j) * kTileRows) : _mm512_setzero_si512();
-      transpose16(v);  // v[r]: columns c0.. of the tile's row r
-      const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, nc - c0)) - 1);
-      for (int64_t r = 0; r < kTileRows && t * kTileRows + r < rows; ++r) {
-        const int64_t at = (row0 + t * kTileRows + r) * p.N + n0 + c0;
-        if (p.out_dtype == DType::f32)
-          _mm512_mask_storeu_ps(static_cast<float*>(p.out) + at, m, _mm512_castsi512_ps(v[r]));
+      for (int i = 0; i < 16; ++i)
+        v[i] = c0 + i < kNTile ? _mm512_loadu_si512(tt + (c0 + i) * kTileRows) : _mm512_setzero_si512();
+      transpose16(v);  // v[r]: columns c.. of the tile's row r
+      // columns past the strip (kNTile 24) are overwritten by the next strip's; past n1 not stored
+      for (int64_t r = 0; r < tr; ++r) {
+        if (f32)
+          _mm512_storeu_si512(&stage[r][c], v[r]);
         else
-          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.out) + at, m, bf16_of(v[r]));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(stage[r]) + c), bf16_of(v[r]));
+      }
+    }
+    for (int64_t r = 0; r < tr; ++r) {
+      const int64_t at = (row0 + t * kTileRows + r) * p.N + n0;
+      if (f32) {
+        float* dst = static_cast<float*>(p.out) + at;
+        for (int64_t c = 0; c < width; c += 16)
+          _mm512_mask_storeu_ps(dst + c, __mmask16(width - c >= 16 ? 0xffff : (1u << (width - c)) - 1),
+                                _mm512_load_ps(&stage[r][c]));
+      } else {
+        uint16_t* dst = static_cast<uint16_t*>(p.out) + at;
+        const uint16_t* src = reinterpret_cast<const uint16_t*>(stage[r]);
+        for (int64_t c = 0; c < width; c += 32)
+          _mm512_mask_storeu_epi16(dst + c, width - c >= 32 ? ~__mmask32(0) : __mmask32((1u << (width - c)) - 1),
+                                   _mm512_loadu_si512(src + c));
       }
     }
   }
@@ -651,9 +685,9 @@ void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const
           [&](int64_t kb) { return std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup); },
           [&](int64_t c, int64_t kb) { return sbg[((n0 + c) / kQuantGroup) * p.KB + kb]; },
           [&](int64_t t, int64_t kb) { return (w.tile + t) * p.KB + kb; }, totals, s);
-      if (kb1 == p.KB) store_item(p, totals, w.r0, rows, n0, nc);
     }
   }
+  store_item(p, s.strips.data(), strip_floats, w.r0, rows, w.n0, w.n1);
 }
 #else
 struct PackedA {  // the used rows of a decoded to fp32, zero padded to Kp
@@ -1300,13 +1334,11 @@ void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
 #if LK_ISA >= 3
   // 16-row tiles of every segment, then items of up to kTilesPerItem tiles x `strips` strips of
   // kNTile columns: as many strips per item as leave each thread kItemsPerThread items.
-  constexpr int64_t kItemsPerThread = 16, kMaxStrips = 8;
   constexpr int64_t kARangeBytes = int64_t(1) << 20;  // a's packed tiles per K range (L2: 2 MiB)
-  const int64_t item_rows = kTilesPerItem * kTileRows, n_strips = ceil_div(N, kNTile);
+  const int64_t item_rows = kTilesPerItem * kTileRows;
   int64_t row_items = 0;
   for (const Segment& s : segs) row_items += ceil_div(s.r1 - s.r0, item_rows);
-  const int64_t strips = std::clamp<int64_t>(row_items * n_strips / (kItemsPerThread * parallel_chunks(true)), 1,
-                                             kMaxStrips);
+  const int64_t strips = strips_per_item(row_items, N);
   int64_t kb_step = KB;
   if (strips > 1) {
     const int64_t ranges = ceil_div(KB, std::max<int64_t>(1, kARangeBytes / (item_rows * kSlots * 4)));

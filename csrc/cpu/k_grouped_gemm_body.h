@@ -45,19 +45,22 @@ std::vector<ExpertGroups> expert_ranges(const std::vector<KGroup>& groups) {
   return ranges;
 }
 
-// Work item: rows [m0, m1) of a, columns [n0, n0 + kNTile) of out, for one expert's groups.
+// Work item: rows [m0, m1) of a, columns [n0, n1) of out (strips of kNTile), for one expert's groups.
 struct KItem {
   size_t range;
-  int64_t m0, m1, n0;
+  int64_t m0, m1, n0, n1;
 };
 
-// Runs item(w, scratch) for every (expert, item_rows rows of a, kNTile columns) (parallel_items).
+// Runs item(w, scratch) for every (expert, item_rows rows of a, `strips` x kNTile columns)
+// (parallel_items).
 template <class Item>
-void for_each_k_item(const std::vector<ExpertGroups>& ranges, int64_t M, int64_t N, int64_t item_rows, Item item) {
+void for_each_k_item(const std::vector<ExpertGroups>& ranges, int64_t M, int64_t N, int64_t item_rows, int64_t strips,
+                     Item item) {
   std::vector<KItem> items;
   for (size_t e = 0; e < ranges.size(); ++e)
     for (int64_t m0 = 0; m0 < M; m0 += item_rows)
-      for (int64_t n0 = 0; n0 < N; n0 += kNTile) items.push_back({e, m0, std::min(M, m0 + item_rows), n0});
+      for (int64_t n0 = 0; n0 < N; n0 += strips * kNTile)
+        items.push_back({e, m0, std::min(M, m0 + item_rows), n0, std::min(N, n0 + strips * kNTile)});
   parallel_items(int64_t(items.size()), [&](int64_t it, Scratch& s) { item(items[size_t(it)], s); });
 }
 
@@ -78,18 +81,26 @@ void k_grouped_rows(const Problem& p, int64_t M, const std::vector<KGroup>& grou
     pack_a_block(dec, p.a + r0 * p.K + g.t0, p.K, rows, g.t1 - g.t0, pa.a_t.data() + i * kSlots * kTileRows);
     for (int r = 0; r < kTileRows; ++r) pa.sa_t[size_t(i * kTileRows + r)] = r < rows ? p.a_scale[(r0 + r) * p.KB + g.col] : 0.0f;
   }
-  for_each_k_item(ranges, M, p.N, kTilesPerItem * kTileRows, [&](const KItem& w, Scratch& s) {
+  const int64_t item_rows = kTilesPerItem * kTileRows;
+  const int64_t strips = strips_per_item(int64_t(ranges.size()) * ceil_div(M, item_rows), p.N);
+  const int64_t strip_floats = kTilesPerItem * kNTile * kTileRows;
+  for_each_k_item(ranges, M, p.N, item_rows, strips, [&](const KItem& w, Scratch& s) {
     const ExpertGroups& eg = ranges[w.range];
-    const int64_t rows = w.m1 - w.m0, nc = std::min(kNTile, p.N - w.n0), mt0 = w.m0 / kTileRows;
+    const int64_t rows = w.m1 - w.m0, mt0 = w.m0 / kTileRows, n_item = ceil_div(w.n1 - w.n0, kNTile);
     const KGroup* grp = groups.data() + eg.g0;
-    std::fill(s.totals.begin(), s.totals.end(), 0.0f);
-    item_products(
-        dec, pa, ceil_div(rows, kTileRows), nc, 0, eg.g1 - eg.g0,
-        [&](int64_t c, int64_t j) { return p.b + (w.n0 + c) * p.K + grp[j].t0; },
-        [&](int64_t j) { return grp[j].t1 - grp[j].t0; },
-        [&](int64_t c, int64_t j) { return p.b_scale[(w.n0 + c) * p.KB + grp[j].col]; },
-        [&](int64_t t, int64_t j) { return (mt0 + t) * n_groups + eg.g0 + j; }, s.totals.data(), s);
-    store_item(p, s.totals.data(), eg.expert * M + w.m0, rows, w.n0, nc);
+    if (int64_t(s.strips.size()) < n_item * strip_floats) s.strips.resize(size_t(n_item * strip_floats));
+    std::fill(s.strips.begin(), s.strips.begin() + n_item * strip_floats, 0.0f);
+    for (int64_t i = 0; i < n_item; ++i) {
+      const int64_t n0 = w.n0 + i * kNTile;
+      item_products(
+          dec, pa, ceil_div(rows, kTileRows), std::min(kNTile, p.N - n0), 0, eg.g1 - eg.g0,
+          [&](int64_t c, int64_t j) { return p.b + (n0 + c) * p.K + grp[j].t0; },
+          [&](int64_t j) { return grp[j].t1 - grp[j].t0; },
+          [&](int64_t c, int64_t j) { return p.b_scale[(n0 + c) * p.KB + grp[j].col]; },
+          [&](int64_t t, int64_t j) { return (mt0 + t) * n_groups + eg.g0 + j; }, s.strips.data() + i * strip_floats,
+          s);
+    }
+    store_item(p, s.strips.data(), strip_floats, eg.expert * M + w.m0, rows, w.n0, w.n1);
   });
 }
 #else
@@ -109,7 +120,7 @@ void k_grouped_rows(const Problem& p, int64_t M, const std::vector<KGroup>& grou
     for (int64_t m = 0; m < M; ++m)
       decode_groups(dec, p.a + m * p.K, groups.data() + eg.g0, eg.g1 - eg.g0, a_dec.data() + eg.g0 * M * kQuantGroup + m * Kp);
   }
-  for_each_k_item(ranges, M, p.N, kMTile, [&](const KItem& w, Scratch& s) {
+  for_each_k_item(ranges, M, p.N, kMTile, 1, [&](const KItem& w, Scratch& s) {
     const ExpertGroups& eg = ranges[w.range];
     const KGroup* grp = groups.data() + eg.g0;
     const int64_t KB = eg.g1 - eg.g0, Kp = KB * kQuantGroup, nc = std::min(kNTile, p.N - w.n0);
