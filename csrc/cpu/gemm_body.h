@@ -663,14 +663,19 @@ void store_item(const Problem& p, const float* totals, int64_t strip_floats, int
   }
 }
 
-// An item: rows [r0, r1) x the strips of kNTile columns in [n0, n1). With several strips the K
-// loop is cut into ranges of kb_step blocks, each run for every strip before the next (the
-// totals of all strips wait in s.strips): a's packed tiles for one range stay in L2 while the
-// strips use them, where the whole K of a 128-row item (1.8 MiB bf16 at K=7168) does not.
-void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const WorkItem& w, int64_t kb_step,
-                  Scratch& s) {
+// An item: rows [r0, r1) x the strips of kNTile columns in [n0, n1). With several strips and
+// more than kARangeBytes of a's packed tiles, the K loop is cut into ranges, each run for every
+// strip before the next (the totals of all strips wait in s.strips): a's tiles for one range
+// stay in L2 while the strips use them, where the whole K of a 256-row item (3.7 MiB bf16 at
+// K=7168) does not. Few rows (decode sizes on the tile kernel) keep one range: each strip's
+// weight rows stream whole, as the prefetches expect (ranges of 16 blocks made dense decode
+// T=4 N=4096 K=14336 ~1.5x slower).
+constexpr int64_t kARangeBytes = int64_t(1) << 20;
+void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const WorkItem& w, Scratch& s) {
   const int64_t rows = w.r1 - w.r0, tiles = ceil_div(rows, kTileRows);
   const int64_t strips = ceil_div(w.n1 - w.n0, kNTile), strip_floats = kTilesPerItem * kNTile * kTileRows;
+  const int64_t tile_block_bytes = kSlots * kTileRows * 4;  // one tile's packed a per K block
+  const int64_t kb_step = strips == 1 ? p.KB : ceil_div(p.KB, ceil_div(p.KB * tiles * tile_block_bytes, kARangeBytes));
   if (int64_t(s.strips.size()) < strips * strip_floats) s.strips.resize(size_t(strips * strip_floats));
   std::fill(s.strips.begin(), s.strips.begin() + strips * strip_floats, 0.0f);
   const float* sbg = p.b_scale + w.group * p.NB * p.KB;
@@ -1334,16 +1339,10 @@ void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
 #if LK_ISA >= 3
   // 16-row tiles of every segment, then items of up to kTilesPerItem tiles x `strips` strips of
   // kNTile columns: as many strips per item as leave each thread kItemsPerThread items.
-  constexpr int64_t kARangeBytes = int64_t(1) << 20;  // a's packed tiles per K range (L2: 2 MiB)
   const int64_t item_rows = kTilesPerItem * kTileRows;
   int64_t row_items = 0;
   for (const Segment& s : segs) row_items += ceil_div(s.r1 - s.r0, item_rows);
   const int64_t strips = strips_per_item(row_items, N);
-  int64_t kb_step = KB;
-  if (strips > 1) {
-    const int64_t ranges = ceil_div(KB, std::max<int64_t>(1, kARangeBytes / (item_rows * kSlots * 4)));
-    kb_step = ceil_div(KB, ranges);
-  }
   std::vector<std::pair<int64_t, int64_t>> tiles;  // (first row, rows)
   for (const Segment& s : segs) {
     const int64_t first_tile = int64_t(tiles.size());
@@ -1373,12 +1372,7 @@ void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
   }
 #endif
 
-#if LK_ISA >= 3
-  parallel_items(int64_t(items.size()),
-                 [&](int64_t it, Scratch& s) { process_item(p, dec, pa, items[size_t(it)], kb_step, s); });
-#else
   parallel_items(int64_t(items.size()), [&](int64_t it, Scratch& s) { process_item(p, dec, pa, items[size_t(it)], s); });
-#endif
 }
 
 }  // namespace
