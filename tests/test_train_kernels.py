@@ -272,21 +272,23 @@ def test_k_grouped_gemm_every_cpu_path():
         lk.set_cpu_path(old)
 
 
-def test_k_grouped_gemm_items_of_several_strips_every_cpu_path():
+@pytest.fixture(params=lk.cpu_paths())
+def cpu_path(request):
+    old = lk.cpu_path()
+    lk.set_cpu_path(request.param)
+    yield request.param
+    lk.set_cpu_path(old)
+
+
+def test_k_grouped_gemm_items_of_several_strips_every_cpu_path(cpu_path):
     """Wide outputs: each CPU work item covers several strips of columns (row tails, N tail,
     an empty expert), stored row by row (cpu/gemm_body.h store_item), f32 and bf16 out."""
     counts = [300, 0, 129, 77]
     dy, x, offs, a, sa, b, sb = _wgrad_operands(sum(counts), 270, 1100, counts, seed=16)
     want = ref.fp8_k_grouped_gemm(a, sa, b, sb, offs)
-    old = lk.cpu_path()
-    try:
-        for path in lk.cpu_paths():
-            lk.set_cpu_path(path)
-            _close(lk.fp8_k_grouped_gemm(a, sa, b, sb, offs), want)
-            got = lk.fp8_k_grouped_gemm(a, sa, b, sb, offs, out_dtype=torch.bfloat16)
-            torch.testing.assert_close(got, want.bfloat16(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
-    finally:
-        lk.set_cpu_path(old)
+    _close(lk.fp8_k_grouped_gemm(a, sa, b, sb, offs), want)
+    got = lk.fp8_k_grouped_gemm(a, sa, b, sb, offs, out_dtype=torch.bfloat16)
+    torch.testing.assert_close(got, want.bfloat16(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
 def test_k_grouped_gemm_bad_inputs(monkeypatch):
