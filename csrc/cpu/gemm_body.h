@@ -304,34 +304,22 @@ struct AmxPending {
   const float* sb;     // weight scale per column for the step's K block
   float* totals;       // the first a tile's totals ([kNTile][16 rows]; the second follows)
   bool two;
-  bool uniform;        // sb is the same for every column (dense and grouped items: one 128-column block)
 };
 
 // totals[t][c][16 rows] += C[t][c][16 rows] * (sa[t][16 rows] * sb[c]) for columns [c0, c1).
 // NOTES: out of line: inlined into item_products, GCC 12 kept the loop counter and the
 // pointers in stack slots (register pressure), ~5% of dense M=512 in alternating runs.
-// NOTES: with one sb for the item's columns (p.uniform), sa * sb is one multiply per a tile
-// instead of one per column: the same values, half the vector arithmetic, which on the AMX
-// machine does not overlap the tile products.
 __attribute__((noinline)) void amx_scale_columns(const AmxPending& p, int c0, int c1) {
   const float* __restrict sb = p.sb;
   for (int t = 0; t < 1 + int(p.two); ++t) {
     const __m512 sav = _mm512_loadu_ps(p.sa[t]);
     const float* __restrict cb = p.cbuf + t * kNTile * kTileRows;
     float* __restrict tt = p.totals + t * kNTile * kTileRows;
-    if (p.uniform) {
-      const __m512 s = _mm512_mul_ps(sav, _mm512_set1_ps(sb[0]));
 #pragma GCC unroll 8
-      for (int c = c0; c < c1; ++c)
-        _mm512_storeu_ps(tt + c * kTileRows,
-                         _mm512_fmadd_ps(_mm512_loadu_ps(cb + c * kTileRows), s, _mm512_loadu_ps(tt + c * kTileRows)));
-    } else {
-#pragma GCC unroll 8
-      for (int c = c0; c < c1; ++c)
-        _mm512_storeu_ps(tt + c * kTileRows, _mm512_fmadd_ps(_mm512_loadu_ps(cb + c * kTileRows),
-                                                             _mm512_mul_ps(sav, _mm512_set1_ps(sb[c])),
-                                                             _mm512_loadu_ps(tt + c * kTileRows)));
-    }
+    for (int c = c0; c < c1; ++c)
+      _mm512_storeu_ps(tt + c * kTileRows, _mm512_fmadd_ps(_mm512_loadu_ps(cb + c * kTileRows),
+                                                           _mm512_mul_ps(sav, _mm512_set1_ps(sb[c])),
+                                                           _mm512_loadu_ps(tt + c * kTileRows)));
   }
 }
 
@@ -505,11 +493,17 @@ struct Scratch {
   AlignedVec<uint32_t> panel = AlignedVec<uint32_t>(2 * kNTile * kSlots);  // this block's and the next's
   // the block's weight scale per column (amx: this block's and the previous one's, alternating)
   std::vector<float> scale = std::vector<float>((LK_ISA >= 4 ? 2 : 1) * kNTile);
-  AlignedVec<float> totals = AlignedVec<float>(kTilesPerItem * kNTile * kTileRows);
-  AlignedVec<float> strips;  // process_item: totals of each strip of the item
+  AlignedVec<float> strips;  // the item's totals: kTilesPerItem x kNTile x 16 floats per strip (zeroed)
 #if LK_ISA >= 4
   alignas(64) float cbuf[2][2 * kNTile * kTileRows];  // C tiles of the last two steps
 #endif
+  static constexpr int64_t kStripFloats = kTilesPerItem * kNTile * kTileRows;
+  // Zeroed totals for n strips (strip j at + j * kStripFloats).
+  float* zeroed_strips(int64_t n) {
+    if (int64_t(strips.size()) < n * kStripFloats) strips.resize(size_t(n * kStripFloats));
+    std::fill(strips.begin(), strips.begin() + n * kStripFloats, 0.0f);
+    return strips.data();
+  }
 };
 
 // The K loop of one item over blocks [kb0, KB): totals[tile][kNTile columns][16 rows] += each
@@ -568,13 +562,8 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
     if (has_next) np = block_panel(kb + 1);
 #if LK_ISA >= 4
     // The weight scales alternate between two halves: the previous block's are still in use.
-    // Columns past nc (zero products, never stored) repeat the last column's scale.
     float* scale = s.scale.data() + (kb & 1) * kNTile;
-    bool uniform = true;
-    for (int64_t c = 0; c < kNTile; ++c) {
-      scale[c] = c < nc ? sb_of(c, kb) : scale[nc - 1];
-      uniform = uniform && scale[c] == scale[0];
-    }
+    for (int64_t c = 0; c < kNTile; ++c) scale[c] = c < nc ? sb_of(c, kb) : 0.0f;
     // Two a tiles per step; each step's C tiles are scaled into the totals during the next.
     for (int64_t t = 0; t < tiles; t += 2) {
       const bool two = t + 1 < tiles;
@@ -584,7 +573,7 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
                kv <= kQuantGroup / 2, step > 0 ? &pending : nullptr, dec, t == 0 && has_next ? &np : nullptr,
                cbuf_out);
       pending = {cbuf_out, {pa.sa_t.data() + i0 * kTileRows, pa.sa_t.data() + i1 * kTileRows}, scale,
-                 totals + t * kNTile * kTileRows, two, uniform};
+                 totals + t * kNTile * kTileRows, two};
       ++step;
     }
 #else
@@ -616,15 +605,14 @@ inline int64_t strips_per_item(int64_t row_items, int64_t N) {
   return std::clamp<int64_t>(row_items * ceil_div(N, kNTile) / (16 * parallel_chunks(true)), 1, kMaxStrips);
 }
 
-// An item's totals (per strip j of kNTile columns: totals + j * strip_floats, [tile][kNTile
+// An item's totals (per strip j of kNTile columns: totals + j * Scratch::kStripFloats, [tile][kNTile
 // columns][16 rows]) -> out rows [row0, row0 + rows), columns [n0, n1): per 16-row tile, 16x16
 // transposes into an L1 stage, then each row's n1 - n0 columns written in whole 64-byte stores.
 // NOTES: row by row over all the item's columns, not strip by strip: every output row is its own
 // 4 KiB page at these widths, and a store per strip took a TLB miss per row and strip (nested
 // paging in a VM: costly). The k-grouped GEMM (E=8 T=4096 N_out=1408 K=2048, bf16 out, output
 // pre-faulted) spent ~10 ms of ~28 ms in the strip-wise stores.
-void store_item(const Problem& p, const float* totals, int64_t strip_floats, int64_t row0, int64_t rows, int64_t n0,
-                int64_t n1) {
+void store_item(const Problem& p, const float* totals, int64_t row0, int64_t rows, int64_t n0, int64_t n1) {
   const bool f32 = p.out_dtype == DType::f32;
   const int64_t width = n1 - n0;
   alignas(64) float stage[kTileRows][kMaxStrips * kNTile + 16];  // f32, or bf16 in its first half
@@ -632,7 +620,7 @@ void store_item(const Problem& p, const float* totals, int64_t strip_floats, int
     const int64_t tr = std::min<int64_t>(kTileRows, rows - t * kTileRows);
     for (int64_t c = 0; c < width; c += (c % kNTile) + 16 < kNTile ? 16 : kNTile - c % kNTile) {
       const int64_t j = c / kNTile, c0 = c % kNTile;  // strip j's columns c0.. (c0: 0 or 16)
-      const float* tt = totals + j * strip_floats + t * kNTile * kTileRows;
+      const float* tt = totals + j * Scratch::kStripFloats + t * kNTile * kTileRows;
       __m512i v[16];
       for (int i = 0; i < 16; ++i)
         v[i] = c0 + i < kNTile ? _mm512_loadu_si512(tt + (c0 + i) * kTileRows) : _mm512_setzero_si512();
@@ -673,18 +661,17 @@ void store_item(const Problem& p, const float* totals, int64_t strip_floats, int
 constexpr int64_t kARangeBytes = int64_t(1) << 20;
 void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const WorkItem& w, Scratch& s) {
   const int64_t rows = w.r1 - w.r0, tiles = ceil_div(rows, kTileRows);
-  const int64_t strips = ceil_div(w.n1 - w.n0, kNTile), strip_floats = kTilesPerItem * kNTile * kTileRows;
+  const int64_t strips = ceil_div(w.n1 - w.n0, kNTile);
   const int64_t tile_block_bytes = kSlots * kTileRows * 4;  // one tile's packed a per K block
   const int64_t kb_step = strips == 1 ? p.KB : ceil_div(p.KB, ceil_div(p.KB * tiles * tile_block_bytes, kARangeBytes));
-  if (int64_t(s.strips.size()) < strips * strip_floats) s.strips.resize(size_t(strips * strip_floats));
-  std::fill(s.strips.begin(), s.strips.begin() + strips * strip_floats, 0.0f);
+  float* const totals0 = s.zeroed_strips(strips);
   const float* sbg = p.b_scale + w.group * p.NB * p.KB;
   for (int64_t kb0 = 0; kb0 < p.KB; kb0 += kb_step) {
     const int64_t kb1 = std::min(p.KB, kb0 + kb_step);
     for (int64_t j = 0; j < strips; ++j) {
       const int64_t n0 = w.n0 + j * kNTile, nc = std::min(kNTile, p.N - n0);
       const uint8_t* bg = p.b + (w.group * p.N + n0) * p.K;
-      float* totals = s.strips.data() + j * strip_floats;
+      float* totals = totals0 + j * Scratch::kStripFloats;
       item_products(
           dec, pa, tiles, nc, kb0, kb1, [&](int64_t c, int64_t kb) { return bg + c * p.K + kb * kQuantGroup; },
           [&](int64_t kb) { return std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup); },
@@ -692,7 +679,7 @@ void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const
           [&](int64_t t, int64_t kb) { return (w.tile + t) * p.KB + kb; }, totals, s);
     }
   }
-  store_item(p, s.strips.data(), strip_floats, w.r0, rows, w.n0, w.n1);
+  store_item(p, totals0, w.r0, rows, w.n0, w.n1);
 }
 #else
 struct PackedA {  // the used rows of a decoded to fp32, zero padded to Kp
@@ -1338,7 +1325,7 @@ void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
   std::vector<WorkItem> items;
 #if LK_ISA >= 3
   // 16-row tiles of every segment, then items of up to kTilesPerItem tiles x `strips` strips of
-  // kNTile columns: as many strips per item as leave each thread kItemsPerThread items.
+  // kNTile columns (strips_per_item).
   const int64_t item_rows = kTilesPerItem * kTileRows;
   int64_t row_items = 0;
   for (const Segment& s : segs) row_items += ceil_div(s.r1 - s.r0, item_rows);

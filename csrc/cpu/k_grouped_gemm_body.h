@@ -83,13 +83,11 @@ void k_grouped_rows(const Problem& p, int64_t M, const std::vector<KGroup>& grou
   }
   const int64_t item_rows = kTilesPerItem * kTileRows;
   const int64_t strips = strips_per_item(int64_t(ranges.size()) * ceil_div(M, item_rows), p.N);
-  const int64_t strip_floats = kTilesPerItem * kNTile * kTileRows;
   for_each_k_item(ranges, M, p.N, item_rows, strips, [&](const KItem& w, Scratch& s) {
     const ExpertGroups& eg = ranges[w.range];
     const int64_t rows = w.m1 - w.m0, mt0 = w.m0 / kTileRows, n_item = ceil_div(w.n1 - w.n0, kNTile);
     const KGroup* grp = groups.data() + eg.g0;
-    if (int64_t(s.strips.size()) < n_item * strip_floats) s.strips.resize(size_t(n_item * strip_floats));
-    std::fill(s.strips.begin(), s.strips.begin() + n_item * strip_floats, 0.0f);
+    float* const totals = s.zeroed_strips(n_item);
     for (int64_t i = 0; i < n_item; ++i) {
       const int64_t n0 = w.n0 + i * kNTile;
       item_products(
@@ -97,10 +95,9 @@ void k_grouped_rows(const Problem& p, int64_t M, const std::vector<KGroup>& grou
           [&](int64_t c, int64_t j) { return p.b + (n0 + c) * p.K + grp[j].t0; },
           [&](int64_t j) { return grp[j].t1 - grp[j].t0; },
           [&](int64_t c, int64_t j) { return p.b_scale[(n0 + c) * p.KB + grp[j].col]; },
-          [&](int64_t t, int64_t j) { return (mt0 + t) * n_groups + eg.g0 + j; }, s.strips.data() + i * strip_floats,
-          s);
+          [&](int64_t t, int64_t j) { return (mt0 + t) * n_groups + eg.g0 + j; }, totals + i * Scratch::kStripFloats, s);
     }
-    store_item(p, s.strips.data(), strip_floats, eg.expert * M + w.m0, rows, w.n0, w.n1);
+    store_item(p, totals, eg.expert * M + w.m0, rows, w.n0, w.n1);
   });
 }
 #else
