@@ -326,6 +326,44 @@ def test_bad_inputs_masked(monkeypatch):
         lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, mm.float())
 
 
+def test_scale_shapes_checked_on_the_common_path():
+    """The wrappers' one-expression check of plain CPU operands (gemm._operands) lets nothing
+    through that the full checks reject: each scale off by one block, in any dim, raises and
+    names the argument; Parameters as weights pass."""
+    a, sa, b, sb, offs = _bad_setup()  # a [20, 256], b [2, 64, 256]: 2 K blocks, 1 N block
+    for bad_sa in (torch.ones(20, 3), torch.ones(21, 2), torch.ones(20, 2, 1)):
+        with pytest.raises(ValueError, match="a_scale must have shape"):
+            lk.fp8_grouped_gemm(a, bad_sa, b, sb, offs)
+    for bad_sb in (torch.ones(2, 1, 3), torch.ones(2, 2, 2), torch.ones(3, 1, 2), torch.ones(1, 2)):
+        with pytest.raises(ValueError, match="b_scale must have shape"):
+            lk.fp8_grouped_gemm(a, sa, b, bad_sb, offs)
+    with pytest.raises(ValueError, match="b_scale must have shape"):
+        lk.fp8_gemm(a, sa, b[0], torch.ones(2, 2))
+    with pytest.raises(ValueError, match="a_scale must have shape"):
+        lk.fp8_grouped_gemm_masked(a.view(2, 10, 256), torch.ones(2, 10, 1), b, sb, offs)
+    wp, sp = torch.nn.Parameter(b, requires_grad=False), torch.nn.Parameter(sb, requires_grad=False)
+    want = lk.fp8_grouped_gemm(a, sa, b, sb, offs)
+    assert torch.equal(lk.fp8_grouped_gemm(a, sa, wp, sp, offs), want)
+
+
+def test_debug_switch_follows_the_environment(monkeypatch):
+    """LEANKERNELS_DEBUG is read on every call: set, "0", "" and unset at run time."""
+    from leankernels import _checks
+    monkeypatch.delenv("LEANKERNELS_DEBUG", raising=False)
+    assert not _checks.debug()
+    for value, on in (("1", True), ("0", False), ("", False), ("yes", True)):
+        monkeypatch.setenv("LEANKERNELS_DEBUG", value)
+        assert _checks.debug() is on, value
+    monkeypatch.delenv("LEANKERNELS_DEBUG")
+    assert not _checks.debug()
+    a, sa, b, sb, _ = _bad_setup()
+    bad = torch.tensor([12, 8], dtype=torch.int32)
+    lk.fp8_grouped_gemm(a, sa, b, sb, bad)  # unchecked: clamped by the kernel
+    monkeypatch.setenv("LEANKERNELS_DEBUG", "1")
+    with pytest.raises(ValueError, match="offs must be non-decreasing"):
+        lk.fp8_grouped_gemm(a, sa, b, sb, bad)
+
+
 @requires_cuda
 def test_bad_inputs_devices():
     a, sa, b, sb, offs = _bad_setup()

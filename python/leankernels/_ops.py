@@ -524,9 +524,9 @@ MLA_LATENT, MLA_DIM, MLA_FP8_BYTES = 512, 576, 656
 
 
 def _mla_debug() -> bool:
-    import os
+    from ._checks import debug
 
-    return os.environ.get("LEANKERNELS_DEBUG", "0") not in ("", "0")
+    return debug()
 
 
 def _mla_error_flag(t: torch.Tensor, debug: bool):

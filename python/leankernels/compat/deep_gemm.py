@@ -40,7 +40,6 @@ per-expert alignment of DeepGEMM (128 rows) is not required.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -250,7 +249,7 @@ def _out(d: torch.Tensor, shape: tuple, device) -> torch.Tensor:
 def _debug(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
-    return t.device.type == "cpu" or os.environ.get("LEANKERNELS_DEBUG", "0") not in ("", "0")
+    return t.device.type == "cpu" or _checks.debug()
 
 
 # ------------------------------------------------------------------------------ the GEMMs
