@@ -153,6 +153,40 @@ def test_decode_nan_codes_and_subnormals_safe_scales_every_path(cpu_path, flush,
         assert ((got[r, cols] - want[r, cols]).abs() <= 1e-6 * mag[r, cols]).all(), (r, cols)
 
 
+@pytest.mark.parametrize("counts", [[1, 0, 1, 1], [2, 0, 1, 2]])
+@pytest.mark.parametrize("N,K", [(141, 2000), (2816, 2048), (77, 1408)])
+def test_decode_few_rows_four_streams_every_path(cpu_path, N, K, counts):
+    """One or two rows per expert with short weight rows (K <= 4096): work items inside one
+    128-row weight block walk their columns as four quarters at once (gemm_body.h
+    decode_spread), the last quarter short where the item's width is not a multiple of 4 (N=141:
+    an item of 13 columns; N=77: 77 = 4 x 20 - 3); items that straddle a block row walk one
+    stream. Hostile bytes in several quarters: a NaN code beside finite scales, +-subnormal
+    weights, an Inf and a > 2**100 scale product (the exact-order walk), a K tail (K=2000)."""
+    E, M = len(counts), sum(counts)
+    a, sa = lk.quantize_fp8(randn(M, K, seed=31))
+    b, sb = _weights(E, N, K, 32)
+    bu = b.view(torch.uint8)
+    q = min(N, 32) // 4  # a quarter of the first item (32 columns or fewer)
+    bu[0, 3 * q + 1, 5] = 0x7F                                     # expert 0, last quarter: NaN
+    bu[2, q + 2, :] = (torch.arange(K) % 7 + 1 | (torch.arange(K) % 2 * 128)).to(torch.uint8)  # 2nd quarter: subnormals
+    bu[3, N - 1, K - 1] = 0xFF                                     # last column, in the K tail
+    r2, r3 = counts[0], counts[0] + counts[2]                      # expert 2's row, expert 3's first row
+    sa[r2, 0] = float("inf")                                       # expert 2's row: +-inf / NaN outputs
+    sa[r3, 1] = 2.0 ** 101 / sb[3, 0, 1]                           # expert 3, first block row: exact order
+    offs = torch.tensor(counts).cumsum(0).int()
+    want = ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32)
+    assert want[:counts[0], 3 * q + 1].isnan().all() and want[r3:, N - 1].isnan().all()
+    assert not want[r3:, :N - 1].isnan().any() and want[r3, :min(N - 1, 128)].abs().max() > 2.0 ** 100
+    for out_dtype in (torch.float32, torch.bfloat16):
+        got = lk.fp8_grouped_gemm(a, sa, b, sb, offs, out=poison(torch.empty(M, N, dtype=out_dtype)))
+        if out_dtype is torch.float32:
+            _close(got, want)
+        else:
+            fin = torch.isfinite(want)
+            assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isfinite(got), fin)
+            torch.testing.assert_close(got[fin].float(), want[fin].bfloat16().float(), rtol=1e-2, atol=0)
+
+
 def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:

@@ -1004,9 +1004,11 @@ inline void scale_block(DV (&blk)[MR][NC], const float* sa, int64_t sa_stride, f
 // kChains: the out-of-order window overlaps consecutive blocks' chains); the scale is precomputed.
 // kChecked: every chunk checked for NaN codes (ChunkDecoder::operator()); else the walk flags
 // them (NanMark) and, having met one, is redone checked. Unsafe scales always run checked.
-template <int MR, int NC, bool kSafe, bool kChecked = !kSafe>
+// kSpread: the NC weight rows are far apart (decode_spread: one stream each), so each prefetches
+// its own next row (K bytes on) and, into L2, `far` bytes on; else the next group of NC rows.
+template <int MR, int NC, bool kSafe, bool kChecked = !kSafe, bool kSpread = false>
 void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, const Problem& p, const DV* a_dec,
-                const float* sa, const float* sbrow, const float* sc, Totals& tot, Exact& exact) {
+                const float* sa, const float* sbrow, const float* sc, Totals& tot, Exact& exact, int64_t far) {
 #if LK_ISA >= 3
   // NOTES: a local copy, so the byte tables stay in registers: read through the reference,
   // they were reloaded for every chunk (the loop's rare paths store to memory), which more than
@@ -1019,7 +1021,9 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NC; ++c) t[r][c] = dv_zero();
   const int64_t per_row = p.KB * kVB;
-  const int64_t ahead = NC * p.K;  // prefetch distance: the next group (2-8 KiB further: no gain)
+  // prefetch distance: the next group (2-8 KiB further: no gain), or each stream's next row
+  const int64_t ahead = kSpread ? p.K : NC * p.K;
+  constexpr int kHint = kSpread ? kPrefetchHint<1> : kPrefetchHint<NC>;
   NanMark nan;
   // NOTES: with one row and one weight row, two partial sums per block (then added): one sum
   // made a block of the fp32 levels a chain of 8-16 dependent FMAs, which bound the avx2 path
@@ -1062,11 +1066,14 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
       src[c] = col[c] + k0;
       // NOTES: the next group of NC weight rows (NC * K bytes on), same block: the streams of a
       // group are short (K bytes each) and the hardware prefetcher would start each cold.
-      __builtin_prefetch(src[c] + ahead, 0, kPrefetchHint<NC>);
-      __builtin_prefetch(src[c] + ahead + 64, 0, kPrefetchHint<NC>);
+      __builtin_prefetch(src[c] + ahead, 0, kHint);
+      __builtin_prefetch(src[c] + ahead + 64, 0, kHint);
       if constexpr (NC == 1) {  // and into L2 16 rows on (see kPrefetchHint)
         __builtin_prefetch(src[c] + 16 * ahead, 0, 2);
         __builtin_prefetch(src[c] + 16 * ahead + 64, 0, 2);
+      } else if constexpr (kSpread) {  // and into L2 `far` bytes on
+        __builtin_prefetch(src[c] + far, 0, 2);
+        __builtin_prefetch(src[c] + far + 64, 0, 2);
       }
     }
     block(kb, src);
@@ -1079,7 +1086,7 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
     block(whole, src);
   }
   if (!kChecked && __builtin_expect(nan.any(), 0)) {  // a NaN code: the walk again, checked
-    fused_rows<MR, NC, kSafe, true>(dec, col, c0, p, a_dec, sa, sbrow, sc, tot, exact);
+    fused_rows<MR, NC, kSafe, true, kSpread>(dec, col, c0, p, a_dec, sa, sbrow, sc, tot, exact, far);
     return;
   }
   for (int r = 0; r < MR; ++r)
@@ -1196,7 +1203,7 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
       constexpr int MR = decltype(mr)::value, NCF = MR <= 2 ? NC : (NC >= 2 ? 2 : 1);
       for (int c = 0; c < NC; c += NCF)
         (sc_safe ? fused_rows<MR, NCF, true> : fused_rows<MR, NCF, false>)(dec, col + c, c, p, a_dec, sa0, sbrow, sc,
-                                                                            tot, exact);
+                                                                            tot, exact, 0);
     };
     if (m == 1) {
       fused(std::integral_constant<int, 1>{});
@@ -1237,6 +1244,67 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
 #endif
     for (int64_t r = 0; r < m; ++r)
       for (int c = 0; c < nc; ++c) store_out(p, seg.r0 + r, c0 + c, dv_hsum(tot[r][c]) + exact[r][c]);
+  }
+}
+
+// One or two rows of a (m <= 2) against short weight rows (K <= 4096), output columns [n0, n1)
+// inside one 128-row weight block: the columns are cut in four contiguous quarters walked
+// together, one weight row of each at a time, so the weights stream from four places at once.
+// NOTES: one stream (one row after the other, or four adjacent rows: K <= 4 KiB apart) leaves
+// the memory side idle between the prefetcher's requests. A stand-alone loop on one core of
+// the 2-core Intel Xeon VM (this kernel's inner loop, K=2048, 600 MB of weights): one stream
+// 10.4-12.2 GB/s, four adjacent rows 10.3-11.7, four streams 14.1-14.7 (a plain one-stream read:
+// 13-14; streams >= 2 rows apart all ~14). In the kernel, 2 threads, cold, 2 MiB pages: V2-Lite
+// gate/up T=1 24-26 -> 28-29 GB/s, 0.82-0.87 -> 0.96-1.01 of a read of the same experts
+// (BENCHMARKS.md). 3-4 rows stay with decode_item (bound by their dot products there).
+constexpr int64_t kSpreadMin = 8;  // fewer columns: decode_item
+template <int MR>
+void decode_spread(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, const Segment& seg, int64_t n0,
+                   int64_t n1, float* sc) {
+  constexpr int NC = 4;
+  const int64_t width = n1 - n0, quarter = ceil_div(width, NC);
+  const uint8_t* bg = p.b + seg.group * p.N * p.K;
+  const float* sbrow = p.b_scale + (seg.group * p.NB + n0 / kQuantGroup) * p.KB;
+  const float* sa0 = p.a_scale + seg.r0 * p.KB;
+  bool safe = true;  // the rows' block scales for this weight block row (see decode_item)
+  for (int r = 0; r < MR; ++r)
+    for (int64_t kb = 0; kb < p.KB; ++kb) {
+      const float s = sa0[r * p.KB + kb] * sbrow[kb];
+      safe = safe && std::fabs(s) <= kSafeScale;
+      sc[r * p.KB + kb] = s * kFix;
+    }
+  alignas(64) DV sums[kQuantGroup];  // one row: each column's lanes, in column order
+  float extra[kQuantGroup];
+  Totals tot;
+  Exact exact;
+  for (int64_t i = 0; i < quarter; ++i) {
+    int64_t cols[NC];
+    int nc = 0;
+    for (int j = 0; j < NC; ++j)
+      if (n0 + i + j * quarter < n1) cols[nc++] = n0 + i + j * quarter;
+    const uint8_t* col[NC];
+    for (int j = 0; j < NC; ++j) col[j] = bg + cols[std::min(j, nc - 1)] * p.K;  // a short quarter repeats
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NC; ++j) tot[r][j] = dv_zero(), exact[r][j] = 0.0f;
+    (safe ? fused_rows<MR, NC, true, false, true> : fused_rows<MR, NC, false, true, true>)(
+        dec, col, 0, p, a_dec, sa0, sbrow, sc, tot, exact, width * p.K);  // far: the next item's rows
+    if constexpr (MR == 1) {
+      for (int j = 0; j < nc; ++j) sums[cols[j] - n0] = tot[0][j], extra[cols[j] - n0] = exact[0][j];
+    } else {
+      for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < nc; ++j) store_out(p, seg.r0 + r, cols[j], dv_hsum(tot[r][j]) + exact[r][j]);
+    }
+  }
+  if constexpr (MR == 1) {
+#if LK_ISA >= 2
+    Sums16 s16;  // see Sums16
+    for (int64_t c = 0; c < width; ++c) {
+      s16.add(sums[c], extra[c]);
+      if (s16.n == 16 || c + 1 == width) s16.flush(p, seg.r0, n0 + c + 1 - s16.n);
+    }
+#else
+    for (int64_t c = 0; c < width; ++c) store_out(p, seg.r0, n0 + c, dv_hsum(sums[c]) + extra[c]);
+#endif
   }
 }
 
@@ -1291,8 +1359,17 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
         const int64_t it = sh.next.fetch_add(1, std::memory_order_relaxed);
         if (it >= sh.end) break;
         const Segment& seg = segs[size_t(items[it].first)];
-        (p.K <= 4096 && seg.r1 - seg.r0 == 1 ? decode_item<1> : decode_item<4>)(p, dec, a_dec + first[size_t(items[it].first)] * per_row, seg,
-                                                        items[it].second, std::min(p.N, items[it].second + cols), sc.data());
+        const int64_t n0 = items[it].second, n1 = std::min(p.N, n0 + cols);
+        const DV* a_seg = a_dec + first[size_t(items[it].first)] * per_row;
+        const int64_t m = seg.r1 - seg.r0;
+        const bool spread = p.K <= 4096 && m <= std::min(2, kFusedRows) && n1 - n0 >= kSpreadMin &&
+                            n0 / kQuantGroup == (n1 - 1) / kQuantGroup;
+        if (spread && m == 1)
+          decode_spread<1>(p, dec, a_seg, seg, n0, n1, sc.data());
+        else if (spread)
+          decode_spread<std::min(2, kFusedRows)>(p, dec, a_seg, seg, n0, n1, sc.data());
+        else
+          (p.K <= 4096 && m == 1 ? decode_item<1> : decode_item<4>)(p, dec, a_seg, seg, n0, n1, sc.data());
       }
     }
   }
