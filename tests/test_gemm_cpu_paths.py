@@ -153,10 +153,10 @@ def test_decode_nan_codes_and_subnormals_safe_scales_every_path(cpu_path, flush,
         assert ((got[r, cols] - want[r, cols]).abs() <= 1e-6 * mag[r, cols]).all(), (r, cols)
 
 
-@pytest.mark.parametrize("counts", [[1, 0, 1, 1], [2, 0, 1, 2]])
+@pytest.mark.parametrize("counts", [[1, 0, 1, 1], [2, 0, 1, 2], [3, 0, 1, 4]])
 @pytest.mark.parametrize("N,K", [(141, 2000), (2816, 2048), (77, 1408)])
 def test_decode_few_rows_four_streams_every_path(cpu_path, N, K, counts):
-    """One or two rows per expert with short weight rows (K <= 4096): work items inside one
+    """One to four rows per expert with short weight rows (K <= 4096): work items inside one
     128-row weight block walk their columns as four quarters at once (gemm_body.h
     decode_spread), the last quarter short where the item's width is not a multiple of 4 (N=141:
     an item of 13 columns; N=77: 77 = 4 x 20 - 3); items that straddle a block row walk one

@@ -1247,7 +1247,7 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
   }
 }
 
-// One or two rows of a (m <= 2) against short weight rows (K <= 4096), output columns [n0, n1)
+// One to four rows of a (m <= kFusedRows) against short weight rows (K <= 4096), columns [n0, n1)
 // inside one 128-row weight block: the columns are cut in four contiguous quarters walked
 // together, one weight row of each at a time, so the weights stream from four places at once.
 // NOTES: one stream (one row after the other, or four adjacent rows: K <= 4 KiB apart) leaves
@@ -1256,7 +1256,8 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
 // 10.4-12.2 GB/s, four adjacent rows 10.3-11.7, four streams 14.1-14.7 (a plain one-stream read:
 // 13-14; streams >= 2 rows apart all ~14). In the kernel, 2 threads, cold, 2 MiB pages: V2-Lite
 // gate/up T=1 24-26 -> 28-29 GB/s, 0.82-0.87 -> 0.96-1.01 of a read of the same experts
-// (BENCHMARKS.md). 3-4 rows stay with decode_item (bound by their dot products there).
+// (BENCHMARKS.md); 2 rows per expert 20-21 -> 25 GB/s; 3-4 rows (bound by their dot products,
+// walked two streams at a time) 15-18 -> 15-19.
 constexpr int64_t kSpreadMin = 8;  // fewer columns: decode_item
 template <int MR>
 void decode_spread(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, const Segment& seg, int64_t n0,
@@ -1286,8 +1287,10 @@ void decode_spread(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, c
     for (int j = 0; j < NC; ++j) col[j] = bg + cols[std::min(j, nc - 1)] * p.K;  // a short quarter repeats
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NC; ++j) tot[r][j] = dv_zero(), exact[r][j] = 0.0f;
-    (safe ? fused_rows<MR, NC, true, false, true> : fused_rows<MR, NC, false, true, true>)(
-        dec, col, 0, p, a_dec, sa0, sbrow, sc, tot, exact, width * p.K);  // far: the next item's rows
+    constexpr int NCF = MR <= 2 ? NC : 2;  // 3-4 rows: two streams at a time (registers, see decode_item)
+    for (int c = 0; c < NC; c += NCF)
+      (safe ? fused_rows<MR, NCF, true, false, true> : fused_rows<MR, NCF, false, true, true>)(
+          dec, col + c, c, p, a_dec, sa0, sbrow, sc, tot, exact, width * p.K);  // far: the next item's rows
     if constexpr (MR == 1) {
       for (int j = 0; j < nc; ++j) sums[cols[j] - n0] = tot[0][j], extra[cols[j] - n0] = exact[0][j];
     } else {
@@ -1362,12 +1365,16 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
         const int64_t n0 = items[it].second, n1 = std::min(p.N, n0 + cols);
         const DV* a_seg = a_dec + first[size_t(items[it].first)] * per_row;
         const int64_t m = seg.r1 - seg.r0;
-        const bool spread = p.K <= 4096 && m <= std::min(2, kFusedRows) && n1 - n0 >= kSpreadMin &&
+        const bool spread = p.K <= 4096 && m <= kFusedRows && n1 - n0 >= kSpreadMin &&
                             n0 / kQuantGroup == (n1 - 1) / kQuantGroup;
         if (spread && m == 1)
           decode_spread<1>(p, dec, a_seg, seg, n0, n1, sc.data());
-        else if (spread)
+        else if (spread && m == 2)
           decode_spread<std::min(2, kFusedRows)>(p, dec, a_seg, seg, n0, n1, sc.data());
+        else if (spread && m == 3)
+          decode_spread<std::min(3, kFusedRows)>(p, dec, a_seg, seg, n0, n1, sc.data());
+        else if (spread)
+          decode_spread<kFusedRows>(p, dec, a_seg, seg, n0, n1, sc.data());
         else
           (p.K <= 4096 && m == 1 ? decode_item<1> : decode_item<4>)(p, dec, a_seg, seg, n0, n1, sc.data());
       }
