@@ -11,9 +11,11 @@
 //    so the kernel's job is to decode each weight byte once, cheaply, and use it for all m rows.
 //    Work items are (segment, ~64 KiB of weight rows) in memory order; each thread walks its
 //    own contiguous share of them (one long stream for the hardware prefetcher), then takes
-//    what is left of the others' shares. Weight rows are walked along K one at a time (one
-//    row of a and K <= 4096: one sequential sweep) or four at a time (longer rows, or more
-//    rows of a: each load of a serves four weight rows),
+//    what is left of the others' shares. Weight rows are walked along K four at a time, each
+//    load of a serving four weight rows: with K <= 4096 and 1-4 rows of a, one row from each
+//    quarter of the item (decode_spread: four weight streams per thread, which the memory side
+//    serves ~1.3x faster than one), else four adjacent rows (K > 4096: already four streams);
+//    items that straddle a 128-row weight block with one row of a walk one row at a time,
 //    the next weight rows prefetched (kPrefetchHint): each 128-wide block is decoded into
 //    registers and used at once (m <= 4 on the zmm levels; 3-4 rows walk 2 weight rows at a
 //    time) or decoded into a 4-block L1 panel that register tiles of 2 rows reuse. Lanes
@@ -1159,8 +1161,9 @@ struct Sums16 {
 #endif
 
 // Output columns [n0, n1) of one small segment; a_dec: its rows, decoded. NC weight rows are
-// walked along K together. NOTES: one row at a time reads memory in one sequential sweep (the
-// best for one row of a against short rows, K <= 4096: +25% at V2-Lite's K=2048), but for long
+// walked along K together (decode_spread walks most short-row items since; this handles the
+// rest). NOTES: one row at a time reads memory in one sequential sweep (better than four
+// adjacent rows for one row of a against short rows, K <= 4096: +25% at V2-Lite's K=2048), but for long
 // rows a's decoded row no longer stays in L1 beside the stream, and 4 rows sharing each a load
 // win (+45% at K=14336). With 2+ rows of a the dot products weigh more than the stream: 4
 // weight rows at a time there too (8 experts x m rows, K=2048, after a cache flush, the same
