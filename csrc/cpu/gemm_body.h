@@ -1160,6 +1160,19 @@ struct Sums16 {
 };
 #endif
 
+// sc[r * KB + kb] = a_scale[r][kb] * b_scale[kb] * kFix for rows [0, m) of a (from sa0) against one
+// weight block row (sbrow); true when every |product| <= kSafeScale (see fused_rows' kSafe).
+inline bool block_row_scales(const Problem& p, const float* sa0, const float* sbrow, int64_t m, float* sc) {
+  bool safe = true;
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t kb = 0; kb < p.KB; ++kb) {
+      const float s = sa0[r * p.KB + kb] * sbrow[kb];
+      safe = safe && std::fabs(s) <= kSafeScale;
+      sc[r * p.KB + kb] = s * kFix;
+    }
+  return safe;
+}
+
 // Output columns [n0, n1) of one small segment; a_dec: its rows, decoded. NC weight rows are
 // walked along K together (decode_spread walks most short-row items since; this handles the
 // rest). NOTES: one row at a time reads memory in one sequential sweep (better than four
@@ -1193,13 +1206,7 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
     const float* sa0 = p.a_scale + seg.r0 * p.KB;
     if (m <= kFusedRows && sbrow != sc_row) {  // the rows' block scales for this weight block row
       sc_row = sbrow;
-      sc_safe = true;
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t kb = 0; kb < p.KB; ++kb) {
-          const float s = sa0[r * p.KB + kb] * sbrow[kb];
-          sc_safe = sc_safe && std::fabs(s) <= kSafeScale;
-          sc[r * p.KB + kb] = s * kFix;
-        }
+      sc_safe = block_row_scales(p, sa0, sbrow, m, sc);
     }
     // the register path: MR rows, the NC weight rows together (MR <= 2), else two at a time
     const auto fused = [&](auto mr) {
@@ -1270,13 +1277,7 @@ void decode_spread(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, c
   const uint8_t* bg = p.b + seg.group * p.N * p.K;
   const float* sbrow = p.b_scale + (seg.group * p.NB + n0 / kQuantGroup) * p.KB;
   const float* sa0 = p.a_scale + seg.r0 * p.KB;
-  bool safe = true;  // the rows' block scales for this weight block row (see decode_item)
-  for (int r = 0; r < MR; ++r)
-    for (int64_t kb = 0; kb < p.KB; ++kb) {
-      const float s = sa0[r * p.KB + kb] * sbrow[kb];
-      safe = safe && std::fabs(s) <= kSafeScale;
-      sc[r * p.KB + kb] = s * kFix;
-    }
+  const bool safe = block_row_scales(p, sa0, sbrow, MR, sc);
   alignas(64) DV sums[kQuantGroup];  // one row: each column's lanes, in column order
   float extra[kQuantGroup];
   Totals tot;

@@ -523,10 +523,7 @@ from typing import Optional  # noqa: E402  (Python 3.9: torch evaluates op annot
 MLA_LATENT, MLA_DIM, MLA_FP8_BYTES = 512, 576, 656
 
 
-def _mla_debug() -> bool:
-    from ._checks import debug
-
-    return debug()
+from ._checks import debug as _mla_debug  # noqa: E402  (LEANKERNELS_DEBUG, read on every call)
 
 
 def _mla_error_flag(t: torch.Tensor, debug: bool):
