@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Sanitizer job (.ci/run calls it): builds the CPU module with ASan + UBSan and runs the CPU
-# test suite under the preloaded runtimes, once per CPU kernel path this machine can run.
+# test suite under the preloaded runtimes: all of it on the first CPU kernel path (the best this
+# machine runs), then the kernel test files (scripts/kernel_tests.sh) on each other path.
 # Fails on the first pytest failure, or on any sanitizer report ("runtime error:" from UBSan,
 # "ERROR: AddressSanitizer" from ASan) in the logs, even from a run that pytest passed.
 #
 #   bash scripts/sanitize.sh                     # everything (CI)
 #   SAN_PATHS="avx2 generic" bash scripts/sanitize.sh   # only these LEANKERNELS_CPU paths
+#   SAN_FULL=all ...                             # the whole suite on every path (SAN_FULL=first:
+#                                                  the default above)
 #   SAN_PYTEST_ARGS="-k routing" bash scripts/sanitize.sh  # extra pytest args (a subset)
 #   SAN_SKIP_BUILD=1 ...                         # reuse $SAN_BUILD_DIR as it is
 #
@@ -25,6 +28,11 @@
 #                        asserts that a machine with nvcc on PATH built the CUDA kernels
 #                        (`info --check`); this build is CPU-only on purpose. `info` itself
 #                        runs below under the sanitizers instead.
+# NOTES: the whole suite once, the kernel files per path: the CPU paths differ only in the
+# kernels (cpu/variants.h), and the rest of the suite (the bench runner's quick mode alone is
+# ~165 s of a ~355 s run on a 2-core VM) drives those kernels through the same ops. Five full
+# runs made this job ~2100 s of a ~3000 s CI run; tests/test_gemm_cpu_paths.py, which switches
+# paths itself, runs in the full run only.
 # CUDA tests skip by themselves (CPU-only build). tests/test_hostile_inputs.py runs each case
 # in a child process; the children inherit LD_PRELOAD and the options (a child without the
 # preload could not even import the sanitized module), so a report there aborts the child,
@@ -133,9 +141,15 @@ echo "sanitize: CPU paths: ${PATHS[*]}"
 # ------------------------------------------------------------------------------ test runs
 SKIP=(--ignore=tests/test_sass.py --ignore=tests/test_readme.py --deselect tests/test_cli.py::test_info_reports_build_and_device)
 read -r -a EXTRA <<<"${SAN_PYTEST_ARGS:-}"
+source "$ROOT/scripts/kernel_tests.sh"  # KERNEL_TESTS
+read -r -a KERNEL_FILES <<<"$(echo $KERNEL_TESTS)"
 SUMMARY=()
 status=0
+first=1
 for path in "${PATHS[@]}"; do
+  files=(tests)
+  if [ "$first" = 0 ] && [ "${SAN_FULL:-first}" != all ]; then files=("${KERNEL_FILES[@]}"); fi
+  first=0
   t0=$(date +%s)
   out="$LOG_ROOT/$path/pytest.log"
   mkdir -p "$LOG_ROOT/$path"
@@ -143,13 +157,14 @@ for path in "${PATHS[@]}"; do
   if [ "$path" != default ]; then cpu_env=(LEANKERNELS_CPU="$path"); fi
   echo "== sanitize: CPU path $path"
   set +e
-  san "$path" env "${cpu_env[@]}" "$PY" -m pytest -q -x -p no:cacheprovider --durations=5 tests "${SKIP[@]}" "${EXTRA[@]}" \
+  san "$path" env "${cpu_env[@]}" "$PY" -m pytest -q -x -p no:cacheprovider --durations=5 "${files[@]}" "${SKIP[@]}" "${EXTRA[@]}" \
     2>&1 | tee "$out"
   rc=${PIPESTATUS[0]}
   set -e
   n=$(reports "$path")
   last=$(tail -1 "$out" | tr -s '=' ' ')  # pytest's summary line
-  SUMMARY+=("$(printf '%-11s pytest rc %-3s sanitizer reports %-3s %4s s  %s' "$path" "$rc" "$n" "$(elapsed "$t0")" "$last")")
+  what=$([ "${files[0]}" = tests ] && echo "suite " || echo "kernels")
+  SUMMARY+=("$(printf '%-11s %s pytest rc %-3s sanitizer reports %-3s %4s s  %s' "$path" "$what" "$rc" "$n" "$(elapsed "$t0")" "$last")")
   if [ "$n" != 0 ]; then
     echo "sanitize: $n log(s) with sanitizer reports on path $path:" >&2
     grep -l -E "$REPORT_RE" "$LOG_ROOT/$path"/* | while read -r f; do
