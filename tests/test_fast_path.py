@@ -363,7 +363,7 @@ def test_moe_inference_forward_runs_the_shared_experts_beside_the_routed(monkeyp
     experts, or a SwiGLU subclass with its own forward, gets the module called."""
     m = _nn_moe(seed=45)
     H = NN_CFG.hidden_size
-    real = _ops.moe_decode_impl
+    real = _ops._C.moe_decode
     with torch.no_grad():
         for T in (1, 5):
             x = randn(T, H, seed=46 + T, dtype=torch.bfloat16)
@@ -371,7 +371,7 @@ def test_moe_inference_forward_runs_the_shared_experts_beside_the_routed(monkeyp
             fused = []
             with counting(monkeypatch, "quantize_fp8") as q, counting(monkeypatch, "fp8_gemm") as g, \
                     monkeypatch.context() as mp:
-                mp.setattr(_ops, "moe_decode_impl", lambda *a: fused.append(a[0].shape[0]) or real(*a))
+                mp.setattr(_ops._C, "moe_decode", lambda *a: fused.append(a[2]) or real(*a))
                 got = m(x)
             assert q == {"op": 0, "impl": 0} and g == {"op": 0, "impl": 0}, (T, q, g)
             assert fused == [T]

@@ -139,8 +139,8 @@ def test_moe_fused_decode_equals_op_by_op(monkeypatch, dtype, shared, gate):
     fused, ops = MoE.from_float(pm, dtype=dtype), _OpByOpMoE.from_float(pm, dtype=dtype)
     assert (fused.shared_experts is not None) == shared
     calls = []
-    real = _ops.moe_decode_impl
-    monkeypatch.setattr(_ops, "moe_decode_impl", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    real = _ops._C.moe_decode
+    monkeypatch.setattr(_ops._C, "moe_decode", lambda *a: calls.append(a[2]) or real(*a))
     with torch.inference_mode():
         for T, xdt in ((1, torch.bfloat16), (2, torch.float32), (5, torch.bfloat16), (16, torch.float32),
                        (17, torch.bfloat16)):
@@ -148,7 +148,129 @@ def test_moe_fused_decode_equals_op_by_op(monkeypatch, dtype, shared, gate):
             fused(x)                                  # the first forward checks route's arguments
             got, want = fused(x), ops(x)
             assert got.dtype == dtype and torch.equal(got, want), (T, xdt)
+            got2 = fused(x.view(1, T, -1))            # prepared per input shape (_Prepared)
+            assert got2.shape == (1, T, cfg.hidden_size) and torch.equal(got2[0], want), (T, xdt)
     assert sorted(set(calls)) == [1, 2, 5, 16]   # every call after the first, up to 16 tokens
+    assert calls.count(1) == 2 and calls.count(16) == 3   # (the first forward of all: the public ops)
+
+
+def test_moe_prepared_decode_follows_every_change(monkeypatch):
+    """The prepared one-call forward (layers._Prepared) runs only while what it was prepared
+    from holds: re-bound or reloaded weights (setattr, the module's dicts as loaders write them,
+    ``.data =``, ``_apply``), a new out dtype, a hook on the shared experts, grad mode with a
+    weight that requires grad. Each change gives the result of the changed layer (against the
+    op-by-op forward of a layer built from the same weights), never a stale one; each output is
+    a fresh tensor."""
+    from leankernels import _ops
+
+    pm, pm2 = _block(seed=51).mlp, _block(seed=52).mlp
+    m = MoE.from_float(pm)
+    other = MoE.from_float(pm2)
+    calls = []
+    real = _ops._C.moe_decode
+    monkeypatch.setattr(_ops._C, "moe_decode", lambda *a: calls.append(1) or real(*a))
+    x = randn(1, 1, CFG.hidden_size, seed=53, dtype=torch.bfloat16)
+
+    with torch.no_grad():
+        ref = _OpByOpMoE.from_float(pm)
+        m(x)
+        outs = [m(x) for _ in range(3)]
+        assert len({o.data_ptr() for o in outs}) == 3 and all(torch.equal(o, outs[0]) for o in outs)
+        base = ref(x)
+        assert torch.equal(outs[0], base)
+        n = len(calls)
+        poison = outs[0].clone()
+        outs[1].fill_(float("nan"))                # an output the caller keeps: not reused
+        assert torch.equal(m(x), base) and torch.equal(outs[0], poison) and len(calls) == n + 1
+
+        def check(expected, label):
+            assert torch.equal(m(x), expected), label
+            assert torch.equal(m(x), expected), label   # and again, once re-prepared
+
+        # weights re-bound or reloaded: results follow the new weights
+        for name in ("w13", "w2", "w13_scale", "w2_scale"):
+            old = getattr(m, name)
+            m._buffers[name] = getattr(other, name).clone()          # as loaders write them
+            assert not torch.equal(m(x), base), name
+            m._buffers[name] = old
+            check(base, name)
+            setattr(m, name, getattr(other, name).clone())           # setattr
+            assert not torch.equal(m(x), base), name
+            setattr(m, name, old)
+            check(base, name)
+        old = m.gate_weight.data
+        m.gate_weight.data = other.gate_weight.data.clone()          # .data = (same Parameter)
+        mixed = _OpByOpMoE.from_float(pm)
+        mixed.gate_weight.data = other.gate_weight.data.clone()
+        check(mixed(x), "gate .data")
+        m.gate_weight.data = old
+        check(base, "gate back")
+        sw = m.shared_experts.gate_up_proj
+        old = sw.weight
+        sw.weight = other.shared_experts.gate_up_proj.weight.clone()
+        mixed = _OpByOpMoE.from_float(pm)
+        mixed.shared_experts.gate_up_proj.weight = other.shared_experts.gate_up_proj.weight.clone()
+        check(mixed(x), "shared gate_up")
+        sw.weight = old
+        check(base, "shared back")
+        sh = m.shared_experts
+        m.shared_experts = other.shared_experts
+        mixed = _OpByOpMoE.from_float(pm)
+        mixed.shared_experts = other.shared_experts
+        check(mixed(x), "shared module")
+        m.shared_experts = sh
+        check(base, "shared module back")
+        # the output dtype
+        m.dtype = torch.float32
+        got = m(x)
+        assert got.dtype == torch.float32
+        ref32 = _OpByOpMoE.from_float(pm)
+        ref32.dtype = torch.float32
+        assert torch.equal(got, ref32(x))
+        m.dtype = torch.bfloat16
+        check(base, "dtype back")
+        # _apply: a dtype cast of the buffers re-binds them
+        m.float()   # fp8 buffers stay fp8 only if _apply skips them: either way the result follows
+        try:
+            got = m(x)
+        except Exception as e:  # the checked path's error is fine; a crash or a stale result is not
+            got = e
+        m2 = MoE.from_float(pm)
+        m2.float()
+        try:
+            exp = m2(x)
+        except Exception as e:
+            exp = e
+        if isinstance(exp, torch.Tensor):
+            assert torch.equal(got, exp)
+        else:
+            assert type(got) is type(exp)
+    # a hook on the shared experts runs (the prepared call would skip it)
+    m = MoE.from_float(pm)
+    seen = []
+    with torch.no_grad():
+        m(x)
+        m(x)
+        h = m.shared_experts.register_forward_hook(lambda mod, i, o: seen.append(1))
+        assert torch.equal(m(x), base) and seen == [1]
+        h.remove()
+        assert torch.equal(m(x), base) and seen == [1]
+    # the layer's class changed (a subclass with its own route): its route runs
+    with torch.no_grad():
+        n = len(calls)
+        m.__class__ = _OpByOpMoE
+        assert torch.equal(m(x), base) and len(calls) == n
+        m.__class__ = MoE
+        assert torch.equal(m(x), base) and len(calls) == n + 1
+    # grad mode and a weight that requires grad: the checked path decides (as before)
+    m.gate_weight.requires_grad_(True)
+    with torch.enable_grad():
+        n = len(calls)
+        try:
+            r = m(x)
+        except Exception:
+            r = None
+        assert len(calls) == n or (r is not None and torch.equal(r.detach(), base))
 
 
 def test_moe_from_weights_matches_from_float_and_bf16_out():

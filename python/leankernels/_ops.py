@@ -267,19 +267,27 @@ def moe_decode_impl(x, gate_w, bias, top_k, sigmoid, n_group, topk_group, renorm
     T, H = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    E, I = gate_w.shape[0], w2.shape[2]
     out = torch.empty(T, H, dtype=out_dtype)
-    ws = [t if t.is_contiguous() else t.contiguous() for t in (gate_w, w13, s13, w2, s2)]
-    if shared is None:
-        sp, Is = (0, 0, 0, 0), 0
-    else:
-        ws += [t if t.is_contiguous() else t.contiguous() for t in shared[:4]]   # alive through the call
-        sp, Is = tuple(t.data_ptr() for t in ws[5:]), shared[2].shape[1]
-    _C.moe_decode(x.data_ptr(), _DTYPE_CODES[x.dtype], T, H, x.stride(0), ws[0].data_ptr(), E, top_k, sigmoid,
-                  0 if bias is None else bias.data_ptr(), n_group, topk_group, renormalize, scale,
-                  ws[1].data_ptr(), ws[2].data_ptr(), I, ws[3].data_ptr(), ws[4].data_ptr(), sp[0], sp[1], Is,
-                  sp[2], sp[3], out.data_ptr(), _DTYPE_CODES[out_dtype])
+    ws = [t if t.is_contiguous() else t.contiguous() for t in (gate_w, w13, s13, w2, s2)]  # alive through the call
+    if shared is not None:
+        ws += [t if t.is_contiguous() else t.contiguous() for t in shared[:4]]
+    mid, post = moe_decode_args(x.dtype, T, H, x.stride(0), bias, top_k, sigmoid, n_group, topk_group, renormalize,
+                                scale, ws, None if shared is None else shared[2].shape[1], out_dtype)
+    _C.moe_decode(x.data_ptr(), *mid, out.data_ptr(), *post)
     return out
+
+
+def moe_decode_args(x_dtype, T, H, x_stride, bias, top_k, sigmoid, n_group, topk_group, renormalize, scale, ws,
+                    Is, out_dtype):
+    """``_C.moe_decode``'s arguments between x's pointer and out's, and after out's: ws are the
+    contiguous (gate_w, w13, s13, w2, s2[, shared gate_up, its scales, down, its scales]), Is the
+    shared experts' intermediate size (None: no shared experts)."""
+    E, I = ws[0].shape[0], ws[3].shape[2]
+    sp = (0, 0, 0, 0) if Is is None else tuple(t.data_ptr() for t in ws[5:9])
+    mid = (_DTYPE_CODES[x_dtype], T, H, x_stride, ws[0].data_ptr(), E, top_k, sigmoid,
+           0 if bias is None else bias.data_ptr(), n_group, topk_group, renormalize, scale, ws[1].data_ptr(),
+           ws[2].data_ptr(), I, ws[3].data_ptr(), ws[4].data_ptr(), sp[0], sp[1], Is or 0, sp[2], sp[3])
+    return mid, (_DTYPE_CODES[out_dtype],)
 
 
 def moe_experts_impl(x, ids, weights, w13, s13, w2, s2):

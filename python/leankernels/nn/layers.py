@@ -98,6 +98,89 @@ def _cpu_rows(x: torch.Tensor) -> bool:
     return x.is_cpu and x.dtype in _FLOATS
 
 
+# NOTES: a module's eager CPU inference forward at decode sizes is prepared once per input shape
+# and dtype (_Prepared): its C++ call's arguments resolved, its output tensors allocated in
+# batches. After a cache flush every distinct torch attribute or function a call touches costs
+# ~15-25 us (its code and the objects' memory come from DRAM, in a VM through two levels of cold
+# page tables): V2-Lite's MoE layer at batch 1 (2-core Xeon VM, medians of 60 flushed calls)
+# spent ~1.3 ms of ~5.5 ms in the Python around its one C++ call (each operand's checks, the
+# 9 weights' pointers, torch.empty); the prepared call checks what can change between calls.
+_PREPARED_SHAPES = 4          # input shapes one module keeps prepared calls for
+_OUT_BATCH_BYTES = 256 << 10  # outputs allocated at once (each its own storage), at most this many bytes
+_MISSING = object()
+
+
+def _link(module: nn.Module, name: str):
+    """(the dict that holds module's attribute `name`, name, its value): parameters, buffers,
+    submodules or plain attributes, as nn.Module looks them up."""
+    for d in (module.__dict__.get("_parameters"), module.__dict__.get("_buffers"), module.__dict__.get("_modules")):
+        if d is not None and name in d:
+            return d, name, d[name]
+    return module.__dict__, name, module.__dict__.get(name, _MISSING)
+
+
+class _Prepared:
+    """One module's eager CPU inference forward for one input shape and dtype as one C++ call
+    ``leankernels._C.<fn>(x pointer, *mid, out pointer, *post)`` with arguments resolved once. ``run`` returns
+    None, for the caller's checked path, when anything it was prepared from changed: an
+    attribute, parameter, buffer or submodule re-bound (``links``: each must still hold the same
+    object, also when set through the module's dicts, as loaders and ``_apply`` do), a weight's
+    data pointer moved (``.data =``), a module of ``typed`` with another class or (but the first,
+    whose hooks its caller runs) a forward hook, or grad mode with a weight that requires grad. Each output is a fresh tensor (the batch holds only unused ones)."""
+
+    __slots__ = ("links", "tensors", "ptrs", "typed", "fn", "mid", "post", "shape", "out_dtype", "outs")
+
+    def __init__(self, links, tensors, modules, fn, mid, post, shape, out_dtype):
+        self.links, self.tensors = tuple(links), tuple(tensors)
+        self.typed = tuple((m, type(m), i > 0) for i, m in enumerate(modules))
+        self.ptrs = tuple(t.data_ptr() for t in self.tensors)
+        self.fn, self.mid, self.post = fn, mid, post
+        self.shape, self.out_dtype, self.outs = tuple(shape), out_dtype, []
+
+    def run(self, x: torch.Tensor):
+        """The forward of x (a plain contiguous CPU tensor of the prepared shape and dtype, which
+        the caller checked, with _ops.direct(x) true), or None."""
+        for d, k, v in self.links:
+            if d.get(k, _MISSING) is not v:
+                return None
+        for t, p in zip(self.tensors, self.ptrs):
+            if t.data_ptr() != p:
+                return None
+        for m, cls, hooks in self.typed:
+            if type(m) is not cls or (hooks and not _no_hooks(m)):
+                return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors):
+            return None
+        outs = self.outs
+        if not outs:
+            numel = 1
+            for n in self.shape:
+                numel *= n
+            count = max(1, min(16, _OUT_BATCH_BYTES // max(1, numel * self.out_dtype.itemsize)))
+            outs.extend(torch.empty(self.shape, dtype=self.out_dtype, device=_ops._CPU) for _ in range(count))
+        out = outs.pop()
+        getattr(_ops._C, self.fn)(x.data_ptr(), *self.mid, out.data_ptr(), *self.post)
+        return out
+
+
+def _run_prepared(module: nn.Module, x: torch.Tensor):
+    """module's prepared forward of x (see _Prepared), or None."""
+    prepared = module.__dict__.get("_prepared")
+    if not prepared or type(x) is not torch.Tensor:
+        return None
+    p = prepared.get((x.shape, x.dtype))
+    if p is None or not (x.is_cpu and x.is_contiguous() and _ops.direct(x)):
+        return None
+    return p.run(x)
+
+
+def _keep_prepared(module: nn.Module, key, p: _Prepared) -> None:
+    prepared = module.__dict__.setdefault("_prepared", {})
+    if len(prepared) >= _PREPARED_SHAPES:
+        prepared.clear()
+    prepared[key] = p
+
+
 # NOTES: at most this many tokens, the router's logits come from gate_logits (a C++ fp32 GEMV
 # over the [E, H] gate weight, each weight row meeting every token once in L1) instead of
 # x.float() and F.linear: V2-Lite batch 1 after a cache flush ~150 -> ~30 us. Above, torch's
@@ -526,6 +609,9 @@ class MoE(nn.Module):
         return counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _run_prepared(self, x)
+        if out is not None:
+            return out
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -534,7 +620,7 @@ class MoE(nn.Module):
             raise ValueError(f"x must have last dim hidden_size={self.cfg.hidden_size}; got shape {tuple(shape)}")
         if not self.trainable:
             _no_grad_needed(self, x)
-        out = None if self.trainable else self._eager_cpu(x2)
+        out = None if self.trainable else self._eager_cpu(x2, shape)
         if out is None:
             weights, ids = self.route(x2)
             if not _ops._is_compiling():
@@ -548,7 +634,7 @@ class MoE(nn.Module):
         # one add: torch adds bf16/fp16 in fp32 and rounds once, as (a.float() + b.float()).to(dt)
         return out + sh if sh.dtype == out.dtype else (out.float() + sh.float()).to(self.dtype)
 
-    def _eager_cpu(self, x2: torch.Tensor) -> torch.Tensor | None:
+    def _eager_cpu(self, x2: torch.Tensor, shape=None) -> torch.Tensor | None:
         """The inference forward of rows x2 [T, H] through the ops' implementations (route,
         plan, permute + quantize, GEMM, SiLU x up + quantize, GEMM, unpermute; the shared
         experts' steps beside the routed ones), or None where it does not apply (see the NOTES
@@ -574,9 +660,14 @@ class MoE(nn.Module):
             # order as the steps below, bitwise the same result: V2-Lite batch 1 after a cache
             # flush (2-core Intel Xeon VM) spent ~0.7 ms of its ~4.2 ms in the Python steps and
             # their allocations around the four weight streams.
-            return _ops.moe_decode_impl(x2, gw, bias, k, cfg.scoring_func == "sigmoid", cfg.n_group, cfg.topk_group,
-                                        cfg.norm_topk_prob, float(cfg.routed_scaling_factor), w13, s13, w2, s2,
-                                        None if sh_module is None else sw, self.dtype)
+            args = (k, cfg.scoring_func == "sigmoid", cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
+                    float(cfg.routed_scaling_factor))
+            p = self._prepare(x2, shape, args, sw) if shape is not None else None
+            out = None if p is None else p.run(x2)
+            if out is not None:
+                return out
+            return _ops.moe_decode_impl(x2, gw, bias, *args, w13, s13, w2, s2, None if sh_module is None else sw,
+                                        self.dtype)
         logits = _ops.gate_logits_impl(x2, gw.contiguous()) if T <= _GATE_ROWS else F.linear(x2.float(), gw)
         weights, ids = _ops.route_impl(logits, k, cfg.scoring_func == "sigmoid", bias, cfg.n_group, cfg.topk_group,
                                        cfg.norm_topk_prob, float(cfg.routed_scaling_factor))
@@ -603,6 +694,28 @@ class MoE(nn.Module):
         if sh_module is None:
             return out
         return self._add_shared(out, sh_module(x2) if sh is None else sh)
+
+    def _prepare(self, x2: torch.Tensor, shape, args, sw) -> _Prepared | None:
+        """The prepared one-call forward (moe_decode) for inputs of x's shape and dtype, kept for
+        the next calls; None where an operand is not contiguous (the call then copies it)."""
+        gw, bias, sh = self.gate_weight, self.e_score_correction_bias, self.shared_experts
+        ws = [gw, self.w13, self.w13_scale, self.w2, self.w2_scale]
+        links = [_link(self, n) for n in ("dtype", "cfg", "gate_weight", "e_score_correction_bias", "w13", "w13_scale",
+                                          "w2", "w2_scale", "w13_master", "w2_master", "shared_experts")]
+        if sh is not None:
+            gp, dp = sh.gate_up_proj, sh.down_proj
+            ws += list(sw[:4])
+            links += [_link(sh, "gate_up_proj"), _link(sh, "down_proj")]
+            links += [_link(m, n) for m in (gp, dp) for n in ("weight", "weight_scale_inv", "bias", "master_weight", "dtype")]
+        if not (x2.is_contiguous() and all(t.is_contiguous() for t in ws)) or any(v is _MISSING for _, _, v in links):
+            return None
+        T, H = x2.shape
+        mid, post = _ops.moe_decode_args(x2.dtype, T, H, H, bias, *args, ws, None if sh is None else sw[2].shape[1],
+                                         self.dtype)
+        p = _Prepared(links, ws + ([] if bias is None else [bias]), [self] + ([] if sh is None else [sh]), "moe_decode",
+                      mid, post, shape, self.dtype)
+        _keep_prepared(self, (shape, x2.dtype), p)
+        return p
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in list(self.parameters()) + list(self.buffers()))
