@@ -255,6 +255,17 @@ def test_moe_prepared_decode_follows_every_change(monkeypatch):
         assert torch.equal(m(x), base) and seen == [1]
         h.remove()
         assert torch.equal(m(x), base) and seen == [1]
+    # outputs made in inference mode are inference tensors, the others are not (as torch.empty's)
+    m = MoE.from_float(pm)
+    with torch.inference_mode():
+        m(x)
+        assert m(x).is_inference()
+    with torch.no_grad():
+        out = m(x)
+        assert not out.is_inference() and torch.equal(out, base)
+        out.add_(1)   # an inference tensor would refuse this outside inference mode
+    with torch.inference_mode():
+        assert m(x).is_inference()
     # the layer's class changed (a subclass with its own route): its route runs
     with torch.no_grad():
         n = len(calls)

@@ -126,7 +126,9 @@ class _Prepared:
     attribute, parameter, buffer or submodule re-bound (``links``: each must still hold the same
     object, also when set through the module's dicts, as loaders and ``_apply`` do), a weight's
     data pointer moved (``.data =``), a module of ``typed`` with another class or (but the first,
-    whose hooks its caller runs) a forward hook, or grad mode with a weight that requires grad. Each output is a fresh tensor (the batch holds only unused ones)."""
+    whose hooks its caller runs) a forward hook, or grad mode with a weight that requires grad. Each output is a fresh tensor (a batch holds only unused ones; one
+    batch for inference mode and one outside it, so an output is an inference tensor exactly
+    when the call ran in inference mode, as torch.empty's would be)."""
 
     __slots__ = ("links", "tensors", "ptrs", "typed", "fn", "mid", "post", "shape", "out_dtype", "outs")
 
@@ -135,7 +137,7 @@ class _Prepared:
         self.typed = tuple((m, type(m), i > 0) for i, m in enumerate(modules))
         self.ptrs = tuple(t.data_ptr() for t in self.tensors)
         self.fn, self.mid, self.post = fn, mid, post
-        self.shape, self.out_dtype, self.outs = tuple(shape), out_dtype, []
+        self.shape, self.out_dtype, self.outs = tuple(shape), out_dtype, ([], [])
 
     def run(self, x: torch.Tensor):
         """The forward of x (a plain contiguous CPU tensor of the prepared shape and dtype, which
@@ -151,7 +153,7 @@ class _Prepared:
                 return None
         if torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors):
             return None
-        outs = self.outs
+        outs = self.outs[torch.is_inference_mode_enabled()]
         if not outs:
             numel = 1
             for n in self.shape:
