@@ -14,6 +14,8 @@ changes (its version counter moves, e.g. after an optimizer step).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,12 +123,13 @@ def _link(module: nn.Module, name: str):
 
 class _Prepared:
     """One module's eager CPU inference forward for one input shape and dtype as one C++ call
-    ``leankernels._C.<fn>(x pointer, *mid, out pointer, *post)`` with arguments resolved once. ``run`` returns
-    None, for the caller's checked path, when anything it was prepared from changed: an
-    attribute, parameter, buffer or submodule re-bound (``links``: each must still hold the same
-    object, also when set through the module's dicts, as loaders and ``_apply`` do), a weight's
-    data pointer moved (``.data =``), a module of ``typed`` with another class or (but the first,
-    whose hooks its caller runs) a forward hook, or grad mode with a weight that requires grad. Each output is a fresh tensor (a batch holds only unused ones; one
+    ``leankernels._C.<fn>(x pointer, *mid, out pointer, *post)`` with arguments resolved once.
+    ``run`` returns None, for the caller's checked path, when anything it was prepared from
+    changed: an attribute, parameter, buffer or submodule re-bound (``links``: each must still
+    hold the same object, also when set through the module's dicts, as loaders and ``_apply``
+    do), a weight's data pointer moved (``.data =``), a module of ``typed`` with another class
+    or (but the first, whose hooks its caller runs) a forward hook, or grad mode with a weight
+    that requires grad. Each output is a fresh tensor (a batch holds only unused ones; one
     batch for inference mode and one outside it, so an output is an inference tensor exactly
     when the call ran in inference mode, as torch.empty's would be)."""
 
@@ -155,10 +158,7 @@ class _Prepared:
             return None
         outs = self.outs[torch.is_inference_mode_enabled()]
         if not outs:
-            numel = 1
-            for n in self.shape:
-                numel *= n
-            count = max(1, min(16, _OUT_BATCH_BYTES // max(1, numel * self.out_dtype.itemsize)))
+            count = max(1, min(16, _OUT_BATCH_BYTES // max(1, math.prod(self.shape) * self.out_dtype.itemsize)))
             outs.extend(torch.empty(self.shape, dtype=self.out_dtype, device=_ops._CPU) for _ in range(count))
         out = outs.pop()
         getattr(_ops._C, self.fn)(x.data_ptr(), *self.mid, out.data_ptr(), *self.post)
@@ -708,14 +708,15 @@ class MoE(nn.Module):
             gp, dp = sh.gate_up_proj, sh.down_proj
             ws += list(sw[:4])
             links += [_link(sh, "gate_up_proj"), _link(sh, "down_proj")]
-            links += [_link(m, n) for m in (gp, dp) for n in ("weight", "weight_scale_inv", "bias", "master_weight", "dtype")]
+            links += [_link(m, n) for m in (gp, dp)
+                      for n in ("weight", "weight_scale_inv", "bias", "master_weight", "dtype")]
         if not (x2.is_contiguous() and all(t.is_contiguous() for t in ws)) or any(v is _MISSING for _, _, v in links):
             return None
         T, H = x2.shape
         mid, post = _ops.moe_decode_args(x2.dtype, T, H, H, bias, *args, ws, None if sh is None else sw[2].shape[1],
                                          self.dtype)
-        p = _Prepared(links, ws + ([] if bias is None else [bias]), [self] + ([] if sh is None else [sh]), "moe_decode",
-                      mid, post, shape, self.dtype)
+        p = _Prepared(links, ws + ([] if bias is None else [bias]), [self] + ([] if sh is None else [sh]),
+                      "moe_decode", mid, post, shape, self.dtype)
         _keep_prepared(self, (shape, x2.dtype), p)
         return p
 
