@@ -218,6 +218,89 @@ def test_autograd_goes_through_the_op(monkeypatch):
     _assert_bitwise((w, ids), (w2, ids2))
 
 
+# ------------------------------------------------------------------------------ the one-expression checks
+# route, plan, permute, unpermute and quantize_fp8 check a plain eager CPU call in one expression
+# before the argument-by-argument checks (which name the bad argument): a T=1 decode call then
+# costs ~1 us less. Anything that expression does not accept takes the full checks.
+def _decode_calls(dtype=torch.bfloat16, H=300, align=1, ue8m0=False):
+    logits, bias, _, _, _, _, _ = _moe()
+    w, ids = lk.route(logits, 4, "sigmoid", bias, 4, 2, True, 2.5)
+    p = lk.plan(ids, 64, align=align)
+    x = randn(3, H, seed=3, dtype=dtype)
+    y = randn(p.row_token.shape[0], H, seed=4, dtype=dtype)
+    fmt = "ue8m0" if ue8m0 else "fp32"
+    return {
+        "route": lambda: lk.route(logits, 4, "sigmoid", bias, 4, 2, True, 2.5),
+        "route_softmax": lambda: lk.route(logits, 6),
+        "plan": lambda: tuple(lk.plan(ids, 64, align=align)),
+        "permute": lambda: (lk.permute(x, p),),
+        "permute_fp8": lambda: lk.permute(x, p, quantize=True, scale_fmt=fmt),
+        "unpermute": lambda: (lk.unpermute(y, p, w),),
+        "quantize_fp8": lambda: lk.quantize_fp8(x, scale_fmt=fmt),
+    }
+
+
+@pytest.mark.parametrize("dtype,H,align,ue8m0", [(torch.bfloat16, 300, 1, False), (torch.float32, 256, 4, True),
+                                                 (torch.float16, 7168, 1, False)])
+def test_decode_calls_take_the_one_expression_checks(dtype, H, align, ue8m0, monkeypatch):
+    from leankernels import _checks
+    calls = {"tensor": 0}
+    tensor = _checks.tensor
+
+    def counted(*args, **kwargs):
+        calls["tensor"] += 1
+        return tensor(*args, **kwargs)
+
+    fast = {n: c() for n, c in _decode_calls(dtype, H, align, ue8m0).items()}
+    for name, call in _decode_calls(dtype, H, align, ue8m0).items():
+        with monkeypatch.context() as m:
+            m.setattr(_checks, "tensor", counted)
+            got = call()
+        assert calls["tensor"] == 0, f"{name} took the argument-by-argument checks"
+        assert all(type(t) is torch.Tensor and not t.requires_grad for t in got)
+        with Recorder():  # the op path: the same bits
+            _assert_bitwise(got, call())
+        _assert_bitwise(got, fast[name])
+        assert all(g.data_ptr() != f.data_ptr() for g, f in zip(got, fast[name]))  # fresh outputs
+
+
+def test_just_outside_the_one_expression_checks():
+    """Inputs the one-expression checks leave to the full checks: the same result as the plain
+    call (converted, copied or widened) or the same named error."""
+    logits, bias, w, ids, p, x, y = _moe()
+    base = lk.route(logits, 4, "sigmoid", bias, 4, 2, True, 2.5)
+    _assert_bitwise(lk.route(logits, 4, "sigmoid", bias.half(), 4, 2, True, 2.5),  # widened
+                    lk.route(logits, 4, "sigmoid", bias.half().float(), 4, 2, True, 2.5))
+    _assert_bitwise(lk.route(logits, 4, "sigmoid", bias, 4, 2, True, 5 / 2), base)
+    _assert_bitwise(lk.route(logits, 4, "sigmoid", torch.stack([bias, bias], 1)[:, 0], 4, 2, True, 2.5), base)  # strided
+    with pytest.raises(ValueError, match="scale"):
+        lk.route(logits, 4, "sigmoid", bias, 4, 2, True, float("inf"))
+    with pytest.raises(ValueError, match="2 experts per group"):
+        lk.route(logits, 4, "sigmoid", bias, 64, 8, True, 2.5)
+    with pytest.raises(ValueError, match="bias"):
+        lk.route(logits, 4, "sigmoid", bias[:63], 4, 2, True, 2.5)
+    _assert_bitwise(tuple(lk.plan(ids.long(), 64)), tuple(lk.plan(ids, 64)))
+    _assert_bitwise(tuple(lk.plan(ids.t().contiguous().t(), 64)), tuple(lk.plan(ids, 64)))
+    with pytest.raises(ValueError, match="num_experts"):
+        lk.plan(ids, 2**31)
+    _assert_bitwise(lk.permute(x, tuple(p), quantize=True), lk.permute(x, p, quantize=True))  # a plain tuple
+    with pytest.raises(TypeError, match="quantize"):
+        lk.permute(x, p, quantize=1)
+    with pytest.raises(ValueError, match="tokens"):
+        lk.permute(x[:2], p)
+    _assert_bitwise((lk.unpermute(y, p, w.half()),), (lk.unpermute(y, p, w.half().float()),))
+    with pytest.raises(ValueError, match="weights"):
+        lk.unpermute(y, p, w[:, :3])
+    with pytest.raises(ValueError, match="rows"):
+        lk.unpermute(y[1:], p, w)
+    _assert_bitwise(lk.quantize_fp8(x, [1, 128]), lk.quantize_fp8(x))
+    _assert_bitwise(lk.quantize_fp8(x, (1, 128)), lk.quantize_fp8(x))
+    _assert_bitwise([t[0] for t in lk.quantize_fp8(x[None])], lk.quantize_fp8(x))  # 3-D
+    _assert_bitwise(lk.quantize_fp8(x.t().contiguous().t()), lk.quantize_fp8(x))  # column-major
+    with pytest.raises(ValueError, match="scale_fmt"):
+        lk.quantize_fp8(x, scale_fmt="e8m0")
+
+
 # ------------------------------------------------------------------------------ when direct() is False
 def test_direct_conditions():
     x = randn(2, 3)

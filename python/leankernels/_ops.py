@@ -53,12 +53,11 @@ def direct(*tensors) -> bool:
     if (_is_compiling() or _function_mode_on() or _dispatch_modes() or _profiler_on()
             or _functorch_level() is not None or _jit_tracing() is not None or _fwad._current_level >= 0):
         return False
-    grad = _grad_on()
     for t in tensors:
         if t is None:
             continue
         if (type(t) is not _Tensor and type(t) is not _Parameter) or t.is_meta or t.layout is not _strided \
-                or (grad and t.requires_grad):
+                or (t.requires_grad and _grad_on()):
             return False
     return True
 
@@ -131,6 +130,15 @@ def _quant_scale_shape(shape, block_rows: int):
 
 
 def quantize_fp8_impl(x, block_rows, ue8m0):
+    if block_rows == 1 and x.is_cpu and x.dim() == 2 and x.is_contiguous():
+        # [T, K] CPU activations (the decode case): no device object, no layout work
+        T, K = x.shape
+        q = torch.empty(T, K, dtype=FP8, device=_CPU)
+        scale = torch.empty(T, -(-K // GROUP), dtype=_F32, device=_CPU)
+        if T and K:
+            _C.quantize_fp8(x.data_ptr(), _DTYPE_CODES[x.dtype], 1, T, K, 0, K, 1, q.data_ptr(), scale.data_ptr(),
+                            ue8m0, -1, 0)
+        return q, scale
     dev = x.device
     if block_rows == 1 and x.dim() == 2:  # [T, K] activations (the decode case): ints, no reshape
         T, K = x.shape
@@ -371,7 +379,11 @@ def plan_impl(ids, num_experts, align, R=None):
         R = plan_rows(T, K, num_experts, align)
     new = ids.new_empty  # int32 on ids' device (cheaper than torch.empty with dtype and device)
     counts, offs, row_token, token_row = new(num_experts), new(num_experts), new(R), new(T, K)
-    device, stream = (-1, 0) if ids.is_cpu else device_args(ids)
+    if ids.is_cpu:
+        _C.plan(ids.data_ptr(), T, K, num_experts, align, R, counts.data_ptr(), offs.data_ptr(),
+                row_token.data_ptr(), token_row.data_ptr(), 0, 0, -1, 0)
+        return counts, offs, row_token, token_row
+    device, stream = device_args(ids)
     ws_size, ws_ptr = 0, 0
     if device >= 0:  # the CUDA kernel's workspace (the CPU needs none)
         ws_size = _C.plan_workspace_size(T, K, num_experts)
@@ -474,7 +486,7 @@ def unpermute_impl(y, token_row, weights):
     """weights: float32 of token_row's shape."""
     R, H = y.shape
     T, K = token_row.shape
-    out = y.new_empty(T, H)
+    out = torch.empty(T, H, dtype=y.dtype, device=_CPU) if y.is_cpu else y.new_empty(T, H)
     if T == 0 or H == 0:
         return out
     if not y.is_contiguous():

@@ -17,6 +17,8 @@ _SCALE_FMTS = ("fp32", "ue8m0")
 
 
 _BLOCK_ROWS = {(1, GROUP): 1, (GROUP, GROUP): GROUP}
+_TOKEN_BLOCK = (1, GROUP)  # quantize_fp8's default block (the same object: an identity test)
+_Tensor = torch.Tensor
 
 
 def _block_rows(block) -> int:
@@ -38,7 +40,7 @@ def _block_rows(block) -> int:
     raise ValueError(f"block must be (1, 128) (per-token groups) or (128, 128) (weight blocks); got {block!r}")
 
 
-def quantize_fp8(x, block=(1, 128), scale_fmt: str = "fp32"):
+def quantize_fp8(x, block=_TOKEN_BLOCK, scale_fmt: str = "fp32"):
     """Quantize to float8_e4m3fn with one fp32 scale per block.
 
     Args:
@@ -60,6 +62,11 @@ def quantize_fp8(x, block=(1, 128), scale_fmt: str = "fp32"):
     +-Inf gets an Inf scale, its finite values quantize to 0 and its infinities to NaN. Bad
     values are never hidden. With CuPy input, x_fp8 comes back as a uint8 CuPy array.
     """
+    if (type(x) is _Tensor and (block is _TOKEN_BLOCK or (type(block) is tuple and block == _TOKEN_BLOCK))
+            and x.is_cpu and x.dtype in _INPUT_DTYPES and x.dim() == 2 and (scale_fmt == "fp32" or scale_fmt == "ue8m0")
+            and _ops.direct(x)):
+        # an eager [T, K] CPU call, every check below in one expression (a decode step makes many)
+        return _ops.quantize_fp8_impl(x, 1, scale_fmt == "ue8m0")
     src = x
     x = _interop.to_torch(x)
     _checks.tensor("x", x, _INPUT_DTYPES)

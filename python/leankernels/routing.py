@@ -49,6 +49,10 @@ class RoutePlan(NamedTuple):
 _PLAN_FIELDS = tuple(f"plan.{name}" for name in RoutePlan._fields)
 
 
+def _new_plan(fields: tuple) -> RoutePlan:
+    return tuple.__new__(RoutePlan, fields)  # RoutePlan(*fields) without the argument parsing
+
+
 def _int(name: str, v, lo: int = None) -> int:
     if type(v) is int and (lo is None or v >= lo):
         return v
@@ -93,6 +97,19 @@ def route(logits, top_k: int, score: str = "softmax", bias=None, n_group: int = 
     row without a finite maximum logit (all -inf, or a +inf) has all-NaN softmax scores, as in
     PyTorch. CUDA supports up to 12288 experts; the CPU any number.
     """
+    if (type(logits) is _Tensor and type(top_k) is int and type(n_group) is int and type(topk_group) is int
+            and type(scale) is float and (renormalize is True or renormalize is False)
+            and (score == "sigmoid" or score == "softmax") and logits.is_cpu and logits.dtype in _FLOAT
+            and logits.dim() == 2 and top_k >= 1 and topk_group >= 1 and n_group >= 1 and -3.4e38 <= scale <= 3.4e38
+            and (bias is None or (type(bias) is _Tensor and bias.is_cpu and bias.dtype is _F32 and bias.dim() == 1
+                                  and bias.is_contiguous()))):
+        # an eager CPU call: the checks below in fewer expressions (a decode step makes many)
+        E = logits.shape[1]
+        G = E // n_group
+        if (top_k <= E and top_k <= MAX_TOP_K and E == G * n_group and topk_group <= n_group
+                and (n_group == 1 or (top_k <= topk_group * G and (bias is None or G >= 2)))
+                and (bias is None or bias.shape[0] == E) and _ops.direct(logits, bias)):
+            return _ops.route_impl(logits, top_k, score == "sigmoid", bias, n_group, topk_group, renormalize, scale)
     src = logits
     logits = _interop.to_torch(logits)
     _checks.tensor("logits", logits, _FLOAT, dim=2)
@@ -162,6 +179,14 @@ def plan(ids, num_experts: int, align: int = 1) -> RoutePlan:
         device; rows past ``offs[-1]`` are padding (-1). Deterministic. CUDA supports up to
         12288 experts.
     """
+    if (type(ids) is _Tensor and type(num_experts) is int and type(align) is int and ids.is_cpu
+            and ids.dtype is _INT32 and ids.dim() == 2 and 1 <= num_experts < 2**31 and align >= 1
+            and ids.is_contiguous() and _ops.direct(ids)):
+        # an eager CPU call: the checks below in fewer expressions (a decode step makes many)
+        T, K = ids.shape
+        R = T * K if align == 1 else _ops.plan_rows(T, K, num_experts, align)
+        if R < 2**31:
+            return _new_plan(_ops.plan_impl(ids, num_experts, align, R))
     ids = _interop.to_torch(ids)
     _checks.tensor("ids", ids, _IDS, dim=2)
     if ids.is_cuda:
@@ -178,7 +203,7 @@ def plan(ids, num_experts: int, align: int = 1) -> RoutePlan:
     if ids.dtype != torch.int32:
         ids = ids.clamp(-1, num_experts).to(torch.int32)
     if _ops.direct(ids):
-        return RoutePlan(*_ops.plan_impl(ids if ids.is_contiguous() else ids.contiguous(), num_experts, align, R))
+        return _new_plan(_ops.plan_impl(ids if ids.is_contiguous() else ids.contiguous(), num_experts, align, R))
     return RoutePlan(*_ops.plan(ids, num_experts, align))
 
 
@@ -213,6 +238,16 @@ def permute(x, plan: RoutePlan, quantize: bool = False, scale_fmt: str = "fp32")
         ``(x_fp8 [R, H], scale [R, ceil(H/128)])``, byte-identical to
         ``quantize_fp8(permute(x, plan))`` (padding rows: zeros with scale 1e-4/448).
     """
+    if type(x) is _Tensor and type(plan) is RoutePlan:
+        rt, tr = plan[2], plan[3]
+        if (type(rt) is _Tensor and type(tr) is _Tensor and x.is_cpu and rt.is_cpu and x.dtype in _FLOAT
+                and rt.dtype is _INT32 and tr.dtype is _INT32 and x.dim() == 2 and rt.dim() == 1 and tr.dim() == 2
+                and (quantize is False or quantize is True) and (scale_fmt == "fp32" or scale_fmt == "ue8m0")
+                and x.shape[0] == tr.shape[0] and rt.is_contiguous() and _ops.direct(x, rt)):
+            # an eager CPU call: the checks below in fewer expressions (a decode step makes many)
+            if quantize:
+                return _ops.permute_fp8_impl(x, rt, scale_fmt == "ue8m0")
+            return _ops.permute_impl(x, rt)
     src = x
     x = _interop.to_torch(x)
     _checks.tensor("x", x, _FLOAT, dim=2)
@@ -254,6 +289,14 @@ def unpermute(y, plan: RoutePlan, weights):
         accumulated in fp32 in k order; dropped (t, k) pairs contribute nothing, so a token
         routed nowhere gets zeros.
     """
+    if type(y) is _Tensor and type(plan) is RoutePlan and type(weights) is _Tensor:
+        rt, tr = plan[2], plan[3]
+        if (type(rt) is _Tensor and type(tr) is _Tensor and y.is_cpu and tr.is_cpu and weights.is_cpu
+                and y.dtype in _FLOAT and weights.dtype is _F32 and rt.dtype is _INT32 and tr.dtype is _INT32
+                and y.dim() == 2 and rt.dim() == 1 and tr.dim() == 2 and y.shape[0] == rt.shape[0]
+                and weights.shape == tr.shape and _ops.direct(y, tr, weights)):
+            # an eager CPU call: the checks below in fewer expressions (a decode step makes many)
+            return _ops.unpermute_impl(y, tr, weights)
     src = y
     y = _interop.to_torch(y)
     weights = _interop.to_torch(weights)
