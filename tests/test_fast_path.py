@@ -237,6 +237,9 @@ def _decode_calls(dtype=torch.bfloat16, H=300, align=1, ue8m0=False):
         "permute_fp8": lambda: lk.permute(x, p, quantize=True, scale_fmt=fmt),
         "unpermute": lambda: (lk.unpermute(y, p, w),),
         "quantize_fp8": lambda: lk.quantize_fp8(x, scale_fmt=fmt),
+        "silu_mul_quantize_fp8": lambda: lk.silu_mul_quantize_fp8(y[:, :2 * (H // 2)], scale_fmt=fmt),
+        "silu_mul_quantize_fp8_contiguous": lambda: lk.silu_mul_quantize_fp8(x[:, :2 * (H // 2)].contiguous(),
+                                                                            scale_fmt=fmt),
     }
 
 
@@ -299,6 +302,13 @@ def test_just_outside_the_one_expression_checks():
     _assert_bitwise(lk.quantize_fp8(x.t().contiguous().t()), lk.quantize_fp8(x))  # column-major
     with pytest.raises(ValueError, match="scale_fmt"):
         lk.quantize_fp8(x, scale_fmt="e8m0")
+    h = randn(3, 256, seed=14, dtype=torch.bfloat16)
+    _assert_bitwise(lk.silu_mul_quantize_fp8(torch.cat([h, h], 1)[:, :256]), lk.silu_mul_quantize_fp8(h))  # strided
+    _assert_bitwise([t[0] for t in lk.silu_mul_quantize_fp8(h[None])], lk.silu_mul_quantize_fp8(h))  # 3-D
+    with pytest.raises(ValueError, match="h must be"):
+        lk.silu_mul_quantize_fp8(h[:, :255])
+    with pytest.raises(ValueError, match="scale_fmt"):
+        lk.silu_mul_quantize_fp8(h, scale_fmt="e8m0")
 
 
 # ------------------------------------------------------------------------------ when direct() is False

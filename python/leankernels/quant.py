@@ -105,6 +105,10 @@ def silu_mul_quantize_fp8(h, scale_fmt: str = "fp32"):
         from ``quantize_fp8(F.silu(g) * u)``'s by one step where the product sits on a rounding
         boundary. NaN and Inf follow quantize_fp8. CUDA tensors take exactly those two steps.
     """
+    if (type(h) is _Tensor and h.is_cpu and h.dtype in _INPUT_DTYPES and h.dim() == 2 and h.shape[1] % 2 == 0
+            and (scale_fmt == "fp32" or scale_fmt == "ue8m0") and h.is_contiguous() and _ops.direct(h)):
+        # an eager [T, 2I] CPU call, the checks below in one expression (a decode step makes many)
+        return _ops.silu_mul_quantize_fp8_impl(h, scale_fmt == "ue8m0")
     src = h
     h = _interop.to_torch(h)
     _checks.tensor("h", h, _INPUT_DTYPES)
