@@ -130,33 +130,28 @@ def _quant_scale_shape(shape, block_rows: int):
 
 
 def quantize_fp8_impl(x, block_rows, ue8m0):
-    if block_rows == 1 and x.is_cpu and x.dim() == 2 and x.is_contiguous():
-        # [T, K] CPU activations (the decode case): no device object, no layout work
-        T, K = x.shape
-        q = torch.empty(T, K, dtype=FP8, device=_CPU)
-        scale = torch.empty(T, -(-K // GROUP), dtype=_F32, device=_CPU)
-        if T and K:
-            _C.quantize_fp8(x.data_ptr(), _DTYPE_CODES[x.dtype], 1, T, K, 0, K, 1, q.data_ptr(), scale.data_ptr(),
-                            ue8m0, -1, 0)
-        return q, scale
-    dev = x.device
+    cpu = x.is_cpu
+    dev = _CPU if cpu else x.device  # the CPU as a constant: no device object per call
     if block_rows == 1 and x.dim() == 2:  # [T, K] activations (the decode case): ints, no reshape
         T, K = x.shape
         q = torch.empty(T, K, dtype=FP8, device=dev)
         scale = torch.empty(T, -(-K // GROUP), dtype=_F32, device=dev)
+        if T == 0 or K == 0:
+            return q, scale
+        if x.is_contiguous():
+            xv, batch, rows, bstride, rstride = x, 1, T, 0, K
+        elif x.stride(1) == 1:
+            xv, batch, rows, bstride, rstride = x, 1, T, 0, x.stride(0)
+        else:
+            xv, batch, rows, K, bstride, rstride = _quant_layout(x, block_rows)
     else:
         shape = x.shape
         q = torch.empty(shape, dtype=FP8, device=dev)
         scale = torch.empty(_quant_scale_shape(shape, block_rows), dtype=_F32, device=dev)
-    if x.numel() == 0:
-        return q, scale
-    if block_rows == 1 and x.dim() == 2 and x.is_contiguous():
-        xv, batch, rows, K, bstride, rstride = x, 1, T, K, 0, K
-    elif block_rows == 1 and x.dim() == 2 and x.stride(1) == 1:
-        xv, batch, rows, K, bstride, rstride = x, 1, T, K, 0, x.stride(0)
-    else:
+        if x.numel() == 0:
+            return q, scale
         xv, batch, rows, K, bstride, rstride = _quant_layout(x, block_rows)
-    device, stream = (-1, 0) if x.is_cpu else device_args(x)
+    device, stream = (-1, 0) if cpu else device_args(x)
     _C.quantize_fp8(xv.data_ptr(), _DTYPE_CODES[x.dtype], batch, rows, K, bstride, rstride, block_rows,
                     q.data_ptr(), scale.data_ptr(), ue8m0, device, stream)
     return q, scale
@@ -379,11 +374,7 @@ def plan_impl(ids, num_experts, align, R=None):
         R = plan_rows(T, K, num_experts, align)
     new = ids.new_empty  # int32 on ids' device (cheaper than torch.empty with dtype and device)
     counts, offs, row_token, token_row = new(num_experts), new(num_experts), new(R), new(T, K)
-    if ids.is_cpu:
-        _C.plan(ids.data_ptr(), T, K, num_experts, align, R, counts.data_ptr(), offs.data_ptr(),
-                row_token.data_ptr(), token_row.data_ptr(), 0, 0, -1, 0)
-        return counts, offs, row_token, token_row
-    device, stream = device_args(ids)
+    device, stream = (-1, 0) if ids.is_cpu else device_args(ids)
     ws_size, ws_ptr = 0, 0
     if device >= 0:  # the CUDA kernel's workspace (the CPU needs none)
         ws_size = _C.plan_workspace_size(T, K, num_experts)
