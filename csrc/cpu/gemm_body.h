@@ -277,6 +277,14 @@ void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* sa, c
 // the decode each cost ~5 ms of dense M=512 N=4096 K=7168's ~21 ms (2 cores, bf16 out; ~11 ms
 // without both). Also tried: one a tile x four weight tiles per step (64-column items): the
 // same at M=512, 2x slower at M=16.
+// NOTES: a's tiles are loaded with the streaming hint (TILELOADDT1): each is read once per
+// strip and comes from L2 (an item's K range of a is 1 MiB), and the plain loads pulled them
+// into L1, over the panels and the totals that are reused there. Dense M=2048 N=4096 K=7168,
+// 5 alternating process pairs (2026-12-02): 78.1-81.3 -> 73.5-81.5 ms, against torch bf16 in
+// the same runs 0.765-0.793 -> 0.798-0.902; M=512 and M=64 within noise. The bound seen in a
+// test build with every a tile in L1 (wrong results): 57-59 ms; with every step's totals in
+// L1: 73-77 ms. Also tried: prefetcht0 of the next step's a tiles (no gain); each pair of a
+// tiles run against 2 or 4 strips' panels in turn (a from L1, the totals from L2): slower.
 // NOTES: GCC 12's tile intrinsics are asm statements without a "memory" clobber (and
 // _tile_loadconfig claims to read 8 bytes of the 64): the compiler barriers below keep the
 // panel, a_t and config stores before the tile loads, and the C-tile stores before their reads.
@@ -343,12 +351,12 @@ inline void amx_step(const uint32_t* panel, const uint32_t* a0, const uint32_t* 
   constexpr int kChunk = kNTile / 4;  // columns of vector work per quarter
   for (int j = 0; j < steps; ++j) {
     _tile_loadd(4, panel + 16 * j, kSlots * 4);
-    _tile_loadd(6, a0 + 16 * j * kTileRows, kTileRows * 4);
+    _tile_stream_loadd(6, a0 + 16 * j * kTileRows, kTileRows * 4);
     _tile_dpbf16ps(0, 4, 6);
     _tile_loadd(5, panel + 16 * kSlots + 16 * j, kSlots * 4);
     _tile_dpbf16ps(1, 5, 6);
     if (two) {
-      _tile_loadd(7, a1 + 16 * j * kTileRows, kTileRows * 4);
+      _tile_stream_loadd(7, a1 + 16 * j * kTileRows, kTileRows * 4);
       _tile_dpbf16ps(2, 4, 7);
       _tile_dpbf16ps(3, 5, 7);
     }
