@@ -85,6 +85,25 @@ def test_items_of_several_strips_and_k_ranges_every_path(cpu_path):
     _close(got, ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32))
 
 
+def test_items_of_the_most_strips_every_path(cpu_path):
+    """Enough rows and columns that an item takes the most strips (cpu/gemm_body.h kMaxStrips:
+    16 on amx with 2 threads, so 512 columns per item, the output stage at its widest), with row,
+    N and K tails;
+    the output poisoned first."""
+    M, N, K = 1040, 4100, 300
+    a, sa = lk.quantize_fp8(randn(M, K, seed=9))
+    b, sb = _weights(2, N, K, 10)
+    want = ref.fp8_gemm(a, sa, b[0], sb[0], torch.float32)
+    _close(lk.fp8_gemm(a, sa, b[0], sb[0], out_dtype=torch.float32), want)
+    torch.testing.assert_close(lk.fp8_gemm(a, sa, b[0], sb[0]), want.bfloat16(), rtol=1e-2,
+                               atol=1e-2 * want.abs().max().item())
+    offs = torch.tensor([1000, M], dtype=torch.int32)  # two experts: 1000 and 40 rows
+    out = poison(torch.empty(M, N))
+    got = lk.fp8_grouped_gemm(a, sa, b, sb, offs, out_dtype=torch.float32, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    _close(got, ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32))
+
+
 @pytest.mark.parametrize("M,K", [(3, 640), (40, 680), (150, 680)])
 def test_hostile_bytes_every_path(cpu_path, M, K):
     """NaN codes (0x7f / 0xff) with finite scales, every e4m3 subnormal, Inf, NaN and > 2**100

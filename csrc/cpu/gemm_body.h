@@ -607,8 +607,12 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
 inline __m256i bf16_of(__m512i u) { return _mm512_cvtepi32_epi16(bf16_bits16(u)); }
 
 // Columns per item at most (process_item, k_grouped_rows): strips of kNTile columns, at most this
-// many per item, so that their totals sit in L2 (8 x 32 KiB on amx).
-constexpr int64_t kMaxStrips = 8;
+// many per item, so that their totals sit in L2 (16 x 32 KiB on amx, beside a's 1 MiB K range).
+// NOTES: amx 8 -> 16 strips: a's tiles (the whole K of the item's rows, from L3) are read once
+// per item, so half as often. Dense M=2048 N=4096 K=7168 against torch bf16, 9 alternating
+// process pairs (2026-12-02): medians 0.809 -> 0.830 (7 of 9 pairs faster); wgrad E=8 0.817-0.827
+// -> 0.825-0.836. M <= 512 keeps 8 strips (strips_per_item). Other levels unchanged (not measured).
+constexpr int64_t kMaxStrips = LK_ISA >= 4 ? 16 : 8;
 
 // How many strips of kNTile columns an item takes: enough that each thread still gets 16 items.
 inline int64_t strips_per_item(int64_t row_items, int64_t N) {
