@@ -88,8 +88,7 @@ def test_items_of_several_strips_and_k_ranges_every_path(cpu_path):
 def test_items_of_the_most_strips_every_path(cpu_path):
     """Enough rows and columns that an item takes the most strips (cpu/gemm_body.h kMaxStrips:
     16 on amx with 2 threads, so 512 columns per item, the output stage at its widest), with row,
-    N and K tails;
-    the output poisoned first."""
+    N and K tails; the output poisoned first."""
     M, N, K = 1040, 4100, 300
     a, sa = lk.quantize_fp8(randn(M, K, seed=9))
     b, sb = _weights(2, N, K, 10)
