@@ -11,6 +11,7 @@ import time
 import types
 
 import pytest
+import torch
 
 from leankernels._bench import cli, report, runner
 from leankernels._bench.case import Case, InputSets
@@ -215,6 +216,26 @@ def test_run_case_setup_and_teardown():
     assert log == ["teardown"]
     assert "setup failed" in rows[0]["error"] and "needs 99 GB" in rows[0]["error"]
     assert rows[0]["ours_s"] is None and rows[0]["ratio"] is None
+
+
+def test_moe_case_runs_in_one_inference_mode_and_leaves_it():
+    """The batch-1 MoE case times the layer inside one inference mode entered by its setup (as a
+    model's layers run), leaves it in teardown, and the shared cache flusher's buffer stays a
+    normal tensor (usable by the cases after it, outside inference mode)."""
+    import leankernels._bench.timing as timing
+    from leankernels._bench import nn as bnn
+    flusher = timing.LLCFlusher(1 << 20)
+    case = bnn.moe_decode_case(True)
+    case.rotate = flusher
+    seen = []
+    ours = case.ours
+    case.ours = lambda: (seen.append(torch.is_inference_mode_enabled()), ours())[1]
+    cfg = TimingConfig(warmup=0, min_reps=3, max_reps=3, budget_s=0.01)
+    rows = runner.run_case(case, "cpu", cfg, None, _ceil())
+    assert rows and all(r["error"] is None and r["check"] is True for r in rows), [(r["error"], r["check"], r.get("check_error")) for r in rows]
+    assert seen and all(seen) and not torch.is_inference_mode_enabled()
+    assert flusher.buffer is not None and not flusher.buffer.is_inference()
+    flusher()  # in place, outside inference mode
 
 
 def test_rows_rates_and_ceiling():

@@ -143,7 +143,8 @@ class LLCFlusher:
 
     def __call__(self) -> None:
         if self.buffer is None:
-            self.buffer = torch.ones(self.nbytes // 4, dtype=torch.int32)
+            with torch.inference_mode(False):  # a normal tensor, whatever mode the first caller is in
+                self.buffer = torch.ones(self.nbytes // 4, dtype=torch.int32)
         self.buffer.add_(1)   # read-modify-write: a plain fill may use non-temporal stores
 
 
