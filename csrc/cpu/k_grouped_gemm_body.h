@@ -87,7 +87,7 @@ void k_grouped_rows(const Problem& p, int64_t M, const std::vector<KGroup>& grou
     const ExpertGroups& eg = ranges[w.range];
     const int64_t rows = w.m1 - w.m0, mt0 = w.m0 / kTileRows, n_item = ceil_div(w.n1 - w.n0, kNTile);
     const KGroup* grp = groups.data() + eg.g0;
-    float* const totals = s.zeroed_strips(n_item);
+    float* const totals = s.zeroed_strips(n_item, ceil_div(rows, kTileRows));
     for (int64_t i = 0; i < n_item; ++i) {
       const int64_t n0 = w.n0 + i * kNTile;
       item_products(
