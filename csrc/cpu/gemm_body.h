@@ -314,6 +314,7 @@ struct AmxPending {
   const float* sb;     // weight scale per column for the step's K block
   float* totals;       // the first a tile's totals ([kNTile][16 rows]; the second follows)
   bool two;
+  bool uniform;        // every column's scale is sb[0] (a strip inside one 128-row weight block)
 };
 
 // totals[t][c][16 rows] += C[t][c][16 rows] * (sa[t][16 rows] * sb[c]) for columns [c0, c1).
@@ -325,6 +326,14 @@ __attribute__((noinline)) void amx_scale_columns(const AmxPending& p, int c0, in
     const __m512 sav = _mm512_loadu_ps(p.sa[t]);
     const float* __restrict cb = p.cbuf + t * kNTile * kTileRows;
     float* __restrict tt = p.totals + t * kNTile * kTileRows;
+    if (p.uniform) {  // NOTES: dense M=32 N=4096 K=14336 cold, 6 alternating pairs: 3.59-3.72 -> 3.41-3.54 ms
+      const __m512 sv = _mm512_mul_ps(sav, _mm512_set1_ps(sb[0]));
+#pragma GCC unroll 8
+      for (int c = c0; c < c1; ++c)
+        _mm512_storeu_ps(tt + c * kTileRows, _mm512_fmadd_ps(_mm512_loadu_ps(cb + c * kTileRows), sv,
+                                                             _mm512_loadu_ps(tt + c * kTileRows)));
+      continue;
+    }
 #pragma GCC unroll 8
     for (int c = c0; c < c1; ++c)
       _mm512_storeu_ps(tt + c * kTileRows, _mm512_fmadd_ps(_mm512_loadu_ps(cb + c * kTileRows),
@@ -522,10 +531,12 @@ struct Scratch {
 // The K loop of one item over blocks [kb0, KB): totals[tile][kNTile columns][16 rows] += each
 // block's products, in block order (a K range continues the totals of the one before it exactly).
 // b_block(c, kb): weight column c's block kb (kv_of(kb) <= 128 valid bytes); sb_of(c, kb): its
-// scale for column c; packed(t, kb): index of the item's tile t, block kb in pa (pack_a_tile).
+// scale for column c (`uniform`: the same for all nc columns, sb_of(0, kb)); packed(t, kb):
+// index of the item's tile t, block kb in pa (pack_a_tile).
 template <class BBlock, class KvOf, class SbOf, class Packed>
 void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int64_t nc, int64_t kb0, int64_t KB,
-                   BBlock b_block, KvOf kv_of, SbOf sb_of, Packed packed, float* totals, Scratch& s) {
+                   BBlock b_block, KvOf kv_of, SbOf sb_of, Packed packed, float* totals, Scratch& s,
+                   bool uniform = false) {
   // NOTES: a local copy keeps the byte tables in registers (through the reference they were
   // reloaded for every weight row, since the panel stores may alias them).
   const Decoder dec = dec_in;
@@ -576,7 +587,8 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
 #if LK_ISA >= 4
     // The weight scales alternate between two halves: the previous block's are still in use.
     float* scale = s.scale.data() + (kb & 1) * kNTile;
-    for (int64_t c = 0; c < kNTile; ++c) scale[c] = c < nc ? sb_of(c, kb) : 0.0f;
+    if (uniform) scale[0] = sb_of(0, kb);
+    else for (int64_t c = 0; c < kNTile; ++c) scale[c] = c < nc ? sb_of(c, kb) : 0.0f;
     // Two a tiles per step; each step's C tiles are scaled into the totals during the next.
     for (int64_t t = 0; t < tiles; t += 2) {
       const bool two = t + 1 < tiles;
@@ -586,7 +598,7 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
                kv <= kQuantGroup / 2, step > 0 ? &pending : nullptr, dec, t == 0 && has_next ? &np : nullptr,
                cbuf_out);
       pending = {cbuf_out, {pa.sa_t.data() + i0 * kTileRows, pa.sa_t.data() + i1 * kTileRows}, scale,
-                 totals + t * kNTile * kTileRows, two};
+                 totals + t * kNTile * kTileRows, two, uniform};
       ++step;
     }
 #else
@@ -698,7 +710,7 @@ void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const
           dec, pa, tiles, nc, kb0, kb1, [&](int64_t c, int64_t kb) { return bg + c * p.K + kb * kQuantGroup; },
           [&](int64_t kb) { return std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup); },
           [&](int64_t c, int64_t kb) { return (c < split ? sb0 : sb0 + p.KB)[kb]; },
-          [&](int64_t t, int64_t kb) { return (w.tile + t) * p.KB + kb; }, totals, s);
+          [&](int64_t t, int64_t kb) { return (w.tile + t) * p.KB + kb; }, totals, s, split >= nc);
     }
   }
   store_item(p, totals0, w.r0, rows, w.n0, w.n1);
