@@ -984,7 +984,21 @@ inline int64_t decode_kernel_rows(int64_t K) { return LK_ISA >= 4 && K > 4096 ? 
 // the group's weight rows at a time: dense K=14336 T=3/T=4 +18-20% (avx512bf16) and +44-49%
 // (avx512) against the panel, since the prefetches of the next group go to L2 (before that,
 // walking 2 at a time had lost ~10%).
-constexpr int kFusedRows = LK_ISA >= 2 ? 4 : kDMR;
+constexpr int kFusedRows = LK_ISA >= 1 ? 4 : kDMR;
+// Most rows of a segment on the register path, in groups of up to kFusedRows, each walking the
+// same weight rows again (from L1/L2, decoded again): avx2 8, else kFusedRows.
+// NOTES: avx2 had walked 2+ rows on the L1 panel (1 row x 4 weight rows per register tile), whose
+// stores and reloads bound it on Zen 1 (2-core EPYC VM, 2026-12-02, scripts/ab_builds.py, 4
+// experts x m rows, cache flushed, 9 rounds; K=2048 N=2816, K=1408 N=2048, K=7168 N=4096):
+// register path m=2 +38-46%, m=3 +29-37%, m=4 +28-40%; groups of it m=6 +3-8%, m=8 +8-15%;
+// m=12-16 within 1-3% either way, so the panel keeps them. A 4 x 2 register tile on the panel
+// (6 loads per 8 FMAs instead of 5 per 4) moved nothing: the panel's cost is not its loads.
+constexpr int kFusedMaxRows = LK_ISA == 1 ? 8 : kFusedRows;
+// Weight rows the register path walks together at MR rows of a (of NC in a group): zmm levels
+// all NC up to 2 rows, else 2; avx2 (16 registers) all at one row, else one.
+constexpr int fused_nc(int MR, int NC) {
+  return MR == 1 ? NC : LK_ISA == 1 ? 1 : MR <= 2 ? NC : std::min(NC, 2);
+}
 
 // A 128-wide K block of `src` with kv <= 128 valid bytes, readable in full: `src` itself when
 // the block is whole, else a copy in `buf` zero-padded past kv (the K tail).
@@ -1042,7 +1056,8 @@ inline void scale_block(DV (&blk)[MR][NC], const float* sa, int64_t sa_stride, f
 // its own next row (K bytes on) and, into L2, `far` bytes on; else the next group of NC rows.
 template <int MR, int NC, bool kSafe, bool kChecked = !kSafe, bool kSpread = false>
 void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, const Problem& p, const DV* a_dec,
-                const float* sa, const float* sbrow, const float* sc, Totals& tot, Exact& exact, int64_t far) {
+                const float* sa, const float* sbrow, const float* sc, Totals& tot, Exact& exact, int64_t far,
+                int r0 = 0) {
 #if LK_ISA >= 3
   // NOTES: a local copy, so the byte tables stay in registers: read through the reference,
   // they were reloaded for every chunk (the loop's rare paths store to memory), which more than
@@ -1062,7 +1077,8 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
   // NOTES: with one row and one weight row, two partial sums per block (then added): one sum
   // made a block of the fp32 levels a chain of 8-16 dependent FMAs, which bound the avx2 path
   // (+15-25% on 2 cores cold, V2-Lite and V3 down T=1; avx512bf16 +1-5% on one core).
-  constexpr int kChains = MR * NC == 1 && LK_ISA >= 1 ? 2 : 1;
+  // avx2's two rows of a against one weight row: two sums each too (4 chains).
+  constexpr int kChains = LK_ISA >= 1 && MR * NC <= (LK_ISA == 1 ? 2 : 1) ? 2 : 1;
   auto block = [&](int64_t kb, const uint8_t* const* src) {
     DV blk[MR][NC];
     DV part[MR][NC][kChains];
@@ -1089,7 +1105,7 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
       for (int r = 0; r < MR; ++r)
         for (int c = 0; c < NC; ++c) t[r][c] = dv_fma(blk[r][c], sc[r * p.KB + kb], t[r][c]);
     } else {
-      scale_block<MR, NC>(blk, sa + kb, p.KB, sbrow[kb], t, exact, 0, c0);
+      scale_block<MR, NC>(blk, sa + kb, p.KB, sbrow[kb], t, exact, r0, c0);
     }
   };
   const int64_t whole = p.K / kQuantGroup;
@@ -1120,11 +1136,11 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
     block(whole, src);
   }
   if (!kChecked && __builtin_expect(nan.any(), 0)) {  // a NaN code: the walk again, checked
-    fused_rows<MR, NC, kSafe, true, kSpread>(dec, col, c0, p, a_dec, sa, sbrow, sc, tot, exact, far);
+    fused_rows<MR, NC, kSafe, true, kSpread>(dec, col, c0, p, a_dec, sa, sbrow, sc, tot, exact, far, r0);
     return;
   }
   for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NC; ++c) tot[r][c0 + c] = t[r][c];
+    for (int c = 0; c < NC; ++c) tot[r0 + r][c0 + c] = t[r][c];
 }
 
 // More rows: per chunk of K blocks the NC weight rows are decoded once into an L1 panel
@@ -1236,25 +1252,29 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
     for (int64_t r = 0; r < m; ++r)
       for (int c = 0; c < NC; ++c) tot[r][c] = dv_zero(), exact[r][c] = 0.0f;
     const float* sa0 = p.a_scale + seg.r0 * p.KB;
-    if (m <= kFusedRows && sbrow != sc_row) {  // the rows' block scales for this weight block row
+    if (m <= kFusedMaxRows && sbrow != sc_row) {  // the rows' block scales for this weight block row
       sc_row = sbrow;
       sc_safe = block_row_scales(p, sa0, sbrow, m, sc);
     }
-    // the register path: MR rows, the NC weight rows together (MR <= 2), else two at a time
-    const auto fused = [&](auto mr) {
-      constexpr int MR = decltype(mr)::value, NCF = MR <= 2 ? NC : (NC >= 2 ? 2 : 1);
+    // the register path: MR rows from r0, the NC weight rows together or fused_nc at a time
+    const auto fused = [&](auto mr, int64_t r0) {
+      constexpr int MR = decltype(mr)::value, NCF = fused_nc(MR, NC);
+      const int64_t per_row = p.KB * kVB;
       for (int c = 0; c < NC; c += NCF)
-        (sc_safe ? fused_rows<MR, NCF, true> : fused_rows<MR, NCF, false>)(dec, col + c, c, p, a_dec, sa0, sbrow, sc,
-                                                                            tot, exact, 0);
+        (sc_safe ? fused_rows<MR, NCF, true> : fused_rows<MR, NCF, false>)(
+            dec, col + c, c, p, a_dec + r0 * per_row, sa0 + r0 * p.KB, sbrow, sc + r0 * p.KB, tot, exact, 0, int(r0));
     };
-    if (m == 1) {
-      fused(std::integral_constant<int, 1>{});
-    } else if (m == 2 && kFusedRows >= 2) {
-      fused(std::integral_constant<int, kFusedRows >= 2 ? 2 : 1>{});
-    } else if (m == 3 && kFusedRows >= 3) {
-      fused(std::integral_constant<int, kFusedRows >= 3 ? 3 : 1>{});
-    } else if (m == 4 && kFusedRows >= 4) {
-      fused(std::integral_constant<int, kFusedRows >= 4 ? 4 : 1>{});
+    if (m <= kFusedMaxRows) {
+      // groups as even as can be (5 rows: 3 + 2; a 1-row group re-decodes the weights for little)
+      const int64_t groups = ceil_div(m, int64_t(kFusedRows));
+      for (int64_t g = 0, r0 = 0; g < groups; ++g) {
+        const int64_t rows = (m - r0) / (groups - g);
+        if (rows >= kFusedRows) fused(std::integral_constant<int, kFusedRows>{}, r0);
+        else if (rows == 3) fused(std::integral_constant<int, std::min(3, kFusedRows)>{}, r0);
+        else if (rows == 2) fused(std::integral_constant<int, std::min(2, kFusedRows)>{}, r0);
+        else fused(std::integral_constant<int, 1>{}, r0);
+        r0 += std::min<int64_t>(rows, kFusedRows);
+      }
     } else {
       for (int64_t kb0 = 0; kb0 < p.KB; kb0 += kChunkBlocks) {
         const int64_t nb = std::min(kChunkBlocks, p.KB - kb0);
@@ -1323,10 +1343,10 @@ void decode_spread(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, c
     for (int j = 0; j < NC; ++j) col[j] = bg + cols[std::min(j, nc - 1)] * p.K;  // a short quarter repeats
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NC; ++j) tot[r][j] = dv_zero(), exact[r][j] = 0.0f;
-    constexpr int NCF = MR <= 2 ? NC : 2;  // 3-4 rows: two streams at a time (registers, see decode_item)
+    constexpr int NCF = fused_nc(MR, NC);  // fewer streams at a time from 2-3 rows (registers)
     for (int c = 0; c < NC; c += NCF)
       (safe ? fused_rows<MR, NCF, true, false, true> : fused_rows<MR, NCF, false, true, true>)(
-          dec, col + c, c, p, a_dec, sa0, sbrow, sc, tot, exact, width * p.K);  // far: the next item's rows
+          dec, col + c, c, p, a_dec, sa0, sbrow, sc, tot, exact, width * p.K, 0);  // far: the next item's rows
     if constexpr (MR == 1) {
       for (int j = 0; j < nc; ++j) sums[cols[j] - n0] = tot[0][j], extra[cols[j] - n0] = exact[0][j];
     } else {
@@ -1391,7 +1411,7 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
       shares[me].end = n_items * (me + 1) / nt;
     }
 #pragma omp barrier
-    std::vector<float> sc(size_t(kFusedRows * p.KB));  // decode_item's scale cache
+    std::vector<float> sc(size_t(kFusedMaxRows * p.KB));  // decode_item's scale cache
     for (int v = 0; v < nt; ++v) {  // own share first, then the next ones
       Share& sh = shares[(me + v) % nt];
       for (;;) {
