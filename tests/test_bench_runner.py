@@ -335,3 +335,27 @@ def test_gpu_suite_script_parses():
     if shutil.which("bash") is None:
         pytest.skip("no bash")
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_matmul_ceiling_stops_growing_sizes_once_a_call_is_slow(monkeypatch):
+    """A ceiling matmul over _SLOW_CALL_S per call at one size (torch's bf16 on a CPU without
+    bf16 instructions) does not go on to the next, 8x larger size; a fast one tries every size."""
+    from leankernels._bench import ceilings
+
+    timed = []
+
+    def fake_time_one(fn, device, config=None, flusher=None, seconds=None):
+        n = len(timed)
+        timed.append(n)
+        return Measurement([seconds[n]] * 3)
+
+    cfg = TimingConfig(warmup=0, min_reps=1, max_reps=1, budget_s=0.0)
+    for secs, want_tried in (([0.1, 0.5, 2.0], 3), ([2.0, 0.5, 0.1], 1), ([0.5, 1.5, 0.1], 2)):
+        timed.clear()
+        monkeypatch.setattr(ceilings, "time_one",
+                            lambda fn, device, config=None, flusher=None, s=secs: fake_time_one(fn, device, seconds=s))
+        c = ceilings._matmul("cpu", torch.float32, (16, 32, 64), cfg, None)
+        assert len(timed) == want_tried
+        rates = [2.0 * n ** 3 / t / 1e12 for n, t in zip((16, 32, 64)[:want_tried], secs)]
+        assert c.value == pytest.approx(max(rates))
+        assert ("not run" in c.how) == (want_tried < 3), c.how

@@ -78,22 +78,34 @@ def _read(device: str, quick: bool, cfg: TimingConfig, flusher, huge: bool = Fal
                    f"best of {' / '.join(ops)} (best: {best_op})")
 
 
+_SLOW_CALL_S = 1.0  # a ceiling matmul this slow stops the growing sizes (see _matmul)
+
+
 def _matmul(device: str, dtype: torch.dtype, sizes, cfg: TimingConfig, flusher) -> Optional[Ceiling]:
-    best, best_n = 0.0, None
+    best, best_n, tried = 0.0, None, []
     g = torch.Generator(device=device).manual_seed(0)
     for n in sizes:  # random data (zeros would flatter the rate: less switching power)
         a = torch.randn(n, n, generator=g, device=device).to(dtype)
         b = torch.randn(n, n, generator=g, device=device).to(dtype)
         m = time_one(lambda: torch.matmul(a, b), device, config=cfg, flusher=flusher)
+        tried.append(n)
         rate = 2.0 * n ** 3 / m.median / 1e12
         if rate > best:
             best, best_n = rate, n
         del a, b
+        # NOTES: a matmul this slow at this size (torch's bf16 on a CPU without bf16 instructions:
+        # ~0.7 GFLOP/s on an AVX2-only Zen 1, 3 s per 1024^3 call) is far past the sizes where
+        # call overheads matter; the next size (8x the work) would take minutes of the run.
+        if m.median > _SLOW_CALL_S:
+            break
     if best_n is None:
         return None
     name = {torch.bfloat16: "bf16_matmul", torch.float32: "fp32_matmul"}[dtype]
+    skipped = [n for n in sizes if n not in tried]
     return Ceiling(name, "compute", best, f"torch.matmul {str(dtype).replace('torch.', '')}, best of "
-                   f"{'/'.join(map(str, sizes))} square (best at {best_n})")
+                   f"{'/'.join(map(str, tried))} square (best at {best_n})"
+                   + (f"; {'/'.join(map(str, skipped))} not run (over {_SLOW_CALL_S:g} s per call at {tried[-1]})"
+                      if skipped else ""))
 
 
 def _fp8_matmul(device: str, sizes, cfg: TimingConfig, flusher) -> Optional[Ceiling]:
