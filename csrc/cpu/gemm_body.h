@@ -868,6 +868,14 @@ inline bool iv_nan_any(IV acc) {
 // (2026-12-01, 2-core Zen 1 EPYC VM, scripts/ab_builds.py, 9 rounds, cache flushed, 8 experts,
 // K=2048 N=2816 and K=1408 N=2048): 1 row +2-3%, 2 rows +21%, 4 rows +16%. Not measured on
 // Intel (shuffles on one port there, shifts on two) or Zen 2+.
+// Where one row tops out on Zen 1 (2026-12-02, same VM, 2.47 GHz, standalone asm/intrinsics
+// loops, weights in L2): reciprocal throughput per ymm op vpsraw 2 cycles, vpshufb 1, vfmadd
+// 1, vpmaxub 0.66, vpand 0.5. The one-row loop (this decode + the NaN mark + 4 FMAs per 32
+// bytes, 4 weight rows) takes ~11.8 cycles per 32 bytes (2.7 B/cycle, ~6.7 GB/s per core);
+// without the NaN mark ~10.4. No gain from: vpmulhw by 2^12 in place of either vpsraw (moves
+// the shift to the multiplier pipe), a's vectors pinned in registers, two sums per output, 2
+// weight rows instead of 4. So one row is pipe-bound at ~13 GB/s on 2 cores there (the kernel
+// reaches 10-12), ~65% of the ~20 GB/s read ceiling; 2+ rows are bound by the FMA pipe.
 inline void iv_decode(IV x, DV* out) {
   const __m256i keep = _mm256_set1_epi16(int16_t(0x87f0));
   const __m256i hi = _mm256_set1_epi32(int32_t(0xffff0000u));
