@@ -140,6 +140,36 @@ def test_time_callables_interleaved_ratio_and_rotation():
     assert 1.5 < ms.median / mf.median < 6
 
 
+def test_time_callables_times_a_very_slow_call_once():
+    """A callable over slow_call_s per call (a seconds-long baseline) gets its one warm-up call as
+    its only sample, or its round-one call without warm-up; the others are timed as usual."""
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+        time.sleep(0.001)
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.03)
+
+    for warmup in (1, 0):
+        calls.update(fast=0, slow=0)
+        cfg = TimingConfig(warmup=warmup, min_reps=3, max_reps=20, budget_s=0.02, max_per_round=10,
+                           slow_call_s=0.02)
+        mf, ms = time_callables([fast, slow], "cpu", config=cfg)
+        assert ms.reps == 1 and calls["slow"] == 1 and ms.median >= 0.03
+        assert 3 <= mf.reps <= 20 and calls["fast"] == mf.reps + warmup and mf.median < 0.02
+    cfg = TimingConfig(warmup=1, min_reps=3, max_reps=20, budget_s=0.02, slow_call_s=None)  # off
+    calls.update(fast=0, slow=0)
+    mf, ms = time_callables([fast, slow], "cpu", config=cfg)
+    assert ms.reps >= 3 and calls["slow"] == ms.reps + 1
+    cfg = TimingConfig(warmup=1, min_reps=3, max_reps=20, budget_s=0.02, slow_call_s=0.02)  # all slow
+    calls.update(fast=0, slow=0)
+    (ms,) = time_callables([slow], "cpu", config=cfg)
+    assert ms.reps == 1 and calls["slow"] == 1
+
+
 def test_input_sets_rotate():
     sets = InputSets(["a", "b", "c"])
     seen = []

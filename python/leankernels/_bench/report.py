@@ -68,8 +68,10 @@ def format_header(results: dict) -> str:
              f"{env.get('date_utc')}"]
     t = results.get("timing", {})
     if t:
-        lines.append(f"timing: {t.get('statistic')} of >= {t.get('min_reps')} runs after {t.get('warmup')} warm-up; "
-                     f"{t.get('method')}")
+        slow = t.get("slow_call_s")
+        lines.append(f"timing: {t.get('statistic')} of >= {t.get('min_reps')} runs after {t.get('warmup')} warm-up"
+                     + (f" (a callable over {slow:g} s per call: its one warm-up call)" if slow else "")
+                     + f"; {t.get('method')}")
     return "\n".join(lines)
 
 

@@ -337,7 +337,8 @@ def run(domains: Iterable[str], device: str, quick: bool, *, progress: bool = Tr
                   "wall clock (time.perf_counter) per call; inputs rotated before every call",
         "statistic": "median",
         "interleaved": "ours and the baselines of a case run round-robin in the same process",
-        **{k: getattr(cfg, k) for k in ("warmup", "min_reps", "max_reps", "budget_s", "max_per_round")},
+        **{k: getattr(cfg, k) for k in ("warmup", "min_reps", "max_reps", "budget_s", "max_per_round",
+                                          "slow_call_s")},
     }
     bar.update(0.0, "measuring ceilings")
     ceil = _ceilings.measure(device, quick, flusher=flusher)
