@@ -141,9 +141,10 @@ def test_time_callables_interleaved_ratio_and_rotation():
 
 
 def test_time_callables_times_a_very_slow_call_once():
-    """A callable over slow_call_s per call (a seconds-long baseline) gets its one warm-up call as
-    its only sample, or its round-one call without warm-up; the others are timed as usual."""
-    calls = {"fast": 0, "slow": 0}
+    """A callable over slow_call_s per call after its warm-up (a seconds-long baseline) is timed
+    once, in round one; a slow warm-up alone (one-off costs) does not count; the others are
+    timed as usual."""
+    calls = {"fast": 0, "slow": 0, "first": 0}
 
     def fast():
         calls["fast"] += 1
@@ -153,13 +154,18 @@ def test_time_callables_times_a_very_slow_call_once():
         calls["slow"] += 1
         time.sleep(0.03)
 
+    def slow_first():  # a one-off cost in its first call only
+        calls["first"] += 1
+        time.sleep(0.03 if calls["first"] == 1 else 0.001)
+
     for warmup in (1, 0):
-        calls.update(fast=0, slow=0)
+        calls.update(fast=0, slow=0, first=0)
         cfg = TimingConfig(warmup=warmup, min_reps=3, max_reps=20, budget_s=0.02, max_per_round=10,
                            slow_call_s=0.02)
-        mf, ms = time_callables([fast, slow], "cpu", config=cfg)
-        assert ms.reps == 1 and calls["slow"] == 1 and ms.median >= 0.03
+        mf, ms, m1 = time_callables([fast, slow, slow_first], "cpu", config=cfg)
+        assert ms.reps == 1 and calls["slow"] == 1 + warmup and ms.median >= 0.03
         assert 3 <= mf.reps <= 20 and calls["fast"] == mf.reps + warmup and mf.median < 0.02
+        assert m1.reps >= (3 if warmup else 1) and calls["first"] == m1.reps + warmup
     cfg = TimingConfig(warmup=1, min_reps=3, max_reps=20, budget_s=0.02, slow_call_s=None)  # off
     calls.update(fast=0, slow=0)
     mf, ms = time_callables([fast, slow], "cpu", config=cfg)
@@ -167,7 +173,7 @@ def test_time_callables_times_a_very_slow_call_once():
     cfg = TimingConfig(warmup=1, min_reps=3, max_reps=20, budget_s=0.02, slow_call_s=0.02)  # all slow
     calls.update(fast=0, slow=0)
     (ms,) = time_callables([slow], "cpu", config=cfg)
-    assert ms.reps == 1 and calls["slow"] == 1
+    assert ms.reps == 1 and calls["slow"] == 2
 
 
 def test_input_sets_rotate():

@@ -70,7 +70,7 @@ def format_header(results: dict) -> str:
     if t:
         slow = t.get("slow_call_s")
         lines.append(f"timing: {t.get('statistic')} of >= {t.get('min_reps')} runs after {t.get('warmup')} warm-up"
-                     + (f" (a callable over {slow:g} s per call: its one warm-up call)" if slow else "")
+                     + (f" (a callable over {slow:g} s per call after it: 1 run)" if slow else "")
                      + f"; {t.get('method')}")
     return "\n".join(lines)
 

@@ -178,7 +178,7 @@ class TimingConfig:
     max_reps: int = 100             # at most this many
     budget_s: float = 1.0           # aim for about this much timed work per callable
     max_per_round: int = 10         # fast callables run up to this many times per round
-    slow_call_s: Optional[float] = 5.0  # a call slower than this is timed once (see time_callables)
+    slow_call_s: Optional[float] = 5.0  # a call slower than this (after warm-up) is timed once (see time_callables)
 
     @classmethod
     def for_device(cls, device: str, quick: bool) -> "TimingConfig":
@@ -221,29 +221,22 @@ def time_callables(fns: Sequence[Callable[[], object]], device: str, *,
 
     # NOTES: slow_call_s: a call that takes seconds (torch's bf16 matmul on a CPU without bf16
     # instructions: a prefill-sized baseline ran ~200 s per call on an AVX2-only Zen 1) is far
-    # past the sizes where timer noise or warm-up matter, and min_reps more calls of it would
-    # take most of the run: its last warm-up call (or, without warm-up, its round-one call) is
-    # its one sample (reps = 1 in the results), and the others are timed as usual.
-    slow = cfg.slow_call_s
-    out = [Measurement() for _ in fns]
-    for i, fn in enumerate(fns):          # warm-up: compiles, allocator, caches, clocks
+    # past the sizes where timer noise matters, and min_reps - 1 more calls of it would take most
+    # of the run: its round-one call (after the warm-up, which can hold one-off costs such as a
+    # first call's weight quantization) is its one sample (reps = 1 in the results); the others
+    # are timed as usual.
+    for fn in fns:                       # warm-up: compiles, allocator, caches, clocks
         for _ in range(max(0, cfg.warmup)):
             if rotate is not None:
                 rotate()
-            t0 = time.perf_counter()
             fn()
-            if slow is not None:
-                synchronize(device)
-            out[i].samples = [time.perf_counter() - t0]
     synchronize(device)
-    once = [slow is not None and bool(m.samples) and m.samples[0] > slow for m in out]
-    for i, m in enumerate(out):
-        if not once[i]:
-            m.samples = []
 
+    out = [Measurement() for _ in fns]
     # Round one: each callable once; its times size the remaining rounds.
-    _round(fns, [0 if o else 1 for o in once], out, cuda, rotate, flusher)
-    once = [o or (slow is not None and m.samples[0] > slow) for o, m in zip(once, out)]
+    _round(fns, [1] * len(fns), out, cuda, rotate, flusher)
+    slow = cfg.slow_call_s
+    once = [slow is not None and m.samples[0] > slow for m in out]
     est = [max(m.samples[0], 1e-7) for m, o in zip(out, once) if not o]
     if not est:
         return out
