@@ -278,7 +278,7 @@ def test_unpermute_matches_reference(device, dtype, H):
 @pytest.mark.parametrize("H", [7168, 7200, 17])
 def test_unpermute_cpu_paths_exact(dtype, H):
     """The CPU combine on every CPU path (register sums on the AVX-512 levels: column blocks of
-    128 and 32, then a tail) against fp32 sums in k order (torch.addcmul; the kernel's fused
+    128 and 32, then a tail; avx2: 64 and 16; generic: sums in L1) against fp32 sums in k order (torch.addcmul; the kernel's fused
     multiply-adds may differ in the last fp32 bit), one rounding to the output dtype; Inf and
     NaN inputs give the same non-finite pattern."""
     T, K = 3, 8

@@ -422,14 +422,64 @@ inline void combine_cols(const void* const* rows, const float* w, int n, DType d
     _mm512_storeu_si512(static_cast<uint16_t*>(out) + h + 16 * v, _mm512_packus_epi32(lo, hi));
   }
 }
+constexpr int64_t kCombineLanes = 16;
+#elif LK_ISA == 1
+// avx2: the same combine on ymm vectors (8 lanes; bf16 16 columns per 32-byte load, widened and
+// narrowed in the unpacks' / pack's in-lane order as above).
+// NOTES: avx2 had run the slice loop below (sums in L1); on a 2-core Zen 1 VM its T=1 unpermute
+// of 8 rows x H=7168 bf16 cost ~15 us more than H=2048 (bench, 2026-12-02).
+constexpr int kMaxCombine = 32;
+constexpr int64_t kCombineLanes = 8;
+// f32_to_bf16 on 8 lanes (round to nearest even, NaN kept quiet), in each lane's low 16 bits.
+inline __m256i bf16_bits8(__m256i u) {
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+  const __m256i hi = _mm256_srli_epi32(u, 16);
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                                       _mm256_and_si256(hi, _mm256_set1_epi32(1))), 16);
+  return _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+}
+template <int NV>
+inline void combine_cols(const void* const* rows, const float* w, int n, DType dtype, int64_t h, void* out) {
+  __m256 s[NV];
+  for (int v = 0; v < NV; ++v) s[v] = _mm256_setzero_ps();
+  if (dtype == DType::f32) {
+    for (int k = 0; k < n; ++k) {
+      const __m256 wk = _mm256_set1_ps(w[k]);
+      for (int v = 0; v < NV; ++v)
+        s[v] = _mm256_fmadd_ps(wk, _mm256_loadu_ps(static_cast<const float*>(rows[k]) + h + 8 * v), s[v]);
+    }
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(static_cast<float*>(out) + h + 8 * v, s[v]);
+    return;
+  }
+  static_assert(NV % 2 == 0, "bf16 columns go 16 at a time");
+  const __m256i zero = _mm256_setzero_si256();
+  for (int k = 0; k < n; ++k) {
+    const __m256 wk = _mm256_set1_ps(w[k]);
+    for (int v = 0; v < NV; v += 2) {
+      const __m256i x = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(rows[k]) + h + 8 * v));
+      s[v] = _mm256_fmadd_ps(wk, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, x)), s[v]);
+      s[v + 1] = _mm256_fmadd_ps(wk, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, x)), s[v + 1]);
+    }
+  }
+  for (int v = 0; v < NV; v += 2) {
+    const __m256i lo = bf16_bits8(_mm256_castps_si256(s[v])), hi = bf16_bits8(_mm256_castps_si256(s[v + 1]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + h + 8 * v),
+                        _mm256_packus_epi32(lo, hi));
+  }
+}
+#endif
+#if LK_ISA >= 1
 void combine_token(const void* const* rows, const float* w, int n, DType dtype, int64_t H, void* out) {
   // NOTES: 8 chains: with 2 (32 columns) the FMA latency bound the loop (~48 cycles per 32
-  // columns of 8 rows, measured).
+  // columns of 8 rows, measured on AVX-512).
+  constexpr int64_t kBig = 8 * kCombineLanes, kSmall = 2 * kCombineLanes;
   int64_t h = 0;
-  for (; h + 128 <= H; h += 128) combine_cols<8>(rows, w, n, dtype, h, out);
-  for (; h + 32 <= H; h += 32) combine_cols<2>(rows, w, n, dtype, h, out);
-  if (h < H) {  // the last H % 32 columns
-    alignas(64) float acc[32] = {};
+  for (; h + kBig <= H; h += kBig) combine_cols<8>(rows, w, n, dtype, h, out);
+  for (; h + kSmall <= H; h += kSmall) combine_cols<2>(rows, w, n, dtype, h, out);
+  if (h < H) {  // the last H % kSmall columns
+    alignas(64) float acc[kSmall] = {};
     for (int k = 0; k < n; ++k) accumulate_row(rows[k], dtype, h, H - h, w[k], acc);
     const int64_t es = dtype == DType::f32 ? 4 : 2;
     narrow(acc, dtype, H - h, static_cast<char*>(out) + h * es);
@@ -440,7 +490,7 @@ void combine_token(const void* const* rows, const float* w, int n, DType dtype, 
 void unpermute(const void* y, DType dtype, int64_t R, int64_t H, const int32_t* token_row,
                const float* weights, int64_t T, int64_t top_k, void* out) {
   const int64_t es = dtype == DType::f32 ? 4 : 2;
-#if LK_ISA >= 2
+#if LK_ISA >= 1
   if (dtype != DType::f16 && top_k <= kMaxCombine) {
     parallel_ranges(T, T * top_k * H >= 4 * kParallelWork, [&](int64_t t_begin, int64_t t_end) {
       for (int64_t t = t_begin; t < t_end; ++t) {
