@@ -382,54 +382,37 @@ void permute_fp8(const void* x, DType dtype, int64_t T, int64_t H, int64_t row_s
   });
 }
 
-#if LK_ISA >= 2
-// One token's weighted sum, sums in registers: per 32 columns every routed row is widened and
-// FMAed into two zmm accumulators (k order, as the slices below), then narrowed once.
+#if LK_ISA >= 1
+// One token's weighted sum, sums in registers: per 2 vectors of columns every routed row is
+// widened and FMAed into two accumulators (k order, as the slices below), then narrowed once.
 // rows[k]: y's row of the k-th routed pair (already offset), n <= kMaxCombine of them.
 // NOTES: the slice loop keeps its sums in L1 instead, which costs a load and a store of the
 // sums per row and 16 columns: at T=1, top-8, H=7168 (bf16) the zmm stores were its bound
-// (~4.5 cycles per 32 columns and row).
+// (~4.5 cycles per 32 columns and row). avx2 had run the slice loop too; on a 2-core Zen 1 VM
+// its T=1 unpermute of 8 rows x H=7168 bf16 cost ~15 us more than H=2048 (bench, 2026-12-02),
+// 18.7 -> 9.9 us on register sums. There, widening the even and odd columns by a shift (or a
+// byte shuffle) and an AND instead of the two unpacks was 6-10% slower (A/B in one process).
 constexpr int kMaxCombine = 32;
-// 16 * NV columns from h: NV independent FMA chains (the k order is fixed within each).
-// bf16: each 64-byte load of 32 columns is widened by two unpacks with zero (the bf16 in the
-// high half of a dword is its fp32), in the unpacks' in-lane order, which the saturating pack
-// of the narrowing undoes (values < 2^16, so it saturates nothing).
-template <int NV>
-inline void combine_cols(const void* const* rows, const float* w, int n, DType dtype, int64_t h, void* out) {
-  __m512 s[NV];
-  for (int v = 0; v < NV; ++v) s[v] = _mm512_setzero_ps();
-  if (dtype == DType::f32) {
-    for (int k = 0; k < n; ++k) {
-      const __m512 wk = _mm512_set1_ps(w[k]);
-      for (int v = 0; v < NV; ++v)
-        s[v] = _mm512_fmadd_ps(wk, _mm512_loadu_ps(static_cast<const float*>(rows[k]) + h + 16 * v), s[v]);
-    }
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(static_cast<float*>(out) + h + 16 * v, s[v]);
-    return;
+// The vector ops of the combine: zmm (16 lanes) on the AVX-512 levels, ymm (8) on avx2.
+#if LK_ISA >= 2
+struct CombineVec {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int kLanes = 16;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F splat(float w) { return _mm512_set1_ps(w); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static I load_bf16(const uint16_t* p) { return _mm512_loadu_si512(p); }
+  static F widen_lo(I x) { return _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), x)); }
+  static F widen_hi(I x) { return _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), x)); }
+  static void store_bf16(uint16_t* p, F lo, F hi) {
+    _mm512_storeu_si512(p, _mm512_packus_epi32(bf16_bits16(_mm512_castps_si512(lo)),
+                                               bf16_bits16(_mm512_castps_si512(hi))));
   }
-  static_assert(NV % 2 == 0, "bf16 columns go 32 at a time");
-  const __m512i zero = _mm512_setzero_si512();
-  for (int k = 0; k < n; ++k) {
-    const __m512 wk = _mm512_set1_ps(w[k]);
-    for (int v = 0; v < NV; v += 2) {
-      const __m512i x = _mm512_loadu_si512(static_cast<const uint16_t*>(rows[k]) + h + 16 * v);
-      s[v] = _mm512_fmadd_ps(wk, _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, x)), s[v]);
-      s[v + 1] = _mm512_fmadd_ps(wk, _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, x)), s[v + 1]);
-    }
-  }
-  for (int v = 0; v < NV; v += 2) {
-    const __m512i lo = bf16_bits16(_mm512_castps_si512(s[v])), hi = bf16_bits16(_mm512_castps_si512(s[v + 1]));
-    _mm512_storeu_si512(static_cast<uint16_t*>(out) + h + 16 * v, _mm512_packus_epi32(lo, hi));
-  }
-}
-constexpr int64_t kCombineLanes = 16;
-#elif LK_ISA == 1
-// avx2: the same combine on ymm vectors (8 lanes; bf16 16 columns per 32-byte load, widened and
-// narrowed in the unpacks' / pack's in-lane order as above).
-// NOTES: avx2 had run the slice loop below (sums in L1); on a 2-core Zen 1 VM its T=1 unpermute
-// of 8 rows x H=7168 bf16 cost ~15 us more than H=2048 (bench, 2026-12-02).
-constexpr int kMaxCombine = 32;
-constexpr int64_t kCombineLanes = 8;
+};
+#else
 // f32_to_bf16 on 8 lanes (round to nearest even, NaN kept quiet), in each lane's low 16 bits.
 inline __m256i bf16_bits8(__m256i u) {
   const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
@@ -439,35 +422,53 @@ inline __m256i bf16_bits8(__m256i u) {
                                                        _mm256_and_si256(hi, _mm256_set1_epi32(1))), 16);
   return _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
 }
+struct CombineVec {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int kLanes = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F splat(float w) { return _mm256_set1_ps(w); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static I load_bf16(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static F widen_lo(I x) { return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), x)); }
+  static F widen_hi(I x) { return _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), x)); }
+  static void store_bf16(uint16_t* p, F lo, F hi) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm256_packus_epi32(bf16_bits8(_mm256_castps_si256(lo)), bf16_bits8(_mm256_castps_si256(hi))));
+  }
+};
+#endif
+constexpr int64_t kCombineLanes = CombineVec::kLanes;
+// kCombineLanes * NV columns from h: NV independent FMA chains (the k order is fixed within each).
+// bf16: each load of 2 * kCombineLanes columns is widened by two unpacks with zero (the bf16 in
+// the high half of a dword is its fp32), in the unpacks' in-lane order, which the saturating
+// pack of the narrowing undoes (values < 2^16, so it saturates nothing).
 template <int NV>
 inline void combine_cols(const void* const* rows, const float* w, int n, DType dtype, int64_t h, void* out) {
-  __m256 s[NV];
-  for (int v = 0; v < NV; ++v) s[v] = _mm256_setzero_ps();
+  using V = CombineVec;
+  constexpr int L = V::kLanes;
+  typename V::F s[NV];
+  for (int v = 0; v < NV; ++v) s[v] = V::zero();
   if (dtype == DType::f32) {
     for (int k = 0; k < n; ++k) {
-      const __m256 wk = _mm256_set1_ps(w[k]);
-      for (int v = 0; v < NV; ++v)
-        s[v] = _mm256_fmadd_ps(wk, _mm256_loadu_ps(static_cast<const float*>(rows[k]) + h + 8 * v), s[v]);
+      const typename V::F wk = V::splat(w[k]);
+      for (int v = 0; v < NV; ++v) s[v] = V::fma(wk, V::load(static_cast<const float*>(rows[k]) + h + L * v), s[v]);
     }
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(static_cast<float*>(out) + h + 8 * v, s[v]);
+    for (int v = 0; v < NV; ++v) V::store(static_cast<float*>(out) + h + L * v, s[v]);
     return;
   }
-  static_assert(NV % 2 == 0, "bf16 columns go 16 at a time");
-  const __m256i zero = _mm256_setzero_si256();
+  static_assert(NV % 2 == 0, "bf16 columns go two vectors at a time");
   for (int k = 0; k < n; ++k) {
-    const __m256 wk = _mm256_set1_ps(w[k]);
+    const typename V::F wk = V::splat(w[k]);
     for (int v = 0; v < NV; v += 2) {
-      const __m256i x = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(rows[k]) + h + 8 * v));
-      s[v] = _mm256_fmadd_ps(wk, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, x)), s[v]);
-      s[v + 1] = _mm256_fmadd_ps(wk, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, x)), s[v + 1]);
+      const typename V::I x = V::load_bf16(static_cast<const uint16_t*>(rows[k]) + h + L * v);
+      s[v] = V::fma(wk, V::widen_lo(x), s[v]);
+      s[v + 1] = V::fma(wk, V::widen_hi(x), s[v + 1]);
     }
   }
-  for (int v = 0; v < NV; v += 2) {
-    const __m256i lo = bf16_bits8(_mm256_castps_si256(s[v])), hi = bf16_bits8(_mm256_castps_si256(s[v + 1]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + h + 8 * v),
-                        _mm256_packus_epi32(lo, hi));
-  }
+  for (int v = 0; v < NV; v += 2) V::store_bf16(static_cast<uint16_t*>(out) + h + L * v, s[v], s[v + 1]);
 }
 #endif
 #if LK_ISA >= 1
