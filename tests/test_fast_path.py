@@ -5,7 +5,8 @@ torch.compile, autograd, FakeTensor/meta inputs, the profiler, ...) still goes t
 
 The op boundary is observed two ways: a TorchDispatchMode that records every ``func`` it sees,
 and counters wrapped around ``_ops.<op>`` (the torch.library entry the wrappers call) and
-``_ops.<op>_impl`` (the implementation both paths end in).
+``_ops.<op>_impl`` (the implementation both paths end in), or for the decode-size ops the helper
+that every ``_impl`` call runs in (``_RUNS_IN``).
 """
 from __future__ import annotations
 
@@ -121,11 +122,19 @@ def _cases():
 CASES = _cases()
 
 
+# The helper every run of these ops' _impl goes through, which the eager fast paths call
+# directly with the shapes they already read (CPU, or [T, K] rows for quantize_fp8).
+_RUNS_IN = {"route": "route_rows", "permute_fp8": "permute_fp8_rows", "unpermute": "unpermute_rows",
+            "quantize_fp8": "quantize_rows"}
+
+
 @contextlib.contextmanager
 def counting(monkeypatch, name):
-    """Count calls of _ops.<name> (the torch.library entry) and _ops.<name>_impl."""
+    """Count calls of _ops.<name> (the torch.library entry) and runs of its implementation:
+    calls of _ops.<name>_impl, or of the helper in _RUNS_IN that every such call goes through."""
     calls = {"op": 0, "impl": 0}
-    op, impl = getattr(_ops, name), getattr(_ops, name + "_impl")
+    impl_name = _RUNS_IN.get(name, name + "_impl")
+    op, impl = getattr(_ops, name), getattr(_ops, impl_name)
 
     def op_counted(*args, **kwargs):
         calls["op"] += 1
@@ -137,7 +146,7 @@ def counting(monkeypatch, name):
 
     with monkeypatch.context() as m:
         m.setattr(_ops, name, op_counted)
-        m.setattr(_ops, name + "_impl", impl_counted)
+        m.setattr(_ops, impl_name, impl_counted)
         yield calls
 
 

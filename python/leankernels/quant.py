@@ -63,10 +63,12 @@ def quantize_fp8(x, block=_TOKEN_BLOCK, scale_fmt: str = "fp32"):
     values are never hidden. With CuPy input, x_fp8 comes back as a uint8 CuPy array.
     """
     if (type(x) is _Tensor and (block is _TOKEN_BLOCK or (type(block) is tuple and block == _TOKEN_BLOCK))
-            and x.is_cpu and x.dtype in _INPUT_DTYPES and x.dim() == 2 and (scale_fmt == "fp32" or scale_fmt == "ue8m0")
-            and _ops.direct(x)):
+            and x.is_cpu):
         # an eager [T, K] CPU call, every check below in one expression (a decode step makes many)
-        return _ops.quantize_fp8_impl(x, 1, scale_fmt == "ue8m0")
+        dt, xs = x.dtype, x.shape
+        if (dt in _INPUT_DTYPES and len(xs) == 2 and (scale_fmt == "fp32" or scale_fmt == "ue8m0")
+                and _ops.direct_cpu(x)):
+            return _ops.quantize_rows(x, _ops._DTYPE_CODES[dt], xs[0], xs[1], scale_fmt == "ue8m0")
     src = x
     x = _interop.to_torch(x)
     _checks.tensor("x", x, _INPUT_DTYPES)
