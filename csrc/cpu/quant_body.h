@@ -213,10 +213,11 @@ inline VecF quotient(VecF x, VecF s, VecF y) {
 }
 
 // The codes of |v| = |x| / s for 8 lanes of |x| (no sign): normal rounding on the fp32 bits;
-// kSub: blended with the FPU's subnormal rounding (needed where some |v| < 2^-6).
+// kSub: blended with the FPU's subnormal rounding (needed where some |v| < 2^-6). No clamp to
+// 448: in a finite group |v| rounds to < 464 (see the AVX-512 codec's notes).
 template <bool kMul, bool kSub = true>
 inline __m256i mag_codes8(VecF ax, VecF s, VecF y) {
-  const __m256i a = _mm256_min_epu32(_mm256_castps_si256(quotient<kMul>(ax, s, y)), _mm256_set1_epi32(0x43e00000));
+  const __m256i a = _mm256_castps_si256(quotient<kMul>(ax, s, y));
   __m256i nrm = _mm256_add_epi32(a, _mm256_set1_epi32(int((uint32_t(7 - 127) << 23) + 0x7ffffu)));
   nrm = _mm256_add_epi32(nrm, _mm256_and_si256(_mm256_srli_epi32(a, 20), _mm256_set1_epi32(1)));
   nrm = _mm256_srli_epi32(nrm, 20);
