@@ -129,10 +129,17 @@ def _need_t(name: str, t, dtypes, dim=None, shape=None) -> None:
 
 
 # ------------------------------------------------------------------------------------ quant
+def _fp8_rows_out(x, rows, K, cpu):
+    """Empty FP8 codes [rows, K] and fp32 scales [rows, ceil(K / 128)] on x's device."""
+    if cpu:
+        return _new_fp8_cpu(rows, K), _new_f32_cpu(rows, -(-K // GROUP))
+    q = torch.empty(rows, K, dtype=FP8, device=x.device)
+    return q, q.new_empty(rows, -(-K // GROUP), dtype=_F32)
+
+
 def quantize_rows(x, code, T, K, ue8m0, cpu=True):
     """quantize_fp8_impl(x, 1, ue8m0) of x [T, K] whose dtype has code `code`; cpu: x.is_cpu."""
-    q = _new_fp8_cpu(T, K) if cpu else torch.empty(T, K, dtype=FP8, device=x.device)
-    scale = _new_f32_cpu(T, -(-K // GROUP)) if cpu else q.new_empty(T, -(-K // GROUP), dtype=_F32)
+    q, scale = _fp8_rows_out(x, T, K, cpu)
     if T == 0 or K == 0:
         return q, scale
     x, row_stride = _unit_rows(x, K)
@@ -479,8 +486,7 @@ def _unit_rows(x, H):
 
 def permute_fp8_rows(x, code, T, H, row_token, R, ue8m0, cpu=True):
     """permute_fp8_impl of x [T, H] (dtype code `code`) and contiguous row_token [R]; cpu: x.is_cpu."""
-    q = _new_fp8_cpu(R, H) if cpu else torch.empty(R, H, dtype=FP8, device=x.device)
-    scale = _new_f32_cpu(R, -(-H // GROUP)) if cpu else q.new_empty(R, -(-H // GROUP), dtype=_F32)
+    q, scale = _fp8_rows_out(x, R, H, cpu)
     if R == 0 or H == 0:
         return q, scale
     x, row_stride = _unit_rows(x, H)
