@@ -253,7 +253,8 @@ def permute(x, plan: RoutePlan, quantize: bool = False, scale_fmt: str = "fp32")
                     and (scale_fmt == "fp32" or scale_fmt == "ue8m0") and xs[0] == ts[0] and rt.is_contiguous()
                     and _ops.direct_cpu(x, rt)):
                 if quantize:
-                    return _ops.permute_fp8_rows(x, _ops._DTYPE_CODES[dt], xs[0], xs[1], rt, rs[0], scale_fmt == "ue8m0")
+                    return _ops.permute_fp8_rows(x, _ops._DTYPE_CODES[dt], xs[0], xs[1], rt, rs[0],
+                                                 scale_fmt == "ue8m0")
                 return _ops.permute_impl(x, rt)
     src = x
     x = _interop.to_torch(x)
