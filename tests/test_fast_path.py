@@ -11,6 +11,8 @@ that every ``_impl`` call runs in (``_RUNS_IN``).
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -173,6 +175,30 @@ def test_eager_skips_the_dispatch_and_modes_see_the_op(name, call, monkeypatch):
         assert calls["op"] == 1 and calls["impl"] == 2, calls  # the op, whose body runs the impl
     assert getattr(torch.ops.leankernels, name).default in mode.seen
     _assert_bitwise(eager, seen)
+
+
+def test_cpu_outputs_stay_on_the_cpu_whatever_the_default_device_at_import():
+    """The fast paths' CPU outputs come from templates made at import: a default device set then
+    (here meta) must not move them, or the C++ would write through a non-CPU pointer."""
+    code = "\n".join([
+        "import torch",
+        "torch.set_default_device('meta')",
+        "import leankernels as lk",
+        "from leankernels import reference as ref",
+        "torch.set_default_device(None)",
+        "x, y = torch.randn(2, 256).bfloat16(), torch.randn(8, 256).bfloat16()",
+        "q, s = lk.quantize_fp8(x)",
+        "w, ids = lk.route(torch.randn(2, 64), 4)",
+        "p = lk.plan(ids, 64)",
+        "q2, s2 = lk.permute(x, p, quantize=True)",
+        "o = lk.unpermute(y, p, w)",
+        "assert all(t.is_cpu for t in (q, s, w, ids, q2, s2, o, *p))",
+        "qr, sr = ref.quantize_fp8(x)",
+        "assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)",
+        "print('ok')",
+    ])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-3000:])
 
 
 @pytest.mark.parametrize("name,call", CASES[:8], ids=[c[0] for c in CASES[:8]])

@@ -30,10 +30,11 @@ _CPU = torch.device("cpu")
 _grad_on = torch.is_grad_enabled
 # CPU outputs of the decode-size helpers: `template.new_empty(*sizes)` (positional sizes, no
 # dtype or device argument) is ~0.6 us cheaper than torch.empty(*sizes, dtype=...) on a Zen 1 VM
-# (2.7 vs 3.3 us; the same kind of tensor: contiguous, on the CPU, not requiring grad).
-_new_fp8_cpu = torch.empty(0, dtype=FP8).new_empty
-_new_f32_cpu = torch.empty(0, dtype=torch.float32).new_empty
-_new_i32_cpu = torch.empty(0, dtype=torch.int32).new_empty
+# (2.7 vs 3.3 us; the same kind of tensor: contiguous, on the CPU, not requiring grad). The
+# templates name the CPU: a default device set when this module is imported must not move them.
+_new_fp8_cpu = torch.empty(0, dtype=FP8, device="cpu").new_empty
+_new_f32_cpu = torch.empty(0, dtype=torch.float32, device="cpu").new_empty
+_new_i32_cpu = torch.empty(0, dtype=torch.int32, device="cpu").new_empty
 try:  # private torch hooks; should one be missing in some torch release, every call takes the op
     _is_compiling = torch.compiler.is_compiling
     _function_mode_on = torch._C._is_torch_function_mode_enabled
