@@ -67,6 +67,10 @@ void encode_scalar(const float* v, int64_t n, float s, uint8_t* q) {
 // nothing is NaN, and the SIMD codec below needs neither the NaN nor the >= 480 branch.
 inline bool finite_scale(float s) { return (f32_bits(s) & 0x7f800000u) != 0x7f800000u; }
 
+// Whether a group whose smallest |x| has fp32 bits amin can give a quotient below 2^-6 (an e4m3
+// subnormal or zero) with scale s: the codecs' subnormal path is needed (see encode_group_scaled).
+inline bool needs_subnormal(uint32_t amin, float s) { return f32_from_bits(amin) < s * 0.015625f; }
+
 #if LK_ISA >= 2
 // ------------------------------------------------------------------------ AVX-512 codec
 constexpr int kLanes = 16;
@@ -315,7 +319,7 @@ inline void quantize_bf16_row(const uint16_t* x, int64_t full, bool ue8m0, uint8
   auto next = [&](int64_t g) {
     const Bf16Group r = bf16_group_range(x + g * kQuantGroup);
     const float s = fp8_scale_from_amax(f32_from_bits(r.amax), ue8m0);
-    return Next{s, 1.0f / s, f32_from_bits(r.amin) < s * 0.015625f};
+    return Next{s, 1.0f / s, needs_subnormal(r.amin, s)};
   };
   Next n = full > 0 ? next(0) : Next{};
   for (int64_t g = 0; g < full; ++g) {
@@ -377,7 +381,7 @@ inline void encode_group(const VecF* v, VecF s, VecF y, uint8_t* q) {
 // AVX-512 codec skips its subnormal path (~2 of 11 vector ops; in real activations nearly every
 // group: a lane that small is below amax / 28672; zeros always take the full path).
 inline void encode_group_scaled(const VecF* v, float s, bool ue8m0, uint8_t* q, uint32_t amin) {
-  const bool sub = f32_from_bits(amin) < s * 0.015625f;
+  const bool sub = needs_subnormal(amin, s);
   const VecF sv = splat(s), yv = splat(1.0f / s);
   if (ue8m0) {
     if (sub) encode_group<true, true>(v, sv, yv, q);
@@ -646,7 +650,7 @@ void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64
 #if LK_ISA == 1
           if (dtype == DType::bf16) {  // straight from x (see Bf16Group)
             const uint16_t* xg = static_cast<const uint16_t*>(x) + off + g * kQuantGroup;
-            const bool sub = f32_from_bits(bf16_group_range(xg).amin) < sc[g] * 0.015625f;
+            const bool sub = needs_subnormal(bf16_group_range(xg).amin, sc[g]);
             encode_bf16_group_scaled(xg, sc[g], 1.0f / sc[g], sub, ue8m0, qg);
             continue;
           }

@@ -470,8 +470,6 @@ inline void combine_cols(const void* const* rows, const float* w, int n, DType d
   }
   for (int v = 0; v < NV; v += 2) V::store_bf16(static_cast<uint16_t*>(out) + h + L * v, s[v], s[v + 1]);
 }
-#endif
-#if LK_ISA >= 1
 void combine_token(const void* const* rows, const float* w, int n, DType dtype, int64_t H, void* out) {
   // NOTES: 8 chains: with 2 (32 columns) the FMA latency bound the loop (~48 cycles per 32
   // columns of 8 rows, measured on AVX-512).
