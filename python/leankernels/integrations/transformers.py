@@ -78,7 +78,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
 # 5.8's DeepseekV3TopkRouter returns logits only (DeepseekV3MoE routes). CI tests both ends of
 # TESTED_RANGE; newer releases are allowed with a warning (5.24 renamed past_key_values -> cache,
 # which broke the attention patch inside forward: the next rename should be named, not a TypeError).
-TESTED_RANGE = ((5, 13), (5, 24))
+TESTED_RANGE = ((5, 13), (5, 25))
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
