@@ -119,7 +119,9 @@ def test_registered_and_selectable(tmp_path):
     assert model.config._experts_implementation == "leankernels"
     # ... via from_pretrained (saved locally, nothing downloaded) ...
     model.save_pretrained(tmp_path)
-    loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path, experts_implementation="leankernels")
+    # use_kernels=False: from 5.25 from_pretrained kernelizes from the Hub by default (the
+    # `kernels` package; not what this checks, and offline here)
+    loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path, experts_implementation="leankernels", use_kernels=False)
     assert loaded.config._experts_implementation == "leankernels"
     experts = loaded.model.layers[1].mlp.experts
     assert "_leankernels_fp8" not in experts.__dict__
