@@ -205,6 +205,30 @@ def test_decode_few_rows_four_streams_every_path(cpu_path, N, K, counts):
             torch.testing.assert_close(got[fin].float(), want[fin].bfloat16().float(), rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize("log2_factor", [-122, -70, -62, -55, 0, 30, 36, 40, None])
+def test_decode_rows_prescaled_by_their_block_scales_every_path(cpu_path, log2_factor):
+    """On the fp32 paths (avx512, avx2) one to four rows against short weight rows are multiplied
+    by their block scales before the walk (gemm_body.h PreScaledA) when every scale product s is
+    0 or 2^-80 <= |s| <= 2^18, else they take the per-block scaling: a's scales times 2^f put the
+    products (~2^-18 here) on both sides of both bounds (2^-140: pre-scaled, most products would
+    be subnormal; 2^22: some would overflow); None: one block of one row out of range
+    (the whole item falls back), another row's scale 0. Each row against the reference by itself."""
+    N, K = 264, 2048
+    b, sb = lk.quantize_fp8(randn(N, K, seed=41, scale=0.05), (128, 128))
+    for M in (1, 3):
+        a, sa = lk.quantize_fp8(randn(M, K, seed=42 + M))
+        if log2_factor is None:
+            sa[0, 5] *= 2.0 ** 40
+            sa[M - 1] = 0.0 if M > 1 else sa[M - 1]
+        else:
+            sa *= 2.0 ** log2_factor
+        want = ref.fp8_gemm(a, sa, b, sb, torch.float32)
+        assert want.isfinite().all() and (want != 0).any()
+        got = lk.fp8_gemm(a, sa, b, sb, out_dtype=torch.float32)
+        for r in range(M):
+            _close(got[r], want[r])
+
+
 def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
