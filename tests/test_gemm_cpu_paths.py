@@ -212,10 +212,16 @@ def test_decode_rows_prescaled_by_their_block_scales_every_path(cpu_path, log2_f
     0 or 2^-80 <= |s| <= 2^18, else they take the per-block scaling: a's scales times 2^f put the
     products (~2^-18 here) on both sides of both bounds (2^-140: pre-scaled, most products would
     be subnormal; 2^22: some would overflow); None: one block of one row out of range
-    (the whole item falls back), another row's scale 0. Each row against the reference by itself."""
-    N, K = 264, 2048
+    (the whole item falls back), another row's scale 0. Each row against the reference by itself.
+    K = 2048: the four-stream walk (decode_spread); K = 4224: four adjacent weight rows
+    (decode_item), 6 rows in two groups of 3."""
+    for N, K, rows in ((264, 2048, (1, 3)), (136, 4224, (1, 6))):
+        _prescaled_rows_case(N, K, rows, log2_factor)
+
+
+def _prescaled_rows_case(N, K, rows, log2_factor):
     b, sb = lk.quantize_fp8(randn(N, K, seed=41, scale=0.05), (128, 128))
-    for M in (1, 3):
+    for M in rows:
         a, sa = lk.quantize_fp8(randn(M, K, seed=42 + M))
         if log2_factor is None:
             sa[0, 5] *= 2.0 ** 40

@@ -29,7 +29,8 @@
 //    Decode per CPU level: avx512bf16 e4m3 -> bf16 by two vpermt2b byte tables (exact) and
 //    vdpbf16ps; avx512/avx2 e4m3 -> fp32 by bit moves (9 integer ops per vector of bytes, the
 //    2^-120 offset folded into a and the scale, subnormals exact; avx2 moves two of them with
-//    vpshufb), then FMAs; generic a table.
+//    vpshufb), then FMAs on rows of a already times their block scales (PreScaledA, where
+//    the scales allow); generic a table.
 //    Bound at V2-Lite T=1 (6 experts x N=2816 x K=2048, 34.6 MB fp8): the DRAM read of the
 //    weights, ~1 ms at 37 GB/s on 2 Zen 4 cores; the decode costs ~12 vector ops per 64 bytes.
 //
@@ -1256,7 +1257,9 @@ inline bool block_row_scales(const Problem& p, const float* sa0, const float* sb
 // 2^-80 * 2^-9 * 2^-20). Each element is one rounding of a * s, where the block sums had been
 // exact products rounded by the sums and once by the scale: the same size of error.
 // NOTES: 2-core Zen 1 (avx2), a stand-alone loop of the kernel's one-row walk (4 weight rows,
-// 34.6 MB from DRAM): 13.0-13.9 GB/s with the per-block FMA, 14.2-14.4 without.
+// 34.6 MB from DRAM): 13.0-13.9 GB/s with the per-block FMA, 14.2-14.4 without. In the kernel
+// (scripts/ab_builds.py, cache flushed, paired time ratios): K=2048 and 1408 (four streams) 1
+// row +2-4%, 2 rows +8%, 4 rows +5%; K=7168 (four adjacent rows) 1-8 rows +4-7%.
 #if LK_ISA == 1 || LK_ISA == 2
 struct PreScaledA {
   std::vector<float> store;
@@ -1303,7 +1306,7 @@ struct PreScaledA {
 // 22.6 GB/s, m=4 13.3 -> 15.0; V2-Lite T=4 / T=16 routing: within 1%).
 template <int NC>
 void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, const Segment& seg, int64_t n0,
-                 int64_t n1, float* sc) {
+                 int64_t n1, float* sc, PreScaledA& pre) {
   const float* sc_row = nullptr;  // the weight block row sc was computed for (m <= kFusedRows)
   bool sc_safe = false;
   const int64_t m = seg.r1 - seg.r0;
@@ -1328,12 +1331,21 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
       sc_safe = block_row_scales(p, sa0, sbrow, m, sc);
     }
     // the register path: MR rows from r0, the NC weight rows together or fused_nc at a time
+    [[maybe_unused]] const DV* a_pre = m <= kFusedMaxRows && sc_safe ? pre.make(p, a_dec, m, sc, sbrow) : nullptr;
     const auto fused = [&](auto mr, int64_t r0) {
       constexpr int MR = decltype(mr)::value, NCF = fused_nc(MR, NC);
       const int64_t per_row = p.KB * kVB;
-      for (int c = 0; c < NC; c += NCF)
+      for (int c = 0; c < NC; c += NCF) {
+#if LK_ISA == 1 || LK_ISA == 2
+        if (a_pre) {
+          fused_rows<MR, NCF, true, false, false, true>(dec, col + c, c, p, a_pre + r0 * per_row, sa0 + r0 * p.KB,
+                                                        sbrow, sc + r0 * p.KB, tot, exact, 0, int(r0));
+          continue;
+        }
+#endif
         (sc_safe ? fused_rows<MR, NCF, true> : fused_rows<MR, NCF, false>)(
             dec, col + c, c, p, a_dec + r0 * per_row, sa0 + r0 * p.KB, sbrow, sc + r0 * p.KB, tot, exact, 0, int(r0));
+      }
     };
     if (m <= kFusedMaxRows) {
       // groups as even as can be (5 rows: 3 + 2; a 1-row group re-decodes the weights for little)
@@ -1513,7 +1525,7 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
         else if (spread)
           decode_spread<kFusedRows>(p, dec, a_seg, seg, n0, n1, sc.data(), pre);
         else
-          (p.K <= 4096 && m == 1 ? decode_item<1> : decode_item<4>)(p, dec, a_seg, seg, n0, n1, sc.data());
+          (p.K <= 4096 && m == 1 ? decode_item<1> : decode_item<4>)(p, dec, a_seg, seg, n0, n1, sc.data(), pre);
       }
     }
   }
