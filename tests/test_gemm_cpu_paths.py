@@ -207,8 +207,8 @@ def test_decode_few_rows_four_streams_every_path(cpu_path, N, K, counts):
 
 @pytest.mark.parametrize("log2_factor", [-122, -70, -62, -55, 0, 30, 36, 40, None])
 def test_decode_rows_prescaled_by_their_block_scales_every_path(cpu_path, log2_factor):
-    """On the fp32 paths (avx512, avx2) one to four rows against short weight rows are multiplied
-    by their block scales before the walk (gemm_body.h PreScaledA) when every scale product s is
+    """On the avx2 path the decode kernel's register walk (1-8 rows per weight group) multiplies
+    the rows of a by their block scales first (gemm_body.h PreScaledA) when every scale product s is
     0 or 2^-80 <= |s| <= 2^18, else they take the per-block scaling: a's scales times 2^f put the
     products (~2^-18 here) on both sides of both bounds (2^-140: pre-scaled, most products would
     be subnormal; 2^22: some would overflow); None: one block of one row out of range

@@ -29,8 +29,8 @@
 //    Decode per CPU level: avx512bf16 e4m3 -> bf16 by two vpermt2b byte tables (exact) and
 //    vdpbf16ps; avx512/avx2 e4m3 -> fp32 by bit moves (9 integer ops per vector of bytes, the
 //    2^-120 offset folded into a and the scale, subnormals exact; avx2 moves two of them with
-//    vpshufb), then FMAs on rows of a already times their block scales (PreScaledA, where
-//    the scales allow); generic a table.
+//    vpshufb), then FMAs (avx2: on rows of a already times their block scales, PreScaledA,
+//    where the scales allow); generic a table.
 //    Bound at V2-Lite T=1 (6 experts x N=2816 x K=2048, 34.6 MB fp8): the DRAM read of the
 //    weights, ~1 ms at 37 GB/s on 2 Zen 4 cores; the decode costs ~12 vector ops per 64 bytes.
 //
@@ -1064,7 +1064,7 @@ inline void scale_block(DV (&blk)[MR][NC], const float* sa, int64_t sa_stride, f
 // kSpread: the NC weight rows are far apart (decode_spread: one stream each), so each prefetches
 // its own next row (K bytes on) and, into L2, `far` bytes on; else the next group of NC rows.
 constexpr float kPreFix = 0x1p20f;  // see PreScaledA
-// kPre (the fp32 levels, see PreScaledA): a_dec holds a's rows times their block scales, so the
+// kPre (avx2, see PreScaledA): a_dec holds a's rows times their block scales, so the
 // sums run over all of K with no per-block step (kSafe), and the totals come out times kPreFix.
 template <int MR, int NC, bool kSafe, bool kChecked = !kSafe, bool kSpread = false, bool kPre = false>
 void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, const Problem& p, const DV* a_dec,
@@ -1248,7 +1248,7 @@ inline bool block_row_scales(const Problem& p, const float* sa0, const float* sb
   return safe;
 }
 
-// The fp32 levels' rows of a times their block scales, for one weight block row: decode_spread's
+// avx2: the rows of a times their block scales, for one weight block row: the decode walks'
 // dot products then need no step per 128-wide K block. Element v of block kb of row r is
 // a_dec * sc * 2^-20 = value_a * s * 2^100 (s = a_scale * b_scale; a_dec is value * 2^112, sc is
 // s * kFix), so a product with a decoded weight (value * 2^-120) is value_a * s * value_b *
@@ -1259,8 +1259,9 @@ inline bool block_row_scales(const Problem& p, const float* sa0, const float* sb
 // NOTES: 2-core Zen 1 (avx2), a stand-alone loop of the kernel's one-row walk (4 weight rows,
 // 34.6 MB from DRAM): 13.0-13.9 GB/s with the per-block FMA, 14.2-14.4 without. In the kernel
 // (scripts/ab_builds.py, cache flushed, paired time ratios): K=2048 and 1408 (four streams) 1
-// row +2-4%, 2 rows +8%, 4 rows +5%; K=7168 (four adjacent rows) 1-8 rows +4-7%.
-#if LK_ISA == 1 || LK_ISA == 2
+// row +2-4%, 2 rows +8%, 4 rows +5%; K=7168 (four adjacent rows) 1-8 rows +4-7%. The avx512
+// level (the same fp32 walk on zmm) could take it too; not done: no AVX-512 CPU to measure it on.
+#if LK_ISA == 1
 struct PreScaledA {
   std::vector<float> store;
   DV* rows = nullptr;
@@ -1336,7 +1337,7 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
       constexpr int MR = decltype(mr)::value, NCF = fused_nc(MR, NC);
       const int64_t per_row = p.KB * kVB;
       for (int c = 0; c < NC; c += NCF) {
-#if LK_ISA == 1 || LK_ISA == 2
+#if LK_ISA == 1
         if (a_pre) {
           fused_rows<MR, NCF, true, false, false, true>(dec, col + c, c, p, a_pre + r0 * per_row, sa0 + r0 * p.KB,
                                                         sbrow, sc + r0 * p.KB, tot, exact, 0, int(r0));
@@ -1429,7 +1430,7 @@ void decode_spread(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, c
       for (int j = 0; j < NC; ++j) tot[r][j] = dv_zero(), exact[r][j] = 0.0f;
     constexpr int NCF = fused_nc(MR, NC);  // fewer streams at a time from 2-3 rows (registers)
     for (int c = 0; c < NC; c += NCF) {
-#if LK_ISA == 1 || LK_ISA == 2
+#if LK_ISA == 1
       if (a_pre) {
         fused_rows<MR, NCF, true, false, true, true>(dec, col + c, c, p, a_pre, sa0, sbrow, sc, tot, exact,
                                                      width * p.K, 0);
