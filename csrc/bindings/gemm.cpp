@@ -13,11 +13,26 @@ void register_gemm(py::module_& m) {
       "fp8_gemm",
       [](int layout, uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t b_scale,
          uintptr_t groups, int64_t num_groups, int64_t M, int64_t N, int64_t K, uintptr_t out,
-         int out_dtype, int device, uintptr_t stream) {
+         int out_dtype, int device, uintptr_t stream, bool b_nan_free) {
         LK_CHECK(layout >= 0 && layout <= 2, "fp8_gemm: unknown layout");
+        if (device < 0) {  // b_nan_free: see cpu/gemm.h (the CUDA kernels have no use for it)
+          cpu::fp8_gemm(GemmLayout(layout), ptr<const uint8_t>(a), ptr<const float>(a_scale), ptr<const uint8_t>(b),
+                        ptr<const float>(b_scale), ptr<const int32_t>(groups), num_groups, M, N, K, ptr<void>(out),
+                        DType(out_dtype), b_nan_free);
+          return;
+        }
         LK_ON_DEVICE(fp8_gemm, device, stream, GemmLayout(layout), ptr<const uint8_t>(a),
             ptr<const float>(a_scale), ptr<const uint8_t>(b), ptr<const float>(b_scale),
             ptr<const int32_t>(groups), num_groups, M, N, K, ptr<void>(out), DType(out_dtype));
+      },
+      py::arg(), py::arg(), py::arg(), py::arg(), py::arg(), py::arg(), py::arg(), py::arg(), py::arg(), py::arg(),
+      py::arg(), py::arg(), py::arg(), py::arg(), py::arg("b_nan_free") = false,
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "fp8_nan_free",
+      [](uintptr_t b, int64_t n) {
+        LK_CHECK(n >= 0, "fp8_nan_free: negative size");
+        return cpu::fp8_nan_free(ptr<const uint8_t>(b), n);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(

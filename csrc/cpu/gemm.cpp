@@ -35,8 +35,26 @@ namespace lk::cpu {
 
 void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const uint8_t* b,
               const float* b_scale, const int32_t* groups, int64_t num_groups, int64_t M,
-              int64_t N, int64_t K, void* out, DType out_dtype) {
-  LK_CPU_DISPATCH(fp8_gemm, layout, a, a_scale, b, b_scale, groups, num_groups, M, N, K, out, out_dtype)
+              int64_t N, int64_t K, void* out, DType out_dtype, bool b_nan_free) {
+  LK_CPU_DISPATCH(fp8_gemm, layout, a, a_scale, b, b_scale, groups, num_groups, M, N, K, out, out_dtype, b_nan_free)
+}
+
+bool fp8_nan_free(const uint8_t* b, int64_t n) {
+  // NOTES: (byte + byte) is 0xfe exactly for the NaN codes 0x7f / 0xff (see the walks' NanMark);
+  // a byte max over 64 KiB pieces vectorizes at the baseline ISA, and the pieces go to the threads.
+  constexpr int64_t kPiece = 64 * 1024;
+  const int64_t pieces = (n + kPiece - 1) / kPiece;
+  std::atomic<bool> found{false};
+#pragma omp parallel for schedule(static) if (pieces > 4)
+  for (int64_t i = 0; i < pieces; ++i) {
+    if (found.load(std::memory_order_relaxed)) continue;
+    const uint8_t* q = b + i * kPiece;
+    const int64_t len = std::min(kPiece, n - i * kPiece);
+    uint8_t mx = 0;
+    for (int64_t j = 0; j < len; ++j) mx = std::max<uint8_t>(mx, uint8_t(q[j] + q[j]));
+    if (mx == 0xfe) found.store(true, std::memory_order_relaxed);
+  }
+  return !found.load();
 }
 
 void fp8_k_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8_t* b, const float* b_scale,

@@ -20,10 +20,15 @@ namespace lk::cpu {
 // K step to an fp32 accumulator. Everything contiguous:
 //   a [R, K] e4m3 (R = M, or G*M for masked), a_scale [R, ceil(K/128)] fp32,
 //   b [G, N, K] e4m3, b_scale [G, ceil(N/128), ceil(K/128)] fp32, out [R, N] (f32 or bf16).
-// Skipped rows of out are never written.
+// Skipped rows of out are never written. b_nan_free: the caller knows b holds no NaN code
+// (0x7f / 0xff), e.g. from fp8_nan_free on weights unchanged since; the AVX2 and AVX-512 walks
+// then skip their NaN check (a NaN code would then count as +-480, not NaN).
 void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const uint8_t* b,
               const float* b_scale, const int32_t* groups, int64_t num_groups, int64_t M,
-              int64_t N, int64_t K, void* out, DType out_dtype);
+              int64_t N, int64_t K, void* out, DType out_dtype, bool b_nan_free = false);
+
+// True when none of the n bytes at b is an e4m3 NaN code (0x7f / 0xff). Threaded.
+bool fp8_nan_free(const uint8_t* b, int64_t n);
 
 // k-grouped GEMM (MoE wgrad, contraction over tokens): out[e] = a[:, seg_e] @ b[:, seg_e].T with
 // per-row 1x128 scales along L in the layout of common/k_groups.h. All contiguous:

@@ -477,6 +477,7 @@ struct Problem {
   int64_t N, K, KB, NB;
   void* out;
   DType out_dtype;
+  bool b_nan_free = false;  // the caller knows b holds no NaN code: the walks skip the NaN mark
 };
 
 inline void store_out(const Problem& p, int64_t row, int64_t col, float v) {
@@ -919,9 +920,10 @@ struct ChunkDecoder {
   ChunkDecoder() {
     for (int i = 0; i < 256; ++i) table[i] = std::ldexp(fp8e4m3_to_f32(uint8_t(i)), -120);
   }
-  void fast(const uint8_t* src, DV* out, NanMark& nan) const {  // kChunk readable bytes
+  template <class Mark>
+  void fast(const uint8_t* src, DV* out, Mark& nan) const {  // kChunk readable bytes
     const IV x = iv_load(src);
-    nan.acc = iv_nan_mark(nan.acc, x);
+    if constexpr (std::is_same_v<Mark, NanMark>) nan.acc = iv_nan_mark(nan.acc, x);
     iv_decode(x, out);
   }
   void operator()(const uint8_t* src, DV* out) const {  // checked: NaN codes decode as NaN
@@ -971,6 +973,14 @@ struct NanMark {
 };
 struct FlushGuard {};               // normal fp32 values (generic), vdpbf16ps ignores MXCSR
 #endif
+// The walks' mark for weights the caller knows hold no NaN code (Problem::b_nan_free): none.
+// NOTES: the avx2 mark is 2 of the one-row walk's ~16 vector ops per 32 weight bytes; without
+// it (2-core Zen 1 VM, scripts/ab_builds.py, cache flushed) V2-Lite gate/up 1 row ran 1.055x,
+// 2-4 rows 1.06-1.08x, K=7168 1.03-1.05x. Only the levels with a mark (avx2, avx512) have it.
+struct NoMark {
+  bool any() const { return false; }
+};
+constexpr bool kHasMark = LK_ISA == 1 || LK_ISA == 2;
 
 constexpr int kCB = kQuantGroup / kChunk;  // chunks per 128-wide K block
 constexpr int kVB = kCB * kVC;             // DVs per block
@@ -1019,10 +1029,16 @@ inline const uint8_t* whole_block(const uint8_t* src, int64_t kv, uint8_t* buf) 
 }
 
 // Decode one 128-wide K block of `src` (kv <= 128 valid bytes; the rest decode as zero).
+// kTrusted: the bytes hold no NaN code (see NoMark), so no chunk is checked.
+template <bool kTrusted = false>
 inline void decode_block(const ChunkDecoder& dec, const uint8_t* src, int64_t kv, DV* out) {
   alignas(64) uint8_t buf[kQuantGroup];
   src = whole_block(src, kv, buf);
-  for (int c = 0; c < kCB; ++c) dec(src + c * kChunk, out + c * kVC);
+  [[maybe_unused]] NoMark none;
+  for (int c = 0; c < kCB; ++c) {
+    if constexpr (kTrusted) dec.fast(src + c * kChunk, out + c * kVC, none);
+    else dec(src + c * kChunk, out + c * kVC);
+  }
 }
 
 // The prefetches of the next group of NC weight rows: one row at a time (the next row, K <= 4096
@@ -1066,11 +1082,14 @@ inline void scale_block(DV (&blk)[MR][NC], const float* sa, int64_t sa_stride, f
 constexpr float kPreFix = 0x1p20f;  // see PreScaledA
 // kPre (avx2, see PreScaledA): a_dec holds a's rows times their block scales, so the
 // sums run over all of K with no per-block step (kSafe), and the totals come out times kPreFix.
-template <int MR, int NC, bool kSafe, bool kChecked = !kSafe, bool kSpread = false, bool kPre = false>
+// kTrusted: the weights hold no NaN code (Problem::b_nan_free), so the walk keeps no mark.
+template <int MR, int NC, bool kSafe, bool kChecked = !kSafe, bool kSpread = false, bool kPre = false,
+          bool kTrusted = false>
 void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, const Problem& p, const DV* a_dec,
                 const float* sa, const float* sbrow, const float* sc, Totals& tot, Exact& exact, int64_t far,
                 int r0 = 0) {
   static_assert(!kPre || kSafe, "pre-scaled rows have no unsafe scale");
+  static_assert(!kTrusted || !kChecked, "a trusted walk is not checked");
 #if LK_ISA >= 3
   // NOTES: a local copy, so the byte tables stay in registers: read through the reference,
   // they were reloaded for every chunk (the loop's rare paths store to memory), which more than
@@ -1086,7 +1105,7 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
   // prefetch distance: the next group (2-8 KiB further: no gain), or each stream's next row
   const int64_t ahead = kSpread ? p.K : NC * p.K;
   constexpr int kHint = kSpread ? kPrefetchHint<1> : kPrefetchHint<NC>;
-  NanMark nan;
+  std::conditional_t<kTrusted, NoMark, NanMark> nan;
   // NOTES: with one row and one weight row, two partial sums per block (then added): one sum
   // made a block of the fp32 levels a chain of 8-16 dependent FMAs, which bound the avx2 path
   // (+15-25% on 2 cores cold, V2-Lite and V3 down T=1; avx512bf16 +1-5% on one core).
@@ -1168,6 +1187,15 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
       }
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NC; ++c) tot[r0 + r][c0 + c] = t[r][c];
+}
+
+// fused_rows for safe scales (kSafe), without the NaN mark where the weights are trusted (and
+// the level has a mark: elsewhere the two walks would be the same code).
+template <int MR, int NC, bool kSpread, bool kPre>
+inline auto safe_walk(bool trusted) {
+  if constexpr (kHasMark)
+    if (trusted) return &fused_rows<MR, NC, true, false, kSpread, kPre, true>;
+  return &fused_rows<MR, NC, true, false, kSpread, kPre>;
 }
 
 // More rows: per chunk of K blocks the NC weight rows are decoded once into an L1 panel
@@ -1339,12 +1367,12 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
       for (int c = 0; c < NC; c += NCF) {
 #if LK_ISA == 1
         if (a_pre) {
-          fused_rows<MR, NCF, true, false, false, true>(dec, col + c, c, p, a_pre + r0 * per_row, sa0 + r0 * p.KB,
-                                                        sbrow, sc + r0 * p.KB, tot, exact, 0, int(r0));
+          safe_walk<MR, NCF, false, true>(p.b_nan_free)(dec, col + c, c, p, a_pre + r0 * per_row, sa0 + r0 * p.KB,
+                                                         sbrow, sc + r0 * p.KB, tot, exact, 0, int(r0));
           continue;
         }
 #endif
-        (sc_safe ? fused_rows<MR, NCF, true> : fused_rows<MR, NCF, false>)(
+        (sc_safe ? safe_walk<MR, NCF, false, false>(p.b_nan_free) : fused_rows<MR, NCF, false>)(
             dec, col + c, c, p, a_dec + r0 * per_row, sa0 + r0 * p.KB, sbrow, sc + r0 * p.KB, tot, exact, 0, int(r0));
       }
     };
@@ -1368,7 +1396,8 @@ void decode_item(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, con
             const uint8_t* src = col[c] + k0;
             __builtin_prefetch(src + NC * p.K, 0, kPrefetchHint<NC>);  // the next group (see fused_rows)
             __builtin_prefetch(src + NC * p.K + 64, 0, kPrefetchHint<NC>);
-            decode_block(dec, src, std::min<int64_t>(kQuantGroup, p.K - k0), panel + (c * kChunkBlocks + kb) * kVB);
+            (kHasMark && p.b_nan_free ? decode_block<kHasMark> : decode_block<false>)(
+                dec, src, std::min<int64_t>(kQuantGroup, p.K - k0), panel + (c * kChunkBlocks + kb) * kVB);
           }
         const int64_t per_row = p.KB * kVB;
         for (int64_t r0 = 0; r0 < m; r0 += kDMR) {
@@ -1432,12 +1461,12 @@ void decode_spread(const Problem& p, const ChunkDecoder& dec, const DV* a_dec, c
     for (int c = 0; c < NC; c += NCF) {
 #if LK_ISA == 1
       if (a_pre) {
-        fused_rows<MR, NCF, true, false, true, true>(dec, col + c, c, p, a_pre, sa0, sbrow, sc, tot, exact,
-                                                     width * p.K, 0);
+        safe_walk<MR, NCF, true, true>(p.b_nan_free)(dec, col + c, c, p, a_pre, sa0, sbrow, sc, tot, exact,
+                                                      width * p.K, 0);
         continue;
       }
 #endif
-      (safe ? fused_rows<MR, NCF, true, false, true> : fused_rows<MR, NCF, false, true, true>)(
+      (safe ? safe_walk<MR, NCF, true, false>(p.b_nan_free) : fused_rows<MR, NCF, false, true, true>)(
           dec, col + c, c, p, a_dec, sa0, sbrow, sc, tot, exact, width * p.K, 0);  // far: the next item's rows
     }
     if constexpr (MR == 1) {
@@ -1600,7 +1629,7 @@ void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
 
 void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const uint8_t* b,
               const float* b_scale, const int32_t* groups, int64_t num_groups, int64_t M,
-              int64_t N, int64_t K, void* out, DType out_dtype) {
+              int64_t N, int64_t K, void* out, DType out_dtype, bool b_nan_free) {
   LK_CHECK(M >= 0 && N >= 0 && K >= 0 && num_groups >= 0, "negative size");
   LK_CHECK(out_dtype == DType::f32 || out_dtype == DType::bf16, "out dtype must be f32 or bf16");
   LK_CHECK(layout == GemmLayout::dense || groups != nullptr, "grouped layouts need group sizes");
@@ -1608,7 +1637,7 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
   const std::vector<Segment> segs = segments(layout, groups, num_groups, M);
   if (segs.empty() || N == 0) return;
   const int64_t KB = ceil_div(K, kQuantGroup), NB = ceil_div(N, kQuantGroup);
-  const Problem p{a, a_scale, b, b_scale, N, K, KB, NB, out, out_dtype};
+  const Problem p{a, a_scale, b, b_scale, N, K, KB, NB, out, out_dtype, b_nan_free};
   if (K == 0) {  // empty block sums: the product is exactly zero (a and b are never read)
     for (const Segment& s : segs)
       for (int64_t r = s.r0; r < s.r1; ++r)

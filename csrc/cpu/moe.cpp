@@ -46,7 +46,7 @@ struct Tokens {
 // steps beside the routed ones and their output added (rounded once) when sh is given.
 void experts_steps(Workspace& w, const Tokens& x, const int32_t* ids, const float* weights, int64_t k, int64_t E,
                    const uint8_t* w13, const float* s13, int64_t I, const uint8_t* w2, const float* s2,
-                   const SharedWeights* sh, DType y_dtype, void* out, DType out_dtype) {
+                   const SharedWeights* sh, DType y_dtype, void* out, DType out_dtype, bool nan_free) {
   const int64_t T = x.T, H = x.H, R = T * k;
   const int64_t KBh = ceil_div(H, kQuantGroup), KBi = ceil_div(I, kQuantGroup);
   const int64_t ysize = y_dtype == DType::f32 ? 4 : 2;
@@ -70,9 +70,10 @@ void experts_steps(Workspace& w, const Tokens& x, const int32_t* ids, const floa
   // zeros, as the grouped GEMM op leaves them
   float* h = sized(w.h, R * 2 * I);
   std::fill(h + routed * 2 * I, h + R * 2 * I, 0.0f);
-  fp8_gemm(GemmLayout::contiguous, a_q, a_s, w13, s13, offs, E, R, 2 * I, H, h, DType::f32);
+  fp8_gemm(GemmLayout::contiguous, a_q, a_s, w13, s13, offs, E, R, 2 * I, H, h, DType::f32, nan_free);
   float* gu = sh != nullptr ? sized(w.gu, T * 2 * sh->Is) : nullptr;
-  if (sh != nullptr) fp8_gemm(GemmLayout::dense, xq, xs, sh->wg, sh->sg, nullptr, 1, T, 2 * sh->Is, H, gu, DType::f32);
+  if (sh != nullptr)
+    fp8_gemm(GemmLayout::dense, xq, xs, sh->wg, sh->sg, nullptr, 1, T, 2 * sh->Is, H, gu, DType::f32, nan_free);
   uint8_t* a2_q = sized(w.a2_q, R * I);
   float* a2_s = sized(w.a2_s, R * KBi);
   silu_mul_quantize_fp8(h, DType::f32, R, I, 2 * I, a2_q, a2_s, false);
@@ -85,9 +86,10 @@ void experts_steps(Workspace& w, const Tokens& x, const int32_t* ids, const floa
   }
   uint8_t* y = sized(w.y, R * H * ysize);
   std::fill(y + routed * H * ysize, y + R * H * ysize, uint8_t(0));
-  fp8_gemm(GemmLayout::contiguous, a2_q, a2_s, w2, s2, offs, E, R, H, I, y, y_dtype);
+  fp8_gemm(GemmLayout::contiguous, a2_q, a2_s, w2, s2, offs, E, R, H, I, y, y_dtype, nan_free);
   uint8_t* shy = sh != nullptr ? sized(w.sh, T * H * ysize) : nullptr;
-  if (sh != nullptr) fp8_gemm(GemmLayout::dense, xq2, xs2, sh->wd, sh->sd, nullptr, 1, T, H, sh->Is, shy, y_dtype);
+  if (sh != nullptr)
+    fp8_gemm(GemmLayout::dense, xq2, xs2, sh->wd, sh->sd, nullptr, 1, T, H, sh->Is, shy, y_dtype, nan_free);
   const int64_t n = T * H;
   if (out_dtype != y_dtype) {  // f32 y, bf16 out: the sum in f32, rounded once
     float* u = reinterpret_cast<float*>(sized(w.u, n * 4));
@@ -127,7 +129,7 @@ void moe_decode(const MoeDecodeArgs& p) {
         weights, ids);
   const SharedWeights sh{p.wg, p.sg, p.Is, p.wd, p.sd};
   experts_steps(w, {p.x, p.x_dtype, T, p.H, p.x_stride}, ids, weights, k, E, p.w13, p.s13, p.I, p.w2, p.s2,
-                p.wg != nullptr ? &sh : nullptr, p.out_dtype, p.out, p.out_dtype);
+                p.wg != nullptr ? &sh : nullptr, p.out_dtype, p.out, p.out_dtype, p.nan_free);
 }
 
 void moe_experts(const MoeExpertsArgs& p) {
@@ -145,7 +147,7 @@ void moe_experts(const MoeExpertsArgs& p) {
     ids = dst;
   }
   experts_steps(w, {p.x, p.x_dtype, T, p.H, p.x_stride}, ids, p.weights, k, E, p.w13, p.s13, p.I, p.w2, p.s2,
-                nullptr, DType::f32, p.out, p.out_dtype);
+                nullptr, DType::f32, p.out, p.out_dtype, p.nan_free);
 }
 
 }  // namespace lk::cpu

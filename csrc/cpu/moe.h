@@ -29,6 +29,7 @@ struct MoeDecodeArgs {
   const float* sd;
   void* out;  // [T, H] in out_dtype (f32 or bf16): routed + shared
   DType out_dtype;
+  bool nan_free;  // w13, w2, wg and wd hold no NaN code (see fp8_gemm's b_nan_free)
 };
 
 // The routed experts alone, for tokens routed by the caller (transformers' experts forward):
@@ -49,6 +50,7 @@ struct MoeExpertsArgs {
   const float* s2;
   void* out;  // [T, H], f32 or bf16
   DType out_dtype;
+  bool nan_free;  // w13 and w2 hold no NaN code (see fp8_gemm's b_nan_free)
 };
 
 void moe_experts(const MoeExpertsArgs& a);

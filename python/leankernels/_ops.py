@@ -18,6 +18,7 @@ read, after ``direct_cpu``.
 from __future__ import annotations
 
 import typing
+import weakref
 
 import torch
 import torch.autograd.forward_ad as _fwad
@@ -298,12 +299,13 @@ def gate_logits_impl(x, weight):
 
 
 def moe_decode_impl(x, gate_w, bias, top_k, sigmoid, n_group, topk_group, renormalize, scale, w13, s13, w2, s2,
-                    shared, out_dtype):
+                    shared, out_dtype, nan_free=False):
     """A DeepSeek MoE layer's forward for a few tokens on the CPU in one C++ call (cpu/moe.h:
     the op-by-op eager forward's kernels in its order, the same result bitwise), on operands the
     caller checked: x [T, H] float, gate_w fp32 [E, H], bias None or fp32 [E], w13 / s13
     [E, 2I, H] e4m3 and its 128x128 scales, w2 / s2 [E, H, I], shared None or (gate_up [2Is, H],
-    its scales, down [H, Is], its scales, out_dtype); out_dtype f32 or bf16."""
+    its scales, down [H, Is], its scales, out_dtype); out_dtype f32 or bf16; nan_free: the FP8
+    weights hold no NaN code (fp8_nan_free)."""
     T, H = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -312,30 +314,30 @@ def moe_decode_impl(x, gate_w, bias, top_k, sigmoid, n_group, topk_group, renorm
     if shared is not None:
         ws += [t if t.is_contiguous() else t.contiguous() for t in shared[:4]]
     mid, post = moe_decode_args(x.dtype, T, H, x.stride(0), bias, top_k, sigmoid, n_group, topk_group, renormalize,
-                                scale, ws, None if shared is None else shared[2].shape[1], out_dtype)
+                                scale, ws, None if shared is None else shared[2].shape[1], out_dtype, nan_free)
     _C.moe_decode(x.data_ptr(), *mid, out.data_ptr(), *post)
     return out
 
 
 def moe_decode_args(x_dtype, T, H, x_stride, bias, top_k, sigmoid, n_group, topk_group, renormalize, scale, ws,
-                    Is, out_dtype):
+                    Is, out_dtype, nan_free=False):
     """``_C.moe_decode``'s arguments between x's pointer and out's, and after out's: ws are the
     contiguous (gate_w, w13, s13, w2, s2[, shared gate_up, its scales, down, its scales]), Is the
-    shared experts' intermediate size (None: no shared experts)."""
+    shared experts' intermediate size (None: no shared experts), nan_free as moe_decode_impl's."""
     E, I = ws[0].shape[0], ws[3].shape[2]
     sp = (0, 0, 0, 0) if Is is None else tuple(t.data_ptr() for t in ws[5:9])
     mid = (_DTYPE_CODES[x_dtype], T, H, x_stride, ws[0].data_ptr(), E, top_k, sigmoid,
            0 if bias is None else bias.data_ptr(), n_group, topk_group, renormalize, scale, ws[1].data_ptr(),
            ws[2].data_ptr(), I, ws[3].data_ptr(), ws[4].data_ptr(), sp[0], sp[1], Is or 0, sp[2], sp[3])
-    return mid, (_DTYPE_CODES[out_dtype],)
+    return mid, (_DTYPE_CODES[out_dtype], bool(nan_free))
 
 
-def moe_experts_impl(x, ids, weights, w13, s13, w2, s2):
+def moe_experts_impl(x, ids, weights, w13, s13, w2, s2, nan_free=False):
     """Routed experts for tokens the caller routed, in one C++ call (cpu/moe.h moe_experts: the
     op-by-op steps plan, permute + quantize, the grouped GEMMs with SiLU x up + quantize between,
     unpermute in fp32, rounded once to x's dtype), on checked operands: x [T, H] float32 or
     bfloat16, ids [T, k] int32 / int64, weights [T, k] float, w13 / s13 [E, 2I, H], w2 / s2
-    [E, H, I]."""
+    [E, H, I]; nan_free: w13 and w2 hold no NaN code (fp8_nan_free)."""
     T, H = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -345,8 +347,40 @@ def moe_experts_impl(x, ids, weights, w13, s13, w2, s2):
     out = torch.empty(T, H, dtype=x.dtype)
     _C.moe_experts(x.data_ptr(), _DTYPE_CODES[x.dtype], T, H, x.stride(0), ids.data_ptr(), _DTYPE_CODES[ids.dtype],
                    weights.data_ptr(), ids.shape[1], w13.shape[0], ws[0].data_ptr(), ws[1].data_ptr(), w2.shape[2],
-                   ws[2].data_ptr(), ws[3].data_ptr(), out.data_ptr(), _DTYPE_CODES[x.dtype])
+                   ws[2].data_ptr(), ws[3].data_ptr(), out.data_ptr(), _DTYPE_CODES[x.dtype], nan_free)
     return out
+
+
+# id(t) -> (weak reference to t, data pointer, version, numel) of CPU FP8 tensors found free of
+# NaN codes (see fp8_nan_free).
+_NAN_FREE: dict = {}
+
+
+def _forget_nan_free(ref, key):
+    if _NAN_FREE.get(key, (None,))[0] is ref:
+        del _NAN_FREE[key]
+
+
+def fp8_nan_free(*ts) -> bool:
+    """Whether every tensor of ts is a contiguous CPU float8_e4m3fn tensor holding no NaN code
+    (0x7f / 0xff), so the CPU GEMMs may skip their NaN check on it (cpu/gemm.h b_nan_free). A
+    tensor is scanned once (threaded C++), then trusted while it is the same object with the same
+    data pointer and version counter: in-place writes bump the version (``copy_``,
+    ``load_state_dict``, ``fill_``, also under no_grad); writes that bypass it (through ``.data``,
+    a NumPy or DLPack alias) are not seen, as autograd does not see them. Inference tensors have no
+    version counter and are never trusted."""
+    for t in ts:
+        if not isinstance(t, torch.Tensor) or t.dtype is not FP8 or not t.is_cpu or t.is_inference() or not t.is_contiguous():
+            return False
+        key, ptr, version, n = id(t), t.data_ptr(), t._version, t.numel()
+        e = _NAN_FREE.get(key)
+        if e is not None and e[0]() is t and e[1] == ptr and e[2] == version and e[3] == n:
+            continue
+        if not _C.fp8_nan_free(ptr, n):
+            return False
+        ref = weakref.ref(t, lambda r, k=key: _forget_nan_free(r, k))
+        _NAN_FREE[key] = (ref, ptr, version, n)
+    return True
 
 
 @_custom_op("leankernels::gate_logits", mutates_args=())
@@ -762,9 +796,10 @@ def _gemm_checks(layout: int, a, a_scale, b, b_scale, groups, out=None, out_dtyp
         raise ValueError("out must be contiguous (the kernel writes rows in place)")
 
 
-def _gemm_launch(layout: int, a, a_scale, b, b_scale, groups, M: int, out: torch.Tensor) -> None:
+def _gemm_launch(layout: int, a, a_scale, b, b_scale, groups, M: int, out: torch.Tensor, b_nan_free=False) -> None:
     """Call the C++ core on checked operands. a is [R, K] (or [G, M, K] for masked), b [G, N, K]
-    (or [N, K]); group sizes stay on the device: the kernels clamp them (see gemm.py)."""
+    (or [N, K]); group sizes stay on the device: the kernels clamp them (see gemm.py); b_nan_free:
+    b holds no NaN code (fp8_nan_free; the CPU kernels then skip their NaN check)."""
     if out.numel() == 0:
         return
     a, a_scale, b, b_scale = a.contiguous(), a_scale.contiguous(), b.contiguous(), b_scale.contiguous()
@@ -775,12 +810,12 @@ def _gemm_launch(layout: int, a, a_scale, b, b_scale, groups, M: int, out: torch
         gptr = groups.data_ptr()
     device, stream = device_args(a)
     _C.fp8_gemm(layout, a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(), gptr, G, M, N, K,
-                out.data_ptr(), dtype_code(out.dtype), device, stream)
+                out.data_ptr(), dtype_code(out.dtype), device, stream, b_nan_free)
 
 
-def fp8_gemm_impl(a, a_scale, b, b_scale, out_dtype):
+def fp8_gemm_impl(a, a_scale, b, b_scale, out_dtype, b_nan_free=False):
     out = torch.empty(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
-    _gemm_launch(_GEMM_DENSE, a, a_scale, b, b_scale, None, a.shape[0], out)
+    _gemm_launch(_GEMM_DENSE, a, a_scale, b, b_scale, None, a.shape[0], out, b_nan_free)
     return out
 
 
@@ -796,10 +831,10 @@ def _(a, a_scale, b, b_scale, out_dtype):
     return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
 
 
-def fp8_grouped_gemm_impl(a, a_scale, b, b_scale, offs, out_dtype):
+def fp8_grouped_gemm_impl(a, a_scale, b, b_scale, offs, out_dtype, b_nan_free=False):
     # Zeros, so rows past offs[-1] (unknown on the host without a sync) are defined.
     out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
-    _gemm_launch(_GEMM_CONTIGUOUS, a, a_scale, b, b_scale, offs, a.shape[0], out)
+    _gemm_launch(_GEMM_CONTIGUOUS, a, a_scale, b, b_scale, offs, a.shape[0], out, b_nan_free)
     return out
 
 

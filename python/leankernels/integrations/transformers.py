@@ -188,11 +188,13 @@ def _weight_key(t: torch.Tensor):
 def _cached_on(module, name: str, weights, build):
     """``build()`` (run without grad), cached on ``module`` as a plain attribute (not in
     state_dict) and rebuilt when any of ``weights`` changes: a new tensor, an in-place update,
-    load_state_dict, ``.to()``."""
+    load_state_dict, ``.to()``. Built outside inference mode: the results are ordinary tensors
+    with version counters even when the first call runs under ``torch.inference_mode()``, so
+    _ops.fp8_nan_free can vouch for FP8 weights among them (the GEMMs then skip their NaN check)."""
     key = tuple(_weight_key(w) for w in weights)
     cached = module.__dict__.get(name)
     if cached is None or cached[0] != key:
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             cached = (key, build())
         module.__dict__[name] = cached
     return cached[1]
@@ -278,16 +280,16 @@ def _fp8_eager_cpu(experts, x, ids, weights, w1, s1, w2, s2):
             and ids.shape[0] * ids.shape[1] < 2**31 and w2.shape == (E, H, N1 // 2)):
         return None
     if x.shape[0] <= _FUSED_ROWS and x.dtype is not torch.float16 and _silu_gate(experts):
-        return _ops.moe_experts_impl(x, ids, weights, w1, s1, w2, s2)
+        return _ops.moe_experts_impl(x, ids, weights, w1, s1, w2, s2, _ops.fp8_nan_free(w1, w2))
     ids = ids.contiguous() if ids.dtype is torch.int32 else ids.clamp(-1, E).to(torch.int32)
     _, offs, row_token, token_row = _ops.plan_impl(ids, E, 1)
     a, s = _ops.permute_fp8_impl(x, row_token, False)
-    h = _ops.fp8_grouped_gemm_impl(a, s, w1, s1, offs, torch.float32)
+    h = _ops.fp8_grouped_gemm_impl(a, s, w1, s1, offs, torch.float32, _ops.fp8_nan_free(w1))
     if _silu_gate(experts):
         a, s = _ops.silu_mul_quantize_fp8_impl(h, False)
     else:
         a, s = quantize_fp8(experts._apply_gate(h), (1, 128))
-    y = _ops.fp8_grouped_gemm_impl(a, s, w2, s2, offs, torch.float32)
+    y = _ops.fp8_grouped_gemm_impl(a, s, w2, s2, offs, torch.float32, _ops.fp8_nan_free(w2))
     return _ops.unpermute_impl(y, token_row, weights.float().contiguous()).to(x.dtype)
 
 

@@ -129,14 +129,16 @@ class _Prepared:
     hold the same object, also when set through the module's dicts, as loaders and ``_apply``
     do), a weight's data pointer moved (``.data =``), a module of ``typed`` with another class
     or (but the first, whose hooks its caller runs) a forward hook, or grad mode with a weight
-    that requires grad. Each output is a fresh tensor (a batch holds only unused ones; one
+    that requires grad, or (``trusted``: weights found free of NaN codes, see _ops.fp8_nan_free)
+    one of those weights written in place since (its version counter moved). Each output is a fresh tensor (a batch holds only unused ones; one
     batch for inference mode and one outside it, so an output is an inference tensor exactly
     when the call ran in inference mode, as torch.empty's would be)."""
 
-    __slots__ = ("links", "tensors", "ptrs", "typed", "fn", "mid", "post", "shape", "out_dtype", "outs")
+    __slots__ = ("links", "tensors", "ptrs", "typed", "fn", "mid", "post", "shape", "out_dtype", "outs", "trusted")
 
-    def __init__(self, links, tensors, modules, fn, mid, post, shape, out_dtype):
+    def __init__(self, links, tensors, modules, fn, mid, post, shape, out_dtype, trusted=()):
         self.links, self.tensors = tuple(links), tuple(tensors)
+        self.trusted = tuple((t, t._version) for t in trusted)
         self.typed = tuple((m, type(m), i > 0) for i, m in enumerate(modules))
         self.ptrs = tuple(t.data_ptr() for t in self.tensors)
         self.fn, self.mid, self.post = fn, mid, post
@@ -150,6 +152,9 @@ class _Prepared:
                 return None
         for t, p in zip(self.tensors, self.ptrs):
             if t.data_ptr() != p:
+                return None
+        for t, v in self.trusted:
+            if t._version != v:
                 return None
         for m, cls, hooks in self.typed:
             if type(m) is not cls or (hooks and not _no_hooks(m)):
@@ -207,7 +212,7 @@ def fp8_linear_forward(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     if (_ops.direct(x2, weight, weight_scale) and bias is None and out_dtype in _OUT and _cpu_rows(x2)
             and weight.dim() == 2 and _fp8_weight_ok(weight, weight_scale, N, x2.shape[1])):
         a, s = _ops.quantize_fp8_impl(x2, 1, False)
-        y = _ops.fp8_gemm_impl(a, s, weight, weight_scale, out_dtype)
+        y = _ops.fp8_gemm_impl(a, s, weight, weight_scale, out_dtype, _ops.fp8_nan_free(weight))
     else:
         a, s = quantize_fp8(x2)
         y = _fp8_gemm_bias(a, s, weight, weight_scale, bias, out_dtype)
@@ -404,9 +409,9 @@ class SwiGLU(nn.Module):
         if w is None:
             return None
         a, s = _ops.quantize_fp8_impl(x2, 1, False)
-        gu = _ops.fp8_gemm_impl(a, s, w[0], w[1], _F32)
+        gu = _ops.fp8_gemm_impl(a, s, w[0], w[1], _F32, _ops.fp8_nan_free(w[0]))
         a, s = _ops.silu_mul_quantize_fp8_impl(gu, False)
-        return _ops.fp8_gemm_impl(a, s, w[2], w[3], w[4])
+        return _ops.fp8_gemm_impl(a, s, w[2], w[3], w[4], _ops.fp8_nan_free(w[2]))
 
     def _cpu_operands(self, x2: torch.Tensor):
         """(gate_up weight, its scale, down weight, its scale, out dtype) when the FP8 inference
@@ -669,7 +674,7 @@ class MoE(nn.Module):
             if out is not None:
                 return out
             return _ops.moe_decode_impl(x2, gw, bias, *args, w13, s13, w2, s2, None if sh_module is None else sw,
-                                        self.dtype)
+                                        self.dtype, _ops.fp8_nan_free(w13, w2, *(() if sw is None else sw[0:4:2])))
         logits = _ops.gate_logits_impl(x2, gw.contiguous()) if T <= _GATE_ROWS else F.linear(x2.float(), gw)
         weights, ids = _ops.route_impl(logits, k, cfg.scoring_func == "sigmoid", bias, cfg.n_group, cfg.topk_group,
                                        cfg.norm_topk_prob, float(cfg.routed_scaling_factor))
@@ -684,14 +689,14 @@ class MoE(nn.Module):
         # first one instead of quantizing x again.
         if sw is not None:
             xa, xs = (a[:1], s[:1]) if x2.shape[0] == 1 else _ops.quantize_fp8_impl(x2, 1, False)
-        h = _ops.fp8_grouped_gemm_impl(a, s, w13, s13, offs, _F32)
+        h = _ops.fp8_grouped_gemm_impl(a, s, w13, s13, offs, _F32, _ops.fp8_nan_free(w13))
         if sw is not None:
-            gu = _ops.fp8_gemm_impl(xa, xs, sw[0], sw[1], _F32)
+            gu = _ops.fp8_gemm_impl(xa, xs, sw[0], sw[1], _F32, _ops.fp8_nan_free(sw[0]))
         a, s = _ops.silu_mul_quantize_fp8_impl(h, False)
         if sw is not None:
             xa, xs = _ops.silu_mul_quantize_fp8_impl(gu, False)
-        y = _ops.fp8_grouped_gemm_impl(a, s, w2, s2, offs, self.dtype)
-        sh = None if sw is None else _ops.fp8_gemm_impl(xa, xs, sw[2], sw[3], sw[4])
+        y = _ops.fp8_grouped_gemm_impl(a, s, w2, s2, offs, self.dtype, _ops.fp8_nan_free(w2))
+        sh = None if sw is None else _ops.fp8_gemm_impl(xa, xs, sw[2], sw[3], sw[4], _ops.fp8_nan_free(sw[2]))
         out = _ops.unpermute_impl(y, token_row, weights)
         if sh_module is None:
             return out
@@ -713,10 +718,12 @@ class MoE(nn.Module):
         if not (x2.is_contiguous() and all(t.is_contiguous() for t in ws)) or any(v is _MISSING for _, _, v in links):
             return None
         T, H = x2.shape
+        fp8 = [self.w13, self.w2] + ([] if sh is None else [sw[0], sw[2]])
+        trusted = fp8 if _ops.fp8_nan_free(*fp8) else []
         mid, post = _ops.moe_decode_args(x2.dtype, T, H, H, bias, *args, ws, None if sh is None else sw[2].shape[1],
-                                         self.dtype)
+                                         self.dtype, bool(trusted))
         p = _Prepared(links, ws + ([] if bias is None else [bias]), [self] + ([] if sh is None else [sh]),
-                      "moe_decode", mid, post, shape, self.dtype)
+                      "moe_decode", mid, post, shape, self.dtype, trusted)
         _keep_prepared(self, (shape, x2.dtype), p)
         return p
 
