@@ -298,6 +298,30 @@ def test_fp8_weights_quantized_once_and_invalidated(monkeypatch):
     assert not any("leankernels" in k for k in model.state_dict())
 
 
+def test_fp8_expert_weights_vouched_nan_free_under_inference_mode(monkeypatch):
+    """The FP8 copies are made outside inference mode even on a first call inside it (ordinary
+    tensors with version counters), so the fused call runs with its weights vouched NaN-free
+    (_ops.fp8_nan_free: the CPU GEMMs skip their NaN check); a NaN code written into them
+    afterwards withdraws that, and reaches the output."""
+    from leankernels import _ops
+
+    model = tiny_model()
+    experts, x, ids, w = _experts_inputs(model, T=3)
+    flags = []
+    real = _ops.moe_experts_impl
+    monkeypatch.setattr(_ops, "moe_experts_impl", lambda *a: flags.append(a[-1]) or real(*a))
+    with torch.inference_mode():
+        first = lkt.leankernels_experts_forward(experts, x, ids, w)
+        w1, _, w2, _ = lkt.fp8_expert_weights(experts)
+        assert not w1.is_inference() and not w2.is_inference()
+    with torch.no_grad():
+        w2.view(torch.uint8)[..., 0] = 0x7F
+    with torch.inference_mode():
+        got = lkt.leankernels_experts_forward(experts, x, ids, w)
+    assert flags == [True, False]
+    assert first.isfinite().all() and got.isnan().all()
+
+
 def test_experts_fall_back_when_gradients_are_needed():
     model = tiny_model()
     experts, x, ids, w = _experts_inputs(model)
