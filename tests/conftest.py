@@ -89,3 +89,12 @@ def opcheck(op, args, kwargs=None):
             assert torch.equal(b.view(torch.uint8), t.view(torch.uint8)), "op mutated an input"
         else:
             assert torch.equal(b.nan_to_num(), t.nan_to_num()), "op mutated an input"
+
+
+@pytest.fixture(params=leankernels.cpu_paths())
+def cpu_path(request):
+    """Each CPU path this machine can run (csrc/cpu/isa.h), forced for the test, then restored."""
+    old = leankernels.cpu_path()
+    leankernels.set_cpu_path(request.param)
+    yield request.param
+    leankernels.set_cpu_path(old)

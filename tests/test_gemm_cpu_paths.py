@@ -14,14 +14,6 @@ from conftest import gemm_diff, poison, randn
 PATHS = lk.cpu_paths()
 
 
-@pytest.fixture(params=PATHS)
-def cpu_path(request):
-    old = lk.cpu_path()
-    lk.set_cpu_path(request.param)
-    yield request.param
-    lk.set_cpu_path(old)
-
-
 def _close(got, want):
     if want.numel() == 0:
         assert got.numel() == 0

@@ -19,14 +19,6 @@ PATHS = lk.cpu_paths()
 MARKED = {"avx2", "avx512"}  # the paths whose walks keep a NaN mark
 
 
-@pytest.fixture(params=PATHS)
-def cpu_path(request):
-    old = lk.cpu_path()
-    lk.set_cpu_path(request.param)
-    yield request.param
-    lk.set_cpu_path(old)
-
-
 def _clean_bytes(n, seed):
     """n random bytes, none a NaN code."""
     b = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)

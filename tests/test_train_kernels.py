@@ -272,14 +272,6 @@ def test_k_grouped_gemm_every_cpu_path():
         lk.set_cpu_path(old)
 
 
-@pytest.fixture(params=lk.cpu_paths())
-def cpu_path(request):
-    old = lk.cpu_path()
-    lk.set_cpu_path(request.param)
-    yield request.param
-    lk.set_cpu_path(old)
-
-
 def test_k_grouped_gemm_items_of_several_strips_every_cpu_path(cpu_path):
     """Wide outputs: each CPU work item covers several strips of columns (row tails, N tail,
     an empty expert), stored row by row (cpu/gemm_body.h store_item), f32 and bf16 out."""
