@@ -1109,8 +1109,13 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
   // NOTES: with one row and one weight row, two partial sums per block (then added): one sum
   // made a block of the fp32 levels a chain of 8-16 dependent FMAs, which bound the avx2 path
   // (+15-25% on 2 cores cold, V2-Lite and V3 down T=1; avx512bf16 +1-5% on one core).
-  // avx2's two rows of a against one weight row: two sums each too (4 chains).
-  constexpr int kChains = LK_ISA >= 1 && MR * NC <= (LK_ISA == 1 ? 2 : 1) ? 2 : 1;
+  // avx2's two or three rows of a against one weight row: two sums each too (4 or 6 chains).
+  // NOTES: three rows on one chain each were bound by the FMA latency (4 dependent FMAs per 32
+  // weight bytes); two chains each (2-core Zen 1 VM, scripts/ab_builds.py, 6 experts, K=2048
+  // N=2816, K=1408 N=2048, K=7168 N=4096, cache flushed, 15 rounds): 3 rows +10-13%, 6 rows (two
+  // groups of 3) +14-17%, 7 rows (3 + 4) +6-7%, 4 rows unchanged. Four rows with two chains
+  // each (8 sums) lost 6-7% there, so they keep one.
+  constexpr int kChains = LK_ISA >= 1 && (MR * NC <= (LK_ISA == 1 ? 2 : 1) || (LK_ISA == 1 && NC == 1 && MR == 3)) ? 2 : 1;
   DV run[MR][NC][kChains];  // kPre: the sums over all of K
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NC; ++c)
