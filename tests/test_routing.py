@@ -258,6 +258,23 @@ def test_permute_quantize_equals_quantize_fp8(device, dtype, H, scale_fmt):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T", [1, 6])
+def test_permute_quantize_any_x_strides(device, T):
+    """x with a column stride (a transpose), a zero row stride (expand) or rows further apart than
+    H: the same codes and scales as the contiguous copy (the CPU fast path reads x's strides)."""
+    H = 300
+    _, _, p = _routed(T, 8, 2, device, seed=41, align=2)
+    base = randn(T, H, seed=43, dtype=torch.bfloat16, device=device, scale=2.0)
+    xs = {"transposed": base.t().contiguous().t(), "expanded": base[:1].expand(T, H),
+          "row-strided": torch.cat([base, base[:, :50]], 1)[:, :H]}
+    for name, x in xs.items():
+        q, s = leankernels.permute(x, p, quantize=True)
+        q_ref, s_ref = ref.quantize_fp8(ref.permute(x.contiguous().cpu(), p.row_token.cpu()), (1, 128))
+        assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8)), name
+        assert torch.equal(s.cpu(), s_ref), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("H", [256, 300])
 def test_unpermute_matches_reference(device, dtype, H):

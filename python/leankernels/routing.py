@@ -184,13 +184,16 @@ def plan(ids, num_experts: int, align: int = 1) -> RoutePlan:
         12288 experts.
     """
     if (type(ids) is _Tensor and type(num_experts) is int and type(align) is int and ids.is_cpu
-            and ids.dtype is _INT32 and ids.dim() == 2 and 1 <= num_experts < 2**31 and align >= 1
-            and ids.is_contiguous() and _ops.direct_cpu(ids)):
-        # an eager CPU call: the checks below in fewer expressions (a decode step makes many)
-        T, K = ids.shape
-        R = T * K if align == 1 else _ops.plan_rows(T, K, num_experts, align)
-        if R < 2**31:
-            return _new_plan(_ops.plan_impl(ids, num_experts, align, R))
+            and ids.dtype is _INT32 and 1 <= num_experts < 2**31 and align >= 1 and ids.is_contiguous()
+            and _ops.plain_eager()):
+        # an eager CPU call: the checks below in fewer expressions (a decode step makes many).
+        # Contiguous int32: strided (a sparse tensor is not contiguous), never requires grad.
+        s = ids.shape
+        if len(s) == 2:
+            T, K = s
+            R = T * K if align == 1 else _ops.plan_rows(T, K, num_experts, align)
+            if R < 2**31:
+                return _new_plan(_ops.plan_impl(ids, num_experts, align, R, s))
     ids = _interop.to_torch(ids)
     _checks.tensor("ids", ids, _IDS, dim=2)
     if ids.is_cuda:
@@ -251,7 +254,7 @@ def permute(x, plan: RoutePlan, quantize: bool = False, scale_fmt: str = "fp32")
             if (dt in _FLOAT and rt.dtype is _INT32 and tr.dtype is _INT32 and len(xs) == 2 and len(rs) == 1
                     and len(ts) == 2 and (quantize is False or quantize is True)
                     and (scale_fmt == "fp32" or scale_fmt == "ue8m0") and xs[0] == ts[0] and rt.is_contiguous()
-                    and _ops.direct_cpu(x, rt)):
+                    and _ops.direct_cpu(x)):  # rt: contiguous int32, so strided and never requiring grad
                 if quantize:
                     return _ops.permute_fp8_rows(x, _ops._DTYPE_CODES[dt], xs[0], xs[1], rt, rs[0],
                                                  scale_fmt == "ue8m0")
