@@ -9,9 +9,9 @@
 //  * 1x128: fused. A group is loaded and widened once into 8 zmm (16 ymm) registers (bf16 ->
 //    fp32 is a zero-extend + shift, fp16 is vcvtph2ps, both exact), reduced to its |x| max on
 //    the raw bits (integer max, NaN-propagating), turned into a scale and encoded from the same
-//    registers: one read of x, one write of q, no scratch row. avx2 with bf16 in (16 ymm
-//    registers hold one group but not two): the |x| range on the bf16 words, then the encode
-//    re-reads the group from L1 (see Bf16Group).
+//    registers: one read of x, one write of q, no scratch row. avx2 (16 ymm registers hold
+//    one group but not two): the |x| range on x's raw bits, then the encode re-reads the group
+//    from L1 (see GroupRange and quantize_direct_row), for bf16, fp16 and fp32 alike.
 //  * 128x128: pass 1 keeps a per-group lane-wise |x| max over the block's 128 rows, pass 2
 //    re-reads each row and encodes (2 reads + 1 byte write per element).
 //  * codec (AVX-512): the quotient is the IEEE x / s (as torch divides), computed without a
@@ -238,11 +238,11 @@ inline __m256i mag_codes8(VecF ax, VecF s, VecF y) {
 }
 
 // The codes of x / s (sign included) for 8 lanes. |x| / s is the IEEE quotient's magnitude.
-template <bool kMul>
+template <bool kMul, bool kSub = true>
 inline __m256i codes8(VecF x, VecF s, VecF y) {
   const __m256i sign = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(int(0x80000000u)));
   const VecF ax = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_set1_epi32(int(0x80000000u)), _mm256_castps_si256(x)));
-  return _mm256_or_si256(mag_codes8<kMul>(ax, s, y), _mm256_srli_epi32(sign, 24));
+  return _mm256_or_si256(mag_codes8<kMul, kSub>(ax, s, y), _mm256_srli_epi32(sign, 24));
 }
 
 // ---- bf16 rows (block_rows 1), read straight from x.
@@ -258,10 +258,10 @@ inline __m256i codes8(VecF x, VecF s, VecF y) {
 // Raw C call, old and new build alternating in one process (2-core Zen 1 VM, 2026-12-02,
 // median of 9): 1x2048 4.5 -> 3.2 us, 1x7168 11.1 -> 6.6 us, 4x7168 39 -> 21 us, 512x7168
 // 2.45 -> 1.33 ms; 128x128 blocks (pass 2 below) 2048x7168 10.2 -> 6.9 ms.
-struct Bf16Group {
+struct GroupRange {
   uint32_t amax, amin;  // |x| max and min as fp32 bits
 };
-inline Bf16Group bf16_group_range(const uint16_t* x) {
+inline GroupRange group_range(const uint16_t* x) {
   const __m256i mag = _mm256_set1_epi16(0x7fff);
   __m256i mx = _mm256_setzero_si256(), mn = _mm256_set1_epi16(-1);
   for (int i = 0; i < kQuantGroup / 16; ++i) {
@@ -279,7 +279,7 @@ inline Bf16Group bf16_group_range(const uint16_t* x) {
 }
 
 template <bool kMul, bool kSub>
-inline void encode_bf16_group(const uint16_t* x, VecF s, VecF y, uint8_t* q) {
+inline void encode_direct(const uint16_t* x, VecF s, VecF y, uint8_t* q) {
   const __m256i mag = _mm256_set1_epi16(0x7fff), zero = _mm256_setzero_si256();
   for (int c = 0; c < kQuantGroup / 32; ++c) {
     const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * c));
@@ -292,48 +292,6 @@ inline void encode_bf16_group(const uint16_t* x, VecF s, VecF y, uint8_t* q) {
     const __m256i sign = _mm256_and_si256(_mm256_packs_epi16(x0, x1), _mm256_set1_epi8(char(0x80)));
     const __m256i bytes = _mm256_or_si256(_mm256_packus_epi16(ab, cd), sign);  // quads: 0-7, 16-23, 8-15, 24-31
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * c), _mm256_permute4x64_epi64(bytes, 0xd8));
-  }
-}
-
-// One group of bf16 x with a finite scale s, y = 1 / s; sub: some |x| < s * 2^-6 (see
-// encode_group_scaled).
-inline void encode_bf16_group_scaled(const uint16_t* x, float s, float y, bool sub, bool ue8m0, uint8_t* q) {
-  const VecF sv = _mm256_set1_ps(s), yv = _mm256_set1_ps(y);
-  if (ue8m0) {
-    if (sub) encode_bf16_group<true, true>(x, sv, yv, q);
-    else encode_bf16_group<true, false>(x, sv, yv, q);
-  } else {
-    if (sub) encode_bf16_group<false, true>(x, sv, yv, q);
-    else encode_bf16_group<false, false>(x, sv, yv, q);
-  }
-}
-
-// The groups of one row of bf16 x (full of them, each 128 wide): codes into q, scales into srow.
-// NOTES: the next group's |x| range, scale and reciprocal are computed before this group is
-// encoded (a chain of two divisions that the encode would otherwise wait for).
-inline void quantize_bf16_row(const uint16_t* x, int64_t full, bool ue8m0, uint8_t* q, float* srow, float* buf) {
-  struct Next {
-    float s, y;
-    bool sub;
-  };
-  auto next = [&](int64_t g) {
-    const Bf16Group r = bf16_group_range(x + g * kQuantGroup);
-    const float s = fp8_scale_from_amax(f32_from_bits(r.amax), ue8m0);
-    return Next{s, 1.0f / s, needs_subnormal(r.amin, s)};
-  };
-  Next n = full > 0 ? next(0) : Next{};
-  for (int64_t g = 0; g < full; ++g) {
-    const Next c = n;
-    if (g + 1 < full) n = next(g + 1);
-    const uint16_t* xg = x + g * kQuantGroup;
-    uint8_t* qg = q + g * kQuantGroup;
-    srow[g] = c.s;
-    if (!finite_scale(c.s)) {  // a NaN or Inf inside
-      widen_row(xg, DType::bf16, 0, kQuantGroup, buf);
-      encode_scalar(buf, kQuantGroup, c.s, qg);
-      continue;
-    }
-    encode_bf16_group_scaled(xg, c.s, c.y, c.sub, ue8m0, qg);
   }
 }
 
@@ -356,8 +314,8 @@ inline void encode32(const VecF* v, const VecF* s, const VecF* y, uint8_t* q) {
   for (int i = 0; i < kVecs32; ++i) encode16<kMul, kSub>(v[i], s[i], y[i], q + i * kLanes);
 #else
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  const __m256i ab = _mm256_packus_epi32(codes8<kMul>(v[0], s[0], y[0]), codes8<kMul>(v[1], s[1], y[1]));
-  const __m256i cd = _mm256_packus_epi32(codes8<kMul>(v[2], s[2], y[2]), codes8<kMul>(v[3], s[3], y[3]));
+  const __m256i ab = _mm256_packus_epi32(codes8<kMul, kSub>(v[0], s[0], y[0]), codes8<kMul, kSub>(v[1], s[1], y[1]));
+  const __m256i cd = _mm256_packus_epi32(codes8<kMul, kSub>(v[2], s[2], y[2]), codes8<kMul, kSub>(v[3], s[3], y[3]));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), perm));
 #endif
 }
@@ -392,6 +350,99 @@ inline void encode_group_scaled(const VecF* v, float s, bool ue8m0, uint8_t* q, 
   }
 }
 
+#if LK_ISA == 1
+// ---- fp32 and fp16 rows (block_rows 1) the same way: the |x| range on the raw bits, then the
+// encode re-reads the group from L1 (see quantize_direct_row).
+inline uint32_t hmin_u32(__m256i m) {
+  __m128i t = _mm_min_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+  t = _mm_min_epu32(t, _mm_shuffle_epi32(t, 0x4e));
+  t = _mm_min_epu32(t, _mm_shuffle_epi32(t, 0xb1));
+  return uint32_t(_mm_cvtsi128_si32(t));
+}
+inline GroupRange group_range(const float* x) {
+  const __m256i mag = _mm256_set1_epi32(0x7fffffff);
+  __m256i mx = _mm256_setzero_si256(), mn = _mm256_set1_epi32(-1);
+  for (int i = 0; i < kQuantGroup / 8; ++i) {
+    const __m256i w = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 8 * i)), mag);
+    mx = _mm256_max_epu32(mx, w);
+    mn = _mm256_min_epu32(mn, w);
+  }
+  return {hmax_u32(mx), hmin_u32(mn)};
+}
+// fp16 rows the same way: the |x| range on the half words (the order of their magnitudes, as
+// bf16's), widened once by F16C (exact).
+struct Half {
+  uint16_t bits;
+};
+inline GroupRange group_range(const Half* x) {
+  const GroupRange r = group_range(reinterpret_cast<const uint16_t*>(x));  // as bf16: the words << 16
+  return {f32_bits(_cvtsh_ss(uint16_t(r.amax >> 16))), f32_bits(_cvtsh_ss(uint16_t(r.amin >> 16)))};
+}
+inline VecF load8(const float* x) { return _mm256_loadu_ps(x); }
+inline VecF load8(const Half* x) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))); }
+template <bool kMul, bool kSub, class T>
+inline void encode_direct(const T* x, VecF s, VecF y, uint8_t* q) {
+  const VecF ss[kVecs32] = {s, s, s, s}, yy[kVecs32] = {y, y, y, y};
+  for (int c = 0; c < kQuantGroup / 32; ++c) {
+    VecF v[kVecs32];
+    for (int i = 0; i < kVecs32; ++i) v[i] = load8(x + 32 * c + 8 * i);
+    encode32<kMul, kSub>(v, ss, yy, q + 32 * c);
+  }
+}
+
+// One group of bf16 or fp32 x with a finite scale s, y = 1 / s; sub: some |x| < s * 2^-6 (see
+// encode_group_scaled).
+template <class T>
+inline void encode_direct_scaled(const T* x, float s, float y, bool sub, bool ue8m0, uint8_t* q) {
+  const VecF sv = _mm256_set1_ps(s), yv = _mm256_set1_ps(y);
+  if (ue8m0) {
+    if (sub) encode_direct<true, true>(x, sv, yv, q);
+    else encode_direct<true, false>(x, sv, yv, q);
+  } else {
+    if (sub) encode_direct<false, true>(x, sv, yv, q);
+    else encode_direct<false, false>(x, sv, yv, q);
+  }
+}
+
+// The groups of one row of bf16 (T = uint16_t), fp16 (Half) or fp32 x (full of them, each 128
+// wide): codes into q, scales into srow.
+// NOTES: the next group's |x| range, scale and reciprocal are computed before this group is
+// encoded (a chain of two divisions that the encode would otherwise wait for).
+// NOTES: fp32 and fp16 had taken quantize_row_fused, which keeps the group and the next one in
+// 32 ymm values (16 registers: spilled) and, having no |x| min on avx2, always the subnormal
+// path. Raw C call, old and new build alternating in separate processes (2-core Zen 1 VM,
+// 2026-12-03, medians of 3 x 9): 1x7168 fp32 10.1 -> 6.2 us, fp16 10.5 -> 6.9 us, 4x7168 fp32
+// 37 -> 22 us; 128x128 blocks (pass 2) fp32 256x7168 on 2 threads 1.59 -> 1.19 ms. The avx2
+// |x| min also lets silu_mul_quantize_fp8 skip the subnormal path: 2-6% there (the exp costs).
+template <class T>
+inline void quantize_direct_row(const T* x, int64_t full, bool ue8m0, uint8_t* q, float* srow, float* buf) {
+  struct Next {
+    float s, y;
+    bool sub;
+  };
+  auto next = [&](int64_t g) {
+    const GroupRange r = group_range(x + g * kQuantGroup);
+    const float s = fp8_scale_from_amax(f32_from_bits(r.amax), ue8m0);
+    return Next{s, 1.0f / s, needs_subnormal(r.amin, s)};
+  };
+  Next n = full > 0 ? next(0) : Next{};
+  for (int64_t g = 0; g < full; ++g) {
+    const Next c = n;
+    if (g + 1 < full) n = next(g + 1);
+    const T* xg = x + g * kQuantGroup;
+    uint8_t* qg = q + g * kQuantGroup;
+    srow[g] = c.s;
+    if (!finite_scale(c.s)) {  // a NaN or Inf inside
+      widen_row(xg, std::is_same_v<T, uint16_t> ? DType::bf16 : std::is_same_v<T, Half> ? DType::f16 : DType::f32, 0,
+                kQuantGroup, buf);
+      encode_scalar(buf, kQuantGroup, c.s, qg);
+      continue;
+    }
+    encode_direct_scaled(xg, c.s, c.y, c.sub, ue8m0, qg);
+  }
+}
+#endif
+
 inline void load_group(const void* x, DType dt, int64_t off, VecF* v) {
   for (int i = 0; i < kVecs; ++i) v[i] = load16(x, dt, off + i * kLanes);
 }
@@ -402,15 +453,16 @@ inline uint32_t group_amax_v(const VecF* v) {
   return hmax_u32(m);
 }
 
-// The group's smallest |x| bits, for encode_group_scaled (0 where the codec has no use for it).
+// The group's smallest |x| bits, for encode_group_scaled.
 inline uint32_t group_amin_v(const VecF* v) {
 #if LK_ISA >= 2
   __m512i m = abs_bits_v(v[0]);
   for (int i = 1; i < kVecs; ++i) m = _mm512_min_epu32(m, abs_bits_v(v[i]));
   return _mm512_reduce_min_epu32(m);
 #else
-  (void)v;
-  return 0;
+  __m256i m = abs_bits_v(v[0]);
+  for (int i = 1; i < kVecs; ++i) m = _mm256_min_epu32(m, abs_bits_v(v[i]));
+  return hmin_u32(m);
 #endif
 }
 
@@ -464,6 +516,7 @@ inline VecF silu_mul_v(VecF g, VecF u) { return g / (exp_v(-g) + 1.0f) * u; }
 // All lanes of the group finite.
 inline bool group_finite(const VecF* v) { return group_amax_v(v) < 0x7f800000u; }
 
+#if LK_ISA >= 2  // (avx2 reads its rows straight from x: quantize_direct_row)
 // The full groups of one row (block_rows 1) from registers: each group is loaded once, reduced,
 // scaled and encoded. x + off: the row.
 // NOTES: out of line: inlined into quantize_fp8's loop (beside the avx2 bf16 row), the avx2
@@ -502,6 +555,7 @@ __attribute__((noinline)) void quantize_row_fused(const void* x, DType dtype, in
     amin_g = amin_n;
   }
 }
+#endif  // LK_ISA >= 2
 #endif
 
 }  // namespace
@@ -594,11 +648,15 @@ void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64
         const int64_t off = b * batch_stride + r0 * row_stride;
         uint8_t* qrow = q + (b * rows + r0) * K;
 #if LK_ISA == 1
-        if (dtype == DType::bf16)  // straight from x (see Bf16Group)
-          quantize_bf16_row(static_cast<const uint16_t*>(x) + off, full, ue8m0, qrow, srow, buf.data());
+        if (dtype == DType::bf16)  // straight from x (see GroupRange)
+          quantize_direct_row(static_cast<const uint16_t*>(x) + off, full, ue8m0, qrow, srow, buf.data());
+        else if (dtype == DType::f32)
+          quantize_direct_row(static_cast<const float*>(x) + off, full, ue8m0, qrow, srow, buf.data());
         else
+          quantize_direct_row(static_cast<const Half*>(x) + off, full, ue8m0, qrow, srow, buf.data());
+#else
+        quantize_row_fused(x, dtype, off, full, ue8m0, qrow, srow, buf.data());
 #endif
-          quantize_row_fused(x, dtype, off, full, ue8m0, qrow, srow, buf.data());
         if (tail0 < K) {
           widen_row(x, dtype, off + tail0, K - tail0, buf.data());
           const float s = fp8_scale_from_amax(f32_from_bits(group_amax_scalar(buf.data(), K - tail0)), ue8m0);
@@ -648,10 +706,19 @@ void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64
             continue;
           }
 #if LK_ISA == 1
-          if (dtype == DType::bf16) {  // straight from x (see Bf16Group)
+          if (dtype == DType::bf16) {  // straight from x (see GroupRange)
             const uint16_t* xg = static_cast<const uint16_t*>(x) + off + g * kQuantGroup;
-            const bool sub = needs_subnormal(bf16_group_range(xg).amin, sc[g]);
-            encode_bf16_group_scaled(xg, sc[g], 1.0f / sc[g], sub, ue8m0, qg);
+            encode_direct_scaled(xg, sc[g], 1.0f / sc[g], needs_subnormal(group_range(xg).amin, sc[g]), ue8m0, qg);
+            continue;
+          }
+          if (dtype == DType::f32) {
+            const float* xg = static_cast<const float*>(x) + off + g * kQuantGroup;
+            encode_direct_scaled(xg, sc[g], 1.0f / sc[g], needs_subnormal(group_range(xg).amin, sc[g]), ue8m0, qg);
+            continue;
+          }
+          if (dtype == DType::f16) {
+            const Half* xg = static_cast<const Half*>(x) + off + g * kQuantGroup;
+            encode_direct_scaled(xg, sc[g], 1.0f / sc[g], needs_subnormal(group_range(xg).amin, sc[g]), ue8m0, qg);
             continue;
           }
 #endif
