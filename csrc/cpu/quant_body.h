@@ -411,8 +411,8 @@ inline void encode_direct_scaled(const T* x, float s, float y, bool sub, bool ue
 // NOTES: fp32 and fp16 had taken quantize_row_fused, which keeps the group and the next one in
 // 32 ymm values (16 registers: spilled) and, having no |x| min on avx2, always the subnormal
 // path. Raw C call, old and new build alternating in separate processes (2-core Zen 1 VM,
-// 2026-12-03, medians of 3 x 9): 1x7168 fp32 10.1 -> 6.2 us, fp16 10.5 -> 6.9 us, 4x7168 fp32
-// 37 -> 22 us; 128x128 blocks (pass 2) fp32 256x7168 on 2 threads 1.59 -> 1.19 ms. The avx2
+// 2026-12-03, medians of 3 x 9): 1x7168 fp32 10.1 -> 6.3 us, fp16 10.5 -> 7.0 us, 4x7168 fp32
+// 37 -> 22 us; 128x128 blocks (pass 2) fp32 256x7168 on 2 threads 1.59 -> 1.24 ms. The avx2
 // |x| min also lets silu_mul_quantize_fp8 skip the subnormal path: 2-6% there (the exp costs).
 template <class T>
 inline void quantize_direct_row(const T* x, int64_t full, bool ue8m0, uint8_t* q, float* srow, float* buf) {
