@@ -196,12 +196,17 @@ inline __m256i abs_bits_v(VecF v) {
   return _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff));
 }
 
-inline uint32_t hmax_u32(__m256i m) {
-  __m128i t = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
-  t = _mm_max_epu32(t, _mm_shuffle_epi32(t, 0x4e));
-  t = _mm_max_epu32(t, _mm_shuffle_epi32(t, 0xb1));
+// The largest (kMax) or smallest of 8 unsigned lanes.
+template <bool kMax>
+inline uint32_t hreduce_u32(__m256i m) {
+  auto op = [](__m128i a, __m128i b) { return kMax ? _mm_max_epu32(a, b) : _mm_min_epu32(a, b); };
+  __m128i t = op(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+  t = op(t, _mm_shuffle_epi32(t, 0x4e));
+  t = op(t, _mm_shuffle_epi32(t, 0xb1));
   return uint32_t(_mm_cvtsi128_si32(t));
 }
+inline uint32_t hmax_u32(__m256i m) { return hreduce_u32<true>(m); }
+inline uint32_t hmin_u32(__m256i m) { return hreduce_u32<false>(m); }
 
 // Codes as 32-bit lanes (0..255); packed to bytes by the caller four vectors at a time.
 // The IEEE quotient x / s given y = RN(1/s), without a division (see the AVX-512 quotient).
@@ -353,12 +358,6 @@ inline void encode_group_scaled(const VecF* v, float s, bool ue8m0, uint8_t* q, 
 #if LK_ISA == 1
 // ---- fp32 and fp16 rows (block_rows 1) the same way: the |x| range on the raw bits, then the
 // encode re-reads the group from L1 (see quantize_direct_row).
-inline uint32_t hmin_u32(__m256i m) {
-  __m128i t = _mm_min_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
-  t = _mm_min_epu32(t, _mm_shuffle_epi32(t, 0x4e));
-  t = _mm_min_epu32(t, _mm_shuffle_epi32(t, 0xb1));
-  return uint32_t(_mm_cvtsi128_si32(t));
-}
 inline GroupRange group_range(const float* x) {
   const __m256i mag = _mm256_set1_epi32(0x7fffffff);
   __m256i mx = _mm256_setzero_si256(), mn = _mm256_set1_epi32(-1);
@@ -390,7 +389,7 @@ inline void encode_direct(const T* x, VecF s, VecF y, uint8_t* q) {
   }
 }
 
-// One group of bf16 or fp32 x with a finite scale s, y = 1 / s; sub: some |x| < s * 2^-6 (see
+// One group of bf16, fp16 or fp32 x with a finite scale s, y = 1 / s; sub: some |x| < s * 2^-6 (see
 // encode_group_scaled).
 template <class T>
 inline void encode_direct_scaled(const T* x, float s, float y, bool sub, bool ue8m0, uint8_t* q) {
@@ -414,6 +413,14 @@ inline void encode_direct_scaled(const T* x, float s, float y, bool sub, bool ue
 // 2026-12-03, medians of 3 x 9): 1x7168 fp32 10.1 -> 6.3 us, fp16 10.5 -> 7.0 us, 4x7168 fp32
 // 37 -> 22 us; 128x128 blocks (pass 2) fp32 256x7168 on 2 threads 1.59 -> 1.24 ms. The avx2
 // |x| min also lets silu_mul_quantize_fp8 skip the subnormal path: 2-6% there (the exp costs).
+// f(x + off as a pointer to dt's element type): uint16_t (bf16), Half (fp16) or float.
+template <class F>
+inline void with_direct_rows(const void* x, DType dt, int64_t off, F&& f) {
+  if (dt == DType::bf16) f(static_cast<const uint16_t*>(x) + off);
+  else if (dt == DType::f16) f(static_cast<const Half*>(x) + off);
+  else f(static_cast<const float*>(x) + off);
+}
+
 template <class T>
 inline void quantize_direct_row(const T* x, int64_t full, bool ue8m0, uint8_t* q, float* srow, float* buf) {
   struct Next {
@@ -648,12 +655,9 @@ void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64
         const int64_t off = b * batch_stride + r0 * row_stride;
         uint8_t* qrow = q + (b * rows + r0) * K;
 #if LK_ISA == 1
-        if (dtype == DType::bf16)  // straight from x (see GroupRange)
-          quantize_direct_row(static_cast<const uint16_t*>(x) + off, full, ue8m0, qrow, srow, buf.data());
-        else if (dtype == DType::f32)
-          quantize_direct_row(static_cast<const float*>(x) + off, full, ue8m0, qrow, srow, buf.data());
-        else
-          quantize_direct_row(static_cast<const Half*>(x) + off, full, ue8m0, qrow, srow, buf.data());
+        with_direct_rows(x, dtype, off, [&](const auto* xr) {  // straight from x (see GroupRange)
+          quantize_direct_row(xr, full, ue8m0, qrow, srow, buf.data());
+        });
 #else
         quantize_row_fused(x, dtype, off, full, ue8m0, qrow, srow, buf.data());
 #endif
@@ -706,24 +710,14 @@ void quantize_fp8(const void* x, DType dtype, int64_t batch, int64_t rows, int64
             continue;
           }
 #if LK_ISA == 1
-          if (dtype == DType::bf16) {  // straight from x (see GroupRange)
-            const uint16_t* xg = static_cast<const uint16_t*>(x) + off + g * kQuantGroup;
+          with_direct_rows(x, dtype, off + g * kQuantGroup, [&](const auto* xg) {  // straight from x
             encode_direct_scaled(xg, sc[g], 1.0f / sc[g], needs_subnormal(group_range(xg).amin, sc[g]), ue8m0, qg);
-            continue;
-          }
-          if (dtype == DType::f32) {
-            const float* xg = static_cast<const float*>(x) + off + g * kQuantGroup;
-            encode_direct_scaled(xg, sc[g], 1.0f / sc[g], needs_subnormal(group_range(xg).amin, sc[g]), ue8m0, qg);
-            continue;
-          }
-          if (dtype == DType::f16) {
-            const Half* xg = static_cast<const Half*>(x) + off + g * kQuantGroup;
-            encode_direct_scaled(xg, sc[g], 1.0f / sc[g], needs_subnormal(group_range(xg).amin, sc[g]), ue8m0, qg);
-            continue;
-          }
-#endif
+          });
+          continue;
+#else
           load_group(x, dtype, off + g * kQuantGroup, v);
           encode_group_scaled(v, sc[g], ue8m0, qg, group_amin_v(v));
+#endif
         }
 #endif
         if (tail0 < K) {

@@ -438,20 +438,15 @@ def _(logits, top_k, sigmoid, bias, n_group, topk_group, renormalize, scale):
 
 def plan_impl(ids, num_experts, align, R=None, cpu_shape=None):
     """ids: contiguous int32 [T, top_k]; R: plan_rows(T, top_k, num_experts, align) if known;
-    cpu_shape: ids.shape, given when ids is known to be on the CPU (and R given)."""
-    if cpu_shape is not None:  # the eager CPU fast path: no device lookups, no workspace
-        T, K = cpu_shape
-        new = _new_i32_cpu
-        counts, offs, row_token, token_row = new(num_experts), new(num_experts), new(R), new(T, K)
-        _C.plan(ids.data_ptr(), T, K, num_experts, align, R, counts.data_ptr(), offs.data_ptr(), row_token.data_ptr(),
-                token_row.data_ptr(), 0, 0, -1, 0)
-        return counts, offs, row_token, token_row
-    T, K = ids.shape
+    cpu_shape: ids.shape, given when ids is known to be on the CPU (the eager fast path: no
+    device lookups)."""
+    cpu = cpu_shape is not None
+    T, K = cpu_shape if cpu else ids.shape
     if R is None:
         R = plan_rows(T, K, num_experts, align)
-    new = ids.new_empty  # int32 on ids' device (cheaper than torch.empty with dtype and device)
+    new = _new_i32_cpu if cpu else ids.new_empty  # int32 on ids' device (cheaper than torch.empty)
     counts, offs, row_token, token_row = new(num_experts), new(num_experts), new(R), new(T, K)
-    device, stream = (-1, 0) if ids.is_cpu else device_args(ids)
+    device, stream = (-1, 0) if cpu or ids.is_cpu else device_args(ids)
     ws_size, ws_ptr = 0, 0
     if device >= 0:  # the CUDA kernel's workspace (the CPU needs none)
         ws_size = _C.plan_workspace_size(T, K, num_experts)
@@ -529,14 +524,6 @@ def _unit_rows(x, H):
 
 def permute_fp8_rows(x, code, T, H, row_token, R, ue8m0, cpu=True):
     """permute_fp8_impl of x [T, H] (dtype code `code`) and contiguous row_token [R]; cpu: x.is_cpu."""
-    if cpu and R and H:  # the eager CPU fast path's call, in fewer steps
-        q, scale = _new_fp8_cpu(R, H), _new_f32_cpu(R, -(-H // GROUP))
-        st = x.stride()
-        if st[1] != 1:
-            x, st = x.contiguous(), (H, 1)
-        _C.permute_fp8(x.data_ptr(), code, T, H, st[0], row_token.data_ptr(), R, q.data_ptr(), scale.data_ptr(), ue8m0,
-                       -1, 0)
-        return q, scale
     q, scale = _fp8_rows_out(x, R, H, cpu)
     if R == 0 or H == 0:
         return q, scale
