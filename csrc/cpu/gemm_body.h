@@ -134,7 +134,9 @@ struct Decoder {
     // bytes where the load ports are busy with a. The empty asm makes x a register value that
     // cannot be reloaded. Hot, one Zen 4 core, one row: K=1408 28.6 -> 32.0 GB/s, K=2048 30.3
     // -> 33.4, K=7168 +3%; 2-4 rows +1-4%; after a cache flush (memory-bound) within +-3%.
+#ifndef LK_EMULATE_AVX512  // (x is no register there: cpu/avx512_emu.h)
     asm("" : "+v"(x));
+#endif
     const __m512i l = _mm512_permutex2var_epi8(lo[0], x, lo[1]);
     __m512i h = _mm512_permutex2var_epi8(hi[0], x, hi[1]);
     h = _mm512_ternarylogic_epi32(h, x, _mm512_set1_epi8(char(0x80)), 0xf8);  // h | (x & 0x80)

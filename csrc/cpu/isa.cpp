@@ -34,6 +34,10 @@ int detect() {
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   const bool bf16 = avx512 && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bf16");
   // F16C is not in GCC 12's __builtin_cpu_supports list; every AVX2 CPU made has it (Haswell+, Zen+).
+#ifdef LK_EMULATE_AVX512
+  // Test-only build (cpu/avx512_emu.h): the AVX-512 levels run on AVX2 instructions.
+  if (avx2) return 3;
+#endif
   if (bf16 && amx_usable()) return 4;
   return bf16 ? 3 : avx512 ? 2 : avx2 ? 1 : 0;
 #else

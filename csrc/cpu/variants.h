@@ -24,6 +24,15 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define LK_VARIANTS_X86 1
+#ifdef LK_EMULATE_AVX512
+// Test-only build (cpu/avx512_emu.h): the AVX-512 levels' bodies on AVX2 instructions.
+#include "cpu/avx512_emu.h"
+#define LK_TARGET_AVX512_ "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"
+#define LK_TARGET_AVX512BF16_ LK_TARGET_AVX512_
+#else
+#define LK_TARGET_AVX512_ "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd"
+#define LK_TARGET_AVX512BF16_ "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512vbmi,avx512bf16"
+#endif
 #ifdef LK_VARIANT_AMX
 #define LK_ISA 4
 #define LK_NS amx
@@ -32,11 +41,11 @@
 #endif
 #define LK_ISA 3
 #define LK_NS avx512bf16
-#define LK_TARGET "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512vbmi,avx512bf16"
+#define LK_TARGET LK_TARGET_AVX512BF16_
 #include "cpu/variant_region.h"
 #define LK_ISA 2
 #define LK_NS avx512
-#define LK_TARGET "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd"
+#define LK_TARGET LK_TARGET_AVX512_
 #include "cpu/variant_region.h"
 #define LK_ISA 1
 #define LK_NS avx2
