@@ -52,12 +52,8 @@ cmake --build "$BUILD_DIR" -j "${JOBS:-2}"
 echo "== emulate_avx512: build done in $(( $(date +%s) - t0 )) s"
 so=$(ls "$BUILD_DIR"/_C*.so)
 
-STAGE=$(mktemp -d "${TMPDIR:-/tmp}/lk-emu.XXXXXX")
-trap 'rm -rf "$STAGE"' EXIT
-mkdir -p "$STAGE/pkg"
-cp -r python/leankernels "$STAGE/pkg/"
-find "$STAGE/pkg" \( -name '_C*.so' -o -name '__pycache__' -o -name '.*.tmp' \) -prune -exec rm -rf {} +
-cp "$so" "$STAGE/pkg/leankernels/"
+source "$ROOT/scripts/stage_package.sh"
+stage_package "$so" emu  # STAGE
 
 # The emulated module is the one imported, and it offers the emulated paths.
 (cd /tmp && PYTHONPATH="$STAGE/pkg" "$PY" -c "

@@ -45,59 +45,34 @@ inline V vec(const T (&in)[N]) {
   return v;
 }
 
-inline simde__mmask16 cmpgt_epu32_mask(simde__m512i a, simde__m512i b) {
-  uint32_t x[16], y[16];
-  lanes(a, x), lanes(b, y);
-  simde__mmask16 m = 0;
-  for (int i = 0; i < 16; ++i) m |= simde__mmask16((x[i] > y[i]) << i);
-  return m;
-}
-inline simde__mmask16 cmplt_epu32_mask(simde__m512i a, simde__m512i b) { return cmpgt_epu32_mask(b, a); }
-inline simde__mmask16 cmplt_epi32_mask(simde__m512i a, simde__m512i b) {
-  int32_t x[16], y[16];
+// Bit i: lane i of a < lane i of b, the lanes read as T (cmpgt swaps the operands).
+template <class T>
+inline simde__mmask16 lt_mask(simde__m512i a, simde__m512i b) {
+  T x[16], y[16];
   lanes(a, x), lanes(b, y);
   simde__mmask16 m = 0;
   for (int i = 0; i < 16; ++i) m |= simde__mmask16((x[i] < y[i]) << i);
   return m;
 }
+inline simde__mmask16 cmpgt_epu32_mask(simde__m512i a, simde__m512i b) { return lt_mask<uint32_t>(b, a); }
+inline simde__mmask16 cmplt_epu32_mask(simde__m512i a, simde__m512i b) { return lt_mask<uint32_t>(a, b); }
+inline simde__mmask16 cmplt_epi32_mask(simde__m512i a, simde__m512i b) { return lt_mask<int32_t>(a, b); }
 
-// vpmovdw / vpmovdb: truncation (not saturation).
-inline simde__m256i cvtepi32_epi16(simde__m512i a) {
-  uint32_t x[16];
-  uint16_t r[16];
+// Lane-wise conversions: vpmovdw / vpmovdb (truncation, not saturation), vcvtdq2ps (round to
+// nearest even: the MXCSR default, as C's int -> float conversion), vpmovzxwd / vpmovzxbd.
+template <class VOut, class To, class From, class VIn>
+inline VOut convert_lanes(VIn a) {
+  From x[16];
+  To r[16];
   lanes(a, x);
-  for (int i = 0; i < 16; ++i) r[i] = uint16_t(x[i]);
-  return vec<simde__m256i>(r);
+  for (int i = 0; i < 16; ++i) r[i] = To(x[i]);
+  return vec<VOut>(r);
 }
-inline simde__m128i cvtepi32_epi8(simde__m512i a) {
-  uint32_t x[16];
-  uint8_t r[16];
-  lanes(a, x);
-  for (int i = 0; i < 16; ++i) r[i] = uint8_t(x[i]);
-  return vec<simde__m128i>(r);
-}
-// vcvtdq2ps, round to nearest even (the MXCSR default; C's int->float conversion does the same).
-inline simde__m512 cvtepi32_ps(simde__m512i a) {
-  int32_t x[16];
-  float r[16];
-  lanes(a, x);
-  for (int i = 0; i < 16; ++i) r[i] = float(x[i]);
-  return vec<simde__m512>(r);
-}
-inline simde__m512i cvtepu16_epi32(simde__m256i a) {
-  uint16_t x[16];
-  uint32_t r[16];
-  lanes(a, x);
-  for (int i = 0; i < 16; ++i) r[i] = x[i];
-  return vec<simde__m512i>(r);
-}
-inline simde__m512i cvtepu8_epi32(simde__m128i a) {
-  uint8_t x[16];
-  uint32_t r[16];
-  lanes(a, x);
-  for (int i = 0; i < 16; ++i) r[i] = x[i];
-  return vec<simde__m512i>(r);
-}
+inline simde__m256i cvtepi32_epi16(simde__m512i a) { return convert_lanes<simde__m256i, uint16_t, uint32_t>(a); }
+inline simde__m128i cvtepi32_epi8(simde__m512i a) { return convert_lanes<simde__m128i, uint8_t, uint32_t>(a); }
+inline simde__m512 cvtepi32_ps(simde__m512i a) { return convert_lanes<simde__m512, float, int32_t>(a); }
+inline simde__m512i cvtepu16_epi32(simde__m256i a) { return convert_lanes<simde__m512i, uint32_t, uint16_t>(a); }
+inline simde__m512i cvtepu8_epi32(simde__m128i a) { return convert_lanes<simde__m512i, uint32_t, uint8_t>(a); }
 // vcvtneps2bf16: round to nearest even, fp32 subnormal inputs read as zero (and results that
 // would be bf16 subnormals cannot occur then), NaN kept and made quiet; MXCSR is not consulted.
 inline simde__m256bh cvtneps_pbh(simde__m512 a) {
@@ -243,6 +218,7 @@ inline uint32_t reduce_min_epu32(simde__m512i a) {
 #define _mm512_set1_epi8 simde_mm512_set1_epi8
 #define _mm512_set1_ps simde_mm512_set1_ps
 #define _mm512_set_epi16 simde_mm512_set_epi16
+#undef _mm512_setr_epi32  // (a macro in GCC's header)
 #define _mm512_setr_epi32 simde_mm512_setr_epi32
 #define _mm512_setzero_ps simde_mm512_setzero_ps
 #define _mm512_setzero_si512 simde_mm512_setzero_si512
