@@ -10,6 +10,8 @@
 #   EMU_FORCE=1 bash scripts/emulate_avx512.sh   # run anyway (to check the emulation itself)
 #   EMU_PATHS="avx512bf16" ...               # only these paths (default: avx512bf16 avx512)
 #   EMU_PYTEST_ARGS="-k gemm" ...            # extra pytest args
+#   EMU_SANITIZE=1 ...                       # the same, built and run under ASan + UBSan by
+#                                             scripts/sanitize.sh (SAN_EMULATE=1; .ci/run's way)
 #
 # Needs an AVX2 CPU and SIMDe's headers (Debian's libsimde-dev; installed here with apt-get
 # when missing and possible). Without either it skips loudly (exit 0): the check fills a gap,
@@ -39,6 +41,15 @@ if [ ! -f /usr/include/simde/x86/avx512.h ]; then
     echo "== emulate_avx512: SKIPPED: SIMDe's headers (Debian's libsimde-dev) are not installed and could not be"
     exit 0
   fi
+fi
+
+if [ "${EMU_SANITIZE:-0}" = 1 ]; then
+  # the kernel test files on each emulated path, sanitized (memory errors in the AVX-512 tails
+  # and masks, too: the emulated masked loads and stores touch only the bytes they select)
+  SAN_EMULATE=1 SAN_FULL=none SAN_PATHS="${EMU_PATHS:-avx512bf16 avx512}" SAN_PYTEST_ARGS="${EMU_PYTEST_ARGS:-}" \
+    bash "$ROOT/scripts/sanitize.sh"
+  echo "== emulate_avx512 (sanitized): done in $(( $(date +%s) - t_start )) s"
+  exit 0
 fi
 
 "$PY" -c "import pybind11" 2>/dev/null || "$PY" -m pip install -q "pybind11>=2.12"

@@ -8,9 +8,11 @@
 #   bash scripts/sanitize.sh                     # everything (CI)
 #   SAN_PATHS="avx2 generic" bash scripts/sanitize.sh   # only these LEANKERNELS_CPU paths
 #   SAN_FULL=all ...                             # the whole suite on every path (SAN_FULL=first:
-#                                                  the default above)
+#                                                  the default above; none: the kernel files only)
 #   SAN_PYTEST_ARGS="-k routing" bash scripts/sanitize.sh  # extra pytest args (a subset)
 #   SAN_SKIP_BUILD=1 ...                         # reuse $SAN_BUILD_DIR as it is
+#   SAN_EMULATE=1 SAN_PATHS="avx512bf16 avx512" ...  # the test-only AVX-512 emulation build
+#                                                  (scripts/emulate_avx512.sh) sanitized, in build-san-emu/
 #
 # Build: $SAN_BUILD_DIR (default build-san/), never the normal build dirs: RelWithDebInfo,
 # -DLEANKERNELS_CUDA=OFF -DLEANKERNELS_SANITIZE=ON (lk_cpu and _C at -O1 -g
@@ -56,7 +58,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python}
-BUILD_DIR=${SAN_BUILD_DIR:-build-san}
+EMU=${SAN_EMULATE:-0}
+BUILD_DIR=${SAN_BUILD_DIR:-$([ "$EMU" = 1 ] && echo build-san-emu || echo build-san)}
 LOG_ROOT=${SAN_LOG_DIR:-$ROOT/$BUILD_DIR/logs}
 t_start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - $1 )); }
@@ -70,7 +73,7 @@ if [ "${SAN_SKIP_BUILD:-0}" != 1 ]; then
   GEN=()
   if command -v ninja >/dev/null; then GEN=(-G Ninja); fi
   cmake -S . -B "$BUILD_DIR" "${GEN[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DLEANKERNELS_CUDA=OFF -DLEANKERNELS_SANITIZE=ON \
+    -DLEANKERNELS_CUDA=OFF -DLEANKERNELS_SANITIZE=ON -DLEANKERNELS_EMULATE_AVX512=$([ "$EMU" = 1 ] && echo ON || echo OFF) \
     -Dpybind11_DIR="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
     -DPython_EXECUTABLE="$(command -v "$PY")" >/dev/null
   cmake --build "$BUILD_DIR" -j "${JOBS:-2}"
@@ -121,6 +124,7 @@ san setup "$PY" -c "
 import sys, leankernels
 assert leankernels.__file__.startswith('$STAGE/pkg/'), leankernels.__file__
 print('sanitize: testing', leankernels._C.__file__)
+assert ('emulated' in leankernels.build_info()['cpu_tune']) == ('$EMU' == '1'), leankernels.build_info()['cpu_tune']
 "
 (cd /tmp && san setup "$PY" -m leankernels info)
 if [ "$(reports setup)" != 0 ]; then
@@ -157,7 +161,9 @@ status=0
 first=1
 for path in "${PATHS[@]}"; do
   files=(tests)
-  if [ "$first" = 0 ] && [ "${SAN_FULL:-first}" != all ]; then files=("${KERNEL_FILES[@]}"); fi
+  if { [ "$first" = 0 ] && [ "${SAN_FULL:-first}" != all ]; } || [ "${SAN_FULL:-first}" = none ]; then
+    files=("${KERNEL_FILES[@]}")
+  fi
   first=0
   t0=$(date +%s)
   out="$LOG_ROOT/$path/pytest.log"
