@@ -94,8 +94,12 @@ for lib in "$ASAN_LIB" "$UBSAN_LIB"; do
 done
 
 # ------------------------------------------------------------------------------ staging
-source "$ROOT/scripts/stage_package.sh"
-stage_package "$so" san  # STAGE
+STAGE=$(mktemp -d "${TMPDIR:-/tmp}/lk-san.XXXXXX")
+trap 'rm -rf "$STAGE"' EXIT
+mkdir -p "$STAGE/pkg"
+cp -r python/leankernels "$STAGE/pkg/"
+find "$STAGE/pkg" \( -name '_C*.so' -o -name '__pycache__' -o -name '.*.tmp' \) -prune -exec rm -rf {} +
+cp "$so" "$STAGE/pkg/leankernels/"
 
 rm -rf "$LOG_ROOT"
 mkdir -p "$LOG_ROOT"

@@ -1,18 +1,18 @@
 // Test-only: the AVX-512 levels (avx512, avx512bf16) of the CPU kernels on an AVX2 machine.
 // Built only with -DLEANKERNELS_EMULATE_AVX512=ON (scripts/emulate_avx512.sh), never shipped.
 //
-// Why: no machine this project tests on has AVX-512, and qemu-user (7.2) cannot emulate it, so
-// the code that AVX-512 CPUs run by default (every Zen 4/5, Sapphire Rapids and later server)
-// had never executed. This build compiles the same kernel bodies with every _mm512_* intrinsic
-// and __m512* type renamed (macros below) to SIMDe's portable versions (Debian's libsimde-dev:
-// header-only, AVX2 underneath), so the avx512 and avx512bf16 paths run, slowly, on an AVX2
-// CPU and the CPU test suite checks their results. It checks the kernels' logic (indexing,
-// masks, tails, lane orders, rounding), not their speed and not the compiler's AVX-512 code
-// generation.
+// Why: CI machines without AVX-512 (an AVX2-only Zen 1 ran five sessions in a row) could not
+// run the code that AVX-512 CPUs run by default (every Zen 4/5, Sapphire Rapids and later
+// server), and qemu-user (7.2) cannot emulate it. This build compiles the same kernel bodies
+// with every _mm512_* intrinsic and __m512* type renamed (macros below) to SIMDe's portable
+// versions (Debian's libsimde-dev: header-only, AVX2 underneath), so the avx512 and avx512bf16
+// paths run on an AVX2 CPU and the CPU test suite checks their results. It checks the kernels'
+// logic (indexing, masks, tails, lane orders, rounding), not their speed and not the compiler's
+// AVX-512 code generation.
 //
-// SIMDe 0.7.4 lacks some intrinsics the kernels use; those are written here (lk_emu_*) from
-// Intel's pseudo-code, one lane at a time. Masked loads and stores touch only the bytes their
-// mask selects, as the hardware does (the kernels rely on it at buffer ends).
+// SIMDe 0.7.4 lacks some intrinsics the kernels use; those are written here (namespace
+// lk::cpu::emu) from Intel's pseudo-code, one lane at a time. Masked loads and stores touch only
+// the bytes their mask selects, as the hardware does (the kernels rely on it at buffer ends).
 // A kernel that starts to use an intrinsic not mapped here fails to compile in this build
 // ("inlining failed ... target specific option mismatch"): add it below.
 #pragma once

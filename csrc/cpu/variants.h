@@ -24,11 +24,12 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define LK_VARIANTS_X86 1
+#define LK_TARGET_AVX2_ "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"
 #ifdef LK_EMULATE_AVX512
 // Test-only build (cpu/avx512_emu.h): the AVX-512 levels' bodies on AVX2 instructions.
 #include "cpu/avx512_emu.h"
-#define LK_TARGET_AVX512_ "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"
-#define LK_TARGET_AVX512BF16_ LK_TARGET_AVX512_
+#define LK_TARGET_AVX512_ LK_TARGET_AVX2_
+#define LK_TARGET_AVX512BF16_ LK_TARGET_AVX2_
 #else
 #define LK_TARGET_AVX512_ "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd"
 #define LK_TARGET_AVX512BF16_ "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512vbmi,avx512bf16"
@@ -49,7 +50,7 @@
 #include "cpu/variant_region.h"
 #define LK_ISA 1
 #define LK_NS avx2
-#define LK_TARGET "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"
+#define LK_TARGET LK_TARGET_AVX2_
 #include "cpu/variant_region.h"
 #ifndef LK_VARIANT_AMX
 namespace lk::cpu {
