@@ -254,7 +254,7 @@ def test_paths_listed_and_forced():
     assert PATHS[-1] == "generic" and lk.cpu_path() in PATHS
     with pytest.raises(ValueError, match="CPU path must be one of"):
         lk.set_cpu_path("sse9")
-    for name in ("amx", "avx512bf16", "avx512", "avx2"):
+    for name in ("amx", "avx512bf16", "avx512", "avx2", "neon"):
         if name not in PATHS:
             with pytest.raises(ValueError, match="cannot run"):
                 lk.set_cpu_path(name)

@@ -12,6 +12,8 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
 #include "common/fp8.h"
@@ -28,6 +30,7 @@
 #ifdef LK_HAS_AMX  // (CMake: the compiler has the AMX intrinsics)
 #define LK_VARIANT_AMX 1  // the row-tiled GEMMs have an AMX level (cpu/isa.h)
 #endif
+#define LK_VARIANT_NEON 1  // and an arm64 level with an Advanced SIMD e4m3 decode
 #define LK_VARIANT_BODY "cpu/gemm_body.h"
 #include "cpu/variants.h"
 

@@ -404,9 +404,39 @@ struct Decoder {
   }
 };
 
+#ifdef LK_NEON
+// 16 e4m3 bytes -> the fp32 of each times 2^-8 (exact; NaN codes as +-480), 4 vectors: lane i of
+// out[j] is byte 4j + i. Sign-extended and shifted left by 7, a byte holds its magnitude at fp16
+// bits 13..7 and its sign at bits 15 and 14; without bit 14 that is the fp16 of value * 2^-8
+// (e4m3 subnormals become fp16 subnormals of the same digits), which fcvtl widens exactly.
+inline void e4m3x16_to_f32(uint8x16_t x, float32x4_t* out) {
+  const int8x16_t s = vreinterpretq_s8_u8(x);
+  const int16x8_t keep = vdupq_n_s16(int16_t(0xbfff));
+  const float16x8_t lo = vreinterpretq_f16_s16(vandq_s16(vshll_n_s8(vget_low_s8(s), 7), keep));
+  const float16x8_t hi = vreinterpretq_f16_s16(vandq_s16(vshll_high_n_s8(s, 7), keep));
+  out[0] = vcvt_f32_f16(vget_low_f16(lo));
+  out[1] = vcvt_high_f32_f16(lo);
+  out[2] = vcvt_f32_f16(vget_low_f16(hi));
+  out[3] = vcvt_high_f32_f16(hi);
+}
+#endif
+
 void decode_row(const Decoder& dec, const uint8_t* src, int64_t K, int64_t Kp, Elem* dst) {
-  for (int64_t k = 0; k < K; ++k) dst[k] = dec.table[src[k]];
-  for (int64_t k = K; k < Kp; ++k) dst[k] = 0.0f;
+  int64_t k = 0;
+#ifdef LK_NEON
+  for (; k + 16 <= K; k += 16) {
+    const uint8x16_t x = vld1q_u8(src + k);
+    if (vmaxvq_u8(vaddq_u8(x, x)) == 0xfe) {  // a NaN code (0x7f / 0xff): the table
+      for (int i = 0; i < 16; ++i) dst[k + i] = dec.table[src[k + i]];
+      continue;
+    }
+    float32x4_t v[4];
+    e4m3x16_to_f32(x, v);
+    for (int j = 0; j < 4; ++j) vst1q_f32(dst + k + 4 * j, vmulq_n_f32(v[j], 256.0f));
+  }
+#endif
+  for (; k < K; ++k) dst[k] = dec.table[src[k]];
+  for (k = K; k < Kp; ++k) dst[k] = 0.0f;
 }
 
 // MR x NR outputs over all KB blocks: out[r * NR + c]. a[r] / b[c]: decoded rows (Kp floats);
@@ -808,7 +838,7 @@ struct ChunkDecoder {
   }
   template <class Mark> void fast(const uint8_t* src, DV* out, Mark&) const { (*this)(src, out); }
 };
-#elif LK_ISA >= 1
+#elif LK_ISA >= 1 || defined(LK_NEON)
 // e4m3 -> fp32 by bit moves, for weights and a alike: a byte's magnitude (4 exponent and 3
 // mantissa bits) placed at fp32 bits 26..20 with its sign at bit 31 is the fp32 of value *
 // 2^-120; an e4m3 subnormal becomes an fp32 subnormal of the same digits (exact), zero stays
@@ -825,10 +855,36 @@ struct ChunkDecoder {
 // NaN codes (0x7f/0xff) would decode as 480: the hot loop only keeps a byte max of
 // (byte + byte), whose value 0xfe marks a NaN code; a walk that met one is redone with the table
 // (fused_rows), and the panel path checks each chunk.
+// arm64 (neon): e4m3 -> fp16 -> fp32 instead (e4m3x16_to_f32: 4 ops per 8 bytes, out[j] lane i
+// = byte 4j + i). a is decoded once per call to value (x 2^4 twice), so a product is value_a * value_b * 2^-8
+// and kFix is 2^8 there too. fcvtl never flushes an fp16 input (FPCR.FZ16 does not apply to
+// conversions), and every product (>= 2^-26) and every nonzero block sum of them is a normal
+// fp32, so FPCR needs no change (FlushGuard: none). The NaN mark is the same byte max.
 constexpr int kVC = 4;
 constexpr float kFix = 256.0f;
+#ifdef LK_NEON
+constexpr int byte_of(int j, int i) { return 4 * j + i; }  // byte of lane i of out[j]
+constexpr int kTableExp = -8;                                 // decoded value = value * 2^kTableExp
+#else
 constexpr int kByteOf[kVC] = {3, 1, 2, 0};
-#if LK_ISA >= 2
+constexpr int byte_of(int j, int i) { return 4 * i + kByteOf[j]; }
+constexpr int kTableExp = -120;
+#endif
+#ifdef LK_NEON
+using DV = float32x4_t;
+using IV = uint8x16_t;
+constexpr int kChunk = 16;
+constexpr int kDMR = 2;
+inline DV dv_zero() { return vdupq_n_f32(0.0f); }
+inline DV dv_dot(DV acc, DV a, DV w) { return vfmaq_f32(acc, a, w); }
+inline DV dv_add(DV a, DV b) { return vaddq_f32(a, b); }
+inline DV dv_fma(DV x, float s, DV acc) { return vfmaq_n_f32(acc, x, s); }
+inline float dv_hsum(DV v) { return vaddvq_f32(v); }
+inline IV iv_load(const uint8_t* p) { return vld1q_u8(p); }
+inline IV iv_zero() { return vdupq_n_u8(0); }
+inline IV iv_nan_mark(IV acc, IV x) { return vmaxq_u8(acc, vaddq_u8(x, x)); }
+inline bool iv_nan_any(IV acc) { return vmaxvq_u8(acc) == 0xfe; }
+#elif LK_ISA >= 2
 using DV = __m512;
 using IV = __m512i;
 constexpr int kChunk = 64;
@@ -864,7 +920,9 @@ inline bool iv_nan_any(IV acc) {
 }
 #endif
 // kChunk bytes (one IV) -> the fp32 of each, in 4 DVs (see above).
-#if LK_ISA == 1
+#ifdef LK_NEON
+inline void iv_decode(IV x, DV* out) { e4m3x16_to_f32(x, out); }
+#elif LK_ISA == 1
 // avx2: vpsraw / vpand / vpshufb. NOTES: Zen 1 (AVX2 only) runs vector shifts on one of its four
 // 128-bit pipes, so the 5 ymm shifts per 32 bytes of the avx512 level's version below bound the
 // decode there. Here two byte moves
@@ -909,7 +967,11 @@ inline void iv_decode(IV x, DV* out) {
   out[3] = DV(even << 16);
 }
 #endif
+#ifdef LK_NEON
+constexpr float kAFix = 0x1p4f;     // a: value * 2^-8 -> value in two exact steps
+#else
 constexpr float kAFix = 0x1p116f;   // a: value * 2^-120 -> value * 2^112 in two exact steps
+#endif
 // Flags a NaN code among the chunks `fast` decoded (see above).
 struct NanMark {
   IV acc;
@@ -920,7 +982,7 @@ struct NanMark {
 struct ChunkDecoder {
   float table[256];                 // value * 2^-120 (NaN kept), for chunks holding a NaN code
   ChunkDecoder() {
-    for (int i = 0; i < 256; ++i) table[i] = std::ldexp(fp8e4m3_to_f32(uint8_t(i)), -120);
+    for (int i = 0; i < 256; ++i) table[i] = std::ldexp(fp8e4m3_to_f32(uint8_t(i)), kTableExp);
   }
   template <class Mark>
   void fast(const uint8_t* src, DV* out, Mark& nan) const {  // kChunk readable bytes
@@ -934,18 +996,22 @@ struct ChunkDecoder {
     if (__builtin_expect(nan.any(), 0)) {
       alignas(64) float v[kVC][kChunk / 4];
       for (int j = 0; j < kVC; ++j)
-        for (int i = 0; i < kChunk / 4; ++i) v[j][i] = table[src[4 * i + kByteOf[j]]];
+        for (int i = 0; i < kChunk / 4; ++i) v[j][i] = table[src[byte_of(j, i)]];
       memcpy(out, v, sizeof(v));
     }
   }
 };
 // MXCSR with DAZ and FTZ off on this thread while alive: the decoded weights' subnormals must
 // count, and so must a product's (torch.set_flush_denormal(True) sets both bits).
+#ifdef LK_NEON
+struct FlushGuard {};  // see above
+#else
 struct FlushGuard {
   unsigned saved = _mm_getcsr();
   FlushGuard() { _mm_setcsr(saved & ~0x8040u); }
   ~FlushGuard() { _mm_setcsr(saved); }
 };
+#endif
 #else
 typedef float DV __attribute__((vector_size(16)));
 constexpr int kChunk = 16;
@@ -968,7 +1034,7 @@ struct ChunkDecoder {
   template <class Mark> void fast(const uint8_t* src, DV* out, Mark&) const { (*this)(src, out); }
 };
 #endif
-#if LK_ISA == 0 || LK_ISA >= 3      // exact decoders: a needs no fix, no chunk needs a check
+#if (LK_ISA == 0 && !defined(LK_NEON)) || LK_ISA >= 3  // exact decoders: a needs no fix, no chunk needs a check
 constexpr float kAFix = 1.0f;
 struct NanMark {
   bool any() const { return false; }
@@ -982,7 +1048,12 @@ struct FlushGuard {};               // normal fp32 values (generic), vdpbf16ps i
 struct NoMark {
   bool any() const { return false; }
 };
-constexpr bool kHasMark = LK_ISA == 1 || LK_ISA == 2;
+#ifdef LK_NEON
+constexpr bool kNeon = true;
+#else
+constexpr bool kNeon = false;
+#endif
+constexpr bool kHasMark = LK_ISA == 1 || LK_ISA == 2 || kNeon;
 
 constexpr int kCB = kQuantGroup / kChunk;  // chunks per 128-wide K block
 constexpr int kVB = kCB * kVC;             // DVs per block
@@ -1005,7 +1076,7 @@ inline int64_t decode_kernel_rows(int64_t K) { return LK_ISA >= 4 && K > 4096 ? 
 // the group's weight rows at a time: dense K=14336 T=3/T=4 +18-20% (avx512bf16) and +44-49%
 // (avx512) against the panel, since the prefetches of the next group go to L2 (before that,
 // walking 2 at a time had lost ~10%).
-constexpr int kFusedRows = LK_ISA >= 1 ? 4 : kDMR;
+constexpr int kFusedRows = LK_ISA >= 1 || kNeon ? 4 : kDMR;
 // Most rows of a segment on the register path, in groups of up to kFusedRows, each walking the
 // same weight rows again (from L1/L2, decoded again): avx2 8, else kFusedRows.
 // NOTES: avx2 had walked 2+ rows on the L1 panel (1 row x 4 weight rows per register tile), whose
@@ -1117,7 +1188,9 @@ void fused_rows(const ChunkDecoder& dec_in, const uint8_t* const* col, int c0, c
   // N=2816, K=1408 N=2048, K=7168 N=4096, cache flushed, 15 rounds): 3 rows +10-13%, 6 rows (two
   // groups of 3) +14-17%, 7 rows (3 + 4) +6-7%, 4 rows unchanged. Four rows with two chains
   // each (8 sums) lost 6-7% there, so they keep one.
-  constexpr int kChains = LK_ISA >= 1 && (MR * NC <= (LK_ISA == 1 ? 2 : 1) || (LK_ISA == 1 && NC == 1 && MR == 3)) ? 2 : 1;
+  // neon (4 lanes): up to 4 chains per sum, at least 4 sums in flight.
+  constexpr int kChains = kNeon ? std::max(1, 4 / (MR * NC))
+                          : LK_ISA >= 1 && (MR * NC <= (LK_ISA == 1 ? 2 : 1) || (LK_ISA == 1 && NC == 1 && MR == 3)) ? 2 : 1;
   DV run[MR][NC][kChains];  // kPre: the sums over all of K
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NC; ++c)

@@ -13,8 +13,9 @@ namespace {
 
 // AMX tile data is off for every process until it asks the kernel (Linux 5.16+) for it: without
 // the grant the first tile instruction faults. The grant is process-wide and permanent.
+#if defined(__x86_64__) || defined(_M_X64)
 bool amx_usable() {
-#if defined(LK_HAS_AMX) && defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#if defined(LK_HAS_AMX) && defined(__linux__)
   if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
   constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023, kXtileData = 18;
   if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXtileData) != 0) return false;
@@ -24,6 +25,7 @@ bool amx_usable() {
   return false;
 #endif
 }
+#endif
 
 int detect() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -40,6 +42,8 @@ int detect() {
 #endif
   if (bf16 && amx_usable()) return 4;
   return bf16 ? 3 : avx512 ? 2 : avx2 ? 1 : 0;
+#elif defined(__aarch64__)
+  return 1;  // Advanced SIMD is part of every arm64 CPU
 #else
   return 0;
 #endif
@@ -55,6 +59,8 @@ std::atomic<int>& active() {
 const char* isa_name(int level) {
 #if defined(__x86_64__) || defined(_M_X64)
   static const char* names[kIsaLevels] = {"generic", "avx2", "avx512", "avx512bf16", "amx"};
+#elif defined(__aarch64__)
+  static const char* names[kIsaLevels] = {"generic", "neon", nullptr, nullptr, nullptr};
 #else
   static const char* names[kIsaLevels] = {"generic", nullptr, nullptr, nullptr, nullptr};
 #endif

@@ -9,7 +9,11 @@
 //   3 avx512bf16  AVX-512 F/BW/VL/DQ + VBMI + BF16 (Zen 4+, Sapphire Rapids+): vdpbf16ps, vpermt2b
 //   2 avx512      AVX-512 F/BW/VL/DQ (Skylake-SP, Cascade Lake, Ice Lake, ...)
 //   1 avx2        AVX2 + FMA + F16C (Haswell+, Zen 1+)
-//   0 generic     the compiler's baseline (SSE2 on x86-64, NEON on arm64)
+//   0 generic     the compiler's baseline (SSE2 on x86-64, Advanced SIMD on arm64)
+// Levels (arm64):
+//   1 neon        hand-written Advanced SIMD where it pays (the GEMMs' e4m3 decode); every
+//                 other kernel is the generic one
+//   0 generic     as above
 #pragma once
 #include <string>
 #include <vector>

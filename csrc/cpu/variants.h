@@ -6,7 +6,9 @@
 //
 // The body defines its functions inside `namespace lk::cpu::LK_NS` and selects code with
 // `#if LK_ISA >= n` (4 amx, 3 avx512bf16, 2 avx512, 1 avx2, 0 generic), never with __AVX512F__
-// and friends: in C++ GCC does not update those macros under `#pragma GCC target`.
+// and friends: in C++ GCC does not update those macros under `#pragma GCC target`. On arm64 the
+// neon level is LK_ISA 0 with LK_NEON defined (a separate copy only where the .cpp defines
+// LK_VARIANT_NEON; elsewhere `neon` is an alias of generic).
 // The .cpp then forwards each entry point with LK_CPU_DISPATCH.
 // Level 4 (amx) is compiled only where the .cpp defines LK_VARIANT_AMX first (the GEMMs); in
 // every other kernel file the amx path runs the avx512bf16 code (a namespace alias).
@@ -59,12 +61,34 @@ namespace amx = avx512bf16;
 #endif
 #endif  // x86
 
+#if defined(__aarch64__)
+#define LK_VARIANTS_ARM64 1
+#ifdef LK_VARIANT_NEON
+// arm64 level 1: the generic body with hand-written Advanced SIMD where the .cpp asks for it
+// (LK_VARIANT_NEON: the GEMMs' e4m3 decode). Advanced SIMD is part of every arm64 CPU, so no
+// target region and no run-time check are needed.
+#define LK_ISA 0
+#define LK_NEON 1
+#define LK_NS neon
+#include LK_VARIANT_BODY
+#undef LK_ISA
+#undef LK_NEON
+#undef LK_NS
+#endif
+#endif  // arm64
+
 #define LK_ISA 0
 #define LK_NS generic
 #include LK_VARIANT_BODY
 #undef LK_ISA
 #undef LK_NS
 #undef LK_VARIANT_BODY
+
+#if defined(__aarch64__) && !defined(LK_VARIANT_NEON)
+namespace lk::cpu {
+namespace neon = generic;
+}  // namespace lk::cpu
+#endif
 
 #ifndef LK_CPU_DISPATCH
 #ifdef LK_VARIANTS_X86
@@ -74,6 +98,12 @@ namespace amx = avx512bf16;
     case 3: return ::lk::cpu::avx512bf16::fn(__VA_ARGS__);          \
     case 2: return ::lk::cpu::avx512::fn(__VA_ARGS__);              \
     case 1: return ::lk::cpu::avx2::fn(__VA_ARGS__);                \
+    default: return ::lk::cpu::generic::fn(__VA_ARGS__);            \
+  }
+#elif defined(LK_VARIANTS_ARM64)
+#define LK_CPU_DISPATCH(fn, ...)                                    \
+  switch (::lk::cpu::isa_active()) {                                \
+    case 1: return ::lk::cpu::neon::fn(__VA_ARGS__);                \
     default: return ::lk::cpu::generic::fn(__VA_ARGS__);            \
   }
 #else

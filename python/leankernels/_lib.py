@@ -48,12 +48,12 @@ def device_args(t: torch.Tensor) -> tuple[int, int]:
 
 # The CPU kernels exist once per instruction-set level; the best one this CPU runs is used
 # unless LEANKERNELS_CPU names another (csrc/cpu/isa.h).
-CPU_PATHS = ("amx", "avx512bf16", "avx512", "avx2", "generic")
+CPU_PATHS = ("amx", "avx512bf16", "avx512", "avx2", "neon", "generic")
 
 
 def cpu_paths() -> list[str]:
     """CPU kernel paths this machine can run, best first (e.g. ``["avx512bf16", "avx512", "avx2",
-    "generic"]`` on a Zen 4; ``["generic"]`` on arm64, where NEON is the baseline)."""
+    "generic"]`` on a Zen 4; ``["neon", "generic"]`` on arm64)."""
     return list(_C.cpu_paths())
 
 

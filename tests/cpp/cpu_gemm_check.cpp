@@ -1,0 +1,286 @@
+// The CPU FP8 GEMMs on every CPU level this machine runs, without Python: what checks the arm64
+// build (cross-compiled, run under qemu-aarch64 by scripts/arm64_check.sh, where there is no
+// arm64 torch), and runs natively on x86 too. Each case compares lk::cpu::fp8_gemm against a
+// reference written here from the numerics contract (reference.fp8_gemm: per 128-wide K block,
+// the fp32 sum of exact e4m3 products times a_scale * b_scale, accumulated in fp32), on random
+// bytes (every e4m3 code but NaN: subnormals, zeros, +-448), outputs poisoned before the call.
+// Hostile cases: NaN codes in a and b, Inf / huge / zero scales, K and N tails, empty and skipped
+// groups (whose rows must stay poisoned), bf16 output, b_nan_free. Exit status 0 when all pass.
+//
+//   build: g++ -O2 -fopenmp -Icsrc tests/cpp/cpu_gemm_check.cpp csrc/cpu/*.cpp
+//   run:   ./a.out        (LK_CHECK_QUICK=1: fewer shapes)
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
+
+#include "common/fp8.h"
+#include "cpu/gemm.h"
+#include "cpu/isa.h"
+
+namespace {
+
+using lk::DType;
+using lk::GemmLayout;
+
+constexpr int kGroup = 128;
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Rng {
+  std::mt19937_64 g;
+  explicit Rng(uint64_t seed) : g(seed) {}
+  // any e4m3 code but the NaN codes (0x7f, 0xff)
+  uint8_t code() {
+    for (;;) {
+      const uint8_t v = uint8_t(g() & 0xff);
+      if ((v & 0x7f) != 0x7f) return v;
+    }
+  }
+  // mostly moderate codes (|v| in [2^-4, 2^4]: exponent field 3..11), so sums are not dominated by
+  // a few 448s; every code (subnormals, zeros) one time in four
+  uint8_t weight_code() {
+    if (g() % 4 == 0) return code();
+    const uint8_t e = uint8_t(3 + g() % 9), m = uint8_t(g() % 8), s = uint8_t(g() % 2);
+    return uint8_t(s << 7 | e << 3 | m);
+  }
+  float scale() { return std::ldexp(1.0f + float(g() % 1024) / 1024.0f, -int(g() % 12)); }
+};
+
+struct Case {
+  std::string name;
+  GemmLayout layout;
+  int64_t G, M, N, K;          // masked: a [G, M, K]; contiguous: a [M, K]; dense: G = 1
+  std::vector<int32_t> groups; // contiguous: cumulative ends; masked: rows per group
+  DType out_dtype = DType::f32;
+  int nan_a = 0, nan_b = 0;    // NaN codes planted in a / b
+  bool hostile_scales = false; // Inf, huge and zero scales
+  bool b_nan_free = false;     // the caller vouches b has no NaN code
+  bool subnormal_b = false;    // b: e4m3 subnormal codes only (exponent field 0)
+  bool flush_caller = false;   // called with flush-to-zero / denormals-are-zero set (as after
+                               // torch.set_flush_denormal(True)): subnormals must still count
+  bool tiny_scales = false;    // scales ~2^-66: every output an fp32 subnormal
+};
+
+// The calling thread's flush-to-zero and denormals-are-zero bits on (x86 MXCSR FTZ + DAZ,
+// arm64 FPCR FZ + FZ16) or back to `saved`; returns the previous state.
+uint64_t set_flush(bool on, uint64_t saved = 0) {
+#if defined(__x86_64__)
+  const uint64_t old = _mm_getcsr();
+  _mm_setcsr(on ? unsigned(old | 0x8040u) : unsigned(saved));
+  return old;
+#elif defined(__aarch64__)
+  uint64_t old;
+  asm volatile("mrs %0, fpcr" : "=r"(old));
+  const uint64_t v = on ? old | (uint64_t(1) << 24) | (uint64_t(1) << 19) : saved;
+  asm volatile("msr fpcr, %0" ::"r"(v));
+  return old;
+#else
+  return on ? 0 : saved;
+#endif
+}
+
+float bf16_round(float f) { return lk::bf16_to_f32(lk::f32_to_bf16(f)); }
+
+struct Failure {
+  int count = 0;
+  void report(const std::string& what) {
+    if (count++ < 20) std::printf("    FAIL %s\n", what.c_str());
+  }
+};
+
+// One case on the active level; returns the number of mismatches.
+int run_case(const Case& c, uint64_t seed) {
+  Rng rng(seed);
+  const int64_t KB = cdiv(c.K, kGroup), NB = cdiv(c.N, kGroup);
+  const int64_t R = c.layout == GemmLayout::masked ? c.G * c.M : c.M;
+  std::vector<uint8_t> a(size_t(R * c.K)), b(size_t(c.G * c.N * c.K));
+  std::vector<float> sa(size_t(R * KB)), sb(size_t(c.G * NB * KB));
+  for (auto& v : a) v = rng.code();
+  for (auto& v : b) v = c.subnormal_b ? uint8_t((rng.g() & 0x87)) : rng.weight_code();
+  for (auto& v : sa) v = rng.scale();
+  for (auto& v : sb) v = rng.scale();
+  if (c.tiny_scales)
+    for (auto* s : {&sa, &sb})
+      for (auto& v : *s) v = std::ldexp(v, -66);
+  for (int i = 0; i < c.nan_a; ++i) a[size_t(rng.g() % a.size())] = (rng.g() & 1) ? 0x7f : 0xff;
+  for (int i = 0; i < c.nan_b; ++i) b[size_t(rng.g() % b.size())] = (rng.g() & 1) ? 0x7f : 0xff;
+  if (c.hostile_scales) {
+    const float special[] = {INFINITY, -INFINITY, 0x1p120f, 0x1p101f, 0.0f, 0x1p-120f};
+    for (int i = 0; i < 6; ++i) sa[size_t(rng.g() % sa.size())] = special[rng.g() % 6];
+    for (int i = 0; i < 3; ++i) sb[size_t(rng.g() % sb.size())] = special[rng.g() % 6];
+  }
+  // which rows of a use which group (-1: skipped)
+  std::vector<int64_t> group_of(size_t(R), -1);
+  if (c.layout == GemmLayout::dense) {
+    for (auto& g : group_of) g = 0;
+  } else if (c.layout == GemmLayout::contiguous) {
+    int64_t start = 0;
+    for (int64_t g = 0; g < c.G; ++g) {
+      const int64_t end = std::min<int64_t>(c.groups[size_t(g)], c.M);
+      for (int64_t r = start; r < end; ++r) group_of[size_t(r)] = g;
+      start = std::max(start, end);
+    }
+  } else {
+    for (int64_t g = 0; g < c.G; ++g) {
+      const int64_t m = std::min<int64_t>(std::max<int64_t>(c.groups[size_t(g)], 0), c.M);
+      for (int64_t r = 0; r < m; ++r) group_of[size_t(g * c.M + r)] = g;
+    }
+  }
+  const size_t osize = c.out_dtype == DType::f32 ? 4 : 2;
+  std::vector<uint8_t> out(size_t(R * c.N) * osize, 0xa5);  // poison: 0xa5a5a5a5 (-2.9e-16 / -2.9e-16 bf16)
+  const std::vector<uint8_t> poison = out;
+  const uint64_t fp_state = c.flush_caller ? set_flush(true) : 0;
+  lk::cpu::fp8_gemm(c.layout, a.data(), sa.data(), b.data(), sb.data(),
+                    c.layout == GemmLayout::dense ? nullptr : c.groups.data(), c.G, c.M, c.N, c.K, out.data(),
+                    c.out_dtype, c.b_nan_free);
+  if (c.flush_caller) set_flush(false, fp_state);
+  Failure fail;
+  double want_max = 0.0;
+  std::vector<float> want(size_t(R * c.N), 0.0f);
+  // outputs whose terms or sum come near fp32's overflow (huge scales): the order of the sums
+  // decides between a large finite value, Inf and NaN, so they are not compared
+  std::vector<char> marginal(size_t(R * c.N), 0);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = group_of[size_t(r)];
+    if (g < 0) continue;
+    for (int64_t n = 0; n < c.N; ++n) {
+      float acc = 0.0f;
+      double dacc = 0.0;
+      bool near_overflow = false;
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        // exact e4m3 products summed in double, then rounded once: within fp32 rounding of any
+        // fp32 summation order
+        double blk = 0.0;
+        for (int64_t k = kb * kGroup; k < std::min<int64_t>(c.K, (kb + 1) * kGroup); ++k)
+          blk += double(lk::fp8e4m3_to_f32(a[size_t(r * c.K + k)])) *
+                 double(lk::fp8e4m3_to_f32(b[size_t((g * c.N + n) * c.K + k)]));
+        const float s = sa[size_t(r * KB + kb)] * sb[size_t((g * NB + n / kGroup) * KB + kb)];
+        acc += float(blk) * s;
+        const double term = blk * double(s);
+        if (std::isfinite(term)) near_overflow = near_overflow || std::fabs(term) > 0x1p120;
+        dacc += term;
+      }
+      near_overflow = near_overflow || (std::isfinite(dacc) && std::fabs(dacc) > 0x1p120);
+      marginal[size_t(r * c.N + n)] = near_overflow;
+      want[size_t(r * c.N + n)] = acc;
+      if (std::isfinite(acc) && !near_overflow) want_max = std::max(want_max, std::fabs(double(acc)));
+    }
+  }
+  const bool nan_vouched = c.b_nan_free && c.nan_b > 0;  // b broke the promise: finite garbage allowed
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t n = 0; n < c.N; ++n) {
+      const size_t i = size_t(r * c.N + n);
+      char where[96];
+      std::snprintf(where, sizeof(where), "row %lld col %lld", (long long)r, (long long)n);
+      if (group_of[size_t(r)] < 0) {
+        if (std::memcmp(out.data() + i * osize, poison.data() + i * osize, osize) != 0)
+          fail.report(std::string("skipped row written at ") + where);
+        continue;
+      }
+      float got;
+      if (c.out_dtype == DType::f32) {
+        std::memcpy(&got, out.data() + i * 4, 4);
+      } else {
+        uint16_t h;
+        std::memcpy(&h, out.data() + i * 2, 2);
+        got = lk::bf16_to_f32(h);
+      }
+      float w = want[i];
+      if (c.out_dtype == DType::bf16) w = bf16_round(w);
+      if (nan_vouched || marginal[i]) continue;
+      if (std::isnan(w) != std::isnan(got) || (std::isinf(w) && got != w) || (!std::isinf(w) && std::isinf(got))) {
+        fail.report(std::string(where) + ": got " + std::to_string(got) + ", want " + std::to_string(w));
+        continue;
+      }
+      if (!std::isfinite(w)) continue;
+      const double tol = c.out_dtype == DType::f32 ? 1e-4 * (std::fabs(double(w)) + want_max)
+                                                   : 1e-2 * (std::fabs(double(w)) + want_max);
+      if (std::fabs(double(got) - double(w)) > tol)
+        fail.report(std::string(where) + ": got " + std::to_string(got) + ", want " + std::to_string(w));
+    }
+  return fail.count;
+}
+
+std::vector<Case> cases(bool quick) {
+  std::vector<Case> out;
+  const int64_t dense[][3] = {{1, 264, 896}, {2, 200, 300}, {3, 7, 33}, {4, 130, 4100}, {8, 132, 1024},
+                              {16, 130, 129}, {17, 64, 256}, {40, 96, 384}, {1, 2048, 1408}, {5, 48, 7168}};
+  for (const auto& s : dense) {
+    if (quick && s[0] * s[1] * s[2] > 2000000) continue;
+    out.push_back({"dense M=" + std::to_string(s[0]) + " N=" + std::to_string(s[1]) + " K=" + std::to_string(s[2]),
+                   GemmLayout::dense, 1, s[0], s[1], s[2], {}});
+  }
+  // one call with empty groups, 1-4 row groups (decode kernel) and larger ones (row kernels);
+  // rows past the last end stay untouched
+  out.push_back({"contiguous mixed", GemmLayout::contiguous, 10, 87, 136, 300, {1, 1, 3, 43, 46, 46, 62, 71, 75, 80}});
+  out.push_back({"contiguous decode K=2048", GemmLayout::contiguous, 6, 6, 264, 2048, {1, 2, 3, 4, 5, 6}});
+  out.push_back({"masked", GemmLayout::masked, 10, 16, 136, 300, {1, 0, 2, 5, 16, 3, 0, 1, 6, 99}});
+  out.push_back({"masked one row K=1408", GemmLayout::masked, 4, 4, 256, 1408, {1, 1, 0, 1}});
+  Case bf = out[1];
+  bf.name = "dense bf16 out";
+  bf.out_dtype = DType::bf16;
+  out.push_back(bf);
+  for (int64_t m : {1, 2, 4, 20}) {
+    out.push_back({"NaN codes in a and b, M=" + std::to_string(m), GemmLayout::dense, 1, m, 200, 700, {},
+                   DType::f32, 3, 5});
+    out.push_back({"hostile scales, M=" + std::to_string(m), GemmLayout::dense, 1, m, 150, 520, {}, DType::f32, 0, 0,
+                   true});
+  }
+  for (int64_t m : {1, 3, 24}) {
+    Case sub = {"subnormal weights, flush-to-zero caller, M=" + std::to_string(m), GemmLayout::dense, 1, m, 160,
+                640, {}};
+    sub.subnormal_b = sub.flush_caller = true;
+    out.push_back(sub);
+    // (a caller that sets flush-to-zero gets subnormal results flushed, as from torch's own ops)
+    sub.name = "subnormal results, M=" + std::to_string(m);
+    sub.subnormal_b = sub.flush_caller = false;
+    sub.tiny_scales = true;
+    out.push_back(sub);
+  }
+  Case vouched = {"b_nan_free, clean b", GemmLayout::dense, 1, 1, 264, 2048, {}};
+  vouched.b_nan_free = true;
+  out.push_back(vouched);
+  vouched.name = "b_nan_free, NaN code in b (no crash, rows written)";
+  vouched.nan_b = 2;
+  out.push_back(vouched);
+  return out;
+}
+
+}  // namespace
+
+int main() {
+  const char* q = std::getenv("LK_CHECK_QUICK");
+  const bool quick = q != nullptr && *q != '\0' && std::strcmp(q, "0") != 0;
+  const int best = lk::cpu::isa_supported();
+  int failed = 0, run = 0;
+  for (int level = best; level >= 0; --level) {
+    const char* name = lk::cpu::isa_name(level);
+    if (name == nullptr) continue;
+    if (!lk::cpu::set_isa(level)) {
+      std::printf("cannot select level %s\n", name);
+      return 2;
+    }
+    std::printf("== CPU level %s\n", name);
+    uint64_t seed = 1;
+    for (const Case& c : cases(quick)) {
+      const int bad = run_case(c, seed++);
+      ++run;
+      if (bad) {
+        ++failed;
+        std::printf("  FAIL %s: %d mismatches\n", c.name.c_str(), bad);
+      } else {
+        std::printf("  ok   %s\n", c.name.c_str());
+      }
+    }
+  }
+  std::printf("%d of %d cases failed\n", failed, run);
+  return failed ? 1 : 0;
+}
