@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The arm64 build, checked on an x86-64 machine: every CPU kernel source (and the pybind11
-# bindings, syntax only) cross-compiled for aarch64 with the release flags, and the CPU GEMMs'
-# C++ check (tests/cpp/cpu_gemm_check.cpp: the neon and generic levels against the numerics
-# contract, hostile bytes included) run under qemu-aarch64, as the ARMv8.0 baseline
+# bindings, syntax only) cross-compiled for aarch64 with the release flags, and the C++ check of
+# the CPU GEMMs and quantization (tests/cpp/cpu_kernels_check.cpp: the neon and generic levels
+# against the numerics contract, hostile inputs included) run under qemu-aarch64, as the ARMv8.0 baseline
 # (cortex-a53: a release binary must not need more) and as qemu's newest CPU (max). No arm64
 # torch exists here, so the Python suite cannot run; what this checks is that the arm64 build
 # compiles without warnings and computes right. Not checked: speed (emulated).
@@ -50,10 +50,10 @@ if python -c "import pybind11" 2>/dev/null; then
 else
   echo "== bindings: skipped (no pybind11 here)"
 fi
-"$CXX" "${flags[@]}" tests/cpp/cpu_gemm_check.cpp "${objs[@]}" -o "$out/cpu_gemm_check"
+"$CXX" "${flags[@]}" tests/cpp/cpu_kernels_check.cpp "${objs[@]}" -o "$out/cpu_kernels_check"
 for cpu in cortex-a53 max; do
-  echo "== qemu-aarch64 -cpu $cpu: tests/cpp/cpu_gemm_check.cpp"
-  LK_CHECK_QUICK=${ARM64_QUICK:-} OMP_NUM_THREADS=2 timeout 900 qemu-aarch64 -cpu "$cpu" -L "$SYSROOT" "$out/cpu_gemm_check" |
+  echo "== qemu-aarch64 -cpu $cpu: tests/cpp/cpu_kernels_check.cpp"
+  LK_CHECK_QUICK=${ARM64_QUICK:-} OMP_NUM_THREADS=2 timeout 900 qemu-aarch64 -cpu "$cpu" -L "$SYSROOT" "$out/cpu_kernels_check" |
     grep -Ev "^  ok " || { echo "arm64_check: FAILED on $cpu"; exit 1; }
 done
 echo "arm64_check: ok"

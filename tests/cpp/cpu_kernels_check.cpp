@@ -1,11 +1,15 @@
-// The CPU FP8 GEMMs on every CPU level this machine runs, without Python: what checks the arm64
-// build (cross-compiled, run under qemu-aarch64 by scripts/arm64_check.sh, where there is no
-// arm64 torch), and runs natively on x86 too. Each case compares lk::cpu::fp8_gemm against a
-// reference written here from the numerics contract (reference.fp8_gemm: per 128-wide K block,
-// the fp32 sum of exact e4m3 products times a_scale * b_scale, accumulated in fp32), on random
-// bytes (every e4m3 code but NaN: subnormals, zeros, +-448), outputs poisoned before the call.
-// Hostile cases: NaN codes in a and b, Inf / huge / zero scales, K and N tails, empty and skipped
-// groups (whose rows must stay poisoned), bf16 output, b_nan_free. Exit status 0 when all pass.
+// The CPU FP8 GEMMs and quantization on every CPU level this machine runs, without Python: what
+// checks the arm64 build (cross-compiled, run under qemu-aarch64 by scripts/arm64_check.sh, where
+// there is no arm64 torch), and runs natively on x86 too. Each case compares the kernel against
+// a reference written here from the numerics contract (leankernels.reference):
+// - fp8_gemm: per 128-wide K block, the fp32 sum of exact e4m3 products times a_scale *
+//   b_scale, accumulated in fp32; random bytes (every e4m3 code but NaN: subnormals, zeros,
+//   +-448), outputs poisoned before the call. Hostile cases: NaN codes in a and b, Inf / huge /
+//   zero scales, K and N tails, empty and skipped groups (whose rows must stay poisoned), bf16
+//   output, b_nan_free, subnormal weights under a flush-to-zero caller.
+// - quantize_fp8 (1x128 and 128x128, fp32 and ue8m0 scales) and dequantize_fp8: bit-exact, with
+//   NaN, Inf, zero groups, tails and a strided input.
+// Exit status 0 when all pass.
 //
 //   build: g++ -O2 -fopenmp -Icsrc tests/cpp/cpu_gemm_check.cpp csrc/cpu/*.cpp
 //   run:   ./a.out        (LK_CHECK_QUICK=1: fewer shapes)
@@ -25,6 +29,7 @@
 #include "common/fp8.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
+#include "cpu/quant.h"
 
 namespace {
 
@@ -209,6 +214,98 @@ int run_case(const Case& c, uint64_t seed) {
   return fail.count;
 }
 
+// ---------------------------------------------------------------- quantization
+// e4m3 of v (|v| <= 448 or NaN), round to nearest, ties to the even code: the nearest of the 127
+// magnitudes (zero, subnormals, normals), found by search.
+uint8_t e4m3_of(float v) {
+  if (std::isnan(v)) return std::signbit(v) ? 0xff : 0x7f;
+  const double m = std::fabs(double(v));
+  int best = 0;
+  for (int c = 1; c < 0x7f; ++c) {
+    const double d = std::fabs(double(lk::fp8e4m3_to_f32(uint8_t(c))) - m);
+    const double db = std::fabs(double(lk::fp8e4m3_to_f32(uint8_t(best))) - m);
+    if (d < db || (d == db && (c & 1) == 0)) best = c;
+  }
+  return uint8_t(best | (std::signbit(v) ? 0x80 : 0));
+}
+
+float scale_of(float amax, bool ue8m0) {  // reference.fp8_scale
+  float s = (std::isnan(amax) ? amax : std::max(amax, 1e-4f)) / 448.0f;
+  if (ue8m0 && std::isfinite(s)) {
+    int e;
+    const float mant = std::frexp(s, &e);
+    if (mant != 0.5f) s = std::ldexp(1.0f, e);
+  }
+  return s;
+}
+
+// quantize_fp8 of a [batch, rows, K] fp32 input (row stride `stride`), groups block_rows x 128,
+// against the reference; then dequantize_fp8 of the result. Returns the number of mismatches.
+int quant_case(int64_t batch, int64_t rows, int64_t K, int64_t stride, int64_t block_rows, bool ue8m0, bool hostile,
+               uint64_t seed) {
+  Rng rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(size_t(batch * rows * stride));
+  for (auto& v : x) v = normal(rng.g) * std::ldexp(1.0f, int(rng.g() % 9) - 4);
+  const int64_t KB = cdiv(K, kGroup), RB = cdiv(rows, block_rows);
+  if (hostile) {  // a NaN group, an Inf group, a zero group, a tiny group
+    auto at = [&](int64_t b, int64_t r, int64_t k) -> float& { return x[size_t((b * rows + r) * stride + k)]; };
+    for (int64_t k = 0; k < std::min<int64_t>(K, kGroup); ++k) at(batch - 1, rows - 1, k) = 0.0f;
+    if (KB > 1)
+      for (int64_t k = kGroup; k < std::min<int64_t>(K, 2 * kGroup); ++k) at(0, rows - 1, k) = 1e-7f * normal(rng.g);
+    at(0, 0, 0) = NAN;  // last, so that the groups above cannot overwrite them
+    at(batch - 1, rows - 1, K - 1) = -INFINITY;
+  }
+  std::vector<uint8_t> q(size_t(batch * rows * K), 0xa5);
+  std::vector<float> sc(size_t(batch * RB * KB), -7.0f);
+  lk::cpu::quantize_fp8(x.data(), DType::f32, batch, rows, K, rows * stride, stride, block_rows, q.data(), sc.data(),
+                        ue8m0);
+  Failure fail;
+  std::vector<float> want_s(sc.size());
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t rb = 0; rb < RB; ++rb)
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        float amax = 0.0f;
+        for (int64_t r = rb * block_rows; r < std::min(rows, (rb + 1) * block_rows); ++r)
+          for (int64_t k = kb * kGroup; k < std::min(K, (kb + 1) * kGroup); ++k) {
+            const float v = std::fabs(x[size_t((b * rows + r) * stride + k)]);
+            amax = std::isnan(v) || std::isnan(amax) ? NAN : std::max(amax, v);
+          }
+        const size_t i = size_t((b * RB + rb) * KB + kb);
+        want_s[i] = scale_of(amax, ue8m0);
+        if (std::memcmp(&want_s[i], &sc[i], 4) != 0 && !(std::isnan(want_s[i]) && std::isnan(sc[i])))
+          fail.report("scale " + std::to_string(i) + ": got " + std::to_string(sc[i]) + ", want " +
+                      std::to_string(want_s[i]));
+      }
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = x[size_t((b * rows + r) * stride + k)];
+        const float s = want_s[size_t((b * RB + r / block_rows) * KB + k / kGroup)];
+        float y = v / s;
+        if (!std::isnan(y)) y = std::min(448.0f, std::max(-448.0f, y));
+        uint8_t want = e4m3_of(y);
+        if ((want & 0x7f) == 0x7f) want = std::signbit(v) ? 0xff : 0x7f;  // NaN codes: the sign of x
+        const uint8_t got = q[size_t((b * rows + r) * K + k)];
+        if (got != want)
+          fail.report("q[" + std::to_string(b) + "," + std::to_string(r) + "," + std::to_string(k) + "] of " +
+                      std::to_string(v) + ": got " + std::to_string(got) + ", want " + std::to_string(want));
+      }
+  // dequantize_fp8: e4m3(q) * scale, exactly
+  std::vector<float> back(q.size(), -7.0f);
+  lk::cpu::dequantize_fp8(q.data(), sc.data(), batch, rows, K, block_rows, back.data());
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < K; ++k) {
+        const size_t i = size_t((b * rows + r) * K + k);
+        const float want = lk::fp8e4m3_to_f32(q[i]) * sc[size_t((b * RB + r / block_rows) * KB + k / kGroup)];
+        if (std::memcmp(&want, &back[i], 4) != 0 && !(std::isnan(want) && std::isnan(back[i])))
+          fail.report("dequantized " + std::to_string(i) + ": got " + std::to_string(back[i]) + ", want " +
+                      std::to_string(want));
+      }
+  return fail.count;
+}
+
 std::vector<Case> cases(bool quick) {
   std::vector<Case> out;
   const int64_t dense[][3] = {{1, 264, 896}, {2, 200, 300}, {3, 7, 33}, {4, 130, 4100}, {8, 132, 1024},
@@ -270,6 +367,24 @@ int main() {
     }
     std::printf("== CPU level %s\n", name);
     uint64_t seed = 1;
+    struct QuantCase {
+      int64_t batch, rows, K, stride, block_rows;
+      bool ue8m0, hostile;
+    };
+    const QuantCase quants[] = {{1, 5, 300, 300, 1, false, true},   {2, 3, 128, 130, 1, false, false},
+                                {1, 1, 7168, 7168, 1, true, true},  {1, 200, 260, 260, 128, false, true},
+                                {2, 130, 129, 131, 128, true, false}, {1, 1, 1, 1, 1, false, false}};
+    for (const QuantCase& c : quants) {
+      const int bad = quant_case(c.batch, c.rows, c.K, c.stride, c.block_rows, c.ue8m0, c.hostile, seed++);
+      ++run;
+      const std::string name = "quantize_fp8 " + std::to_string(c.batch) + "x" + std::to_string(c.rows) + "x" +
+                               std::to_string(c.K) + (c.block_rows == 1 ? " 1x128" : " 128x128") +
+                               (c.ue8m0 ? " ue8m0" : "") + (c.hostile ? " hostile" : "") +
+                               (c.stride != c.K ? " strided" : "");
+      failed += bad != 0;
+      std::printf("  %s %s%s\n", bad ? "FAIL" : "ok  ", name.c_str(),
+                  bad ? (": " + std::to_string(bad) + " mismatches").c_str() : "");
+    }
     for (const Case& c : cases(quick)) {
       const int bad = run_case(c, seed++);
       ++run;
