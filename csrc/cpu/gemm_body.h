@@ -100,11 +100,11 @@ std::vector<Segment> segments(GemmLayout layout, const int32_t* groups, int64_t 
 constexpr int kTileRows = 16;           // rows per zmm (fp32 lanes)
 // weight columns per item: accumulators per tile (zmm levels), two 16-row AMX tiles (amx)
 constexpr int64_t kNTile = LK_ISA >= 4 ? 32 : 24;
-// rows per item (in 16-row tiles) that share one decoded weight panel: 128 (zmm levels), 256 (amx:
+// rows per item (in 16-row tiles) that share one decoded weight panel: 128 (avx512bf16), 256 (amx:
 // its tile products are cheap next to the panel decode and the weights' DRAM reads, which each
 // item repeats. Dense M=512 N=4096 K=7168 (2 cores, alternating runs): 128 rows 19.9 ms,
 // 256 rows 16.3-17.1 ms, 512 rows 17.6-17.8 ms; 256 rows before K ranges: 22.5-23.2 ms)
-// NOTES: zmm levels 64 -> 128 rows (2026-12-03, 2-core Zen 4, scripts/ab_builds.py both ways
+// NOTES: avx512bf16 64 -> 128 rows (2026-12-03, 2-core Zen 4, scripts/ab_builds.py both ways
 // round, 9-11 rounds, the geometric mean of the two paired ratios to cancel the position bias):
 // dense K=7168 N=4096 M=128 +6%, M=512 +0%; K=7168 N=896 M=128/256 +3%; K=2048 N=2816 M=128
 // +10%, M=256 +6%; 4 experts x 128 rows +2-3%; wgrad E=8 -2%, E=64 +4%; the same M=64 case
