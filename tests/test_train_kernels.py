@@ -283,6 +283,25 @@ def test_k_grouped_gemm_items_of_several_strips_every_cpu_path(cpu_path):
     torch.testing.assert_close(got, want.bfloat16(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
+def test_k_grouped_gemm_large_cpu_output_in_huge_pages(monkeypatch):
+    """A CPU output of 64 MiB or more comes from 2 MiB huge pages (_ops._HUGE_OUTPUT_BYTES):
+    the same values as the ordinary allocation, against the reference, and writable."""
+    from leankernels import _ops, memory
+    counts = [200, 150]
+    M, N = 2048, 4096  # 2 x 2048 x 4096 fp32 = 64 MiB
+    assert len(counts) * M * N * 4 >= _ops._HUGE_OUTPUT_BYTES
+    _, _, offs, a, sa, b, sb = _wgrad_operands(sum(counts), M, N, counts, seed=21)
+    got = lk.fp8_k_grouped_gemm(a, sa, b, sb, offs)
+    if memory.hugepages_available():
+        assert got.data_ptr() % memory.HUGE_PAGE == 0
+    monkeypatch.setenv("LEANKERNELS_HUGEPAGES", "0")
+    plain = lk.fp8_k_grouped_gemm(a, sa, b, sb, offs)
+    assert torch.equal(got, plain)
+    _close(got, ref.fp8_k_grouped_gemm(a, sa, b, sb, offs))
+    got += 1.0  # an ordinary, writable tensor
+    assert torch.equal(got, plain + 1.0)
+
+
 def test_k_grouped_gemm_bad_inputs(monkeypatch):
     _, _, offs, a, sa, b, sb = _wgrad_operands(300, 16, 24, [100, 200], seed=16)
     with pytest.raises(TypeError, match="a must have dtype"):
