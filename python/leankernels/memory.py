@@ -5,7 +5,9 @@ system's. With the default 4 KiB pages every 4 KiB of weights costs a TLB miss, 
 machine a miss is a two-level page walk: on a 2-core Intel Xeon KVM guest a plain read pass ran
 at 22-24 GB/s over 4 KiB pages and 32-34 GB/s over 2 MiB pages, and the FP8 decode GEMMs 11-13%
 faster in the bench (up to ~25% in isolated runs; BENCHMARKS.md). ``leankernels.nn`` modules and the transformers integration keep their
-FP8 weights this way; ``to_hugepages`` does it for weights a user passes to the raw ops.
+FP8 weights this way; ``to_hugepages`` does it for weights a user passes to the raw ops. The CPU
+``fp8_k_grouped_gemm`` (wgrad) allocates its outputs of 64 MiB or more this way too, where
+first-touching hundreds of MiB in 4 KiB pages cost more than the GEMM.
 
 How: an anonymous private mapping, ``madvise(MADV_HUGEPAGE)`` before its first touch, the tensor
 placed at its first 2 MiB boundary (``torch.frombuffer``, which keeps the mapping alive as long
