@@ -870,10 +870,12 @@ constexpr float kFix = 256.0f;
 #ifdef LK_NEON
 constexpr int byte_of(int j, int i) { return 4 * j + i; }  // byte of lane i of out[j]
 constexpr int kTableExp = -8;                                 // decoded value = value * 2^kTableExp
+constexpr float kAFix = 0x1p4f;     // a: value * 2^-8 -> value in two exact steps
 #else
 constexpr int kByteOf[kVC] = {3, 1, 2, 0};
 constexpr int byte_of(int j, int i) { return 4 * i + kByteOf[j]; }
 constexpr int kTableExp = -120;
+constexpr float kAFix = 0x1p116f;   // a: value * 2^-120 -> value * 2^112 in two exact steps
 #endif
 #ifdef LK_NEON
 using DV = float32x4_t;
@@ -972,11 +974,6 @@ inline void iv_decode(IV x, DV* out) {
   out[3] = DV(even << 16);
 }
 #endif
-#ifdef LK_NEON
-constexpr float kAFix = 0x1p4f;     // a: value * 2^-8 -> value in two exact steps
-#else
-constexpr float kAFix = 0x1p116f;   // a: value * 2^-120 -> value * 2^112 in two exact steps
-#endif
 // Flags a NaN code among the chunks `fast` decoded (see above).
 struct NanMark {
   IV acc;
@@ -985,7 +982,7 @@ struct NanMark {
   bool any() const { return iv_nan_any(acc); }
 };
 struct ChunkDecoder {
-  float table[256];                 // value * 2^-120 (NaN kept), for chunks holding a NaN code
+  float table[256];                 // value * 2^kTableExp (NaN kept), for chunks holding a NaN code
   ChunkDecoder() {
     for (int i = 0; i < 256; ++i) table[i] = std::ldexp(fp8e4m3_to_f32(uint8_t(i)), kTableExp);
   }
