@@ -43,11 +43,11 @@
 //    - Each 16-row tile of a is decoded and transposed once per call into [k-pair][16 rows]
 //      (a_t, with its scales sa_t). The weights stay K-major as stored: per 128-wide K block an
 //      item (<= 128 rows x 24 columns) decodes its 24 weight rows into a 6 KiB L1 panel, and the
-//      micro-kernel keeps 24 zmm accumulators (24 columns x 16 rows): per k-pair one a_t load and
-//      24 broadcast-dot-products, no transpose of b and no horizontal sums. After each block,
-//      totals += block sums * (a_scale * b_scale): 24 FMAs per 1536 dots.
+//      micro-kernels keep 24 zmm accumulators: 4 tiles x 6 columns (2 x 12 or 1 x 24 for the
+//      item's last tiles), per k-pair 4 a_t loads and 6 broadcast weight pairs for 24 dot
+//      products, no transpose of b and no horizontal sums. After each block, totals += block
+//      sums * (a_scale * b_scale): one FMA per accumulator per 1536 dots.
 //    - Weight rows of the next K blocks are prefetched while the current block computes.
-//    The micro-kernel runs at ~85% of the measured vdpbf16ps peak.
 //    AMX path (amx level: Sapphire Rapids+ with the Linux tile-data grant): the same packed a
 //    tiles and decoded weight panels (32 columns, 256-row items), the products on TDPBF16PS
 //    tiles (see "AMX" below): ~7x the vdpbf16ps kernel's rate on a 2-core Intel Xeon VM.
@@ -228,9 +228,10 @@ inline void decode_column(const Decoder& dec, const NextPanel& np, int c) {
   for (int q = 0; q < 4; ++q) _mm512_storeu_si512(np.panel + c * kSlots + 16 * q, blk[q]);
 }
 
-// totals[c][16 rows] += (a_blk . b_blk[c]) * (sa[16 rows] * sb[c]) for the 24 columns of a panel.
-// a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64 slots. kLoopSlots 32 when the
-// block holds at most 64 valid K positions (slots 32..63 are its second 64 bytes, all zero).
+// totals[c][16 rows] += (a_blk . b_blk[c]) * (sa[16 rows] * sb[c]) for one 16-row tile of a and
+// the 24 columns of a panel. a_t: the tile's 64 slots x 16 rows; panel: 24 weight rows x 64
+// slots. kLoopSlots 32 when the block holds at most 64 valid K positions (slots 32..63 are its
+// second 64 bytes, all zero). Per slot one a load and 24 broadcast weight pairs.
 // With `next`, the next block's panel is decoded in between: one column after each pair of
 // slots, skipping every fourth pair, so 24 columns spread over the 64 slots (one column per
 // pair, all in the first 48 slots: ~4% slower at dense M=16; one per slot, slower still).
@@ -238,6 +239,10 @@ inline void decode_column(const Decoder& dec, const NextPanel& np, int c) {
 // ports than vdpbf16ps, but as a phase of its own between micro-kernels (~350 instructions,
 // the scheduler's window) it hardly overlapped them: dense N=4096 K=14336 M=16 spent ~20% of
 // its time there. Spread through the slot loop it runs beside the dot products.
+// NOTES: vdpbf16ps with an embedded {1to16} broadcast operand instead of vpbroadcastd +
+// vdpbf16ps: 1.5x slower at dense M=512 and M=16 (2-core Zen 4, scripts/ab_builds.py both ways
+// round). micro_kernel_tiles<1, 24> (the same loop written for kT tiles) ran dense M=16 K=14336
+// ~4% slower than this (21 rounds both ways round), so one tile keeps its own kernel.
 template <int kLoopSlots = kSlots>
 void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* sa, const float* sb, float* totals,
                   const Decoder* dec = nullptr, const NextPanel* next = nullptr) {
@@ -264,6 +269,66 @@ void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* sa, c
   for (int c = 0; c < kNTile; ++c)
     _mm512_storeu_ps(totals + c * kTileRows, _mm512_fmadd_ps(acc[c], _mm512_mul_ps(sav, _mm512_set1_ps(sb[c])),
                                                              _mm512_loadu_ps(totals + c * kTileRows)));
+}
+
+// The same for kT >= 2 tiles of a at once (a_in[t], their scales sa[t], totals tot[t]): the
+// panel's columns in passes of kCols (kT x kCols = 24 accumulators), per slot kT a loads and
+// kCols broadcast weight pairs, each used by kT dot products. With `next`, each pass decodes
+// its kCols columns of the next panel, spread over its first min(32, 2 kCols) slot pairs.
+// NOTES: 4 tiles x 6 columns (item_products): 10 loads per 24 dot products where one tile x 24
+// columns takes 25 (the broadcasts are loads: vpbroadcastd from memory). Dense M=512 / 128 / 64
+// N=4096 K=7168 (2-core Zen 4, scripts/ab_builds.py both ways round, 7 rounds, geometric mean of
+// the paired ratios): 2 tiles x 12 columns against 1 x 24 +10% / +8% / -; 4 x 6 against 2 x 12
+// +3.7% / +3% / +2.4%; 3 x 8 against 2 x 12 +0-2%. The decode spread over 30 slot pairs instead
+// of 12 (4 x 6): -1.5% at M=512.
+template <int kT, int kCols, int kLoopSlots = kSlots>
+void micro_kernel_tiles(const uint32_t* const* a_in, const uint32_t* panel, const float* const* sa, const float* sb,
+                        float* const* tot, const Decoder* dec = nullptr, const NextPanel* next = nullptr) {
+  static_assert(kLoopSlots == kSlots || kLoopSlots == kSlots / 2, "whole 64-byte halves of a block");
+  static_assert(kT >= 2 && kNTile % kCols == 0 && kT * kCols <= 24, "whole passes, accumulators in registers");
+  // NOTES: copied, so the tile pointers stay in registers (read through a_in, they were reloaded
+  // after every panel store of the decode)
+  const uint32_t* a[kT];
+  for (int t = 0; t < kT; ++t) a[t] = a_in[t];
+  constexpr int kPasses = int(kNTile / kCols);
+  constexpr int kPairs = std::min(kLoopSlots / 2, 2 * kCols);  // slot pairs a pass's decode spreads over
+  int col = 0;
+  for (int h = 0; h < kPasses; ++h) {
+    __m512 acc[kT][kCols];
+#pragma GCC unroll 24
+    for (int t = 0; t < kT; ++t)
+#pragma GCC unroll 24
+      for (int c = 0; c < kCols; ++c) acc[t][c] = _mm512_setzero_ps();
+    const uint32_t* pp = panel + h * kCols * kSlots;
+    for (int s = 0; s < kLoopSlots; s += 2) {
+      for (int u = 0; u < 2; ++u) {
+        __m512bh av[kT];
+#pragma GCC unroll 24
+        for (int t = 0; t < kT; ++t) av[t] = (__m512bh)_mm512_loadu_si512(a[t] + (s + u) * kTileRows);
+#pragma GCC unroll 24
+        for (int c = 0; c < kCols; ++c) {
+          const __m512bh w = (__m512bh)_mm512_set1_epi32(int(pp[c * kSlots + s + u]));
+#pragma GCC unroll 24
+          for (int t = 0; t < kT; ++t) acc[t][c] = _mm512_dpbf16_ps(acc[t][c], av[t], w);
+        }
+      }
+      if (next != nullptr && col < h * kCols + std::min(kCols, ((s / 2 + 1) * kCols + kPairs - 1) / kPairs))
+        decode_column(*dec, *next, col++);
+    }
+    if (next != nullptr)
+      for (; col < (h + 1) * kCols; ++col) decode_column(*dec, *next, col);
+    // the scales as in micro_kernel
+#pragma GCC unroll 24
+    for (int t = 0; t < kT; ++t) {
+      const __m512 st = _mm512_loadu_ps(sa[t]);
+#pragma GCC unroll 24
+      for (int c = 0; c < kCols; ++c) {
+        float* o = tot[t] + (h * kCols + c) * kTileRows;
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(acc[t][c], _mm512_mul_ps(st, _mm512_set1_ps(sb[h * kCols + c])),
+                                            _mm512_loadu_ps(o)));
+      }
+    }
+  }
 }
 
 #if LK_ISA >= 4
@@ -642,12 +707,34 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
     }
 #else
     for (int64_t c = 0; c < kNTile; ++c) s.scale[size_t(c)] = c < nc ? sb_of(c, kb) : 0.0f;
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t i = packed(t, kb);
-      const NextPanel* next = t == 0 && has_next ? &np : nullptr;
-      (kv <= kQuantGroup / 2 ? micro_kernel<kSlots / 2> : micro_kernel<kSlots>)(
-          pa.a_t.data() + i * kSlots * kTileRows, panel, pa.sa_t.data() + i * kTileRows, s.scale.data(),
-          totals + t * kNTile * kTileRows, &dec, next);
+    // 4 tiles at a time, then 2, then 1 (micro_kernel_tiles, micro_kernel); the first call decodes
+    // the next panel
+    for (int64_t t = 0; t < tiles;) {
+      const auto run = [&](auto kt) {
+        constexpr int kT = decltype(kt)::value, kCols = 24 / kT;
+        const uint32_t* a[kT];
+        const float* sa[kT];
+        float* tot[kT];
+        for (int q = 0; q < kT; ++q) {
+          const int64_t i = packed(t + q, kb);
+          a[q] = pa.a_t.data() + i * kSlots * kTileRows;
+          sa[q] = pa.sa_t.data() + i * kTileRows;
+          tot[q] = totals + (t + q) * kNTile * kTileRows;
+        }
+        const NextPanel* next = t == 0 && has_next ? &np : nullptr;
+        (kv <= kQuantGroup / 2 ? micro_kernel_tiles<kT, kCols, kSlots / 2> : micro_kernel_tiles<kT, kCols, kSlots>)(
+            a, panel, sa, s.scale.data(), tot, &dec, next);
+        t += kT;
+      };
+      if (tiles - t >= 4) run(std::integral_constant<int, 4>{});
+      else if (tiles - t >= 2) run(std::integral_constant<int, 2>{});
+      else {
+        const int64_t i = packed(t, kb);
+        (kv <= kQuantGroup / 2 ? micro_kernel<kSlots / 2> : micro_kernel<kSlots>)(
+            pa.a_t.data() + i * kSlots * kTileRows, panel, pa.sa_t.data() + i * kTileRows, s.scale.data(),
+            totals + t * kNTile * kTileRows, &dec, t == 0 && has_next ? &np : nullptr);
+        ++t;
+      }
     }
 #endif
   }

@@ -313,7 +313,9 @@ int quant_case(int64_t batch, int64_t rows, int64_t K, int64_t stride, int64_t b
 std::vector<Case> cases(bool quick) {
   std::vector<Case> out;
   const int64_t dense[][3] = {{1, 264, 896}, {2, 200, 300}, {3, 7, 33}, {4, 130, 4100}, {8, 132, 1024},
-                              {16, 130, 129}, {17, 64, 256}, {40, 96, 384}, {1, 2048, 1408}, {5, 48, 7168}};
+                              {16, 130, 129}, {17, 64, 256}, {40, 96, 384}, {1, 2048, 1408}, {5, 48, 7168},
+                              // 16-row tiles of a taken 4 + 1 and 4 + 2 + 1 at a time (avx512bf16)
+                              {80, 72, 300}, {100, 40, 384}};
   for (const auto& s : dense) {
     if (quick && s[0] * s[1] * s[2] > 2000000) continue;
     out.push_back({"dense M=" + std::to_string(s[0]) + " N=" + std::to_string(s[1]) + " K=" + std::to_string(s[2]),
