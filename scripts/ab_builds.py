@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--cpu", default="", help="CPU path both builds run (default: the best here)")
     args = ap.parse_args()
 
     import torch
@@ -59,6 +60,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     builds = {"A": load_extension(args.a, "lk_ab_a"), "B": load_extension(args.b, "lk_ab_b")}
+    for mod in builds.values():
+        if args.cpu and not mod.set_cpu_path(args.cpu):
+            raise SystemExit(f"--cpu {args.cpu}: not a CPU path this machine runs")
     g = torch.Generator().manual_seed(0)
     E = args.experts
     cases = []  # (label, weight bytes, {build: call})

@@ -28,6 +28,11 @@ for counts in ([1, 0, 4], [0, 5, 0]):
     got = lk.fp8_grouped_gemm(a, sa, b, sb, offs, out_dtype=torch.float32)
     want = ref.fp8_grouped_gemm(a, sa, b, sb, offs, torch.float32)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+# 40 rows take the row-tiled kernel on every level (the lines above: the decode kernel)
+x2 = torch.randn(40, 300, generator=g)
+a2, sa2 = lk.quantize_fp8(x2)
+got = lk.fp8_gemm(a2, sa2, b[1], sb[1], out_dtype=torch.float32)
+torch.testing.assert_close(got, ref.fp8_gemm(a2, sa2, b[1], sb[1], torch.float32), rtol=1e-4, atol=1e-4)
 print(f"qemu smoke: path {lk.cpu_path()} ok")
 PYEOF
 cd /tmp
