@@ -51,9 +51,10 @@
 //    AMX path (amx level: Sapphire Rapids+ with the Linux tile-data grant): the same packed a
 //    tiles and decoded weight panels (32 columns, 256-row items), the products on TDPBF16PS
 //    tiles (see "AMX" below): ~7x the vdpbf16ps kernel's rate on a 2-core Intel Xeon VM.
-//    Other levels: rows decoded to fp32 (table), a 4x3 (avx2: 3x3) dot-product micro-kernel on
-//    GCC vectors of the level's width (the level's SIMD FMAs), same numerics. On Zen 4 with the
-//    paths forced this runs at ~0.5-0.65x torch's fp32 matmul (prefill M=512; avx512bf16: ~2.7x).
+//    Other levels: rows decoded to fp32 (table), a 3x3 (generic, neon: 4x3) dot-product
+//    micro-kernel on GCC vectors of the level's width (the level's SIMD FMAs), same numerics. On
+//    Zen 4 with the paths forced: ~0.57-0.65x torch's fp32 matmul (prefill M=512; avx512bf16
+//    ~2.7x).
 //
 // Measured figures: BENCHMARKS.md ("CPU (2026-11-30)", the "decode" rows).
 // Compiled once per CPU level by gemm.cpp (cpu/variants.h): no include guard, LK_ISA selects code.
@@ -463,7 +464,7 @@ inline void amx_step(const uint32_t* panel, const uint32_t* a0, const uint32_t* 
 #else
 using Elem = float;
 
-constexpr int kMR = LK_ISA == 1 ? 3 : 4;  // rows per micro-kernel call (avx2: 16 ymm registers)
+constexpr int kMR = LK_ISA >= 1 ? 3 : 4;  // rows per micro-kernel call (see micro_kernel)
 constexpr int kNR = 3;                     // weight columns per micro-kernel call
 constexpr int64_t kMTile = 32;
 constexpr int64_t kNTile = 18;  // a multiple of kNR
@@ -520,9 +521,10 @@ void micro_kernel(const Elem* const* a, const Elem* const* b, const float* scale
   // NOTES: written as float arrays of 16 lanes before, the accumulators lived on the stack
   // (GCC 12: an FMA with a memory operand, a store and a memset per block), ~4 FLOP/cycle.
   // Dense M=512 and M=64 N=4096 K=7168, paths forced on 2 Zen 4 cores, scripts/ab_builds.py
-  // --cpu, both ways round, old/new: avx512 1.63-1.73x, avx2 2.0-2.3x (3 rows x 3 columns of
-  // ymm: 4 rows spilled), generic 1.85-1.9x; grouped 4 x 128 K=2048 N=2816 on avx2 2.08x.
-  // Without the unroll pragmas GCC kept the vectors on the stack too (avx2 0.7x the old code).
+  // --cpu, both ways round, old/new: avx512 1.63-1.73x (4 x 3 outputs), avx2 2.0-2.3x (3 x 3:
+  // 4 rows of ymm spilled), generic 1.85-1.9x; grouped 4 x 128 K=2048 N=2816 on avx2 2.08x.
+  // avx512 with 3 rows instead of 4 then: 1.13-1.17x more. Without the unroll pragmas GCC kept
+  // the vectors on the stack too (avx2 0.7x the old code).
   constexpr int L = LK_ISA == 2 ? 16 : LK_ISA == 1 ? 8 : 4;
   typedef float V __attribute__((vector_size(4 * L)));
   // the totals in memory (updated once per block), the registers for the block's sums
