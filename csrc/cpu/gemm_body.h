@@ -736,7 +736,7 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
     // the next panel
     for (int64_t t = 0; t < tiles;) {
       const auto run = [&](auto kt) {
-        constexpr int kT = decltype(kt)::value, kCols = 24 / kT;
+        constexpr int kT = decltype(kt)::value;
         const uint32_t* a[kT];
         const float* sa[kT];
         float* tot[kT];
@@ -747,19 +747,18 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
           tot[q] = totals + (t + q) * kNTile * kTileRows;
         }
         const NextPanel* next = t == 0 && has_next ? &np : nullptr;
-        (kv <= kQuantGroup / 2 ? micro_kernel_tiles<kT, kCols, kSlots / 2> : micro_kernel_tiles<kT, kCols, kSlots>)(
-            a, panel, sa, s.scale.data(), tot, &dec, next);
+        const bool half = kv <= kQuantGroup / 2;
+        if constexpr (kT == 1)
+          (half ? micro_kernel<kSlots / 2> : micro_kernel<kSlots>)(a[0], panel, sa[0], s.scale.data(), tot[0], &dec,
+                                                                   next);
+        else
+          (half ? micro_kernel_tiles<kT, 24 / kT, kSlots / 2> : micro_kernel_tiles<kT, 24 / kT, kSlots>)(
+              a, panel, sa, s.scale.data(), tot, &dec, next);
         t += kT;
       };
       if (tiles - t >= 4) run(std::integral_constant<int, 4>{});
       else if (tiles - t >= 2) run(std::integral_constant<int, 2>{});
-      else {
-        const int64_t i = packed(t, kb);
-        (kv <= kQuantGroup / 2 ? micro_kernel<kSlots / 2> : micro_kernel<kSlots>)(
-            pa.a_t.data() + i * kSlots * kTileRows, panel, pa.sa_t.data() + i * kTileRows, s.scale.data(),
-            totals + t * kNTile * kTileRows, &dec, t == 0 && has_next ? &np : nullptr);
-        ++t;
-      }
+      else run(std::integral_constant<int, 1>{});
     }
 #endif
   }
