@@ -205,17 +205,6 @@ void pack_a_block(const Decoder& dec, const uint8_t* src, int64_t lda, int64_t r
   }
 }
 
-// One 16-row tile of a: a_t[kb][slot][16 rows] (bf16 pairs, zero rows past `rows`) and
-// sa_t[kb][16] (0 past `rows`).
-void pack_a_tile(const Decoder& dec, const uint8_t* a, const float* a_scale, int64_t r0, int64_t rows,
-                 int64_t K, int64_t KB, uint32_t* a_t, float* sa_t) {
-  for (int64_t kb = 0; kb < KB; ++kb) {
-    pack_a_block(dec, a + r0 * K + kb * kQuantGroup, K, rows, std::min<int64_t>(kQuantGroup, K - kb * kQuantGroup),
-                 a_t + kb * kSlots * kTileRows);
-    for (int i = 0; i < kTileRows; ++i) sa_t[kb * kTileRows + i] = i < rows ? a_scale[(r0 + i) * KB + kb] : 0.0f;
-  }
-}
-
 // The next K block's weight columns, decoded into the other panel while a micro-kernel runs.
 struct NextPanel {
   const uint8_t* src[kNTile];  // each column's 128-byte block (any valid pointer past nc)
@@ -460,140 +449,11 @@ inline void amx_step(const uint32_t* panel, const uint32_t* a0, const uint32_t* 
   asm volatile("" ::: "memory");
 }
 #endif
-
-#else
-using Elem = float;
-
-constexpr int kMR = LK_ISA >= 1 ? 3 : 4;  // rows per micro-kernel call (see micro_kernel)
-constexpr int kNR = 3;                     // weight columns per micro-kernel call
-constexpr int64_t kMTile = 32;
-constexpr int64_t kNTile = 18;  // a multiple of kNR
-
-struct Decoder {
-  float table[256];
-  Decoder() {
-    for (int i = 0; i < 256; ++i) table[i] = fp8e4m3_to_f32(uint8_t(i));
-  }
-};
-
-#ifdef LK_NEON
-// 16 e4m3 bytes -> the fp32 of each times 2^-8 (exact; NaN codes as +-480), 4 vectors: lane i of
-// out[j] is byte 4j + i. Sign-extended and shifted left by 7, a byte holds its magnitude at fp16
-// bits 13..7 and its sign at bits 15 and 14; without bit 14 that is the fp16 of value * 2^-8
-// (e4m3 subnormals become fp16 subnormals of the same digits), which fcvtl widens exactly.
-inline void e4m3x16_to_f32(uint8x16_t x, float32x4_t* out) {
-  const int8x16_t s = vreinterpretq_s8_u8(x);
-  const int16x8_t keep = vdupq_n_s16(int16_t(0xbfff));
-  const float16x8_t lo = vreinterpretq_f16_s16(vandq_s16(vshll_n_s8(vget_low_s8(s), 7), keep));
-  const float16x8_t hi = vreinterpretq_f16_s16(vandq_s16(vshll_high_n_s8(s, 7), keep));
-  out[0] = vcvt_f32_f16(vget_low_f16(lo));
-  out[1] = vcvt_high_f32_f16(lo);
-  out[2] = vcvt_f32_f16(vget_low_f16(hi));
-  out[3] = vcvt_high_f32_f16(hi);
-}
-#endif
-
-void decode_row(const Decoder& dec, const uint8_t* src, int64_t K, int64_t Kp, Elem* dst) {
-  int64_t k = 0;
-#ifdef LK_NEON
-  for (; k + 16 <= K; k += 16) {
-    const uint8x16_t x = vld1q_u8(src + k);
-    if (vmaxvq_u8(vaddq_u8(x, x)) == 0xfe) {  // a NaN code (0x7f / 0xff): the table
-      for (int i = 0; i < 16; ++i) dst[k + i] = dec.table[src[k + i]];
-      continue;
-    }
-    float32x4_t v[4];
-    e4m3x16_to_f32(x, v);
-    for (int j = 0; j < 4; ++j) vst1q_f32(dst + k + 4 * j, vmulq_n_f32(v[j], 256.0f));
-  }
-#endif
-  for (; k < K; ++k) dst[k] = dec.table[src[k]];
-  for (k = K; k < Kp; ++k) dst[k] = 0.0f;
-}
-
-// MR x NR outputs over all KB blocks: out[r * NR + c]. a[r] / b[c]: decoded rows (Kp floats);
-// scale[(r * NR + c) * KB + kb] = a_scale[r, kb] * b_scale[c / 128, kb].
-template <int MR, int NR>
-void micro_kernel(const Elem* const* a, const Elem* const* b, const float* scale, int64_t KB,
-                  float* out) {
-  // The partial sums of an output as one GCC vector of the level's width (zmm, ymm, xmm / q),
-  // the loops over rows and columns unrolled, so the MR x NR accumulators stay in registers.
-  // NOTES: written as float arrays of 16 lanes before, the accumulators lived on the stack
-  // (GCC 12: an FMA with a memory operand, a store and a memset per block), ~4 FLOP/cycle.
-  // Dense M=512 and M=64 N=4096 K=7168, paths forced on 2 Zen 4 cores, scripts/ab_builds.py
-  // --cpu, both ways round, old/new: avx512 1.63-1.73x (4 x 3 outputs), avx2 2.0-2.3x (3 x 3:
-  // 4 rows of ymm spilled), generic 1.85-1.9x; grouped 4 x 128 K=2048 N=2816 on avx2 2.08x.
-  // avx512 with 3 rows instead of 4 then: 1.13-1.17x more. Without the unroll pragmas GCC kept
-  // the vectors on the stack too (avx2 0.7x the old code).
-  constexpr int L = LK_ISA == 2 ? 16 : LK_ISA == 1 ? 8 : 4;
-  typedef float V __attribute__((vector_size(4 * L)));
-  // the totals in memory (updated once per block), the registers for the block's sums
-  alignas(64) float total[MR][NR][L] = {};
-  float exact[MR][NR] = {};
-  for (int64_t kb = 0; kb < KB; ++kb) {
-    V acc[MR][NR];
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int c = 0; c < NR; ++c) acc[r][c] = V{};
-    for (int s = 0; s < kQuantGroup; s += L) {
-      const int64_t k = kb * kQuantGroup + s;
-      V av[MR], bv;
-#pragma GCC unroll 4
-      for (int r = 0; r < MR; ++r) __builtin_memcpy(&av[r], a[r] + k, sizeof(V));
-#pragma GCC unroll 4
-      for (int c = 0; c < NR; ++c) {
-        __builtin_memcpy(&bv, b[c] + k, sizeof(V));
-#pragma GCC unroll 4
-        for (int r = 0; r < MR; ++r) acc[r][c] += av[r] * bv;
-      }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int c = 0; c < NR; ++c) {
-        const float s = scale[(r * NR + c) * KB + kb];
-        if (__builtin_expect(std::fabs(s) <= kSafeScale, 1)) {
-          V t;
-          __builtin_memcpy(&t, total[r][c], sizeof(V));
-          t += acc[r][c] * s;
-          __builtin_memcpy(total[r][c], &t, sizeof(V));
-        } else {  // Inf / NaN / huge scale: (block sum) * scale, as the reference (no inf - inf)
-          float b = 0.0f;
-          for (int l = 0; l < L; ++l) b += acc[r][c][l];
-          exact[r][c] += b * s;
-        }
-      }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) {
-      float v = 0.0f;
-      for (int l = 0; l < L; ++l) v += total[r][c][l];
-      out[r * NR + c] = v + exact[r][c];
-    }
-}
-
-using MicroKernel = void (*)(const Elem* const*, const Elem* const*, const float*, int64_t, float*);
-
-template <int MR>
-constexpr MicroKernel pick_nr(int nr) {
-  return nr == 1 ? micro_kernel<MR, 1> : nr == 2 ? micro_kernel<MR, 2> : micro_kernel<MR, 3>;
-}
-
-MicroKernel pick(int mr, int nr) {
-  switch (mr) {
-    case 1: return pick_nr<1>(nr);
-    case 2: return pick_nr<2>(nr);
-    case 3: return pick_nr<3>(nr);
-    default: return pick_nr<4>(nr);
-  }
-}
-
-#endif
+#endif  // LK_ISA >= 3
 
 struct WorkItem {
-  int64_t group, r0, r1, n0, tile;  // tile: first 16-row a tile of the item (AVX512 path)
-  int64_t n1 = 0;                   // AVX512 path: columns [n0, n1) (strips of kNTile)
+  int64_t group, r0, r1, n0, tile;  // tile: first a tile of the item (PackedA)
+  int64_t n1 = 0;                   // columns [n0, n1) (strips of kNTile)
 };
 
 struct Problem {
@@ -632,6 +492,8 @@ struct Aligned64 {
 template <class T>
 using AlignedVec = std::vector<T, Aligned64<T>>;
 
+constexpr int64_t kABlock = kSlots * kTileRows;  // PackedA::a_t elements per tile and K block
+using ADecoder = Decoder;                         // decodes a for pack_a_block
 struct PackedA {  // every 16-row tile of the used rows of a, transposed (pack_a_tile)
   AlignedVec<uint32_t> a_t;
   AlignedVec<float> sa_t;
@@ -779,10 +641,6 @@ inline __m256i bf16_of(__m512i u) { return _mm512_cvtepi32_epi16(bf16_bits16(u))
 // -> 0.825-0.836. M <= 512 keeps 8 strips (strips_per_item). Other levels unchanged (not measured).
 constexpr int64_t kMaxStrips = LK_ISA >= 4 ? 16 : 8;
 
-// How many strips of kNTile columns an item takes: enough that each thread still gets 16 items.
-inline int64_t strips_per_item(int64_t row_items, int64_t N) {
-  return std::clamp<int64_t>(row_items * ceil_div(N, kNTile) / (16 * parallel_chunks(true)), 1, kMaxStrips);
-}
 
 // An item's totals (per strip j of kNTile columns: totals + j * Scratch::kStripFloats, [tile][kNTile
 // columns][16 rows]) -> out rows [row0, row0 + rows), columns [n0, n1): per 16-row tile, 16x16
@@ -864,54 +722,6 @@ void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const
     }
   }
   store_item(p, totals0, w.r0, rows, w.n0, w.n1);
-}
-#else
-struct PackedA {  // the used rows of a decoded to fp32, zero padded to Kp
-  std::vector<float> a_dec;
-  int64_t Kp = 0;
-};
-
-struct Scratch {
-  std::vector<Elem> panel;
-  std::vector<float> scale;
-};
-
-// The micro-kernels over rows [r0, r1) x panel columns [0, nc) (decoded rows, Kp floats each):
-// a_row(r) is row r of a decoded, scale_of(r, c, kb) the scale of (row, column, K block),
-// store(r, c, v) takes the result.
-template <class ARow, class ScaleOf, class Store>
-void tile_products(const Elem* panel, int64_t nc, int64_t Kp, int64_t KB, int64_t r0, int64_t r1, ARow a_row,
-                   ScaleOf scale_of, Store store, std::vector<float>& scale) {
-  scale.resize(size_t(kMR * kNR) * KB);
-  for (int64_t c0 = 0; c0 < nc; c0 += kNR) {
-    const int nr = int(std::min<int64_t>(kNR, nc - c0));
-    const Elem* bp[kNR];
-    for (int c = 0; c < nr; ++c) bp[c] = panel + (c0 + c) * Kp;
-    for (int64_t m0 = r0; m0 < r1; m0 += kMR) {
-      const int mr = int(std::min<int64_t>(kMR, r1 - m0));
-      const Elem* ap[kMR];
-      for (int r = 0; r < mr; ++r) ap[r] = a_row(m0 + r);
-      for (int r = 0; r < mr; ++r)
-        for (int c = 0; c < nr; ++c)
-          for (int64_t kb = 0; kb < KB; ++kb) scale[(r * nr + c) * KB + kb] = scale_of(m0 + r, c0 + c, kb);
-      float res[kMR * kNR];
-      pick(mr, nr)(ap, bp, scale.data(), KB, res);
-      for (int r = 0; r < mr; ++r)
-        for (int c = 0; c < nr; ++c) store(m0 + r, c0 + c, res[r * nr + c]);
-    }
-  }
-}
-
-void process_item(const Problem& p, const Decoder& dec, const PackedA& pa, const WorkItem& w, Scratch& s) {
-  const int64_t nc = std::min(kNTile, p.N - w.n0), Kp = pa.Kp;
-  const uint8_t* bg = p.b + w.group * p.N * p.K;
-  const float* sbg = p.b_scale + w.group * p.NB * p.KB;
-  s.panel.resize(size_t(kNTile) * Kp);
-  for (int64_t c = 0; c < nc; ++c) decode_row(dec, bg + (w.n0 + c) * p.K, p.K, Kp, s.panel.data() + c * Kp);
-  tile_products(
-      s.panel.data(), nc, Kp, p.KB, w.r0, w.r1, [&](int64_t r) { return pa.a_dec.data() + r * Kp; },
-      [&](int64_t r, int64_t c, int64_t kb) { return p.a_scale[r * p.KB + kb] * sbg[((w.n0 + c) / kQuantGroup) * p.KB + kb]; },
-      [&](int64_t r, int64_t c, float v) { store_out(p, r, w.n0 + c, v); }, s.scale);
 }
 #endif
 
@@ -1035,6 +845,22 @@ inline IV iv_zero() { return _mm256_setzero_si256(); }
 inline IV iv_nan_mark(IV acc, IV x) { return _mm256_max_epu8(acc, _mm256_add_epi8(x, x)); }
 inline bool iv_nan_any(IV acc) {
   return _mm256_movemask_epi8(_mm256_cmpeq_epi8(acc, _mm256_set1_epi8(char(0xfe)))) != 0;
+}
+#endif
+#ifdef LK_NEON
+// 16 e4m3 bytes -> the fp32 of each times 2^-8 (exact; NaN codes as +-480), 4 vectors: lane i of
+// out[j] is byte 4j + i. Sign-extended and shifted left by 7, a byte holds its magnitude at fp16
+// bits 13..7 and its sign at bits 15 and 14; without bit 14 that is the fp16 of value * 2^-8
+// (e4m3 subnormals become fp16 subnormals of the same digits), which fcvtl widens exactly.
+inline void e4m3x16_to_f32(uint8x16_t x, float32x4_t* out) {
+  const int8x16_t s = vreinterpretq_s8_u8(x);
+  const int16x8_t keep = vdupq_n_s16(int16_t(0xbfff));
+  const float16x8_t lo = vreinterpretq_f16_s16(vandq_s16(vshll_n_s8(vget_low_s8(s), 7), keep));
+  const float16x8_t hi = vreinterpretq_f16_s16(vandq_s16(vshll_high_n_s8(s, 7), keep));
+  out[0] = vcvt_f32_f16(vget_low_f16(lo));
+  out[1] = vcvt_high_f32_f16(lo);
+  out[2] = vcvt_f32_f16(vget_low_f16(hi));
+  out[3] = vcvt_high_f32_f16(hi);
 }
 #endif
 // kChunk bytes (one IV) -> the fp32 of each, in 4 DVs (see above).
@@ -1755,6 +1581,215 @@ void gemm_decode(const Problem& p, const std::vector<Segment>& segs) {
 }
 
 
+#if LK_ISA < 3
+// ===================================================================== row-tiled fp32 kernel
+// Prefill on the levels without AVX512_BF16 (avx512, avx2, generic, neon): the avx512bf16
+// path's structure on fp32 multiply-adds. Vectorised over rows: a vector of the level's width
+// (kTileRows: 16 on avx512, 8 on avx2, 4 on generic/neon) holds one output column of a tile.
+// - Each tile of a is decoded once per call (ChunkDecoder: value * 2^112 on avx2/avx512 and
+//   neon, the value on generic) into [K block][position][tile rows] (PackedA::a_t), its scales
+//   into [K block][tile rows].
+// - An item is (group, up to 128 rows, up to kMaxStrips strips of kNTile weight columns). Per K
+//   block, each strip's kNTile weight rows are decoded into an L1 panel ([column][position], in
+//   the decode's position order, which a_t shares), and the micro-kernel keeps kFT tiles x kFC
+//   columns of accumulators: per position kFT vector loads of a and kFC broadcast weights for
+//   kFT x kFC multiply-adds. Lanes are rows, so a lane ends a block holding one row's whole block
+//   sum: totals += sum * kFix (2^8 or 1, exact) * (a_scale * b_scale), the reference's order.
+// - The K block is the outer loop and the strips the inner one, so a's block for the item (128
+//   rows x 128 positions, 64 KiB) is read from L2 by every strip.
+// NOTES: replaces a 3 x 3 dot-product kernel over whole decoded rows (lanes along K; 6 loads per
+// 9 FMAs from rows of 28 KiB at K=7168, past L1, and a horizontal sum per output). Dense M=512 /
+// 64 / 32 N=4096 K=7168, 2-core Zen 4, scripts/ab_builds.py --cpu, old/new: avx2 2.02 / 1.76 /
+// 1.66, avx512 3.09 / 2.62 / 1.91, generic 1.20 / 1.12 / -. Against torch's fp32 matmul at
+// M=512 (same run): avx2 0.56-0.65x -> 1.18x, avx512 0.57x -> 1.55x.
+constexpr int kTileRows = LK_ISA == 2 ? 16 : LK_ISA == 1 ? 8 : 4;
+typedef float TV __attribute__((vector_size(4 * kTileRows)));
+// x in every lane, from memory (vbroadcastss / ld1r; `TV{} + x` added a zero first, 0 + x not
+// being x for x = -0: 2x slower on avx2)
+template <int... I>
+inline TV tv_splat(const float* x, std::integer_sequence<int, I...>) {
+  return TV{((void)I, *x)...};
+}
+inline TV tv_splat(const float* x) { return tv_splat(x, std::make_integer_sequence<int, kTileRows>{}); }
+// Tiles per micro-kernel call, and the columns per pass for kT tiles (a divisor of kNTile):
+// 16 vector registers (avx2, x86 generic): 2 x 6, 1 x 12; 32 (avx512): 4 x 6, 2 x 12, 1 x 24.
+// neon: 4 x 4, 2 x 8, 1 x 12: GCC multiplies by a weight held in a lane (fmla by element), so
+// the kC weights take registers too (4 x 6 spilled two accumulators per position).
+constexpr int kFT = LK_ISA == 2 || kNeon ? 4 : 2;
+constexpr int f_cols(int kT) {
+  return kNeon ? (kT == 4 ? 4 : kT == 2 ? 8 : 12) : 6 * kFT / kT;
+}
+constexpr int64_t kNTile = 24;                            // weight columns per strip
+constexpr int64_t kTilesPerItem = 128 / kTileRows;        // 128 rows per item
+constexpr int64_t kMaxStrips = 8;                         // strips per item at most
+constexpr int64_t kABlock = int64_t(kQuantGroup) * kTileRows;  // PackedA::a_t floats per tile and K block
+
+using ADecoder = ChunkDecoder;  // decodes a for pack_a_block
+struct PackedA {  // tiles of a, transposed per K block
+  std::vector<float> a_t;   // [tile, block][position][kTileRows]
+  std::vector<float> sa_t;  // [tile, block][kTileRows] (0 past the tile's rows)
+};
+
+// One K block of a tile: the kv <= 128 bytes at `src` of each of `rows` rows (lda bytes apart)
+// -> a_t[position][kTileRows] in the decode's position order (zero past kv and past `rows`).
+void pack_a_block(const ChunkDecoder& dec, const uint8_t* src, int64_t lda, int64_t rows, int64_t kv, float* a_t) {
+  alignas(64) DV buf[kVB];
+  const float* v = reinterpret_cast<const float*>(buf);
+  for (int r = 0; r < kTileRows; ++r) {
+    if (r < rows) {
+      decode_block(dec, src + r * lda, kv, buf);
+      for (int q = 0; q < kQuantGroup; ++q) a_t[q * kTileRows + r] = v[q] * kAFix * kAFix;  // exact
+    } else {
+      for (int q = 0; q < kQuantGroup; ++q) a_t[q * kTileRows + r] = 0.0f;
+    }
+  }
+}
+
+// tot[t][c][kTileRows] += (a block . panel column c) * kFix * (sa[t] * sb[c]) for kT tiles and
+// the kNTile columns of the panel ([column][128 positions]), in passes of kC columns.
+template <int kT, int kC>
+__attribute__((noinline)) void micro_kernel(const float* const* a_in, const float* panel, const float* const* sa,
+                                            const float* sb, float* const* tot) {
+  const float* a[kT];
+  for (int t = 0; t < kT; ++t) a[t] = a_in[t];
+  for (int h = 0; h < kNTile / kC; ++h) {
+    TV acc[kT][kC];
+#pragma GCC unroll 24
+    for (int t = 0; t < kT; ++t)
+#pragma GCC unroll 24
+      for (int c = 0; c < kC; ++c) acc[t][c] = TV{};
+    const float* pp = panel + h * kC * kQuantGroup;
+    for (int q = 0; q < kQuantGroup; ++q) {
+      TV av[kT];
+#pragma GCC unroll 24
+      for (int t = 0; t < kT; ++t) __builtin_memcpy(&av[t], a[t] + q * kTileRows, sizeof(TV));
+#pragma GCC unroll 24
+      for (int c = 0; c < kC; ++c) {
+        const TV w = tv_splat(pp + c * kQuantGroup + q);
+#pragma GCC unroll 24
+        for (int t = 0; t < kT; ++t) acc[t][c] += av[t] * w;
+      }
+    }
+#pragma GCC unroll 24
+    for (int t = 0; t < kT; ++t) {
+      TV st;
+      __builtin_memcpy(&st, sa[t], sizeof(TV));
+#pragma GCC unroll 24
+      for (int c = 0; c < kC; ++c) {
+        float* o = tot[t] + (h * kC + c) * kTileRows;
+        TV v;
+        __builtin_memcpy(&v, o, sizeof(TV));
+        v += (acc[t][c] * kFix) * (st * tv_splat(sb + h * kC + c));
+        __builtin_memcpy(o, &v, sizeof(TV));
+      }
+    }
+  }
+}
+
+struct Scratch {
+  alignas(64) float panel[kNTile * kQuantGroup];  // one strip's K block: [column][position]
+  float sb[kNTile];                               // its weight scale per column
+  std::vector<float> totals;                      // [strip][tile][kNTile][kTileRows]
+};
+
+// The K loop of one item: `tiles` tiles of a x the strips of kNTile columns in [n0, n1), blocks
+// [0, KB). b_block(n, kb): column n's block kb (kv_of(kb) <= 128 valid bytes); sb_of(n, kb): its
+// scale; packed(t, kb): index of the item's tile t, block kb in pa. Totals in s.totals (zeroed
+// here): strip j at j * tiles * kNTile * kTileRows.
+template <class BBlock, class KvOf, class SbOf, class Packed>
+void item_products(const Problem& p, const ChunkDecoder& dec, const PackedA& pa, int64_t tiles, int64_t n0,
+                   int64_t n1, int64_t KB, BBlock b_block, KvOf kv_of, SbOf sb_of, Packed packed, Scratch& s) {
+  [[maybe_unused]] const FlushGuard no_flush;  // the panel holds subnormal fp32 for small weights
+  const int64_t strips = ceil_div(n1 - n0, kNTile), strip_floats = tiles * kNTile * kTileRows;
+  s.totals.assign(size_t(strips * strip_floats), 0.0f);
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const int64_t kv = kv_of(kb);
+    for (int64_t j = 0; j < strips; ++j) {
+      const int64_t c0 = n0 + j * kNTile, nc = std::min(kNTile, n1 - c0);
+      for (int64_t c = 0; c < kNTile; ++c) {
+        float* col = s.panel + c * kQuantGroup;
+        if (c >= nc) {  // past the item's columns: zero
+          std::fill_n(col, kQuantGroup, 0.0f);
+          s.sb[c] = 0.0f;
+          continue;
+        }
+        if (kb + 1 < KB) {  // the column's next block
+          const uint8_t* q = b_block(c0 + c, kb + 1);
+          __builtin_prefetch(q, 0, 1);
+          __builtin_prefetch(q + 64, 0, 1);
+        }
+        (p.b_nan_free ? decode_block<true> : decode_block<false>)(dec, b_block(c0 + c, kb), kv,
+                                                                    reinterpret_cast<DV*>(col));
+        s.sb[c] = sb_of(c0 + c, kb);
+      }
+      float* totals = s.totals.data() + j * strip_floats;
+      // kFT tiles at a time, then 2 (kFT 4), then 1
+      for (int64_t t = 0; t < tiles;) {
+        const auto run = [&](auto kt) {
+          constexpr int kT = decltype(kt)::value;
+          const float* a[kT];
+          const float* sa[kT];
+          float* tot[kT];
+          for (int i = 0; i < kT; ++i) {
+            const int64_t at = packed(t + i, kb);
+            a[i] = pa.a_t.data() + at * kABlock;
+            sa[i] = pa.sa_t.data() + at * kTileRows;
+            tot[i] = totals + (t + i) * kNTile * kTileRows;
+          }
+          micro_kernel<kT, f_cols(kT)>(a, s.panel, sa, s.sb, tot);
+          t += kT;
+        };
+        if (tiles - t >= kFT) run(std::integral_constant<int, kFT>{});
+        else if (kFT == 4 && tiles - t >= 2) run(std::integral_constant<int, 2>{});
+        else run(std::integral_constant<int, 1>{});
+      }
+    }
+  }
+}
+
+// The item's totals (item_products) -> out rows [row0, row0 + rows), columns [n0, n1), row by
+// row (each output row its own page at these widths).
+void store_item(const Problem& p, const float* totals, int64_t row0, int64_t rows, int64_t n0, int64_t n1) {
+  const int64_t strip_floats = ceil_div(rows, kTileRows) * kNTile * kTileRows;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j * kNTile < n1 - n0; ++j) {
+      const float* src = totals + j * strip_floats + (r / kTileRows) * kNTile * kTileRows + r % kTileRows;
+      const int64_t c0 = n0 + j * kNTile, nc = std::min(kNTile, n1 - c0);
+      for (int64_t c = 0; c < nc; ++c) store_out(p, row0 + r, c0 + c, src[c * kTileRows]);
+    }
+}
+
+void process_item(const Problem& p, const ChunkDecoder& dec, const PackedA& pa, const WorkItem& w, Scratch& s) {
+  const int64_t rows = w.r1 - w.r0;
+  const uint8_t* bg = p.b + w.group * p.N * p.K;
+  const float* sbg = p.b_scale + w.group * p.NB * p.KB;
+  item_products(
+      p, dec, pa, ceil_div(rows, kTileRows), w.n0, w.n1, p.KB,
+      [&](int64_t n, int64_t kb) { return bg + n * p.K + kb * kQuantGroup; },
+      [&](int64_t kb) { return std::min<int64_t>(kQuantGroup, p.K - kb * kQuantGroup); },
+      [&](int64_t n, int64_t kb) { return sbg[(n / kQuantGroup) * p.KB + kb]; },
+      [&](int64_t t, int64_t kb) { return (w.tile + t) * p.KB + kb; }, s);
+  store_item(p, s.totals.data(), w.r0, rows, w.n0, w.n1);
+}
+#endif
+
+// One tile of a (rows [r0, r0 + rows)): a_t[kb][...] per K block (pack_a_block, zero rows past
+// `rows`) and sa_t[kb][kTileRows] (0 past `rows`).
+template <class T>
+void pack_a_tile(const ADecoder& dec, const uint8_t* a, const float* a_scale, int64_t r0, int64_t rows, int64_t K,
+                 int64_t KB, T* a_t, float* sa_t) {
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    pack_a_block(dec, a + r0 * K + kb * kQuantGroup, K, rows, std::min<int64_t>(kQuantGroup, K - kb * kQuantGroup),
+                 a_t + kb * kABlock);
+    for (int i = 0; i < kTileRows; ++i) sa_t[kb * kTileRows + i] = i < rows ? a_scale[(r0 + i) * KB + kb] : 0.0f;
+  }
+}
+
+// How many strips of kNTile columns an item takes: enough that each thread still gets 16 items.
+inline int64_t strips_per_item(int64_t row_items, int64_t N) {
+  return std::clamp<int64_t>(row_items * ceil_div(N, kNTile) / (16 * parallel_chunks(true)), 1, kMaxStrips);
+}
+
 // Runs item(i, scratch) for i in [0, n): the OpenMP threads (each with its Scratch) take items
 // 4 at a time from a shared counter (consecutive items share a's packed tiles).
 template <class Item>
@@ -1772,21 +1807,16 @@ void parallel_items(int64_t n, Item item) {
   }
 }
 
-// Segments with many rows per weight group (prefill): the row-tiled kernels.
-void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
-  const int64_t N = p.N, K = p.K, KB = p.KB;
-  const uint8_t* a = p.a;
-  const Decoder dec;
-  PackedA pa;
-  std::vector<WorkItem> items;
-#if LK_ISA >= 3
-  // 16-row tiles of every segment, then items of up to kTilesPerItem tiles x `strips` strips of
-  // kNTile columns (strips_per_item).
-  const int64_t item_rows = kTilesPerItem * kTileRows;
+// Segments with many rows per weight group (prefill): the row-tiled kernels. Tiles of a
+// (16 rows; kLanes on the fp32 levels) of every segment, then items of up to 128 or 256 rows x
+// `strips` strips of columns (strips_per_item).
+void gemm_rows(const Problem& p, const std::vector<Segment>& segs) {
+  const int64_t N = p.N, KB = p.KB, item_rows = kTilesPerItem * kTileRows;
   int64_t row_items = 0;
   for (const Segment& s : segs) row_items += ceil_div(s.r1 - s.r0, item_rows);
   const int64_t strips = strips_per_item(row_items, N);
   std::vector<std::pair<int64_t, int64_t>> tiles;  // (first row, rows)
+  std::vector<WorkItem> items;
   for (const Segment& s : segs) {
     const int64_t first_tile = int64_t(tiles.size());
     for (int64_t r0 = s.r0; r0 < s.r1; r0 += kTileRows) tiles.push_back({r0, std::min<int64_t>(kTileRows, s.r1 - r0)});
@@ -1796,25 +1826,18 @@ void gemm_rows(const Problem& p, const std::vector<Segment>& segs, int64_t R) {
                          std::min(N, n0 + strips * kNTile)});
   }
   const int64_t n_tiles = int64_t(tiles.size());
-  pa.a_t.resize(size_t(n_tiles) * KB * kSlots * kTileRows);
-  pa.sa_t.resize(size_t(n_tiles) * KB * kTileRows);
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < n_tiles; ++t)
-    pack_a_tile(dec, a, p.a_scale, tiles[t].first, tiles[t].second, K, KB,
-                pa.a_t.data() + t * KB * kSlots * kTileRows, pa.sa_t.data() + t * KB * kTileRows);
-#else
-  for (const Segment& s : segs)
-    for (int64_t r0 = s.r0; r0 < s.r1; r0 += kMTile)
-      for (int64_t n0 = 0; n0 < N; n0 += kNTile)
-        items.push_back({s.group, r0, std::min(s.r1, r0 + kMTile), n0, 0});
-  pa.Kp = KB * kQuantGroup;
-  pa.a_dec.resize(size_t(R) * pa.Kp);
-  for (const Segment& s : segs) {
-#pragma omp parallel for schedule(static) if (s.r1 - s.r0 >= 64)
-    for (int64_t r = s.r0; r < s.r1; ++r) decode_row(dec, a + r * K, K, pa.Kp, pa.a_dec.data() + r * pa.Kp);
+  const ADecoder dec;
+  PackedA pa;
+  pa.a_t.resize(size_t(n_tiles * KB * kABlock));
+  pa.sa_t.resize(size_t(n_tiles * KB * kTileRows));
+#pragma omp parallel if (n_tiles > 1)
+  {
+    [[maybe_unused]] const FlushGuard no_flush;  // avx2/avx512: a's subnormals pass through fp32 subnormals
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n_tiles; ++t)
+      pack_a_tile(dec, p.a, p.a_scale, tiles[size_t(t)].first, tiles[size_t(t)].second, p.K, KB,
+                  pa.a_t.data() + t * KB * kABlock, pa.sa_t.data() + t * KB * kTileRows);
   }
-#endif
-
   parallel_items(int64_t(items.size()), [&](int64_t it, Scratch& s) { process_item(p, dec, pa, items[size_t(it)], s); });
 }
 
@@ -1842,7 +1865,7 @@ void fp8_gemm(GemmLayout layout, const uint8_t* a, const float* a_scale, const u
   for (const Segment& s : segs) (s.r1 - s.r0 <= decode_kernel_rows(K) ? small : large).push_back(s);
   gemm_decode(p, small);
   if (large.empty()) return;
-  gemm_rows(p, large, layout == GemmLayout::masked ? num_groups * M : M);
+  gemm_rows(p, large);
 }
 
 }  // namespace lk::cpu::LK_NS

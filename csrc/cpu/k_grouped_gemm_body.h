@@ -66,27 +66,39 @@ void for_each_k_item(const std::vector<ExpertGroups>& ranges, int64_t M, int64_t
 
 // p: the k-grouped problem in the prefill kernels' terms: K = L tokens, KB = G scale columns
 // (a_scale [M, G], b_scale [N, G]), out [E * M, N].
-#if LK_ISA >= 3
+// a's tiles per (m tile, group), in pack order m_tile * n_groups + group (pack_a_block).
+void pack_k_tiles(const ADecoder& dec, const Problem& p, int64_t M, const std::vector<KGroup>& groups, PackedA& pa) {
+  const int64_t n_groups = int64_t(groups.size()), m_tiles = ceil_div(M, kTileRows);
+  pa.a_t.resize(size_t(m_tiles * n_groups * kABlock));
+  pa.sa_t.resize(size_t(m_tiles * n_groups * kTileRows));
+#pragma omp parallel if (m_tiles * n_groups > 1)
+  {
+    [[maybe_unused]] const FlushGuard no_flush;  // avx2/avx512: a's subnormals pass through fp32 subnormals
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < m_tiles * n_groups; ++i) {
+      const int64_t mt = i / n_groups, r0 = mt * kTileRows, rows = std::min<int64_t>(kTileRows, M - r0);
+      const KGroup& g = groups[size_t(i % n_groups)];
+      pack_a_block(dec, p.a + r0 * p.K + g.t0, p.K, rows, g.t1 - g.t0, pa.a_t.data() + i * kABlock);
+      for (int r = 0; r < kTileRows; ++r)
+        pa.sa_t[size_t(i * kTileRows + r)] = r < rows ? p.a_scale[(r0 + r) * p.KB + g.col] : 0.0f;
+    }
+  }
+}
+
 void k_grouped_rows(const Problem& p, int64_t M, const std::vector<KGroup>& groups) {
   const std::vector<ExpertGroups> ranges = expert_ranges(groups);
-  const int64_t n_groups = int64_t(groups.size()), m_tiles = ceil_div(M, kTileRows);
-  const Decoder dec;
-  PackedA pa;  // (m tile, group) in pack order m_tile * n_groups + group
-  pa.a_t.resize(size_t(m_tiles * n_groups) * kSlots * kTileRows);
-  pa.sa_t.resize(size_t(m_tiles * n_groups) * kTileRows);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < m_tiles * n_groups; ++i) {
-    const int64_t mt = i / n_groups, r0 = mt * kTileRows, rows = std::min<int64_t>(kTileRows, M - r0);
-    const KGroup& g = groups[size_t(i % n_groups)];
-    pack_a_block(dec, p.a + r0 * p.K + g.t0, p.K, rows, g.t1 - g.t0, pa.a_t.data() + i * kSlots * kTileRows);
-    for (int r = 0; r < kTileRows; ++r) pa.sa_t[size_t(i * kTileRows + r)] = r < rows ? p.a_scale[(r0 + r) * p.KB + g.col] : 0.0f;
-  }
+  const int64_t n_groups = int64_t(groups.size());
+  const ADecoder dec;
+  PackedA pa;
+  pack_k_tiles(dec, p, M, groups, pa);
   const int64_t item_rows = kTilesPerItem * kTileRows;
   const int64_t strips = strips_per_item(int64_t(ranges.size()) * ceil_div(M, item_rows), p.N);
   for_each_k_item(ranges, M, p.N, item_rows, strips, [&](const KItem& w, Scratch& s) {
     const ExpertGroups& eg = ranges[w.range];
-    const int64_t rows = w.m1 - w.m0, mt0 = w.m0 / kTileRows, n_item = ceil_div(w.n1 - w.n0, kNTile);
+    const int64_t rows = w.m1 - w.m0, mt0 = w.m0 / kTileRows;
     const KGroup* grp = groups.data() + eg.g0;
+#if LK_ISA >= 3
+    const int64_t n_item = ceil_div(w.n1 - w.n0, kNTile);
     float* const totals = s.zeroed_strips(n_item, ceil_div(rows, kTileRows));
     for (int64_t i = 0; i < n_item; ++i) {
       const int64_t n0 = w.n0 + i * kNTile;
@@ -97,40 +109,17 @@ void k_grouped_rows(const Problem& p, int64_t M, const std::vector<KGroup>& grou
           [&](int64_t c, int64_t j) { return p.b_scale[(n0 + c) * p.KB + grp[j].col]; },
           [&](int64_t t, int64_t j) { return (mt0 + t) * n_groups + eg.g0 + j; }, totals + i * Scratch::kStripFloats, s);
     }
+#else
+    item_products(
+        p, dec, pa, ceil_div(rows, kTileRows), w.n0, w.n1, eg.g1 - eg.g0,
+        [&](int64_t n, int64_t j) { return p.b + n * p.K + grp[j].t0; }, [&](int64_t j) { return grp[j].t1 - grp[j].t0; },
+        [&](int64_t n, int64_t j) { return p.b_scale[n * p.KB + grp[j].col]; },
+        [&](int64_t t, int64_t j) { return (mt0 + t) * n_groups + eg.g0 + j; }, s);
+    const float* const totals = s.totals.data();
+#endif
     store_item(p, totals, eg.expert * M + w.m0, rows, w.n0, w.n1);
   });
 }
-#else
-// Rows of x (a or b) decoded for one expert: each group padded to 128 floats.
-void decode_groups(const Decoder& dec, const uint8_t* row, const KGroup* grp, int64_t n, Elem* dst) {
-  for (int64_t j = 0; j < n; ++j) decode_row(dec, row + grp[j].t0, grp[j].t1 - grp[j].t0, kQuantGroup, dst + j * kQuantGroup);
-}
-
-void k_grouped_rows(const Problem& p, int64_t M, const std::vector<KGroup>& groups) {
-  const std::vector<ExpertGroups> ranges = expert_ranges(groups);
-  const Decoder dec;
-  // a decoded per expert: rows of Kp = groups * 128 floats, expert e's rows at g0 * M * 128
-  std::vector<Elem> a_dec(groups.size() * size_t(M) * kQuantGroup);
-  for (const ExpertGroups& eg : ranges) {
-    const int64_t Kp = (eg.g1 - eg.g0) * kQuantGroup;
-#pragma omp parallel for schedule(static) if (M >= 64)
-    for (int64_t m = 0; m < M; ++m)
-      decode_groups(dec, p.a + m * p.K, groups.data() + eg.g0, eg.g1 - eg.g0, a_dec.data() + eg.g0 * M * kQuantGroup + m * Kp);
-  }
-  for_each_k_item(ranges, M, p.N, kMTile, 1, [&](const KItem& w, Scratch& s) {
-    const ExpertGroups& eg = ranges[w.range];
-    const KGroup* grp = groups.data() + eg.g0;
-    const int64_t KB = eg.g1 - eg.g0, Kp = KB * kQuantGroup, nc = std::min(kNTile, p.N - w.n0);
-    const Elem* a_e = a_dec.data() + eg.g0 * M * kQuantGroup;
-    s.panel.resize(size_t(kNTile * Kp));
-    for (int64_t c = 0; c < nc; ++c) decode_groups(dec, p.b + (w.n0 + c) * p.K, grp, KB, s.panel.data() + c * Kp);
-    tile_products(
-        s.panel.data(), nc, Kp, KB, w.m0, w.m1, [&](int64_t r) { return a_e + r * Kp; },
-        [&](int64_t r, int64_t c, int64_t j) { return p.a_scale[r * p.KB + grp[j].col] * p.b_scale[(w.n0 + c) * p.KB + grp[j].col]; },
-        [&](int64_t r, int64_t c, float v) { store_out(p, eg.expert * M + r, w.n0 + c, v); }, s.scale);
-  });
-}
-#endif
 
 }  // namespace
 
