@@ -6,7 +6,7 @@
 //
 // Two kernels, chosen per weight group (segment) by its row count m:
 //
-// 1. Decode kernel (m <= decode_kernel_rows: 2-4 on amx, 8 on avx512bf16, 16 elsewhere), vectorised
+// 1. Decode kernel (m <= decode_kernel_rows: 2-4 on amx, 8 avx512bf16, 12 avx512, 6 avx2, 16 elsewhere), vectorised
 //    along K. At decode shapes (1-16 rows per expert) the GEMM is bound by reading its weights,
 //    so the kernel's job is to decode each weight byte once, cheaply, and use it for all m rows.
 //    Work items are (segment, ~64 KiB of weight rows) in memory order; each thread walks its
@@ -51,10 +51,10 @@
 //    AMX path (amx level: Sapphire Rapids+ with the Linux tile-data grant): the same packed a
 //    tiles and decoded weight panels (32 columns, 256-row items), the products on TDPBF16PS
 //    tiles (see "AMX" below): ~7x the vdpbf16ps kernel's rate on a 2-core Intel Xeon VM.
-//    Other levels: rows decoded to fp32 (table), a 3x3 (generic, neon: 4x3) dot-product
-//    micro-kernel on GCC vectors of the level's width (the level's SIMD FMAs), same numerics. On
-//    Zen 4 with the paths forced: ~0.57-0.65x torch's fp32 matmul (prefill M=512; avx512bf16
-//    ~2.7x).
+//    Other levels (avx512, avx2, generic, neon): the same structure on fp32 multiply-adds, a
+//    vector of the level's width per output column of a tile (16, 8 or 4 rows), a decoded with
+//    the decode path's bit moves ("row-tiled fp32 kernel" below). On Zen 4 with the paths
+//    forced, prefill M=512: avx2 ~1.2x and avx512 ~1.5x torch's fp32 matmul (avx512bf16 ~2.7x).
 //
 // Measured figures: BENCHMARKS.md ("CPU (2026-11-30)", the "decode" rows).
 // Compiled once per CPU level by gemm.cpp (cpu/variants.h): no include guard, LK_ISA selects code.
@@ -999,7 +999,14 @@ constexpr int kVB = kCB * kVC;             // DVs per block
 constexpr int kNC = 4;                     // most weight rows walked together (see decode_item)
 constexpr int64_t kChunkBlocks = 4;        // K blocks per L1 panel (rows > kDMR)
 constexpr int64_t kItemBytes = 64 * 1024;  // weight bytes per work item (at least 16 columns)
-constexpr int64_t kDecodeMaxRows = LK_ISA >= 3 ? 8 : 16;  // above: the row-tiled kernels
+// Rows per segment up to which the decode kernel runs; above: the row-tiled kernels.
+// NOTES: avx512 12 and avx2 6 (were 16) since the fp32 row-tiled kernel: a segment of one tile
+// or more of rows is faster there. 2-core Zen 4, paths forced, scripts/ab_builds.py both ways
+// round, geometric mean, tile/decode speed: avx512 dense K=7168 N=4096 16 rows 1.26x, 12 rows
+// 1.0x, 8 rows 0.76x, 6 rows 0.62x; 6 experts K=2048 N=1408 16 rows 1.26x, 8 rows 0.75x. avx2:
+// 16 rows 1.28x, 12 1.0x, 8 1.17x, 6 0.94x; 6 experts 16 rows 1.18x, 8 rows 1.10x.
+// generic/neon unmeasured (16 kept).
+constexpr int64_t kDecodeMaxRows = LK_ISA >= 3 ? 8 : LK_ISA == 2 ? 12 : LK_ISA == 1 ? 6 : 16;
 // Segments up to decode_kernel_rows(K) rows take the decode kernel. amx: 4, and 2 where K > 4096
 // (weight rows walked 4 at a time): there the decode kernel is bound by its dot products from 3
 // rows, while the tile kernel stays at the memory rate whatever the rows. Measured on a 2-core

@@ -15,8 +15,8 @@
 //   (pack_a_block); work items are (expert, 64 rows of a, 24 rows of b) from a shared counter;
 //   per group an item decodes its 24 b rows into an L1 panel and runs the vdpbf16ps
 //   micro-kernel (item_products).
-//   other levels: a's rows are decoded to fp32 per expert with each group padded to 128
-//   (decode_row), items (expert, 32 rows, 18 columns) run the FMA micro-kernels (tile_products).
+//   other levels: the same with fp32 tiles (pack_a_block of the row-tiled fp32 kernel: 16, 8 or 4
+//   rows per tile) and the FMA micro-kernels (item_products).
 // Bound: 2*M*N*L flops; a and b are read once per item row / column band, so at wgrad shapes
 // (M, N >= 1408, L ~ 4096 tokens) it is compute bound like a prefill GEMM (bench: GFLOP/s
 // against torch bf16 matmul of the same FLOPs).
