@@ -100,6 +100,7 @@ def test_gemm(benchmark, device, spec):
 def _decode_params():
     out = [pytest.param(spec, id=bench_cases.spec_id(spec)) for spec in bench_cases.decode_specs(QUICK)]
     out += [pytest.param(("cpu-paths", ()), id="cpu-paths"), pytest.param(("prefill", ()), id="prefill")]
+    out += [pytest.param(("prefill-path", (p,)), id=f"prefill-{p}") for p in bench_cases.FP32_PATHS]
     return out
 
 
@@ -123,6 +124,10 @@ def test_gemm_decode(benchmark, spec, read_ceiling):
             pytest.skip(f"this CPU runs one path only ({leankernels.cpu_path()})")
     elif kind == "prefill":
         case = bench_cases.prefill_case(QUICK)
+    elif kind == "prefill-path":
+        case = bench_cases.prefill_path_case(spec[1][0], QUICK)
+        if case is None:
+            pytest.skip(f"path {spec[1][0]} not runnable here or in use ({leankernels.cpu_path()})")
     else:
         case = bench_cases.decode_case(spec, QUICK)
     benchmark.group = f"decode {case.name}"

@@ -137,7 +137,7 @@ def _diff(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _dense_case(device: str, M: int, N: int, K: int, seed: int = 0, name: str = "fp8_gemm dense",
-                bound: Optional[str] = None, ceiling: Optional[str] = None) -> Case:
+                bound: Optional[str] = None, ceiling: Optional[str] = None, fp32: bool = False) -> Case:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g).to(device)
     w = (torch.randn(N, K, generator=g) * 0.02).to(device)
@@ -153,6 +153,9 @@ def _dense_case(device: str, M: int, N: int, K: int, seed: int = 0, name: str = 
         return _diff(ours()[:64].float(), want) < 1e-4
 
     baselines = {"torch.matmul bf16": _probe(lambda: xb @ wb.T)}
+    if fp32:
+        xf, wf = xb.float(), wb.float()
+        baselines = {"torch.matmul fp32": _probe(lambda: xf @ wf.T), **baselines}
     if device != "cpu":
         baselines["leankernels portable mma.sync"] = _probe(_portable(ours))
         # cuBLAS blockwise FP8: scale_a [M, K/128] outer-dim-major, b as [K, N] column-major.
@@ -603,6 +606,27 @@ def prefill_case(quick: bool = False) -> Case:
     return c
 
 
+# The CPU paths that run the products in fp32 (no AVX512_BF16): what a CPU without it runs.
+FP32_PATHS = ("avx512", "avx2")
+
+
+def prefill_path_case(path: str, quick: bool = False) -> Optional[Case]:
+    """The prefill GEMM with a CPU path that multiplies in fp32 forced (`path`, one of
+    FP32_PATHS), against torch's fp32 matmul (the rate such a CPU gets from torch: its bf16
+    matmul has no native products there) and torch's bf16 matmul on this CPU, in the same run.
+    None when this CPU cannot run `path` or it is the path in use (prefill_case measures that)."""
+    if path not in _lib.cpu_paths() or path == _lib.cpu_path():
+        return None
+    M, N, K = PREFILL_MNK
+    if quick:
+        M, N, K = M // 4, _quick_dim(N), _quick_dim(K)
+    c = _dense_case("cpu", M, N, K, name=f"fp8_gemm prefill dense, CPU path {path} (forced)", bound="compute",
+                    ceiling="fp32_matmul", fp32=True)
+    c.ours, c.check = _on_cpu_path(path, c.ours), _on_cpu_path(path, c.check)
+    c.extra["ratio is"] = f"torch's time / the {path} path's; % of ceiling against the measured fp32 matmul rate"
+    return c
+
+
 def decode_specs(quick: bool = False) -> list[tuple]:
     """(kind, args) of every decode-shaped CPU case, in run order; kind in "grouped", "masked",
     "dense", and "grouped_2m" / "dense_2m" (T=1 with every weight in 2 MiB huge pages, where
@@ -644,6 +668,7 @@ def decode_cases(device: str, quick: bool) -> list[Case]:
     if paths is not None:
         out.append(paths)
     out.append(prefill_case(quick))
+    out += [c for c in (prefill_path_case(p, quick) for p in FP32_PATHS) if c is not None]
     return out
 
 
