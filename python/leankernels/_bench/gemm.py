@@ -592,13 +592,15 @@ def cpu_paths_case(quick: bool = False) -> Optional[Case]:
                 ceiling="read", rotate=_FLUSH, setup=st.setup, teardown=st.teardown, extra=extra)
 
 
+def _prefill_mnk(quick: bool) -> tuple[int, int, int]:
+    M, N, K = PREFILL_MNK
+    return (M // 4, _quick_dim(N), _quick_dim(K)) if quick else (M, N, K)
+
+
 def prefill_case(quick: bool = False) -> Case:
     """Large M stays near torch's bf16 matmul rate: ratio = torch bf16 time / ours = our rate as a
     fraction of torch bf16's on this shape; % of ceiling against the measured bf16 matmul rate."""
-    M, N, K = PREFILL_MNK
-    if quick:
-        M, N, K = M // 4, _quick_dim(N), _quick_dim(K)
-    c = _dense_case("cpu", M, N, K, name="fp8_gemm prefill dense", bound="compute", ceiling="bf16_matmul")
+    c = _dense_case("cpu", *_prefill_mnk(quick), name="fp8_gemm prefill dense", bound="compute", ceiling="bf16_matmul")
     c.extra["ratio is"] = "our rate / torch bf16 matmul rate on this shape"
     if _lib.cpu_path() == "amx":  # what the AMX tiles buy: the same GEMM on the vdpbf16ps kernels
         c.baselines["leankernels avx512bf16 path (forced)"] = _on_cpu_path("avx512bf16", c.ours)
@@ -617,11 +619,8 @@ def prefill_path_case(path: str, quick: bool = False) -> Optional[Case]:
     None when this CPU cannot run `path` or it is the path in use (prefill_case measures that)."""
     if path not in _lib.cpu_paths() or path == _lib.cpu_path():
         return None
-    M, N, K = PREFILL_MNK
-    if quick:
-        M, N, K = M // 4, _quick_dim(N), _quick_dim(K)
-    c = _dense_case("cpu", M, N, K, name=f"fp8_gemm prefill dense, CPU path {path} (forced)", bound="compute",
-                    ceiling="fp32_matmul", fp32=True)
+    c = _dense_case("cpu", *_prefill_mnk(quick), name=f"fp8_gemm prefill dense, CPU path {path} (forced)",
+                    bound="compute", ceiling="fp32_matmul", fp32=True)
     c.ours, c.check = _on_cpu_path(path, c.ours), _on_cpu_path(path, c.check)
     c.extra["ratio is"] = f"torch's time / the {path} path's; % of ceiling against the measured fp32 matmul rate"
     return c
