@@ -1798,18 +1798,24 @@ inline int64_t strips_per_item(int64_t row_items, int64_t N) {
 }
 
 // Runs item(i, scratch) for i in [0, n): the OpenMP threads (each with its Scratch) take items
-// 4 at a time from a shared counter (consecutive items share a's packed tiles).
+// from a shared counter, up to 4 at a time (consecutive items share a's packed tiles) but never
+// more than a quarter of what is left per thread, so the threads finish together.
+// NOTES: 4 at a time to the end left one of 2 threads idle for ~16% of dense M=16 (35 items).
 template <class Item>
 void parallel_items(int64_t n, Item item) {
   constexpr int64_t kChunk = 4;
+  const int64_t threads = parallel_chunks(n > 1);
   std::atomic<int64_t> next_item{0};
 #pragma omp parallel if (n > 1)
   {
     Scratch scratch;
     for (;;) {
-      const int64_t begin = next_item.fetch_add(kChunk);
+      int64_t begin = next_item.load(std::memory_order_relaxed), take = 0;
+      do {
+        take = std::clamp<int64_t>((n - begin) / (4 * threads), 1, kChunk);
+      } while (begin < n && !next_item.compare_exchange_weak(begin, begin + take, std::memory_order_relaxed));
       if (begin >= n) break;
-      for (int64_t it = begin; it < std::min(n, begin + kChunk); ++it) item(it, scratch);
+      for (int64_t it = begin; it < std::min(n, begin + take); ++it) item(it, scratch);
     }
   }
 }
