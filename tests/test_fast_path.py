@@ -102,6 +102,15 @@ def _cases():
         lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, mm, out=out)
         return (out,)
 
+    koffs = torch.tensor([100, 200], dtype=torch.int32)  # k-grouped (wgrad): 200 tokens, 2 experts
+    ka, ksa = lk.quantize_fp8_transposed(torch.randn(200, 8, generator=torch.Generator().manual_seed(5)), koffs)
+    kb, ksb = lk.quantize_fp8_transposed(torch.randn(200, 24, generator=torch.Generator().manual_seed(6)), koffs)
+
+    def k_grouped_out():
+        out = torch.ones(2, 8, 24)
+        lk.fp8_k_grouped_gemm(ka, ksa, kb, ksb, koffs, out=out, accumulate=True)
+        return (out,)
+
     return [
         ("route", lambda: lk.route(logits, 4, "sigmoid", bias, 4, 2, True, 2.5)),
         ("plan", lambda: tuple(lk.plan(ids, 64, align=2))),
@@ -116,6 +125,8 @@ def _cases():
         ("fp8_grouped_gemm_out", grouped_out),
         ("fp8_grouped_gemm_masked", lambda: (lk.fp8_grouped_gemm_masked(a3, sa3, b, sb, mm),)),
         ("fp8_grouped_gemm_masked_out", masked_out),
+        ("fp8_k_grouped_gemm", lambda: (lk.fp8_k_grouped_gemm(ka, ksa, kb, ksb, koffs),)),
+        ("fp8_k_grouped_gemm_out", k_grouped_out),
         ("mla_append", append),
         ("mla_decode", lambda: lk.mla_decode(q, cache, table, seqlens, 0.1)),
     ]

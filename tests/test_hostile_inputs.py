@@ -1178,6 +1178,9 @@ def _raw_base_calls():
     kv_c, k_pe = _append_args()
     q, cache, bt, sl = _decode_args()
     offs, mm = torch.tensor([2, 2, 9], dtype=I32), torch.tensor([3, 4], dtype=I32)
+    koffs = torch.tensor([100, 200], dtype=I32)  # k-grouped (wgrad): a [4, 200], b [136, 200] tokens
+    ka, ka_s = _lk().quantize_fp8_transposed(_rand(200, 4), koffs)
+    kb, kb_s = _lk().quantize_fp8_transposed(_rand(200, 136), koffs)
     return [
         (ops.quantize_fp8, [_rand(4, 200), 1, False]),
         (ops.dequantize_fp8, [xq, sq, 1]),
@@ -1186,6 +1189,8 @@ def _raw_base_calls():
         (ops.fp8_grouped_gemm_out, [ga, ga_s, gb, gb_s, offs, torch.empty(9, 136)]),
         (ops.fp8_grouped_gemm_masked, [ma, ma_s, mb, mb_s, mm, torch.float32]),
         (ops.fp8_grouped_gemm_masked_out, [ma, ma_s, mb, mb_s, mm, torch.empty(2, 4, 136)]),
+        (ops.fp8_k_grouped_gemm, [ka, ka_s, kb, kb_s, koffs, torch.float32]),
+        (ops.fp8_k_grouped_gemm_out, [ka, ka_s, kb, kb_s, koffs, torch.zeros(2, 4, 136), True]),
         (ops.route, [_rand(5, 16), 4, True, torch.zeros(16), 4, 2, True, 2.5]),
         (ops.plan, [_plan_ids(), 4, 2]),
         (ops.permute, [_rand(4, 130), p.row_token]),

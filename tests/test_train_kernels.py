@@ -283,6 +283,95 @@ def test_k_grouped_gemm_items_of_several_strips_every_cpu_path(cpu_path):
     torch.testing.assert_close(got, want.bfloat16(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("counts", [None, [100, 0, 157]])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_k_grouped_gemm_out_and_accumulate(device, counts, out_dtype):
+    """out=: the fresh output's values written over poison, in place (experts without tokens:
+    zeros); accumulate=True: out + the fresh product, bitwise (one fp32 add per element), an
+    expert without tokens untouched (its -0.0 keeps its sign: nothing was added to it)."""
+    M, N = 40, 72
+    _, _, offs, a, sa, b, sb = _wgrad_operands(300 if counts is None else sum(counts), M, N, counts, seed=31,
+                                               device=device)
+    want = lk.fp8_k_grouped_gemm(a, sa, b, sb, offs, out_dtype=out_dtype)
+    out = poison(torch.empty(want.shape, dtype=out_dtype, device=device))
+    assert lk.fp8_k_grouped_gemm(a, sa, b, sb, offs, out=out) is out
+    assert torch.equal(out, want)
+    if out_dtype is not torch.float32:
+        return
+    base = randn(*want.shape, seed=32, device=device) * want.abs().max()
+    if counts is not None:
+        base[1] = -0.0
+    acc = base.clone()
+    assert lk.fp8_k_grouped_gemm(a, sa, b, sb, offs, out=acc, accumulate=True) is acc
+    assert torch.equal(acc, base + want)
+    if counts is not None:
+        assert acc[1].signbit().all()
+    acc2 = base.clone()  # twice: two gradient steps summed
+    for _ in range(2):
+        lk.fp8_k_grouped_gemm(a, sa, b, sb, offs, out=acc2, accumulate=True)
+    assert torch.equal(acc2, (base + want) + want)
+
+
+def test_k_grouped_gemm_accumulate_every_cpu_path(cpu_path):
+    """The accumulating stores of every CPU path (avx512bf16's masked 16-wide stores, the
+    others' scalar ones): several strips per item, row and N tails, an empty expert."""
+    counts = [300, 0, 129, 77]
+    _, _, offs, a, sa, b, sb = _wgrad_operands(sum(counts), 270, 1100, counts, seed=33)
+    want = lk.fp8_k_grouped_gemm(a, sa, b, sb, offs)
+    _close(want, ref.fp8_k_grouped_gemm(a, sa, b, sb, offs))
+    base = randn(*want.shape, seed=34) * want.abs().max()
+    acc = base.clone()
+    lk.fp8_k_grouped_gemm(a, sa, b, sb, offs, out=acc, accumulate=True)
+    assert torch.equal(acc, base + want)
+    assert torch.equal(acc[1], base[1])
+
+
+def test_k_grouped_gemm_out_bad_inputs():
+    _, _, offs, a, sa, b, sb = _wgrad_operands(300, 16, 24, [100, 200], seed=35)
+    with pytest.raises(ValueError, match="accumulate=True adds into out"):
+        lk.fp8_k_grouped_gemm(a, sa, b, sb, offs, accumulate=True)
+    with pytest.raises(ValueError, match="out must have shape"):
+        lk.fp8_k_grouped_gemm(a, sa, b, sb, offs, out=torch.empty(16, 24))
+    with pytest.raises(TypeError, match="out must have dtype"):
+        lk.fp8_k_grouped_gemm(a, sa, b, sb, offs, out=torch.empty(2, 16, 24, dtype=torch.float16))
+    with pytest.raises(TypeError, match="accumulate=True needs a float32 out"):
+        lk.fp8_k_grouped_gemm(a, sa, b, sb, offs, out=torch.empty(2, 16, 24, dtype=torch.bfloat16), accumulate=True)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        lk.fp8_k_grouped_gemm(a, sa, b, sb, offs, out=torch.empty(2, 24, 16).transpose(1, 2))
+    with pytest.raises(TypeError, match="out must be"):
+        lk.fp8_k_grouped_gemm(a, sa, b, sb, offs, out=[[0.0]])
+    # the op itself re-checks what would corrupt memory
+    ops = torch.ops.leankernels
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.fp8_k_grouped_gemm_out(a, sa, b, sb, offs, torch.empty(2, 16, 23), False)
+    with pytest.raises(TypeError, match="out has dtype torch.bfloat16"):
+        ops.fp8_k_grouped_gemm_out(a, sa, b, sb, offs, torch.empty(2, 16, 24, dtype=torch.bfloat16), True)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        ops.fp8_k_grouped_gemm_out(a, sa, b, sb, offs, torch.empty(2, 24, 16).transpose(1, 2), False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_k_grouped_gemm_out_opcheck_and_compile(device):
+    _, _, offs, a, sa, b, sb = _wgrad_operands(300, 16, 24, [100, 200], seed=36, device=device)
+    ops = torch.ops.leankernels
+    for acc in (False, True):
+        opcheck(ops.fp8_k_grouped_gemm_out.default, (a, sa, b, sb, offs, torch.zeros(2, 16, 24, device=device), acc))
+    if device != "cpu":
+        return
+
+    def step(a, sa, b, sb, offs, g):
+        lk.fp8_k_grouped_gemm(a, sa, b, sb, offs, out=g, accumulate=True)
+        return g * 2
+
+    g0 = randn(2, 16, 24, seed=37)
+    g1, g2 = g0.clone(), g0.clone()
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True)(a, sa, b, sb, offs, g1)
+    want = step(a, sa, b, sb, offs, g2)
+    assert torch.equal(got, want) and torch.equal(g1, g2)
+
+
 def test_k_grouped_gemm_large_cpu_output_in_huge_pages(monkeypatch):
     """A CPU output of 64 MiB or more comes from 2 MiB huge pages (_ops._HUGE_OUTPUT_BYTES):
     the same values as the ordinary allocation, against the reference, and writable."""

@@ -38,12 +38,20 @@ void register_gemm(py::module_& m) {
   m.def(
       "fp8_k_grouped_gemm",
       [](uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t b_scale, uintptr_t offs, int64_t num_experts,
-         int64_t M, int64_t N, int64_t L, uintptr_t out, int out_dtype, int device, uintptr_t stream) {
+         int64_t M, int64_t N, int64_t L, uintptr_t out, int out_dtype, int device, uintptr_t stream, bool accumulate) {
+        if (device < 0) {  // accumulate: the CPU kernels add in their stores (the Python layer adds on a GPU)
+          cpu::fp8_k_grouped_gemm(ptr<const uint8_t>(a), ptr<const float>(a_scale), ptr<const uint8_t>(b),
+                                  ptr<const float>(b_scale), ptr<const int32_t>(offs), num_experts, M, N, L,
+                                  ptr<void>(out), DType(out_dtype), accumulate);
+          return;
+        }
+        LK_CHECK(!accumulate, "fp8_k_grouped_gemm: accumulate is CPU-only here");
         LK_ON_DEVICE(fp8_k_grouped_gemm, device, stream, ptr<const uint8_t>(a), ptr<const float>(a_scale),
             ptr<const uint8_t>(b), ptr<const float>(b_scale), ptr<const int32_t>(offs), num_experts, M, N, L,
             ptr<void>(out), DType(out_dtype));
       },
-      py::call_guard<py::gil_scoped_release>());
+      py::arg(), py::arg(), py::arg(), py::arg(), py::arg(), py::arg(), py::arg(), py::arg(), py::arg(), py::arg(),
+      py::arg(), py::arg(), py::arg(), py::arg("accumulate") = false, py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace lk::bind

@@ -64,8 +64,8 @@ bool fp8_nan_free(const uint8_t* b, int64_t n) {
 
 void fp8_k_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8_t* b, const float* b_scale,
                         const int32_t* offs, int64_t num_experts, int64_t M, int64_t N, int64_t L, void* out,
-                        DType out_dtype) {
-  LK_CPU_DISPATCH(fp8_k_grouped_gemm, a, a_scale, b, b_scale, offs, num_experts, M, N, L, out, out_dtype)
+                        DType out_dtype, bool accumulate) {
+  LK_CPU_DISPATCH(fp8_k_grouped_gemm, a, a_scale, b, b_scale, offs, num_experts, M, N, L, out, out_dtype, accumulate)
 }
 
 }  // namespace lk::cpu

@@ -34,9 +34,11 @@ bool fp8_nan_free(const uint8_t* b, int64_t n);
 // per-row 1x128 scales along L in the layout of common/k_groups.h. All contiguous:
 //   a [M, L] e4m3, a_scale [M, G] fp32, b [N, L] e4m3, b_scale [N, G] fp32 (G = ceil(L/128) + E - 1),
 //   offs int32 [E] cumulative token ends (nullptr: E = 1, every token), out [E, M, N] f32 or bf16.
-// Every element of out is written (experts without tokens: 0).
+// Every element of out is written (experts without tokens: 0). accumulate (f32 out only):
+// out[e] += the product instead (one fp32 add per element, after the whole sum; experts without
+// tokens keep their values): a weight gradient accumulated into an existing fp32 buffer.
 void fp8_k_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8_t* b, const float* b_scale,
                         const int32_t* offs, int64_t num_experts, int64_t M, int64_t N, int64_t L, void* out,
-                        DType out_dtype);
+                        DType out_dtype, bool accumulate = false);
 
 }  // namespace lk::cpu

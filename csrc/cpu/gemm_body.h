@@ -465,11 +465,16 @@ struct Problem {
   void* out;
   DType out_dtype;
   bool b_nan_free = false;  // the caller knows b holds no NaN code: the walks skip the NaN mark
+  bool accumulate = false;  // f32 out only (fp8_k_grouped_gemm): out += v instead of out = v
 };
 
 inline void store_out(const Problem& p, int64_t row, int64_t col, float v) {
-  if (p.out_dtype == DType::f32) static_cast<float*>(p.out)[row * p.N + col] = v;
-  else static_cast<uint16_t*>(p.out)[row * p.N + col] = f32_to_bf16(v);
+  if (p.out_dtype == DType::f32) {
+    float& o = static_cast<float*>(p.out)[row * p.N + col];
+    o = p.accumulate ? o + v : v;
+  } else {
+    static_cast<uint16_t*>(p.out)[row * p.N + col] = f32_to_bf16(v);
+  }
 }
 
 // Allocator adaptor whose construct() without a value default-initializes: a vector of it grows
@@ -699,9 +704,12 @@ void store_item(const Problem& p, const float* totals, int64_t row0, int64_t row
       const int64_t at = (row0 + t * kTileRows + r) * p.N + n0;
       if (f32) {
         float* dst = static_cast<float*>(p.out) + at;
-        for (int64_t c = 0; c < width; c += 16)
-          _mm512_mask_storeu_ps(dst + c, __mmask16(width - c >= 16 ? 0xffff : (1u << (width - c)) - 1),
-                                _mm512_load_ps(&stage[r][c]));
+        for (int64_t c = 0; c < width; c += 16) {
+          const __mmask16 m = __mmask16(width - c >= 16 ? 0xffff : (1u << (width - c)) - 1);
+          __m512 v = _mm512_load_ps(&stage[r][c]);
+          if (p.accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst + c), v);
+          _mm512_mask_storeu_ps(dst + c, m, v);
+        }
       } else {
         uint16_t* dst = static_cast<uint16_t*>(p.out) + at;
         const uint16_t* src = reinterpret_cast<const uint16_t*>(stage[r]);

@@ -6,7 +6,8 @@
 //   out[e, m, n] += (sum_{t in group} a[m, t] b[n, t]) * (a_scale[m, g] * b_scale[n, g])
 // with the group sum in fp32 (e4m3 x e4m3 products are exact): reference.fp8_k_grouped_gemm.
 // out [E, M, N] (offs == nullptr: [M, N], one expert), f32 or bf16; experts without tokens
-// give zeros. Every output element is written once, by one thread: deterministic.
+// give zeros. Every output element is written once, by one thread: deterministic. accumulate
+// (f32 out): out += the element's whole sum instead, in the same single store.
 //
 // How: the row-tiled prefill kernels of gemm_body.h, with each token group playing the part
 // of a 128-wide K block (zero padded past its end, starting at any token: no alignment). A
@@ -125,20 +126,23 @@ void k_grouped_rows(const Problem& p, int64_t M, const std::vector<KGroup>& grou
 
 void fp8_k_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8_t* b, const float* b_scale,
                         const int32_t* offs, int64_t num_experts, int64_t M, int64_t N, int64_t L, void* out,
-                        DType out_dtype) {
+                        DType out_dtype, bool accumulate) {
   LK_CHECK(M >= 0 && N >= 0 && L >= 0 && num_experts >= 1, "fp8_k_grouped_gemm: bad size");
+  LK_CHECK(!accumulate || out_dtype == DType::f32, "fp8_k_grouped_gemm: accumulate needs an f32 out");
   LK_CHECK(offs != nullptr || num_experts == 1, "fp8_k_grouped_gemm: offs=None means one expert");
   LK_CHECK(out_dtype == DType::f32 || out_dtype == DType::bf16, "out dtype must be f32 or bf16");
   if (M == 0 || N == 0) return;
   const std::vector<KGroup> groups = k_groups(offs, num_experts, L);
-  // Experts without tokens: zeros (the kernels below write every row of the others).
+  // Experts without tokens: zeros, or (accumulate) untouched (the kernels below write every row
+  // of the others).
   std::vector<char> has(size_t(num_experts), 0);
   for (const KGroup& g : groups) has[size_t(g.expert)] = 1;
   const size_t esize = out_dtype == DType::f32 ? 4 : 2;
-  for (int64_t e = 0; e < num_experts; ++e)
+  for (int64_t e = 0; e < num_experts && !accumulate; ++e)
     if (!has[size_t(e)]) memset(static_cast<char*>(out) + size_t(e * M * N) * esize, 0, size_t(M * N) * esize);
   if (groups.empty()) return;
-  const Problem p{a, a_scale, b, b_scale, N, L, k_group_columns(L, num_experts), 0, out, out_dtype};
+  const Problem p{a,   a_scale, b,        b_scale, N,    L, k_group_columns(L, num_experts), 0,
+                  out, out_dtype, false, accumulate};
   k_grouped_rows(p, M, groups);
 }
 

@@ -1178,18 +1178,32 @@ def fp8_k_grouped_gemm_impl(a, a_scale, b, b_scale, offs, out_dtype):
         out = memory.empty_hugepages(*shape, dtype=out_dtype)
     else:
         out = torch.empty(shape, dtype=out_dtype, device=a.device)
-    if out.numel() == 0:
-        return out
-    device, stream = device_args(a)
-    _C.fp8_k_grouped_gemm(a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(),
-                          0 if offs is None else offs.data_ptr(), 1 if offs is None else offs.shape[0], M, N, L,
-                          out.data_ptr(), dtype_code(out_dtype), device, stream)
+    _k_grouped_launch(a, a_scale, b, b_scale, offs, out, False)
     return out
 
 
-@_custom_op("leankernels::fp8_k_grouped_gemm", mutates_args=())
-def fp8_k_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                       offs: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+def _k_grouped_launch(a, a_scale, b, b_scale, offs, out, accumulate: bool) -> None:
+    if out.numel() == 0:
+        return
+    M, L = a.shape
+    device, stream = device_args(a)
+    _C.fp8_k_grouped_gemm(a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(),
+                          0 if offs is None else offs.data_ptr(), 1 if offs is None else offs.shape[0], M,
+                          b.shape[0], L, out.data_ptr(), dtype_code(out.dtype), device, stream, accumulate)
+
+
+def fp8_k_grouped_gemm_out_impl(a, a_scale, b, b_scale, offs, out, accumulate: bool) -> None:
+    """fp8_k_grouped_gemm_impl into ``out`` (contiguous, the op's shape): written, or with
+    ``accumulate`` (f32 out) added to. The CPU kernels add in their stores; on a GPU the product
+    goes to a temporary that is then added (the CUDA kernel has no accumulating store)."""
+    if accumulate and a.device.type != "cpu":
+        out.add_(fp8_k_grouped_gemm_impl(a, a_scale, b, b_scale, offs, torch.float32))
+        return
+    _k_grouped_launch(a, a_scale, b, b_scale, offs, out, accumulate)
+
+
+def _k_grouped_checks(a, a_scale, b, b_scale, offs):
+    """The op-level checks of fp8_k_grouped_gemm(_out); returns offs (contiguous or None)."""
     _need_t("a", a, (FP8,), dim=2)
     _need_t("b", b, (FP8,), dim=2)
     M, L = a.shape
@@ -1200,10 +1214,35 @@ def fp8_k_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     _need_t("b_scale", b_scale, (torch.float32,), shape=(b.shape[0], G))
     for name, t in (("a_scale", a_scale), ("b", b), ("b_scale", b_scale)):
         _need(t.device == a.device, f"{name} is on {t.device} but a is on {a.device}")
+    return offs
+
+
+@_custom_op("leankernels::fp8_k_grouped_gemm", mutates_args=())
+def fp8_k_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                       offs: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    offs = _k_grouped_checks(a, a_scale, b, b_scale, offs)
     if out_dtype not in (torch.bfloat16, torch.float32):
         raise TypeError(f"leankernels: out_dtype must be torch.bfloat16 or torch.float32; got {out_dtype}")
     return fp8_k_grouped_gemm_impl(a.contiguous(), a_scale.contiguous(), b.contiguous(), b_scale.contiguous(),
                                    offs, out_dtype)
+
+
+@_custom_op("leankernels::fp8_k_grouped_gemm_out", mutates_args=("out",))
+def fp8_k_grouped_gemm_out(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                           offs: Optional[torch.Tensor], out: torch.Tensor, accumulate: bool) -> None:
+    offs = _k_grouped_checks(a, a_scale, b, b_scale, offs)
+    M, N = a.shape[0], b.shape[0]
+    _need_t("out", out, (torch.float32,) if accumulate else (torch.bfloat16, torch.float32),
+            shape=(M, N) if offs is None else (offs.shape[0], M, N))
+    _need(out.device == a.device, f"out is on {out.device} but a is on {a.device}")
+    _need(out.numel() == 0 or out.is_contiguous(), "out must be contiguous (the kernel writes rows in place)")
+    fp8_k_grouped_gemm_out_impl(a.contiguous(), a_scale.contiguous(), b.contiguous(), b_scale.contiguous(), offs,
+                                out, accumulate)
+
+
+@fp8_k_grouped_gemm_out.register_fake
+def _(a, a_scale, b, b_scale, offs, out, accumulate):
+    return None
 
 
 @fp8_k_grouped_gemm.register_fake

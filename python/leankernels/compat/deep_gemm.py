@@ -495,18 +495,23 @@ def _flat_groups(name: str, x, ks: List[int], mn: int) -> torch.Tensor:
     return torch.cat([t.view(torch.uint8) for t in parts], dim=1).view(_FP8)   # bytes: torch 2.4 has no float8 cat
 
 
-def _accumulate_out(name: str, d: torch.Tensor, y: torch.Tensor, c) -> None:
-    """d = c + y (c None: d = y; c may be d itself)."""
+def _k_grouped_into(name: str, d, c, shape, a, sa, b, sb, offs=None) -> None:
+    """d = c + fp8_k_grouped_gemm(a, sa, b, sb, offs), the product of ``shape`` (c None: d = the
+    product; c may be d itself). Straight into d (no temporary) when d is a contiguous fp32
+    tensor on a's device and c is None or d: the accumulating store adds each element's whole
+    sum once, the same value as c + product."""
     _checks.tensor(name, d, (torch.float32,))
-    _checks.shape(name, d, tuple(y.shape))
-    if d.device != y.device:
-        raise ValueError(f"{name} is on {d.device} but a is on {y.device}; all tensors must share one device")
-    if c is None:
-        d.copy_(y)
+    _checks.shape(name, d, tuple(shape))
+    if d.device != a.device:
+        raise ValueError(f"{name} is on {d.device} but a is on {a.device}; all tensors must share one device")
+    if c is not None:
+        _checks.tensor("c", c, (torch.float32,))
+        _checks.shape("c", c, tuple(shape))
+    if d.is_contiguous() and (c is None or c is d):
+        fp8_k_grouped_gemm(a, sa, b, sb, offs, out=d, accumulate=c is not None)
         return
-    _checks.tensor("c", c, (torch.float32,))
-    _checks.shape("c", c, tuple(y.shape))
-    d.copy_(c + y)
+    y = fp8_k_grouped_gemm(a, sa, b, sb, offs)
+    d.copy_(y if c is None else c + y)
 
 
 def _recipe_1d1d(recipe) -> None:
@@ -538,9 +543,8 @@ def k_grouped_fp8_gemm_tn_contiguous(a: Tuple[torch.Tensor, torch.Tensor], b: Tu
         raise ValueError(f"a[0] and b[0] must have sum(ks) = {sum(ks)} rows; got {a.shape[0]} and {b.shape[0]}")
     m, n = a.shape[1], b.shape[1]
     offs = _offs(ks, a.device)
-    y = fp8_k_grouped_gemm(a.T, _k_grouped_scales("a[1]", sa, ks, m, a.device, True),
-                           b.T, _k_grouped_scales("b[1]", sb, ks, n, a.device, True), offs)
-    _accumulate_out("d", d, y, c)
+    _k_grouped_into("d", d, c, (len(ks), m, n), a.T, _k_grouped_scales("a[1]", sa, ks, m, a.device, True),
+                    b.T, _k_grouped_scales("b[1]", sb, ks, n, a.device, True), offs)
 
 
 def k_grouped_fp8_gemm_nt_contiguous(a: Tuple[torch.Tensor, torch.Tensor], b: Tuple[torch.Tensor, torch.Tensor],
@@ -560,9 +564,8 @@ def k_grouped_fp8_gemm_nt_contiguous(a: Tuple[torch.Tensor, torch.Tensor], b: Tu
     _checks.tensor("d", d, (torch.float32,), 3)
     m, n = d.shape[1], d.shape[2]
     A, B = _flat_groups("a[0]", a, ks, m), _flat_groups("b[0]", b, ks, n)
-    y = fp8_k_grouped_gemm(A, _k_grouped_scales("a[1]", sa, ks, m, a.device, False),
-                           B, _k_grouped_scales("b[1]", sb, ks, n, a.device, False), _offs(ks, a.device))
-    _accumulate_out("d", d, y, c)
+    _k_grouped_into("d", d, c, (len(ks), m, n), A, _k_grouped_scales("a[1]", sa, ks, m, a.device, False),
+                    B, _k_grouped_scales("b[1]", sb, ks, n, a.device, False), _offs(ks, a.device))
 
 
 def wgrad_gemm_fp8_fp8_fp32_nt(lhs: Tuple[torch.Tensor, torch.Tensor], rhs: Tuple[torch.Tensor, torch.Tensor],
@@ -575,9 +578,9 @@ def wgrad_gemm_fp8_fp8_fp32_nt(lhs: Tuple[torch.Tensor, torch.Tensor], rhs: Tupl
     _checks.tensor("lhs[0]", a, (_FP8,), 2)
     _checks.tensor("rhs[0]", b, (_FP8,), 2)
     k = a.shape[1]
-    y = fp8_k_grouped_gemm(a, _k_grouped_scales("lhs[1]", sa, [k], a.shape[0], a.device, False),
-                           b, _k_grouped_scales("rhs[1]", sb, [k], b.shape[0], a.device, False))
-    _accumulate_out("out", out, y, out)
+    _k_grouped_into("out", out, out, (a.shape[0], b.shape[0]), a,
+                    _k_grouped_scales("lhs[1]", sa, [k], a.shape[0], a.device, False),
+                    b, _k_grouped_scales("rhs[1]", sb, [k], b.shape[0], a.device, False))
 
 
 def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs: Tuple[torch.Tensor, torch.Tensor],
@@ -594,9 +597,8 @@ def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs: Tuple[torch.Tensor, torch.Tensor],
         raise ValueError(f"out has {out.shape[0]} batches but batch_sizes has {len(ks)}")
     m, n = out.shape[1], out.shape[2]
     A, B = _flat_groups("lhs[0]", a, ks, m), _flat_groups("rhs[0]", b, ks, n)
-    y = fp8_k_grouped_gemm(A, _k_grouped_scales("lhs[1]", sa, ks, m, a.device, True),
-                           B, _k_grouped_scales("rhs[1]", sb, ks, n, a.device, True), _offs(ks, a.device))
-    _accumulate_out("out", out, y, out)
+    _k_grouped_into("out", out, out, (len(ks), m, n), A, _k_grouped_scales("lhs[1]", sa, ks, m, a.device, True),
+                    B, _k_grouped_scales("rhs[1]", sb, ks, n, a.device, True), _offs(ks, a.device))
 
 
 _fp8_gemm_nt_blocks = fp8_gemm_nt  # the (1, 128, 128) form above
