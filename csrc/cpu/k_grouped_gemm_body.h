@@ -141,8 +141,8 @@ void fp8_k_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8_t* b
   for (int64_t e = 0; e < num_experts && !accumulate; ++e)
     if (!has[size_t(e)]) memset(static_cast<char*>(out) + size_t(e * M * N) * esize, 0, size_t(M * N) * esize);
   if (groups.empty()) return;
-  const Problem p{a,   a_scale, b,        b_scale, N,    L, k_group_columns(L, num_experts), 0,
-                  out, out_dtype, false, accumulate};
+  const Problem p{a,   a_scale,   b, b_scale, N, L, k_group_columns(L, num_experts), 0,
+                  out, out_dtype, /*b_nan_free=*/false, accumulate};
   k_grouped_rows(p, M, groups);
 }
 
