@@ -9,6 +9,7 @@
 //   output, b_nan_free, subnormal weights under a flush-to-zero caller.
 // - quantize_fp8 (1x128 and 128x128, fp32 and ue8m0 scales) and dequantize_fp8: bit-exact, with
 //   NaN, Inf, zero groups, tails and a strided input.
+// - fp8_k_grouped_gemm (MoE wgrad): hostile token splits, f32 / bf16 out, accumulate.
 // Exit status 0 when all pass.
 //
 //   build: g++ -O2 -fopenmp -Icsrc tests/cpp/cpu_gemm_check.cpp csrc/cpu/*.cpp
@@ -218,6 +219,79 @@ int run_case(const Case& c, uint64_t seed) {
   return fail.count;
 }
 
+// ---------------------------------------------------------------- k-grouped (MoE wgrad)
+// fp8_k_grouped_gemm against the contract (reference.fp8_k_grouped_gemm): expert e's tokens
+// [start_e, end_e) (ends clamped to [0, L], starts the running maximum of the earlier ends) cut
+// into groups of 128 from start_e, group j with scale column floor(start_e / 128) + e + j; per
+// group the sum of exact products times a_scale * b_scale, accumulated in fp32; experts without
+// tokens: zeros. accumulate (f32): then called again adding into `base` values, which must give
+// base + the first call's output exactly (one fp32 add per element).
+int k_grouped_case(int64_t M, int64_t N, int64_t L, const std::vector<int32_t>& offs, DType out_dtype,
+                   bool accumulate, uint64_t seed) {
+  Rng rng(seed);
+  const int64_t E = int64_t(offs.size()), G = (L + kGroup - 1) / kGroup + E - 1;
+  std::vector<uint8_t> a(size_t(M * L)), b(size_t(N * L));
+  std::vector<float> sa(size_t(M * G)), sb(size_t(N * G));
+  for (auto& v : a) v = rng.weight_code();
+  for (auto& v : b) v = rng.weight_code();
+  for (auto& v : sa) v = rng.scale();
+  for (auto& v : sb) v = rng.scale();
+  const size_t osize = out_dtype == DType::f32 ? 4 : 2, n_out = size_t(E * M * N);
+  std::vector<uint8_t> out(n_out * osize, 0xa5);  // poison
+  lk::cpu::fp8_k_grouped_gemm(a.data(), sa.data(), b.data(), sb.data(), offs.data(), E, M, N, L, out.data(),
+                              out_dtype);
+  std::vector<float> want(n_out, 0.0f);
+  double want_max = 0.0;
+  int64_t start = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t end = std::max(start, std::min<int64_t>(std::max<int64_t>(offs[size_t(e)], 0), L));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        float acc = 0.0f;
+        for (int64_t t0 = start, j = 0; t0 < end; t0 += kGroup, ++j) {
+          double blk = 0.0;  // exact products summed in double, rounded once
+          for (int64_t t = t0; t < std::min(end, t0 + kGroup); ++t)
+            blk += double(lk::fp8e4m3_to_f32(a[size_t(m * L + t)])) * double(lk::fp8e4m3_to_f32(b[size_t(n * L + t)]));
+          const int64_t col = start / kGroup + e + j;
+          acc += float(blk) * (sa[size_t(m * G + col)] * sb[size_t(n * G + col)]);
+        }
+        want[size_t((e * M + m) * N + n)] = acc;
+        want_max = std::max(want_max, std::fabs(double(acc)));
+      }
+    start = end;
+  }
+  Failure fail;
+  std::vector<float> got(n_out);
+  for (size_t i = 0; i < n_out; ++i) {
+    float w = want[i];
+    if (out_dtype == DType::f32) {
+      std::memcpy(&got[i], out.data() + i * 4, 4);
+    } else {
+      uint16_t h;
+      std::memcpy(&h, out.data() + i * 2, 2);
+      got[i] = lk::bf16_to_f32(h);
+      w = bf16_round(w);
+    }
+    const double tol = (out_dtype == DType::f32 ? 1e-4 : 1e-2) * (std::fabs(double(w)) + want_max);
+    if (!(std::fabs(double(got[i]) - double(w)) <= tol))
+      fail.report("element " + std::to_string(i) + ": got " + std::to_string(got[i]) + ", want " + std::to_string(w));
+  }
+  if (accumulate) {
+    std::vector<float> acc(n_out);
+    for (auto& v : acc) v = float(want_max) * float(int64_t(rng.g() % 2001) - 1000) / 1000.0f;
+    const std::vector<float> base = acc;
+    lk::cpu::fp8_k_grouped_gemm(a.data(), sa.data(), b.data(), sb.data(), offs.data(), E, M, N, L, acc.data(),
+                                DType::f32, true);
+    for (size_t i = 0; i < n_out; ++i) {
+      const float expect = base[i] + got[i];
+      if (std::memcmp(&expect, &acc[i], 4) != 0)
+        fail.report("accumulated element " + std::to_string(i) + ": got " + std::to_string(acc[i]) + ", want " +
+                    std::to_string(expect));
+    }
+  }
+  return fail.count;
+}
+
 // ---------------------------------------------------------------- quantization
 // e4m3 of v (|v| <= 448 or NaN), round to nearest, ties to the even code: the nearest of the 127
 // magnitudes (zero, subnormals, normals), found by search.
@@ -387,6 +461,29 @@ int main() {
                                std::to_string(c.K) + (c.block_rows == 1 ? " 1x128" : " 128x128") +
                                (c.ue8m0 ? " ue8m0" : "") + (c.hostile ? " hostile" : "") +
                                (c.stride != c.K ? " strided" : "");
+      failed += bad != 0;
+      std::printf("  %s %s%s\n", bad ? "FAIL" : "ok  ", name.c_str(),
+                  bad ? (": " + std::to_string(bad) + " mismatches").c_str() : "");
+    }
+    struct KCase {
+      int64_t M, N, L;
+      std::vector<int32_t> offs;
+      DType out_dtype;
+      bool accumulate;
+    };
+    // hostile splits: empty experts, 1 token, 127/128/129, a decreasing end (an empty expert),
+    // an end past L (clamped), tokens past the last end (ignored); row and column tails
+    const KCase kcases[] = {{70, 50, 700, {0, 1, 128, 257, 386, 389, 389, 650}, DType::f32, false},
+                            {70, 50, 700, {0, 1, 128, 257, 386, 389, 389, 650}, DType::f32, true},
+                            {33, 130, 300, {100, 60, 299}, DType::bf16, false},
+                            {33, 130, 300, {100, 60, 400}, DType::f32, true},
+                            {17, 40, 256, {256}, DType::f32, true}};
+    for (const KCase& c : kcases) {
+      const int bad = k_grouped_case(c.M, c.N, c.L, c.offs, c.out_dtype, c.accumulate, seed++);
+      ++run;
+      const std::string name = "fp8_k_grouped_gemm M=" + std::to_string(c.M) + " N=" + std::to_string(c.N) +
+                               " L=" + std::to_string(c.L) + " E=" + std::to_string(c.offs.size()) +
+                               (c.out_dtype == DType::bf16 ? " bf16" : " f32") + (c.accumulate ? " accumulate" : "");
       failed += bad != 0;
       std::printf("  %s %s%s\n", bad ? "FAIL" : "ok  ", name.c_str(),
                   bad ? (": " + std::to_string(bad) + " mismatches").c_str() : "");
