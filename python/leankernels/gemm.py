@@ -304,15 +304,13 @@ def fp8_k_grouped_gemm(a, a_scale, b, b_scale, offs=None, out_dtype: torch.dtype
         out = _check_out(_interop.to_torch(out), shape, a.device)
         if accumulate and out.dtype != torch.float32:
             raise TypeError(f"out has dtype {out.dtype}; accumulate=True needs a float32 out")
-        fast = _ops.direct(a, a_scale, b, b_scale, offs, out)
-        if fast:
-            a, a_scale, b, b_scale = a.contiguous(), a_scale.contiguous(), b.contiguous(), b_scale.contiguous()
-            offs = None if offs is None else offs.contiguous()
+    fast = _ops.direct(a, a_scale, b, b_scale, offs, out)  # (out None is skipped)
+    if fast:
+        a, a_scale, b, b_scale = a.contiguous(), a_scale.contiguous(), b.contiguous(), b_scale.contiguous()
+        offs = None if offs is None else offs.contiguous()
+    if out is not None:
         (_ops.fp8_k_grouped_gemm_out_impl if fast else _ops.fp8_k_grouped_gemm_out)(
             a, a_scale, b, b_scale, offs, out, bool(accumulate))
         return _interop.like_input(out, src)
-    op = _ops.fp8_k_grouped_gemm_impl if _ops.direct(a, a_scale, b, b_scale, offs) else _ops.fp8_k_grouped_gemm
-    if op is _ops.fp8_k_grouped_gemm_impl:
-        a, a_scale, b, b_scale = a.contiguous(), a_scale.contiguous(), b.contiguous(), b_scale.contiguous()
-        offs = None if offs is None else offs.contiguous()
+    op = _ops.fp8_k_grouped_gemm_impl if fast else _ops.fp8_k_grouped_gemm
     return _interop.like_input(op(a, a_scale, b, b_scale, offs, out_dtype), src)
