@@ -111,6 +111,23 @@ def test_grads_propagate_nan():
     assert torch.isnan(w.grad[3]).all() and not torch.isnan(w.grad[:3]).any()
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (17, 33), (130, 260), (3, 64, 48), (2, 1, 100), (4, 100, 1), (2, 300, 520)])
+def test_dgrad_weight_transpose(shape, monkeypatch):
+    """W^T for dgrad: the CPU byte transpose (eager) equals torch's transpose, bit for bit, over
+    whole and ragged 16x16 tiles; the scales are transposed too. The torch path (what a
+    traced backward runs) gives the same."""
+    g = torch.Generator().manual_seed(sum(shape))
+    w = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).view(torch.float8_e4m3fn)
+    s = torch.rand(*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128), generator=g)
+    want = w.view(torch.uint8).transpose(-1, -2).contiguous()
+    wt, st = _ops._transpose_blocks(w, s)
+    assert wt.dtype == torch.float8_e4m3fn and wt.is_contiguous()
+    assert torch.equal(wt.view(torch.uint8), want)
+    assert torch.equal(st, s.transpose(-1, -2))
+    monkeypatch.setattr(_ops, "direct", lambda *t: False)
+    assert torch.equal(_ops._transpose_blocks(w, s)[0].view(torch.uint8), want)
+
+
 def test_requantize_uses_the_cached_copy():
     """`quantized=` is used as given (a module's cached copy): a stale copy changes y."""
     x = torch.randn(8, 128)

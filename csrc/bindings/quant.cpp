@@ -44,6 +44,12 @@ void register_quant(py::module_& m) {
             ptr<const int32_t>(offs), num_experts, ptr<uint8_t>(q), ptr<float>(scale), ue8m0);
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "transpose_bytes",
+      [](uintptr_t src, uintptr_t dst, int64_t batch, int64_t rows, int64_t cols) {
+        ::lk::cpu::transpose_bytes(ptr<const uint8_t>(src), ptr<uint8_t>(dst), batch, rows, cols);
+      },
+      py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace lk::bind

@@ -30,3 +30,10 @@ void silu_mul_quantize_fp8(const void* h, DType dtype, int64_t rows, int64_t I, 
                            float* scale, bool ue8m0);
 
 }  // namespace lk::cpu
+
+namespace lk::cpu {
+
+// src [batch, rows, cols] bytes -> dst [batch, cols, rows], both contiguous (transpose.cpp).
+void transpose_bytes(const uint8_t* src, uint8_t* dst, int64_t batch, int64_t rows, int64_t cols);
+
+}  // namespace lk::cpu

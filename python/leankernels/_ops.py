@@ -918,8 +918,15 @@ _lk_ops = torch.ops.leankernels
 
 
 def _transpose_blocks(w: torch.Tensor, scale: torch.Tensor):
-    """W^T from W's FP8 bytes and 128x128 scales: [(E,) N, K] -> [(E,) K, N], exact."""
-    wt = w.view(torch.uint8).transpose(-1, -2).contiguous().view(FP8)
+    """W^T from W's FP8 bytes and 128x128 scales: [(E,) N, K] -> [(E,) K, N], exact. An eager
+    CPU call runs the C++ byte transpose (~2 GB/s through torch's strided uint8 copy)."""
+    if w.is_cpu and w.is_contiguous() and direct(w):
+        N, K = w.shape[-2], w.shape[-1]
+        wt = torch.empty(*w.shape[:-2], K, N, dtype=torch.uint8)
+        _C.transpose_bytes(w.data_ptr(), wt.data_ptr(), w.numel() // max(N * K, 1), N, K)
+        wt = wt.view(FP8)
+    else:
+        wt = w.view(torch.uint8).transpose(-1, -2).contiguous().view(FP8)
     return wt, scale.transpose(-1, -2).contiguous()
 
 

@@ -10,6 +10,7 @@
 // - quantize_fp8 (1x128 and 128x128, fp32 and ue8m0 scales) and dequantize_fp8: bit-exact, with
 //   NaN, Inf, zero groups, tails and a strided input.
 // - fp8_k_grouped_gemm (MoE wgrad): hostile token splits, f32 / bf16 out, accumulate.
+// - transpose_bytes (the dgrad weight transpose; baseline SIMD, no levels): whole and ragged tiles.
 // Exit status 0 when all pass.
 //
 //   build: g++ -O2 -fopenmp -Icsrc tests/cpp/cpu_gemm_check.cpp csrc/cpu/*.cpp
@@ -384,6 +385,21 @@ int quant_case(int64_t batch, int64_t rows, int64_t K, int64_t stride, int64_t b
   return fail.count;
 }
 
+// transpose_bytes against the index definition; dst poisoned, and a guard byte past its end.
+int transpose_case(int64_t batch, int64_t rows, int64_t cols, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const size_t n = size_t(batch * rows * cols);
+  std::vector<uint8_t> src(n), dst(n + 1, 0xA5);
+  for (uint8_t& v : src) v = uint8_t(rng());
+  lk::cpu::transpose_bytes(src.data(), dst.data(), batch, rows, cols);
+  int bad = dst[n] != 0xA5;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        bad += dst[size_t((b * cols + c) * rows + r)] != src[size_t((b * rows + r) * cols + c)];
+  return bad;
+}
+
 std::vector<Case> cases(bool quick) {
   std::vector<Case> out;
   const int64_t dense[][3] = {{1, 264, 896}, {2, 200, 300}, {3, 7, 33}, {4, 130, 4100}, {8, 132, 1024},
@@ -438,6 +454,21 @@ int main() {
   const bool quick = q != nullptr && *q != '\0' && std::strcmp(q, "0") != 0;
   const int best = lk::cpu::isa_supported();
   int failed = 0, run = 0;
+  {
+    struct TCase {
+      int64_t batch, rows, cols;
+    };
+    const TCase tcases[] = {{1, 1, 1}, {3, 17, 33}, {2, 64, 48}, {1, 300, 700}, {2, 1, 100}, {5, 100, 1}, {4, 128, 128}, {3, 200, 520}};
+    uint64_t seed = 1000;
+    std::printf("== transpose_bytes\n");
+    for (const TCase& c : tcases) {
+      const int bad = transpose_case(c.batch, c.rows, c.cols, seed++);
+      ++run;
+      failed += bad != 0;
+      std::printf("  %s transpose_bytes %lldx%lldx%lld%s\n", bad ? "FAIL" : "ok  ", (long long)c.batch,
+                  (long long)c.rows, (long long)c.cols, bad ? (": " + std::to_string(bad) + " mismatches").c_str() : "");
+    }
+  }
   for (int level = best; level >= 0; --level) {
     const char* name = lk::cpu::isa_name(level);
     if (name == nullptr) continue;
