@@ -274,6 +274,27 @@ def test_moe_case_runs_in_one_inference_mode_and_leaves_it():
     flusher()  # in place, outside inference mode
 
 
+@pytest.mark.parametrize("changed", [False, True])
+def test_train_case_requantizes_only_when_weights_changed(changed, monkeypatch):
+    """The train cases: "weights unchanged" reuses the FP8 weight copies between calls (no weight
+    quantization), "weights changed" marks the parameters modified so every call quantizes all
+    four expert weights (routed w13, w2; shared gate_up, down) as after an optimizer step."""
+    import leankernels.nn.layers as layers
+    from leankernels._bench import train as btrain
+    calls = []
+    quantize = layers.quantize_fp8
+    monkeypatch.setattr(layers, "quantize_fp8", lambda *a, **k: (calls.append(1), quantize(*a, **k))[1])
+    st = btrain.MoeTrainStep(btrain.QUICK, 64, "cpu", weights_changed=changed)
+    st.setup()
+    st.run_ours()
+    calls.clear()
+    for _ in range(2):
+        st.run_ours()
+    assert len(calls) == (8 if changed else 0)
+    assert st.check()
+    st.teardown()
+
+
 def test_rows_rates_and_ceiling():
     cfg = TimingConfig(warmup=0, min_reps=3, max_reps=5, budget_s=0.01)
     rows = runner.run_case(_case(flops=2e9, bound="compute"), "cpu", cfg, None, _ceil())

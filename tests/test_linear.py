@@ -277,3 +277,88 @@ def test_forward_only_ops_refuse_grad_inputs_at_forward_time():
         lk.quantize_fp8(x)
         lk.permute(x, p, quantize=True)
     assert lk.permute(x, p).requires_grad   # the unquantized gather is differentiable
+
+
+# ------------------------------------------------------------------ SwiGLU of the training layer
+def _swiglu_torch(h):
+    g, u = h.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(g) * u).to(h.dtype)
+
+
+def _swiglu_operands(R, I, dtype, device, hostile, seed):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(R, 2 * I, generator=g) * 4)
+    if hostile:  # every special value as g, and Inf / NaN as u
+        special = [float("-inf"), float("inf"), float("nan"), -100.0, -88.0, 95.0, 0.0, -0.0, 1e-30]
+        h[0, :min(I, len(special))] = torch.tensor(special[:I])
+        h[-1, I:I + min(I, 3)] = torch.tensor([float("inf"), float("nan"), float("-inf")][:I])
+    return h.to(dtype).to(device), torch.randn(R, I, generator=g).to(dtype).to(device)
+
+
+def _close_swiglu(got, want, dtype):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got, want, equal_nan=True, atol=1e-30,
+                               rtol=1e-4 if dtype == torch.float32 else 2 ** -7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("R,I", [(1, 1), (3, 17), (37, 704), (5, 1000)])
+@pytest.mark.parametrize("hostile", [False, True])
+def test_silu_mul_matches_torch(device, dtype, R, I, hostile):
+    """leankernels::silu_mul and its gradient against torch's F.silu(g) * u (fp32, cast back)
+    under autograd: values, NaN positions, Inf; the CPU kernels for fp32/bf16, torch's composite
+    elsewhere."""
+    h, da = _swiglu_operands(R, I, dtype, device, hostile, seed=R * 1000 + I)
+    h1, h2 = _leaf(h), _leaf(h)
+    a = _ops.silu_mul(h1)
+    want = _swiglu_torch(h2)
+    _close_swiglu(a, want, dtype)
+    a.backward(da)
+    want.backward(da)
+    _close_swiglu(h1.grad, h2.grad, dtype)
+
+
+def test_silu_mul_every_cpu_path(cpu_path):
+    for dtype in (torch.float32, torch.bfloat16):
+        h, da = _swiglu_operands(9, 300, dtype, "cpu", True, seed=5)
+        h2 = _leaf(h)
+        want = _swiglu_torch(h2)
+        want.backward(da)
+        _close_swiglu(_ops.silu_mul(h), want, dtype)
+        _close_swiglu(_ops.silu_mul_backward(h, da), h2.grad, dtype)
+
+
+def test_silu_mul_strided_and_empty():
+    h, da = _swiglu_operands(6, 200, torch.bfloat16, "cpu", False, seed=3)
+    wide = torch.randn(6, 1000).bfloat16()
+    wide[:, 100:500] = h  # a row stride of 1000, unit column stride
+    hs = wide[:, 100:500]
+    _close_swiglu(_ops.silu_mul(hs), _swiglu_torch(h), torch.bfloat16)
+    torch.testing.assert_close(_ops.silu_mul_backward(hs, da), _ops.silu_mul_backward(h, da), rtol=0, atol=0)
+    ht = h.t().contiguous().t()  # column stride != 1: copied first
+    torch.testing.assert_close(_ops.silu_mul(ht), _ops.silu_mul(h), rtol=0, atol=0)
+    assert _ops.silu_mul(torch.randn(0, 8)).shape == (0, 4)
+    assert _ops.silu_mul_backward(torch.randn(0, 8), torch.randn(0, 4)).shape == (0, 8)
+
+
+def test_silu_mul_bad_inputs():
+    with pytest.raises(ValueError, match="even last dim"):
+        _ops.silu_mul(torch.randn(4, 7))
+    with pytest.raises(TypeError, match="h has dtype"):
+        _ops.silu_mul(torch.randn(4, 8).to(torch.int32))
+    with pytest.raises(ValueError, match="h must have 2 dimensions"):
+        _ops.silu_mul(torch.randn(8))
+    with pytest.raises(TypeError, match="grad has dtype"):
+        _ops.silu_mul_backward(torch.randn(4, 8).bfloat16(), torch.randn(4, 4))
+    with pytest.raises(ValueError, match="grad must have shape"):
+        _ops.silu_mul_backward(torch.randn(4, 8), torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silu_mul_opcheck(device):
+    h, da = _swiglu_operands(5, 130, torch.bfloat16, device, False, seed=7)
+    opcheck(_ops.silu_mul, (h,))
+    opcheck(_ops.silu_mul_backward, (h, da))
+    opcheck(_ops.silu_mul, (_leaf(h.float()),))

@@ -28,6 +28,22 @@ void register_quant(py::module_& m) {
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
+      "silu_mul",
+      [](uintptr_t h, int dtype, int64_t rows, int64_t I, int64_t row_stride, uintptr_t out) {
+        LK_CHECK(dtype == 0 || dtype == 1, "silu_mul: h must be float32 or bfloat16");
+        ::lk::cpu::silu_mul(ptr<const void>(h), DType(dtype), rows, I, row_stride, ptr<void>(out));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "silu_mul_backward",
+      [](uintptr_t h, uintptr_t grad, int dtype, int64_t rows, int64_t I, int64_t h_stride, int64_t grad_stride,
+         uintptr_t dh) {
+        LK_CHECK(dtype == 0 || dtype == 1, "silu_mul_backward: h must be float32 or bfloat16");
+        ::lk::cpu::silu_mul_backward(ptr<const void>(h), ptr<const void>(grad), DType(dtype), rows, I, h_stride,
+                                     grad_stride, ptr<void>(dh));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
       "dequantize_fp8",
       [](uintptr_t q, uintptr_t scale, int64_t batch, int64_t rows, int64_t K, int64_t block_rows,
          uintptr_t out, int device, uintptr_t stream) {

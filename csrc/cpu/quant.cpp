@@ -35,6 +35,15 @@ void silu_mul_quantize_fp8(const void* h, DType dtype, int64_t rows, int64_t I, 
   LK_CPU_DISPATCH(silu_mul_quantize_fp8, h, dtype, rows, I, row_stride, q, scale, ue8m0)
 }
 
+void silu_mul(const void* h, DType dtype, int64_t rows, int64_t I, int64_t row_stride, void* out) {
+  LK_CPU_DISPATCH(silu_mul, h, dtype, rows, I, row_stride, out)
+}
+
+void silu_mul_backward(const void* h, const void* grad, DType dtype, int64_t rows, int64_t I, int64_t h_stride,
+                       int64_t grad_stride, void* dh) {
+  LK_CPU_DISPATCH(silu_mul_backward, h, grad, dtype, rows, I, h_stride, grad_stride, dh)
+}
+
 void dequantize_fp8(const uint8_t* q, const float* scale, int64_t batch, int64_t rows, int64_t K,
                     int64_t block_rows, float* out) {
   LK_CPU_DISPATCH(dequantize_fp8, q, scale, batch, rows, K, block_rows, out)

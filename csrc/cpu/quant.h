@@ -29,6 +29,16 @@ void quantize_fp8_transposed(const void* x, DType dtype, int64_t M, int64_t K, i
 void silu_mul_quantize_fp8(const void* h, DType dtype, int64_t rows, int64_t I, int64_t row_stride, uint8_t* q,
                            float* scale, bool ue8m0);
 
+// The SwiGLU of training, h [rows, 2I] (row stride row_stride elements, unit column stride),
+// f32 or bf16: out [rows, I] contiguous in h's dtype = silu(h[:, :I]) * h[:, I:] computed in fp32
+// (torch's F.silu(g) * u), rounded to nearest even.
+void silu_mul(const void* h, DType dtype, int64_t rows, int64_t I, int64_t row_stride, void* out);
+
+// Its gradient: grad [rows, I] (row stride grad_stride) of out, both in dtype -> dh [rows, 2I]
+// contiguous in dtype: dg = (grad * u) * (s * (1 + g * (1 - s))), s = sigmoid(g); du = grad * silu(g).
+void silu_mul_backward(const void* h, const void* grad, DType dtype, int64_t rows, int64_t I, int64_t h_stride,
+                       int64_t grad_stride, void* dh);
+
 }  // namespace lk::cpu
 
 namespace lk::cpu {

@@ -501,7 +501,7 @@ inline float silu_mul_scalar(float g, float u) { return g / (1.0f + std::exp(-g)
 // ulp). GCC vector arithmetic, the same code at either width.
 inline VecF exp_v(VecF x) {
   typedef int32_t VI __attribute__((vector_size(sizeof(VecF))));
-  const VecF zero = x - x;
+  const VecF zero = {};  // (not x - x: NaN for an infinite x; NaN lanes come out finite here)
   x = x < zero + 88.0f ? x : zero + 88.0f;
   x = x > zero - 87.0f ? x : zero - 87.0f;
   const VecF n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest (|n| < 2^22)
@@ -565,7 +565,105 @@ __attribute__((noinline)) void quantize_row_fused(const void* x, DType dtype, in
 #endif  // LK_ISA >= 2
 #endif
 
+// ---------------------------------------------------------------- SwiGLU for training
+// silu_mul / silu_mul_backward: the activation between a MoE expert's two GEMMs and its
+// gradient, in fp32 from and to bf16/fp32 rows, with torch's formulas (F.silu(g) * u and
+// silu_backward), so the FP8 training layer needs no fp32 copies of h and no cat.
+// exp(-g) overflows to Inf in fp32 (and in torch) below this g: silu(g) = g / (1 + Inf) is
+// then -0 (NaN at g = -Inf) and sigmoid(g) 0; exp_v clamps instead, so the vector code takes
+// those lanes from the overflowed value.
+constexpr float kExpOverflowNeg = -88.7228394f;
+constexpr int64_t kSwigluChunk = 512;  // values per row piece (fp32 scratch)
+
+inline float sigmoid_scalar(float g) { return 1.0f / (1.0f + std::exp(-g)); }
+
+// du = d * silu(g) (silu as the forward computes it), dg = (d * u) * (s * (1 + g * (1 - s))).
+inline void silu_mul_grad_scalar(float g, float u, float d, float* dg, float* du) {
+  const float s = sigmoid_scalar(g);
+  *du = d * (g / (1.0f + std::exp(-g)));
+  *dg = (d * u) * (s * (1.0f + g * (1.0f - s)));
+}
+
+#ifdef LK_QUANT_SIMD
+inline VecF ldv(const float* p) {
+  VecF v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void stv(float* p, VecF v) { memcpy(p, &v, sizeof(v)); }
+
+// exp(-g), Inf where fp32 overflows (see kExpOverflowNeg).
+inline VecF exp_neg_v(VecF g) {
+  const VecF zero = {};
+  const VecF e = exp_v(-g);
+  return g < zero + kExpOverflowNeg ? zero + __builtin_inff() : e;
+}
+#endif
+
+// fp32 values -> n elements of out (f32 or bf16, round to nearest even) at offset.
+inline void narrow_row(const float* v, int64_t n, void* out, DType dtype, int64_t offset) {
+  if (dtype == DType::f32) {
+    std::copy(v, v + n, static_cast<float*>(out) + offset);
+    return;
+  }
+  uint16_t* o = static_cast<uint16_t*>(out) + offset;
+  for (int64_t i = 0; i < n; ++i) o[i] = f32_to_bf16(v[i]);
+}
+
 }  // namespace
+
+void silu_mul(const void* h, DType dtype, int64_t rows, int64_t I, int64_t row_stride, void* out) {
+  LK_CHECK(rows >= 0 && I >= 0, "negative size");
+  LK_CHECK(dtype == DType::f32 || dtype == DType::bf16, "silu_mul: h must be float32 or bfloat16");
+  if (rows == 0 || I == 0) return;
+  parallel_ranges(rows, rows * I >= kParallelElems, [&](int64_t r_begin, int64_t r_end) {
+    alignas(64) float g[kSwigluChunk], u[kSwigluChunk];
+    for (int64_t r = r_begin; r < r_end; ++r)
+      for (int64_t k0 = 0; k0 < I; k0 += kSwigluChunk) {
+        const int64_t n = std::min(kSwigluChunk, I - k0);
+        widen_row(h, dtype, r * row_stride + k0, n, g);
+        widen_row(h, dtype, r * row_stride + I + k0, n, u);
+        int64_t k = 0;
+#ifdef LK_QUANT_SIMD
+        for (; k + kLanes <= n; k += kLanes) {
+          const VecF gv = ldv(g + k);
+          stv(g + k, gv / (exp_neg_v(gv) + 1.0f) * ldv(u + k));
+        }
+#endif
+        for (; k < n; ++k) g[k] = silu_mul_scalar(g[k], u[k]);
+        narrow_row(g, n, out, dtype, r * I + k0);
+      }
+  });
+}
+
+void silu_mul_backward(const void* h, const void* grad, DType dtype, int64_t rows, int64_t I, int64_t h_stride,
+                       int64_t grad_stride, void* dh) {
+  LK_CHECK(rows >= 0 && I >= 0, "negative size");
+  LK_CHECK(dtype == DType::f32 || dtype == DType::bf16, "silu_mul_backward: h must be float32 or bfloat16");
+  if (rows == 0 || I == 0) return;
+  parallel_ranges(rows, rows * I >= kParallelElems, [&](int64_t r_begin, int64_t r_end) {
+    alignas(64) float g[kSwigluChunk], u[kSwigluChunk], d[kSwigluChunk];
+    for (int64_t r = r_begin; r < r_end; ++r)
+      for (int64_t k0 = 0; k0 < I; k0 += kSwigluChunk) {
+        const int64_t n = std::min(kSwigluChunk, I - k0);
+        widen_row(h, dtype, r * h_stride + k0, n, g);
+        widen_row(h, dtype, r * h_stride + I + k0, n, u);
+        widen_row(grad, dtype, r * grad_stride + k0, n, d);
+        int64_t k = 0;
+#ifdef LK_QUANT_SIMD
+        for (; k + kLanes <= n; k += kLanes) {
+          const VecF gv = ldv(g + k), uv = ldv(u + k), dv = ldv(d + k);
+          const VecF e1 = exp_neg_v(gv) + 1.0f, s = 1.0f / e1;
+          stv(u + k, dv * (gv / e1));                          // du
+          stv(g + k, (dv * uv) * (s * (1.0f + gv * (1.0f - s))));  // dg
+        }
+#endif
+        for (; k < n; ++k) silu_mul_grad_scalar(g[k], u[k], d[k], &g[k], &u[k]);
+        narrow_row(g, n, dh, dtype, r * 2 * I + k0);
+        narrow_row(u, n, dh, dtype, r * 2 * I + I + k0);
+      }
+  });
+}
 
 void silu_mul_quantize_fp8(const void* h, DType dtype, int64_t rows, int64_t I, int64_t row_stride, uint8_t* q,
                            float* scale, bool ue8m0) {

@@ -2,11 +2,20 @@
 
 Ours: ``leankernels.nn.MoE`` built with ``trainable=True`` (DeepSeek-V3's FP8 recipe through
 ``fp8_grouped_linear``: 1x128 activations and 128x128 weights forward, transposed weight blocks
-for dgrad, token-grouped 1x128 quantization and the k-grouped FP8 GEMM for wgrad). Baseline: the
-same layer, same weights, same routing ops, with ``fp8_experts=False``: bf16 ``F.grouped_mm``
-experts under PyTorch autograd (fp32 masters cast to bf16). One call = forward, backward of a
+for dgrad, token-grouped 1x128 quantization and the k-grouped FP8 GEMM for wgrad; the SwiGLU
+between the two GEMMs as one op each way, ``leankernels::silu_mul``). Baseline: the same layer,
+same weights, same routing ops, with ``fp8_experts=False``: bf16 ``F.grouped_mm`` experts and
+torch's ``F.silu(g) * u`` under PyTorch autograd (fp32 masters cast to bf16). One call = forward, backward of a
 squared-output loss, gradients cleared; FLOPs = 3x the expert GEMMs' forward FLOPs (forward,
 dgrad, wgrad), shared experts included; the % is against the measured bf16 matmul ceiling.
+
+Two cases. "weights unchanged": the weights stay as they are between calls, as between the
+microbatches of one optimizer step (gradient accumulation), so ours reuses its FP8 copies of
+the weights (the modules re-quantize only when a master weight changes) while the baseline casts
+them to bf16 in every forward. "weights changed": before every call each side's parameters are
+marked modified (their version counters bumped, as an optimizer step does), so ours quantizes
+its weights in every call too: one optimizer step per forward/backward. The optimizer's own
+arithmetic is not timed in either.
 """
 from __future__ import annotations
 
@@ -27,9 +36,21 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(1 - 2 * (a * b).sum() / (a * a + b * b).sum())
 
 
+def _mark_modified(m: torch.nn.Module) -> None:
+    """Bump the version counter of every parameter of m, as an optimizer's in-place update does."""
+    bump = getattr(torch.autograd.graph, "increment_version", None)
+    for p in m.parameters():
+        if bump is not None:
+            bump(p)
+        else:  # pragma: no cover (torch without increment_version)
+            with torch.no_grad():
+                p.mul_(1)
+
+
 class MoeTrainStep:
-    def __init__(self, cfg: DeepSeekConfig, tokens: int, device: str):
+    def __init__(self, cfg: DeepSeekConfig, tokens: int, device: str, weights_changed: bool = False):
         self.cfg, self.tokens, self.device = cfg, tokens, device
+        self.weights_changed = weights_changed
         self.ours = self.ref = self.x = None
 
     def setup(self) -> None:
@@ -43,6 +64,8 @@ class MoeTrainStep:
         self.ours = self.ref = self.x = None
 
     def _step(self, m: MoE):
+        if self.weights_changed:
+            _mark_modified(m)
         x = self.x.detach().requires_grad_()
         y = m(x)
         y.float().pow(2).mean().backward()
@@ -64,11 +87,19 @@ class MoeTrainStep:
 
 def cases(device: str, quick: bool) -> list[Case]:
     cfg, T = (QUICK, 256) if quick else (FULL, 2048)
-    st = MoeTrainStep(cfg, T, device)
     H, I, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     fwd = 2 * T * 3 * I * H * (k + cfg.n_shared_experts)
     shape = f"T={T} H={H} E={cfg.n_routed_experts} top{k} I={I} +{cfg.n_shared_experts} shared"
-    return [Case("train", "MoE layer forward+backward (FP8 recipe)", shape, st.run_ours,
-                 {"same layer, bf16 F.grouped_mm experts (autograd)": st.run_ref}, flops=3 * fwd,
-                 check=st.check, bound="compute", ceiling="bf16_matmul", setup=st.setup, teardown=st.teardown,
-                 extra={"check": "output and x/w13/w2 gradients vs the bf16 layer, diff < 1e-2 / 2e-2"})]
+    out = []
+    for changed in (False, True):
+        st = MoeTrainStep(cfg, T, device, weights_changed=changed)
+        name = "MoE layer forward+backward (FP8 recipe), weights " + ("changed" if changed else "unchanged")
+        out.append(Case("train", name, shape, st.run_ours,
+                        {"same layer, bf16 F.grouped_mm experts (autograd)": st.run_ref}, flops=3 * fwd,
+                        check=st.check, bound="compute", ceiling="bf16_matmul", setup=st.setup,
+                        teardown=st.teardown, min_reps=3 if quick else 11,  # (a 2-core VM: +-15% per call)
+                        extra={"check": "output and x/w13/w2 gradients vs the bf16 layer, diff < 1e-2 / 2e-2",
+                               "weights": "re-quantized every call (parameters marked modified, as an optimizer "
+                                          "step does)" if changed else "unchanged between calls (microbatches of "
+                                          "one optimizer step): FP8 copies reused"}))
+    return out

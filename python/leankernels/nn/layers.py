@@ -450,9 +450,10 @@ class MoE(nn.Module):
     Training (``trainable=True``): Parameters ``gate_weight`` ``[E, H]``, ``w13_master``
     ``[E, 2I, H]`` and ``w2_master`` ``[E, H, I]`` (fp32) plus the shared experts' (as many
     trainable elements as the plain layer); routed experts run ``route -> plan -> permute ->
-    fp8_grouped_linear -> SwiGLU -> fp8_grouped_linear -> unpermute``, all differentiable
+    fp8_grouped_linear -> silu_mul -> fp8_grouped_linear -> unpermute``, all differentiable
     (gradients reach the gate through the routing weights; the selection bias only chooses).
-    ``fp8_experts=False`` runs the same layer with bf16 ``F.grouped_mm`` experts (the baseline).
+    ``fp8_experts=False`` runs the same layer with bf16 ``F.grouped_mm`` experts and torch's
+    ``F.silu(g) * u`` (the baseline).
     While training, tokens per expert accumulate in the ``load_counts`` buffer; ``balance()``
     applies DeepSeek's aux-loss-free bias update from them between steps.
     """
@@ -589,10 +590,11 @@ class MoE(nn.Module):
         if self.fp8_experts:
             h = fp8_grouped_linear(rows, self.w13_master, offs,
                                    quantized=_fp8_copy(self.w13_master, self.w13, self.w13_scale, self._fp8_keys[0]))
+            # silu(g) * u in fp32, forward and backward in one pass each (leankernels::silu_mul)
+            a = _ops.silu_mul(h).to(self.dtype)
         else:
-            h = _bf16_grouped_mm(rows, self.w13_master, offs)
-        g, u = h.float().chunk(2, dim=-1)
-        a = (F.silu(g) * u).to(self.dtype)
+            g, u = _bf16_grouped_mm(rows, self.w13_master, offs).float().chunk(2, dim=-1)
+            a = (F.silu(g) * u).to(self.dtype)
         if self.fp8_experts:
             return fp8_grouped_linear(a, self.w2_master, offs,
                                       quantized=_fp8_copy(self.w2_master, self.w2, self.w2_scale, self._fp8_keys[1]))
