@@ -102,3 +102,87 @@ def test_nn_fp8_weights_in_hugepages_state_dict_round_trip():
     a, sa = lk.quantize_fp8(x)
     want = lk.reference.fp8_gemm(a, sa, q, s, torch.float32)
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())   # bf16 out
+
+
+# ------------------------------------------------------------------------ the CPU buffer pool
+MIB = 1 << 20
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    """An empty pool with the default limit; emptied again afterwards."""
+    monkeypatch.delenv("LEANKERNELS_CPU_CACHE_MB", raising=False)
+    memory.empty_cache()
+    yield
+    monkeypatch.delenv("LEANKERNELS_CPU_CACHE_MB", raising=False)
+    memory._pool_limit()
+    memory.empty_cache()
+
+
+def test_pool_reuses_a_freed_block_of_the_same_size(pool):
+    a = memory.empty_hugepages(3, MIB, dtype=torch.float32, reuse=True)  # 12 MiB
+    assert a.shape == (3, MIB) and a.dtype == torch.float32 and a.is_contiguous()
+    assert a.data_ptr() % memory.HUGE_PAGE == 0
+    a.fill_(2.5)
+    assert float(a.sum()) == 2.5 * 3 * MIB
+    ptr = a.data_ptr()
+    assert memory.cached_bytes() == 0
+    del a
+    assert memory.cached_bytes() == 12 * MIB
+    b = memory.empty_hugepages(3 * MIB, dtype=torch.float32, reuse=True)  # same bytes, another shape
+    assert b.data_ptr() == ptr and memory.cached_bytes() == 0
+    c = memory.empty_hugepages(5 * MIB, dtype=torch.uint8, reuse=True)  # another size: a new block
+    assert c.data_ptr() != ptr
+    del b, c
+    assert memory.cached_bytes() == 12 * MIB + 6 * MIB  # (5 MiB rounds up to 6)
+    memory.empty_cache()
+    assert memory.cached_bytes() == 0
+
+
+def test_pool_never_lends_a_live_block(pool):
+    """A block goes back only when no tensor uses its storage: a view keeps it lent, and so does a
+    tensor held by autograd; a storage freed on another thread returns it."""
+    a = memory.empty_hugepages(4 * MIB, reuse=True)
+    view = a[MIB:]
+    ptr = a.data_ptr()
+    del a
+    assert memory.cached_bytes() == 0
+    b = memory.empty_hugepages(4 * MIB, reuse=True)
+    assert b.data_ptr() != ptr
+    del view
+    assert memory.cached_bytes() == 4 * MIB
+    import threading
+    t = threading.Thread(target=lambda box: box.clear(), args=([b],))
+    del b  # the thread's list now holds the only reference
+    assert memory.cached_bytes() == 4 * MIB
+    t.start()
+    t.join()
+    gc.collect()
+    assert memory.cached_bytes() == 8 * MIB
+
+
+def test_pool_limit(pool, monkeypatch):
+    monkeypatch.setenv("LEANKERNELS_CPU_CACHE_MB", "5")
+    a = memory.empty_hugepages(4 * MIB, reuse=True)
+    b = memory.empty_hugepages(4 * MIB, reuse=True)
+    del a
+    assert memory.cached_bytes() == 4 * MIB
+    del b  # past the 5 MiB limit: the oldest free block is unmapped
+    assert memory.cached_bytes() == 4 * MIB
+    monkeypatch.setenv("LEANKERNELS_CPU_CACHE_MB", "0")
+    c = memory.empty_hugepages(4 * MIB, reuse=True)  # applies the new limit first
+    assert memory.cached_bytes() == 0
+    del c
+    assert memory.cached_bytes() == 0
+    monkeypatch.setenv("LEANKERNELS_CPU_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="LEANKERNELS_CPU_CACHE_MB"):
+        memory.empty_hugepages(4 * MIB, reuse=True)
+
+
+def test_pool_small_and_non_cpu_fall_back(pool):
+    small = memory.empty_hugepages(1000, dtype=torch.float32, reuse=True)  # under 2 MiB: torch.empty
+    assert small.shape == (1000,)
+    del small
+    assert memory.cached_bytes() == 0
+    meta = memory.empty_hugepages(4 * MIB, device="meta", reuse=True)
+    assert meta.is_meta and meta.shape == (4 * MIB,)

@@ -1023,10 +1023,13 @@ def _linear_backward(ctx, grad, grouped: bool):
             wq, ws = _lk_ops.quantize_fp8(weight, GROUP, False)
         wt, wts = _transpose_blocks(wq, ws)
         gq, gs = _lk_ops.quantize_fp8(g, 1, False)
+        # straight to x's dtype when the GEMM writes it (its bf16 store rounds the fp32 sum to
+        # nearest even: bitwise what a cast of its fp32 output gives, without that pass)
+        dt = _gemm_dtype(x, None)
         if grouped:
-            dx = _lk_ops.fp8_grouped_gemm(gq, gs, wt, wts, offs, torch.float32)
+            dx = _lk_ops.fp8_grouped_gemm(gq, gs, wt, wts, offs, dt)
         else:
-            dx = _lk_ops.fp8_gemm(gq, gs, wt, wts, torch.float32)
+            dx = _lk_ops.fp8_gemm(gq, gs, wt, wts, dt)
         dx = dx.to(x.dtype).view(x.shape)
     if ctx.needs_input_grad[1]:
         gt, gts = _lk_ops.quantize_fp8_transposed(g, offs, False)
@@ -1243,14 +1246,15 @@ def _(x, offs, ue8m0):
     return x.new_empty((K, M), dtype=FP8), x.new_empty((K, k_group_columns(M, E)), dtype=torch.float32)
 
 
-# NOTES: a CPU wgrad output of this size or more goes to 2 MiB huge pages (leankernels.memory),
-# fresh ones each call as torch.empty's would be (glibc mmaps every allocation over 32 MiB):
-# first-touching hundreds of MiB in 4 KiB pages cost more than the GEMM. 2-core Zen 4 VM
-# (2026-12-03), V2-Lite wgrad T=4096 K=2048, fp32 out, 7 rounds alternating the two allocations
-# in one process: E=64 N_out=1408 (738 MB) 477-492 -> 212-256 ms; E=8 (92-184 MB) within the
-# noise (-8% to +20% over three runs). torch alone gets the same pages with THP_MEM_ALLOC_ENABLE=1.
-# Below 64 MiB, torch.empty can reuse memory already touched.
-_HUGE_OUTPUT_BYTES = 64 << 20
+# NOTES: a CPU wgrad output of this size or more comes from the CPU buffer pool of
+# leankernels.memory (2 MiB huge pages, blocks reused once the previous output of the same size
+# is freed), not from torch.empty, which maps fresh memory for every allocation over 32 MiB
+# (glibc): first-touching hundreds of MiB in 4 KiB pages cost more than the GEMM. 2-core Zen 4 VM
+# (2026-12-03), V2-Lite wgrad T=4096 K=2048, fp32 out, fresh huge pages vs torch.empty: E=64
+# N_out=1408 (738 MB) 477-492 -> 212-256 ms. Reused blocks (2026-12-04): no first touch at all;
+# a MoE training step's wgrad GEMMs spent ~20% of their time zeroing fresh pages before.
+# Below 8 MiB, torch.empty reuses memory already touched (glibc's heap).
+_HUGE_OUTPUT_BYTES = 8 << 20
 
 
 def fp8_k_grouped_gemm_impl(a, a_scale, b, b_scale, offs, out_dtype):
@@ -1260,7 +1264,7 @@ def fp8_k_grouped_gemm_impl(a, a_scale, b, b_scale, offs, out_dtype):
     shape = (M, N) if offs is None else (offs.shape[0], M, N)
     nbytes = math.prod(shape) * out_dtype.itemsize
     if a.device.type == "cpu" and nbytes >= _HUGE_OUTPUT_BYTES:
-        out = memory.empty_hugepages(*shape, dtype=out_dtype)
+        out = memory.empty_hugepages(*shape, dtype=out_dtype, reuse=True)
     else:
         out = torch.empty(shape, dtype=out_dtype, device=a.device)
     _k_grouped_launch(a, a_scale, b, b_scale, offs, out, False)
