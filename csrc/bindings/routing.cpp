@@ -85,6 +85,16 @@ void register_routing(py::module_& m) {
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
+      "unpermute_backward",
+      [](uintptr_t grad, uintptr_t y, int dtype, int64_t R, int64_t H, uintptr_t token_row, uintptr_t weights,
+         int64_t T, int64_t top_k, uintptr_t dy, uintptr_t dw) {
+        LK_CHECK(dtype == 0 || dtype == 1, "unpermute_backward: y must be float32 or bfloat16");
+        ::lk::cpu::unpermute_backward(ptr<const void>(grad), ptr<const void>(y), DType(dtype), R, H,
+                                      ptr<const int32_t>(token_row), ptr<const float>(weights), T, top_k,
+                                      ptr<void>(dy), ptr<float>(dw));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
       "update_bias",
       [](uintptr_t bias, uintptr_t counts, int counts_dtype, int64_t E, float rate, uintptr_t out,
          int device, uintptr_t stream) {

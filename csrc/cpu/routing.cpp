@@ -72,6 +72,13 @@ void unpermute(const void* y, DType dtype, int64_t R, int64_t H, const int32_t* 
   LK_CPU_DISPATCH(unpermute, y, dtype, R, H, token_row, weights, T, top_k, out)
 }
 
+void unpermute_backward(const void* grad, const void* y, DType dtype, int64_t R, int64_t H, const int32_t* token_row,
+                        const float* weights, int64_t T, int64_t top_k, void* dy, float* dw) {
+  LK_CHECK(dtype == DType::f32 || dtype == DType::bf16, "unpermute_backward: y must be float32 or bfloat16");
+  LK_CHECK(T >= 0 && H >= 0 && R >= 0 && top_k >= 0, "unpermute_backward: bad size");
+  LK_CPU_DISPATCH(unpermute_backward, grad, y, dtype, R, H, token_row, weights, T, top_k, dy, dw)
+}
+
 #if !defined(__SIZEOF_INT128__)
 #error "update_bias needs __int128 (GCC or Clang on a 64-bit target)"
 #endif

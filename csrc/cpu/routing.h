@@ -34,6 +34,14 @@ void permute_fp8(const void* x, DType dtype, int64_t T, int64_t H, int64_t row_s
 void unpermute(const void* y, DType dtype, int64_t R, int64_t H, const int32_t* token_row,
                const float* weights, int64_t T, int64_t top_k, void* out);
 
+// unpermute's gradient, for grad [T, H] of its output (grad and y in dtype, f32 or bf16):
+//   dy[token_row[t, k]] = dtype(weights[t, k] * grad[t])   (dy [R, H]; rows no pair names are
+//                                                          not written: the caller zeroes them)
+//   dw[t, k] = sum_h grad[t, h] * y[token_row[t, k], h]    (fp32; 0 for a pair outside [0, R))
+// dy or dw nullptr: not computed. Each row must be named by at most one pair (plan's rows are).
+void unpermute_backward(const void* grad, const void* y, DType dtype, int64_t R, int64_t H, const int32_t* token_row,
+                        const float* weights, int64_t T, int64_t top_k, void* dy, float* dw);
+
 // out[e] = bias[e] + rate * sign(sum(counts) - E * counts[e]); counts int32 or int64.
 void update_bias(const float* bias, const void* counts, DType counts_dtype, int64_t E, float rate,
                  float* out);

@@ -533,4 +533,57 @@ void unpermute(const void* y, DType dtype, int64_t R, int64_t H, const int32_t* 
   });
 }
 
+void unpermute_backward(const void* grad, const void* y, DType dtype, int64_t R, int64_t H, const int32_t* token_row,
+                        const float* weights, int64_t T, int64_t top_k, void* dy, float* dw) {
+  const int64_t es = dtype == DType::f32 ? 4 : 2;
+  // NOTES: per token, its gradient row widened once, in L1-sized slices of H; each pair's dy row
+  // written and its dot product with y's row accumulated in 16 fp32 partial sums (lanes) per
+  // slice: one pass over grad, y's chosen rows and dy. The composite of torch ops it replaces
+  // (repeat_interleave, mul, where, index_copy, index_select, mul, sum) took ~51 ms at T=2048
+  // top-4 H=1024 bf16 on the 2-core Zen 4 VM.
+  constexpr int64_t kSlice = 2048, kLanes = 16;
+  parallel_ranges(T, T * top_k * H >= 4 * kParallelWork, [&](int64_t t_begin, int64_t t_end) {
+    alignas(64) float g[kSlice], v[kSlice];
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      float dots[16][kLanes] = {};
+      for (int64_t h0 = 0; h0 < H; h0 += kSlice) {
+        const int64_t n = std::min(kSlice, H - h0), n_vec = n / kLanes * kLanes;
+        widen_row(grad, dtype, t * H + h0, n, g);
+        for (int64_t k = 0; k < top_k; ++k) {
+          const int32_t r = token_row[t * top_k + k];
+          if (r < 0 || r >= R) continue;
+          if (dy != nullptr) {
+            const float w = weights[t * top_k + k];
+            for (int64_t i = 0; i < n; ++i) v[i] = w * g[i];
+            narrow(v, dtype, n, static_cast<char*>(dy) + (int64_t(r) * H + h0) * es);
+          }
+          if (dw != nullptr && k < 16) {
+            widen_row(y, dtype, int64_t(r) * H + h0, n, v);
+            float* acc = dots[k];
+            for (int64_t i = 0; i < n_vec; i += kLanes)
+              for (int64_t j = 0; j < kLanes; ++j) acc[j] += g[i + j] * v[i + j];
+            for (int64_t i = n_vec; i < n; ++i) acc[i - n_vec] += g[i] * v[i];
+          } else if (dw != nullptr) {  // (top_k > 16: one sequential sum)
+            widen_row(y, dtype, int64_t(r) * H + h0, n, v);
+            float acc = h0 == 0 ? 0.0f : dw[t * top_k + k];
+            for (int64_t i = 0; i < n; ++i) acc += g[i] * v[i];
+            dw[t * top_k + k] = acc;
+          }
+        }
+      }
+      if (dw == nullptr) continue;
+      for (int64_t k = 0; k < top_k; ++k) {
+        const int32_t r = token_row[t * top_k + k];
+        if (r < 0 || r >= R) {
+          dw[t * top_k + k] = 0.0f;
+        } else if (k < 16) {
+          float sum = 0.0f;
+          for (int64_t j = 0; j < kLanes; ++j) sum += dots[k][j];
+          dw[t * top_k + k] = sum;
+        }
+      }
+    }
+  });
+}
+
 }  // namespace lk::cpu::LK_NS

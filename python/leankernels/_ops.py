@@ -1180,6 +1180,8 @@ def _unpermute_backward(ctx, grad):
     y, token_row, weights = ctx.saved_tensors
     T, K = token_row.shape
     R, H = y.shape
+    if y.is_cpu and y.dtype in (torch.float32, torch.bfloat16) and direct(y, grad, token_row, weights):
+        return _unpermute_backward_cpu(ctx, grad, y, token_row, weights)
     g = grad.float()
     flat = token_row.reshape(-1).long()
     valid = flat >= 0
@@ -1193,6 +1195,24 @@ def _unpermute_backward(ctx, grad):
             y.new_zeros(T, K, H, dtype=torch.float32)
         dw = torch.where(valid.view(T, K), (rows * g[:, None, :]).sum(-1), torch.zeros((), device=y.device))
     return dy, None, dw
+
+
+def _unpermute_backward_cpu(ctx, grad, y, token_row, weights):
+    """_unpermute_backward in one C++ pass (cpu/routing_body.h: unpermute_backward); eager CPU."""
+    T, K = token_row.shape
+    R, H = y.shape
+    need_dy, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    dy = y.new_zeros(R, H) if need_dy else None
+    dw = torch.empty(T, K, dtype=torch.float32) if need_dw else None
+    if T and H and (need_dy or need_dw):
+        grad, y = grad.to(y.dtype).contiguous(), y.contiguous()
+        token_row, weights = token_row.contiguous(), weights.float().contiguous()
+        _C.unpermute_backward(grad.data_ptr(), y.data_ptr(), _DTYPE_CODES[y.dtype], R, H, token_row.data_ptr(),
+                              weights.data_ptr(), T, K, 0 if dy is None else dy.data_ptr(),
+                              0 if dw is None else dw.data_ptr())
+    elif dw is not None:
+        dw.zero_()
+    return dy, None, None if dw is None else dw.to(weights.dtype)
 
 
 unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
