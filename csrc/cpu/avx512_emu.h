@@ -129,6 +129,15 @@ inline simde__m512i maskz_loadu_epi8(simde__mmask64 k, const void* p) {
   for (int i = 0; i < 64; ++i) r[i] = ((k >> i) & 1) ? static_cast<const uint8_t*>(p)[i] : 0;
   return vec<simde__m512i>(r);
 }
+// Masked-off lanes are not read (zero), as the instruction does not fault on them.
+inline simde__m512 maskz_loadu_ps(simde__mmask16 k, const void* p) {
+  float r[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = 0.0f;
+    if ((k >> i) & 1) std::memcpy(&r[i], static_cast<const char*>(p) + 4 * i, 4);
+  }
+  return vec<simde__m512>(r);
+}
 // GCC's _mm512_reduce_*: halve the vector (256, 128, 64, 32 bits) and combine the halves.
 template <class T, class F>
 inline T reduce_tree(T (&x)[16], F f) {
@@ -176,6 +185,7 @@ inline uint32_t reduce_min_epu32(simde__m512i a) {
 #define _mm512_mask_storeu_ps ::lk::cpu::emu::mask_storeu_ps
 #define _mm_mask_storeu_epi8 ::lk::cpu::emu::mask_storeu_epi8_128
 #define _mm512_maskz_loadu_epi8 ::lk::cpu::emu::maskz_loadu_epi8
+#define _mm512_maskz_loadu_ps ::lk::cpu::emu::maskz_loadu_ps
 #define _mm512_reduce_add_ps ::lk::cpu::emu::reduce_add_ps
 #define _mm512_reduce_max_epu32 ::lk::cpu::emu::reduce_max_epu32
 #define _mm512_reduce_min_epu32 ::lk::cpu::emu::reduce_min_epu32
@@ -213,6 +223,7 @@ inline uint32_t reduce_min_epu32(simde__m512i a) {
 #define _mm512_permutex2var_epi16 simde_mm512_permutex2var_epi16
 #define _mm512_permutex2var_epi8 simde_mm512_permutex2var_epi8
 #define _mm512_permutexvar_epi32 simde_mm512_permutexvar_epi32
+#define _mm512_permutexvar_epi8 simde_mm512_permutexvar_epi8
 #define _mm512_set1_epi16 simde_mm512_set1_epi16
 #define _mm512_set1_epi32 simde_mm512_set1_epi32
 #define _mm512_set1_epi8 simde_mm512_set1_epi8

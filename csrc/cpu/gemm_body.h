@@ -178,17 +178,36 @@ inline void transpose16(__m512i (&r)[16]) {
   }
 }
 
-// 128 e4m3 bytes of K block kb at `src` (zero past K or when !valid) -> 64 slots of bf16 pairs.
+// Byte order of a 64-byte half for decode_block: bytes 8k..8k+7 to 16k.., 32+8k.. to 16k+8.. (k < 4),
+// so that Decoder's in-lane unpacks give slots in K order (see decode_block).
+alignas(64) constexpr uint8_t kKOrder[64] = {
+    0,  1,  2,  3,  4,  5,  6,  7,  32, 33, 34, 35, 36, 37, 38, 39, 8,  9,  10, 11, 12, 13,
+    14, 15, 40, 41, 42, 43, 44, 45, 46, 47, 16, 17, 18, 19, 20, 21, 22, 23, 48, 49, 50, 51,
+    52, 53, 54, 55, 24, 25, 26, 27, 28, 29, 30, 31, 56, 57, 58, 59, 60, 61, 62, 63};
+
+// 128 e4m3 bytes of K block kb at `src` (zero past K or when !valid) -> 64 slots of bf16 pairs,
+// slot s = K positions 2s and 2s + 1 (the bytes permuted by kKOrder before the decode), so a
+// block with kv valid positions has all of them in its first ceil(kv / 32) x 16 slots: the
+// micro-kernels run 16, 32, 48 or 64 slots (a and the weights take the same order; the decode
+// path's kernels keep Decoder's own order).
 inline void decode_block(const Decoder& dec, const uint8_t* src, int64_t kv, bool valid, __m512i (&w)[4]) {
+  const __m512i order = _mm512_load_si512(kKOrder);
   for (int half = 0; half < 2; ++half) {
     const int64_t n = std::min<int64_t>(64, std::max<int64_t>(0, kv - 64 * half));
+    if (n == 0) {  // nothing valid in this half: zero slots
+      w[2 * half] = w[2 * half + 1] = _mm512_setzero_si512();
+      continue;
+    }
     const __mmask64 m = !valid ? 0 : (n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1));
     // Masked-off bytes read as zero and never fault; whole chunks take a plain load.
     const __m512i x = m == ~__mmask64(0) ? _mm512_loadu_si512(src + 64 * half)
                                          : _mm512_maskz_loadu_epi8(m, src + 64 * half);
-    dec(x, &w[2 * half], &w[2 * half + 1]);
+    dec(_mm512_permutexvar_epi8(order, x), &w[2 * half], &w[2 * half + 1]);
   }
 }
+
+// Slots a block with kv valid K positions needs (decode_block's order): 16, 32, 48 or 64.
+inline int loop_slots(int64_t kv) { return kv <= 32 ? 16 : kv <= 64 ? 32 : kv <= 96 ? 48 : 64; }
 
 // One 128-wide K block of a 16-row tile: the kv <= 128 bytes at `src` of each of `rows` rows
 // (lda bytes apart; zero past kv and past `rows`) -> a_t[slot][16 rows] (bf16 pairs).
@@ -237,7 +256,7 @@ inline void decode_column(const Decoder& dec, const NextPanel& np, int c) {
 template <int kLoopSlots = kSlots>
 void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* sa, const float* sb, float* totals,
                   const Decoder* dec = nullptr, const NextPanel* next = nullptr) {
-  static_assert(kLoopSlots == kSlots || kLoopSlots == kSlots / 2, "whole 64-byte halves of a block");
+  static_assert(kLoopSlots % 16 == 0 && kLoopSlots <= kSlots, "whole 32-position quarters of a block");
   __m512 acc[kNTile];
 #pragma GCC unroll 24
   for (int c = 0; c < kNTile; ++c) acc[c] = _mm512_setzero_ps();
@@ -275,7 +294,7 @@ void micro_kernel(const uint32_t* a_t, const uint32_t* panel, const float* sa, c
 template <int kT, int kCols, int kLoopSlots = kSlots>
 void micro_kernel_tiles(const uint32_t* const* a_in, const uint32_t* panel, const float* const* sa, const float* sb,
                         float* const* tot, const Decoder* dec = nullptr, const NextPanel* next = nullptr) {
-  static_assert(kLoopSlots == kSlots || kLoopSlots == kSlots / 2, "whole 64-byte halves of a block");
+  static_assert(kLoopSlots % 16 == 0 && kLoopSlots <= kSlots, "whole 32-position quarters of a block");
   static_assert(kT >= 2 && kNTile % kCols == 0 && kT * kCols <= 24, "whole passes, accumulators in registers");
   // NOTES: copied, so the tile pointers stay in registers (read through a_in, they were reloaded
   // after every panel store of the decode)
@@ -639,13 +658,20 @@ void item_products(const Decoder& dec_in, const PackedA& pa, int64_t tiles, int6
           tot[q] = totals + (t + q) * kNTile * kTileRows;
         }
         const NextPanel* next = t == 0 && has_next ? &np : nullptr;
-        const bool half = kv <= kQuantGroup / 2;
-        if constexpr (kT == 1)
-          (half ? micro_kernel<kSlots / 2> : micro_kernel<kSlots>)(a[0], panel, sa[0], s.scale.data(), tot[0], &dec,
-                                                                   next);
-        else
-          (half ? micro_kernel_tiles<kT, 24 / kT, kSlots / 2> : micro_kernel_tiles<kT, 24 / kT, kSlots>)(
-              a, panel, sa, s.scale.data(), tot, &dec, next);
+        // only the slots holding the block's kv valid positions (decode_block's K order)
+        const auto kernel = [&](auto slots) {
+          constexpr int kS = decltype(slots)::value;
+          if constexpr (kT == 1)
+            micro_kernel<kS>(a[0], panel, sa[0], s.scale.data(), tot[0], &dec, next);
+          else
+            micro_kernel_tiles<kT, 24 / kT, kS>(a, panel, sa, s.scale.data(), tot, &dec, next);
+        };
+        switch (loop_slots(kv)) {
+          case 16: kernel(std::integral_constant<int, 16>{}); break;
+          case 32: kernel(std::integral_constant<int, 32>{}); break;
+          case 48: kernel(std::integral_constant<int, 48>{}); break;
+          default: kernel(std::integral_constant<int, kSlots>{}); break;
+        }
         t += kT;
       };
       if (tiles - t >= 4) run(std::integral_constant<int, 4>{});

@@ -508,7 +508,9 @@ int main() {
                             {70, 50, 700, {0, 1, 128, 257, 386, 389, 389, 650}, DType::f32, true},
                             {33, 130, 300, {100, 60, 299}, DType::bf16, false},
                             {33, 130, 300, {100, 60, 400}, DType::f32, true},
-                            {17, 40, 256, {256}, DType::f32, true}};
+                            {17, 40, 256, {256}, DType::f32, true},
+                            // groups ending in each quarter of a block (16 / 32 / 48 / 64 slots)
+                            {40, 60, 600, {20, 70, 150, 240, 340, 440, 600}, DType::f32, false}};
     for (const KCase& c : kcases) {
       const int bad = k_grouped_case(c.M, c.N, c.L, c.offs, c.out_dtype, c.accumulate, seed++);
       ++run;
