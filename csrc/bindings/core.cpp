@@ -67,12 +67,11 @@ void dltensor_capsule_destructor(PyObject* capsule) {
 }  // namespace
 
 void register_core(py::module_& m) {
-  // Host buffer pool (cpu/host_pool.h): (a DLPack capsule of an nbytes uint8 CPU tensor over a
-  // pool block, whether the block was reused).
+  // Host buffer pool (cpu/host_pool.h): a DLPack capsule of an nbytes uint8 CPU tensor over a
+  // pool block.
   m.def("pool_buffer", [](int64_t nbytes, bool huge) {
     LK_CHECK(nbytes >= 0, "pool_buffer: negative size");
-    bool reused = false;
-    void* p = ::lk::cpu::pool_acquire(size_t(nbytes), huge, &reused);
+    void* p = ::lk::cpu::pool_acquire(size_t(nbytes), huge);
     auto* loan = new PoolLoan{};
     loan->bytes = size_t(nbytes);
     loan->shape[0] = nbytes;
@@ -84,7 +83,7 @@ void register_core(py::module_& m) {
       pool_loan_deleter(&loan->mt);
       throw py::error_already_set();
     }
-    return py::make_tuple(py::reinterpret_steal<py::object>(cap), reused);
+    return py::reinterpret_steal<py::object>(cap);
   });
   m.def("pool_set_limit", [](int64_t bytes) { ::lk::cpu::pool_set_limit(size_t(std::max<int64_t>(bytes, 0))); });
   m.def("pool_cached_bytes", []() { return int64_t(::lk::cpu::pool_cached_bytes()); });

@@ -78,7 +78,7 @@ std::vector<Block> trim_locked(Pool& p) {
 
 }  // namespace
 
-void* pool_acquire(size_t bytes, bool huge, bool* reused) {
+void* pool_acquire(size_t bytes, bool huge) {
   bytes = round_up(bytes == 0 ? 1 : bytes);
   {
     Pool& pl = pool();
@@ -88,11 +88,9 @@ void* pool_acquire(size_t bytes, bool huge, bool* reused) {
         void* p = pl.free_blocks[i].p;
         pl.free_blocks.erase(pl.free_blocks.begin() + std::ptrdiff_t(i));
         pl.free_bytes -= bytes;
-        *reused = true;
         return p;
       }
   }
-  *reused = false;
   return map_block(bytes, huge);
 }
 

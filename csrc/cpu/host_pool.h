@@ -14,9 +14,9 @@
 
 namespace lk::cpu {
 
-// A block of at least `bytes` (a multiple of 2 MiB), 2 MiB aligned; *reused: whether it came
-// from the pool. Throws std::bad_alloc when the system has no memory for a new one.
-void* pool_acquire(size_t bytes, bool huge, bool* reused);
+// A block of at least `bytes` (a multiple of 2 MiB), 2 MiB aligned: a free one of that size from
+// the pool, else a new mapping. Throws std::bad_alloc when the system has no memory for it.
+void* pool_acquire(size_t bytes, bool huge);
 // Returns a block from pool_acquire (with the same `bytes`) to the pool.
 void pool_release(void* p, size_t bytes);
 // Free bytes the pool keeps at most (0: none, every release unmaps).

@@ -600,22 +600,13 @@ inline VecF exp_neg_v(VecF g) {
 }
 #endif
 
-// fp32 values -> n elements of out (f32 or bf16, round to nearest even) at offset.
-inline void narrow_row(const float* v, int64_t n, void* out, DType dtype, int64_t offset) {
-  if (dtype == DType::f32) {
-    std::copy(v, v + n, static_cast<float*>(out) + offset);
-    return;
-  }
-  uint16_t* o = static_cast<uint16_t*>(out) + offset;
-  for (int64_t i = 0; i < n; ++i) o[i] = f32_to_bf16(v[i]);
-}
-
 }  // namespace
 
 void silu_mul(const void* h, DType dtype, int64_t rows, int64_t I, int64_t row_stride, void* out) {
   LK_CHECK(rows >= 0 && I >= 0, "negative size");
   LK_CHECK(dtype == DType::f32 || dtype == DType::bf16, "silu_mul: h must be float32 or bfloat16");
   if (rows == 0 || I == 0) return;
+  const int64_t es = dtype == DType::f32 ? 4 : 2;
   parallel_ranges(rows, rows * I >= kParallelElems, [&](int64_t r_begin, int64_t r_end) {
     alignas(64) float g[kSwigluChunk], u[kSwigluChunk];
     for (int64_t r = r_begin; r < r_end; ++r)
@@ -631,7 +622,7 @@ void silu_mul(const void* h, DType dtype, int64_t rows, int64_t I, int64_t row_s
         }
 #endif
         for (; k < n; ++k) g[k] = silu_mul_scalar(g[k], u[k]);
-        narrow_row(g, n, out, dtype, r * I + k0);
+        narrow_row(g, dtype, n, static_cast<char*>(out) + (r * I + k0) * es);
       }
   });
 }
@@ -641,6 +632,7 @@ void silu_mul_backward(const void* h, const void* grad, DType dtype, int64_t row
   LK_CHECK(rows >= 0 && I >= 0, "negative size");
   LK_CHECK(dtype == DType::f32 || dtype == DType::bf16, "silu_mul_backward: h must be float32 or bfloat16");
   if (rows == 0 || I == 0) return;
+  const int64_t es = dtype == DType::f32 ? 4 : 2;
   parallel_ranges(rows, rows * I >= kParallelElems, [&](int64_t r_begin, int64_t r_end) {
     alignas(64) float g[kSwigluChunk], u[kSwigluChunk], d[kSwigluChunk];
     for (int64_t r = r_begin; r < r_end; ++r)
@@ -659,8 +651,8 @@ void silu_mul_backward(const void* h, const void* grad, DType dtype, int64_t row
         }
 #endif
         for (; k < n; ++k) silu_mul_grad_scalar(g[k], u[k], d[k], &g[k], &u[k]);
-        narrow_row(g, n, dh, dtype, r * 2 * I + k0);
-        narrow_row(u, n, dh, dtype, r * 2 * I + I + k0);
+        narrow_row(g, dtype, n, static_cast<char*>(dh) + (r * 2 * I + k0) * es);
+        narrow_row(u, dtype, n, static_cast<char*>(dh) + (r * 2 * I + I + k0) * es);
       }
   });
 }

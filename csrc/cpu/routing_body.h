@@ -13,45 +13,6 @@ constexpr int64_t kGateParallel = 1 << 15;
 // below this many elements quantize_fp8 runs on the calling thread (its kParallelElems)
 constexpr int64_t kDirectQuant = 1 << 16;
 
-// fp32 -> IEEE half, round to nearest even, NaN stays NaN (PyTorch's conversion).
-uint16_t f32_to_f16(float f) {
-  uint32_t x = f32_bits(f);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  x &= 0x7fffffffu;
-  if (x > 0x7f800000u) return uint16_t(sign | 0x7e00u);   // NaN
-  if (x >= 0x47800000u) return uint16_t(sign | 0x7c00u);  // >= 65536: Inf
-  if (x < 0x38800000u) {                                   // below 2^-14: subnormal result
-    const float v = f32_from_bits(x) + 0.5f;               // the ulp of 0.5 is 2^-24
-    return uint16_t(sign | (f32_bits(v) - 0x3f000000u));
-  }
-  x += (uint32_t(15 - 127) << 23) + 0xfffu + ((x >> 13) & 1u);
-  return uint16_t(sign | (x >> 13));
-}
-
-void narrow(const float* in, DType dtype, int64_t n, void* out) {
-  switch (dtype) {
-    case DType::f32:
-      std::copy(in, in + n, static_cast<float*>(out));
-      break;
-    case DType::bf16: {
-      uint16_t* p = static_cast<uint16_t*>(out);
-      for (int64_t i = 0; i < n; ++i) {  // f32_to_bf16, branch-free so the loop vectorises
-        const uint32_t u = f32_bits(in[i]);
-        const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-        p[i] = uint16_t((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
-      }
-      break;
-    }
-    case DType::f16: {
-      uint16_t* p = static_cast<uint16_t*>(out);
-      for (int64_t i = 0; i < n; ++i) p[i] = f32_to_f16(in[i]);
-      break;
-    }
-    default:
-      throw ArgError("leankernels: unpermute input must be float32, bfloat16 or float16");
-  }
-}
-
 // acc[i] += w * y[offset + i] (widened to fp32), one pass over the row.
 void accumulate_row(const void* y, DType dtype, int64_t offset, int64_t n, float w, float* acc) {
   switch (dtype) {
@@ -485,7 +446,7 @@ void combine_token(const void* const* rows, const float* w, int n, DType dtype, 
     alignas(64) float acc[kSmall] = {};
     for (int k = 0; k < n; ++k) accumulate_row(rows[k], dtype, h, H - h, w[k], acc);
     const int64_t es = dtype == DType::f32 ? 4 : 2;
-    narrow(acc, dtype, H - h, static_cast<char*>(out) + h * es);
+    narrow_row(acc, dtype, H - h, static_cast<char*>(out) + h * es);
   }
 }
 #endif
@@ -527,7 +488,7 @@ void unpermute(const void* y, DType dtype, int64_t R, int64_t H, const int32_t* 
           const float w = weights[t * top_k + k];
           accumulate_row(y, dtype, r * H + h0, n, w, acc);
         }
-        narrow(acc, dtype, n, static_cast<char*>(out) + (t * H + h0) * es);
+        narrow_row(acc, dtype, n, static_cast<char*>(out) + (t * H + h0) * es);
       }
     }
   });
@@ -555,7 +516,7 @@ void unpermute_backward(const void* grad, const void* y, DType dtype, int64_t R,
           if (dy != nullptr) {
             const float w = weights[t * top_k + k];
             for (int64_t i = 0; i < n; ++i) v[i] = w * g[i];
-            narrow(v, dtype, n, static_cast<char*>(dy) + (int64_t(r) * H + h0) * es);
+            narrow_row(v, dtype, n, static_cast<char*>(dy) + (int64_t(r) * H + h0) * es);
           }
           if (dw != nullptr && k < 16) {
             widen_row(y, dtype, int64_t(r) * H + h0, n, v);

@@ -1206,13 +1206,13 @@ def _unpermute_backward_cpu(ctx, grad, y, token_row, weights):
     dw = torch.empty(T, K, dtype=torch.float32) if need_dw else None
     if T and H and (need_dy or need_dw):
         grad, y = grad.to(y.dtype).contiguous(), y.contiguous()
-        token_row, weights = token_row.contiguous(), weights.float().contiguous()
+        token_row, weights = token_row.contiguous(), weights.contiguous()  # (weights: fp32, checked)
         _C.unpermute_backward(grad.data_ptr(), y.data_ptr(), _DTYPE_CODES[y.dtype], R, H, token_row.data_ptr(),
                               weights.data_ptr(), T, K, 0 if dy is None else dy.data_ptr(),
                               0 if dw is None else dw.data_ptr())
     elif dw is not None:
         dw.zero_()
-    return dy, None, None if dw is None else dw.to(weights.dtype)
+    return dy, None, dw
 
 
 unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)

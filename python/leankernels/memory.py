@@ -85,8 +85,7 @@ def _pooled_bytes(nbytes: int) -> torch.Tensor:
     """nbytes of uint8 in a pool block (2 MiB aligned; huge pages when available), returned to
     the pool when the storage is freed."""
     _pool_limit()
-    capsule, _reused = _C.pool_buffer(nbytes, hugepages_available())
-    return torch.utils.dlpack.from_dlpack(capsule)
+    return torch.utils.dlpack.from_dlpack(_C.pool_buffer(nbytes, hugepages_available()))
 
 
 def cached_bytes() -> int:
